@@ -1,0 +1,118 @@
+"""Segmentation and inspection metrics: Dice, IoU, precision/recall, image-level rates, threshold sweep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+EPS = 1e-9
+
+
+def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Dice of two binary masks; 1.0 when both are empty."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(pred, truth).sum() / total)
+
+
+def iou_score(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Intersection over union of two binary masks; 1.0 when both are empty."""
+    pred, truth = pred.astype(bool), truth.astype(bool)
+    union = np.logical_or(pred, truth).sum()
+    return 1.0 if union == 0 else float(np.logical_and(pred, truth).sum() / union)
+
+
+@dataclass
+class SetMetrics:
+    """Accumulates pixel totals and per-image results over a set of images."""
+
+    min_region_px: int = 0  # an image counts as flagged when it has more predicted pixels than this
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    per_image_dice: list[float] = field(default_factory=list)
+    per_image_iou: list[float] = field(default_factory=list)
+    defective_flagged: int = 0
+    defective_total: int = 0
+    clean_flagged: int = 0
+    clean_total: int = 0
+
+    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
+        """Add one image's binary prediction and ground truth."""
+        pred, truth = pred.astype(bool), truth.astype(bool)
+        tp = int(np.logical_and(pred, truth).sum())
+        n_pred, n_true = int(pred.sum()), int(truth.sum())
+        self.tp += tp
+        self.fp += n_pred - tp
+        self.fn += n_true - tp
+        self.per_image_dice.append(1.0 if n_pred + n_true == 0 else 2 * tp / (n_pred + n_true))
+        union = n_pred + n_true - tp
+        self.per_image_iou.append(1.0 if union == 0 else tp / union)
+        flagged = n_pred > self.min_region_px
+        if n_true > 0:
+            self.defective_total += 1
+            self.defective_flagged += flagged
+        else:
+            self.clean_total += 1
+            self.clean_flagged += flagged
+
+    def result(self) -> dict[str, float | int | None]:
+        """Set-level metrics: pixel-total Dice/IoU/precision/recall, mean per-image Dice, image-level rates."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return {
+            "dice": 1.0 if denominator == 0 else 2 * self.tp / denominator,
+            "iou": 1.0 if denominator == 0 else self.tp / (self.tp + self.fp + self.fn),
+            "precision": self.tp / (self.tp + self.fp) if self.tp + self.fp else None,
+            "recall": self.tp / (self.tp + self.fn) if self.tp + self.fn else None,
+            "mean_image_dice": float(np.mean(self.per_image_dice)) if self.per_image_dice else None,
+            "mean_image_iou": float(np.mean(self.per_image_iou)) if self.per_image_iou else None,
+            "detection_rate": self.defective_flagged / self.defective_total if self.defective_total else None,
+            "false_alarm_rate": self.clean_flagged / self.clean_total if self.clean_total else None,
+            "n_images": len(self.per_image_dice),
+            "n_defective": self.defective_total,
+            "n_defect_free": self.clean_total,
+        }
+
+
+def threshold_sweep(
+    probabilities: list[np.ndarray], truths: list[np.ndarray], thresholds: np.ndarray | None = None
+) -> list[dict[str, float]]:
+    """Set-level Dice, IoU and image false-alarm/detection rates at each threshold."""
+    if thresholds is None:
+        thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
+    # Histogram each image's scores once for positive and negative pixels, then read off every threshold.
+    bins = np.linspace(0.0, 1.0, 1001)
+    pos_hist = np.zeros(1000, np.int64)
+    neg_hist = np.zeros(1000, np.int64)
+    image_max = []
+    for prob, truth in zip(probabilities, truths):
+        truth = truth.astype(bool)
+        pos_hist += np.histogram(prob[truth], bins=bins)[0]
+        neg_hist += np.histogram(prob[~truth], bins=bins)[0]
+        image_max.append((float(prob.max()) if prob.size else 0.0, bool(truth.any())))
+    pos_above = np.cumsum(pos_hist[::-1])[::-1]  # pixels with score >= bin start
+    neg_above = np.cumsum(neg_hist[::-1])[::-1]
+    n_pos = int(pos_hist.sum())
+    rows = []
+    for t in thresholds:
+        k = min(int(round(float(t) * 1000)), 999)
+        tp, fp = int(pos_above[k]), int(neg_above[k])
+        fn = n_pos - tp
+        denominator = 2 * tp + fp + fn
+        defective = [m for m, d in image_max if d]
+        clean = [m for m, d in image_max if not d]
+        rows.append({
+            "threshold": float(t),
+            "dice": 1.0 if denominator == 0 else 2 * tp / denominator,
+            "iou": 1.0 if denominator == 0 else tp / (tp + fp + fn),
+            "detection_rate": float(np.mean([m >= t for m in defective])) if defective else float("nan"),
+            "false_alarm_rate": float(np.mean([m >= t for m in clean])) if clean else float("nan"),
+        })
+    return rows
+
+
+def best_threshold(rows: list[dict[str, float]]) -> float:
+    """Threshold with the highest Dice from a threshold_sweep (ties: the one closest to 0.5)."""
+    best = max(rows, key=lambda r: (round(r["dice"], 4), -abs(r["threshold"] - 0.5)))
+    return best["threshold"]

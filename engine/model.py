@@ -1,0 +1,98 @@
+"""UNetTiny: a compact U-Net for binary defect segmentation, and its checkpoint format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.errors import RunNotFound
+from engine.imageio import atomic_write_bytes
+
+# Named sizes offered in the CLI and the app. "fast" is the CPU default.
+PRESETS: dict[str, dict[str, int]] = {
+    "fast": {"base": 12, "depth": 3},
+    "default": {"base": 16, "depth": 4},
+    "accurate": {"base": 24, "depth": 4},
+}
+
+
+class ConvBlock(nn.Sequential):
+    """Two 3x3 convolutions, each followed by batch norm and ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class UNetTiny(nn.Module):
+    """U-Net with `depth` down-sampling levels; channels double per level from `base`. Outputs logits."""
+
+    def __init__(self, in_channels: int = 1, base: int = 16, depth: int = 4) -> None:
+        super().__init__()
+        self.in_channels, self.base, self.depth = in_channels, base, depth
+        widths = [base * 2**i for i in range(depth + 1)]
+        self.encoder = nn.ModuleList([ConvBlock(in_channels, widths[0])])
+        self.encoder.extend(ConvBlock(widths[i], widths[i + 1]) for i in range(depth))
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList(
+            nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(depth))
+        )
+        self.decoder = nn.ModuleList(ConvBlock(2 * widths[i], widths[i]) for i in reversed(range(depth)))
+        self.head = nn.Conv2d(widths[0], 1, 1)
+
+    @property
+    def stride(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2**self.depth
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, block in enumerate(self.encoder):
+            x = block(x if i == 0 else self.pool(x))
+            skips.append(x)
+        skips.pop()  # the bottleneck output is x itself
+        for up, block in zip(self.up, self.decoder):
+            x = block(torch.cat([up(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def save_checkpoint(path: str | Path, model: UNetTiny, meta: dict[str, Any]) -> Path:
+    """Save weights plus everything needed to use them (architecture, normalisation, threshold) atomically."""
+    import io
+
+    payload = {
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "arch": {"in_channels": model.in_channels, "base": model.base, "depth": model.depth},
+        "meta": meta,
+    }
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[UNetTiny, dict[str, Any]]:
+    """Load a checkpoint saved by save_checkpoint; returns the model in eval mode and its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunNotFound(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        model = UNetTiny(**payload["arch"])
+        model.load_state_dict(payload["state_dict"])
+    except Exception as err:  # corrupt or foreign file
+        raise RunNotFound(f"checkpoint {path} is unreadable ({type(err).__name__}); re-train or pick another epoch") from err
+    return model.to(device).eval(), payload.get("meta", {})
