@@ -13,8 +13,8 @@ from engine.imageio import atomic_write_bytes
 
 # Named sizes offered in the CLI and the app. "fast" is the CPU default.
 PRESETS: dict[str, dict[str, int]] = {
-    "fast": {"base": 12, "depth": 3},
-    "default": {"base": 16, "depth": 4},
+    "fast": {"base": 16, "depth": 3},
+    "balanced": {"base": 16, "depth": 4},
     "accurate": {"base": 24, "depth": 4},
 }
 

@@ -1,0 +1,713 @@
+"""SQLite run registry (runs/registry.db) through SQLModel: datasets, runs, epoch metrics, artifacts.
+
+Several processes write the same file at once (the app, training jobs, the API), so every connection
+uses WAL with a busy timeout, every write transaction starts with BEGIN IMMEDIATE (takes the write
+lock up front, so read-then-write is atomic and waits instead of failing), and writes are retried on
+"database is locked". Every function opens a short session and returns detached objects.
+
+All datetimes are timezone-aware UTC in Python and naive UTC in the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import logging
+import os
+import random
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import sqlalchemy
+from sqlalchemy import UniqueConstraint, event, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.types import DateTime, TypeDecorator
+from sqlmodel import Field, Session, SQLModel, col, delete, select
+
+from engine import config
+from engine.errors import EngineError, RunNotFound
+
+log = logging.getLogger(__name__)
+
+STALE_AFTER_S = 60.0  # a running run without a heartbeat for this long is shown as failed
+QUEUED_STALE_AFTER_S = 120.0  # a queued run (or a running one that never beat) after this long
+STATUSES = ("queued", "running", "completed", "failed", "cancelled")
+ACTIVE_STATUSES = ("queued", "running")
+STALE_ERROR = "training process stopped without finishing"
+LOCK_RETRIES = 6
+
+
+def utcnow() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """Return value as an aware UTC datetime (naive values are taken to be UTC already)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """DateTime column stored as naive UTC and read back as aware UTC."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """Aware or naive-UTC datetime -> naive UTC for the file."""
+        value = as_utc(value)
+        return value.replace(tzinfo=None) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        """Naive UTC from the file -> aware UTC."""
+        return as_utc(value)
+
+
+# --------------------------------------------------------------------------------------- tables
+
+
+class Dataset(SQLModel, table=True):
+    """A dataset folder known to the app, generated or imported."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True)
+    path: str
+    content_hash: str = Field(index=True)
+    n_images: int = 0
+    n_defective: int = 0
+    n_defect_free: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    source: str = "generated"  # "generated" / "imported"
+    details_json: str = "{}"
+
+    @property
+    def details(self) -> dict:
+        """details_json parsed."""
+        return _loads(self.details_json)
+
+
+class Run(SQLModel, table=True):
+    """One training run; id is the run folder name."""
+
+    id: str = Field(primary_key=True)
+    name: str = ""
+    dataset_path: str = ""
+    dataset_hash: str = ""
+    status: str = Field(default="queued", index=True)
+    pid: int | None = None
+    heartbeat: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    epochs_planned: int = 0
+    epochs_done: int = 0
+    best_epoch: int | None = None
+    best_dice: float | None = None
+    best_iou: float | None = None
+    threshold: float = 0.5
+    device: str = ""
+    params_json: str = "{}"
+    error: str | None = None
+    cancel_requested: bool = False
+
+    @property
+    def params(self) -> dict:
+        """params_json parsed."""
+        return _loads(self.params_json)
+
+
+class EpochMetric(SQLModel, table=True):
+    """Metrics of one epoch of one run; (run_id, epoch) is unique."""
+
+    __table_args__ = (UniqueConstraint("run_id", "epoch"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    epoch: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_dice: float | None = None
+    val_iou: float | None = None
+    lr: float | None = None
+    seconds: float | None = None  # wall time of this epoch
+    images_per_s: float | None = None
+
+
+class Artifact(SQLModel, table=True):
+    """An exported model file of a run (ONNX, INT8, ...) with its checks; (run_id, kind, epoch) is unique."""
+
+    id: int | None = Field(default=None, primary_key=True)
+    run_id: str = Field(index=True)
+    kind: str  # "onnx", "int8", ...
+    path: str
+    epoch: int | None = None
+    size_bytes: int = 0
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    accepted: bool = False
+    metrics_json: str = "{}"  # parity, dice, latency, ...
+
+    @property
+    def metrics(self) -> dict:
+        """metrics_json parsed."""
+        return _loads(self.metrics_json)
+
+
+TABLES = [Dataset.__table__, Run.__table__, EpochMetric.__table__, Artifact.__table__]
+RUN_FIELDS = set(Run.model_fields)
+METRIC_FIELDS = set(EpochMetric.model_fields) - {"id", "run_id", "epoch"}
+
+
+def _loads(text: str | None) -> dict:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value if value is not None else {}, default=str, sort_keys=True)
+
+
+# --------------------------------------------------------------------------------------- engine
+
+_engines: dict[tuple[int, str], tuple[sqlalchemy.Engine, sqlalchemy.Engine]] = {}
+_engines_lock = threading.Lock()
+
+
+def _configure(engine: sqlalchemy.Engine) -> None:
+    """Set the pragmas on every new connection and let us issue BEGIN ourselves."""
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the pysqlite driver must not BEGIN on its own
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout=30000")  # first, so switching to WAL waits too
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; commits need no fsync each
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sqlalchemy.Connection) -> None:
+        mode = connection.get_execution_options().get("sqlite_begin", "")
+        connection.exec_driver_sql(f"BEGIN {mode}".strip())
+
+
+def _is_locked(err: OperationalError) -> bool:
+    text = str(err.orig or err).lower()
+    return "locked" in text or "busy" in text
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _retry_locked(fn: F) -> F:
+    """Retry fn a few times with backoff when SQLite says the database is locked."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        for attempt in range(LOCK_RETRIES):
+            try:
+                return fn(*args, **kwargs)
+            except OperationalError as err:
+                if attempt == LOCK_RETRIES - 1 or not _is_locked(err):
+                    raise
+                delay = 0.05 * 2**attempt + random.uniform(0, 0.05)
+                log.warning("registry locked in %s, retrying in %.2f s", fn.__name__, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engine]:
+    """(reader, writer) engines for a db path; the writer starts transactions with BEGIN IMMEDIATE."""
+    path = Path(path if path is not None else config.registry_path()).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = (os.getpid(), str(path.resolve()))
+    with _engines_lock:
+        if key not in _engines:
+            engine = sqlalchemy.create_engine(
+                f"sqlite:///{key[1]}",
+                connect_args={"timeout": 30, "check_same_thread": False},
+            )
+            _configure(engine)
+            writer = engine.execution_options(sqlite_begin="IMMEDIATE")
+            _retry_locked(SQLModel.metadata.create_all)(writer, tables=TABLES)
+            _engines[key] = (engine, writer)
+        return _engines[key]
+
+
+def get_engine(path: Path | None = None) -> sqlalchemy.Engine:
+    """The cached engine of the registry at path (default config.registry_path()); tables created on first use."""
+    return _engines_for(path)[0]
+
+
+def dispose_engines() -> None:
+    """Close every cached engine of this process (tests; after changing config.RUNS_DIR)."""
+    with _engines_lock:
+        for engine, _writer in _engines.values():
+            engine.dispose()
+        _engines.clear()
+
+
+def _read() -> Session:
+    return Session(_engines_for(None)[0], expire_on_commit=False)
+
+
+def _write() -> Session:
+    return Session(_engines_for(None)[1], expire_on_commit=False)
+
+
+# --------------------------------------------------------------------------------------- datasets
+
+
+@_retry_locked
+def upsert_dataset(
+    name: str,
+    path: str,
+    content_hash: str,
+    n_images: int,
+    n_defective: int,
+    n_defect_free: int,
+    source: str = "generated",
+    details: dict | None = None,
+) -> Dataset:
+    """Insert a dataset, or update the one with the same name."""
+    with _write() as s:
+        dataset = s.exec(select(Dataset).where(Dataset.name == name)).first() or Dataset(name=name)
+        dataset.path = str(path)
+        dataset.content_hash = content_hash
+        dataset.n_images = int(n_images)
+        dataset.n_defective = int(n_defective)
+        dataset.n_defect_free = int(n_defect_free)
+        dataset.source = source
+        dataset.details_json = _dumps(details)
+        s.add(dataset)
+        s.commit()
+        s.refresh(dataset)
+        return dataset
+
+
+@_retry_locked
+def find_dataset_by_hash(content_hash: str) -> Dataset | None:
+    """The newest dataset with this content hash, or None."""
+    with _read() as s:
+        query = select(Dataset).where(Dataset.content_hash == content_hash)
+        return s.exec(query.order_by(col(Dataset.created_at).desc(), col(Dataset.id).desc())).first()
+
+
+@_retry_locked
+def list_datasets() -> list[Dataset]:
+    """All datasets, newest first."""
+    with _read() as s:
+        query = select(Dataset).order_by(col(Dataset.created_at).desc(), col(Dataset.id).desc())
+        return list(s.exec(query).all())
+
+
+# --------------------------------------------------------------------------------------- runs
+
+
+def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
+    """Check field names and normalise values; `params` (a dict) is accepted for params_json."""
+    fields = dict(fields)
+    if "params" in fields:
+        fields["params_json"] = _dumps(fields.pop("params"))
+    unknown = set(fields) - RUN_FIELDS
+    if unknown:
+        raise TypeError(f"unknown Run field(s): {', '.join(sorted(unknown))}")
+    if "status" in fields and fields["status"] not in STATUSES:
+        raise ValueError(f"unknown run status {fields['status']!r}; expected one of {', '.join(STATUSES)}")
+    for key in ("heartbeat", "created_at", "started_at", "finished_at"):
+        if isinstance(fields.get(key), datetime):
+            fields[key] = as_utc(fields[key])
+    if isinstance(fields.get("params_json"), dict):
+        fields["params_json"] = _dumps(fields["params_json"])
+    return fields
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (a zombie counts as gone)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":  # os.kill would terminate it on Windows; rely on the heartbeat there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: exists, owned by someone else
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _fmt(moment: datetime | None) -> str:
+    return as_utc(moment).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "never"
+
+
+def stale_reason(run: Run, now: datetime | None = None) -> str | None:
+    """Why an active run is considered dead (the error to show), or None if it is not."""
+    if run.status not in ACTIVE_STATUSES:
+        return None
+    now = as_utc(now) or utcnow()
+    last = as_utc(run.heartbeat) or as_utc(run.started_at) or as_utc(run.created_at)
+    if run.pid is not None and not _pid_alive(run.pid):
+        return f"{STALE_ERROR} (no heartbeat since {_fmt(last)}; process {run.pid} is gone)"
+    # A running run must beat every STALE_AFTER_S; a queued one (or one that never beat) gets longer.
+    limit = STALE_AFTER_S if run.status == "running" and run.heartbeat is not None else QUEUED_STALE_AFTER_S
+    if last is not None and (now - last).total_seconds() > limit:
+        return f"{STALE_ERROR} (no heartbeat since {_fmt(last)})"
+    return None
+
+
+def _effective(run: Run | None, now: datetime | None = None) -> Run | None:
+    """Show a dead active run as failed (on the detached object only, nothing is written)."""
+    if run is not None:
+        reason = stale_reason(run, now)
+        if reason:
+            run.status = "failed"
+            run.error = reason
+    return run
+
+
+@_retry_locked
+def create_run(run_id: str, **fields: Any) -> Run:
+    """Insert a run (status "queued" unless given); fields are Run columns, or params=dict."""
+    values = _run_values(fields)
+    values.setdefault("name", run_id)
+    with _write() as s:
+        if s.get(Run, run_id) is not None:
+            raise EngineError(f"run {run_id!r} already exists in the registry; choose another run id")
+        run = Run(id=run_id, **values)
+        s.add(run)
+        s.commit()
+        return run
+
+
+@_retry_locked
+def update_run(run_id: str, **fields: Any) -> Run:
+    """Set fields of a run and return it as stored; RunNotFound if it does not exist.
+
+    Setting status to "queued" or "running" also sets heartbeat to now unless one is given, so a
+    re-queued (resumed) run is not shown as failed because of its old heartbeat.
+    """
+    values = _run_values(fields)
+    if values.get("status") in ACTIVE_STATUSES and "heartbeat" not in values:
+        values["heartbeat"] = utcnow()
+    with _write() as s:
+        run = s.get(Run, run_id)
+        if run is None:
+            raise RunNotFound(f"run {run_id!r} not found in the registry; check the run id")
+        for key, value in values.items():
+            setattr(run, key, value)
+        s.add(run)
+        s.commit()
+        return run
+
+
+@_retry_locked
+def get_run(run_id: str) -> Run | None:
+    """The run with its effective status (a dead active run shows as failed), or None."""
+    with _read() as s:
+        return _effective(s.get(Run, run_id))
+
+
+@_retry_locked
+def list_runs() -> list[Run]:
+    """All runs, newest first, with effective status."""
+    now = utcnow()
+    with _read() as s:
+        runs = s.exec(select(Run).order_by(col(Run.created_at).desc(), col(Run.id).desc())).all()
+        return [_effective(run, now) for run in runs]
+
+
+@_retry_locked
+def heartbeat(run_id: str) -> bool:
+    """Set the run's heartbeat to now and return whether a cancel was requested (False if the run is unknown)."""
+    with _write() as s:
+        statement = (
+            update(Run).where(col(Run.id) == run_id).values(heartbeat=utcnow()).returning(Run.cancel_requested)
+        )
+        flag = s.execute(statement).scalar_one_or_none()
+        s.commit()
+        return bool(flag)
+
+
+@_retry_locked
+def request_cancel(run_id: str) -> None:
+    """Ask the training process of a run to stop at its next heartbeat; RunNotFound if unknown."""
+    with _write() as s:
+        result = s.execute(update(Run).where(col(Run.id) == run_id).values(cancel_requested=True))
+        s.commit()
+    if result.rowcount == 0:
+        raise RunNotFound(f"run {run_id!r} not found in the registry; check the run id")
+
+
+@_retry_locked
+def mark_stale() -> list[str]:
+    """Persist status "failed" (with the reason) for active runs whose process is gone; return their ids."""
+    marked = []
+    with _write() as s:
+        now = utcnow()
+        for run in s.exec(select(Run).where(col(Run.status).in_(ACTIVE_STATUSES))).all():
+            reason = stale_reason(run, now)
+            if reason:
+                run.status, run.error, run.finished_at = "failed", reason, run.finished_at or now
+                s.add(run)
+                marked.append(run.id)
+        s.commit()
+    return marked
+
+
+@_retry_locked
+def delete_run(run_id: str) -> None:
+    """Delete the registry rows of a run, its epochs and artifacts (files are left alone)."""
+    with _write() as s:
+        _delete_run_rows(s, run_id)
+        s.commit()
+
+
+def _delete_run_rows(s: Session, run_id: str) -> None:
+    s.exec(delete(EpochMetric).where(col(EpochMetric.run_id) == run_id))
+    s.exec(delete(Artifact).where(col(Artifact.run_id) == run_id))
+    s.exec(delete(Run).where(col(Run.id) == run_id))
+
+
+# --------------------------------------------------------------------------------------- epochs
+
+
+@_retry_locked
+def record_epoch(run_id: str, epoch: int, **metrics: float | None) -> None:
+    """Write the metrics of one epoch, replacing an earlier row for the same (run_id, epoch)."""
+    unknown = set(metrics) - METRIC_FIELDS
+    if unknown:
+        raise TypeError(f"unknown epoch metric(s): {', '.join(sorted(unknown))}")
+    with _write() as s:
+        query = select(EpochMetric).where(EpochMetric.run_id == run_id, EpochMetric.epoch == int(epoch))
+        row = s.exec(query).first() or EpochMetric(run_id=run_id, epoch=int(epoch))
+        for key in METRIC_FIELDS:
+            value = metrics.get(key)
+            setattr(row, key, float(value) if value is not None else None)
+        s.add(row)
+        s.commit()
+
+
+@_retry_locked
+def epoch_metrics(run_id: str) -> list[EpochMetric]:
+    """The epoch rows of a run, ordered by epoch."""
+    with _read() as s:
+        query = select(EpochMetric).where(EpochMetric.run_id == run_id).order_by(col(EpochMetric.epoch))
+        return list(s.exec(query).all())
+
+
+# --------------------------------------------------------------------------------------- artifacts
+
+
+def _artifact_query(run_id: str, kind: str, epoch: int | None) -> Any:
+    epoch_match = col(Artifact.epoch).is_(None) if epoch is None else col(Artifact.epoch) == epoch
+    return select(Artifact).where(Artifact.run_id == run_id, Artifact.kind == kind, epoch_match)
+
+
+@_retry_locked
+def add_artifact(
+    run_id: str,
+    kind: str,
+    path: str,
+    size_bytes: int,
+    accepted: bool,
+    epoch: int | None = None,
+    metrics: dict | None = None,
+) -> Artifact:
+    """Record an exported file of a run; replaces the artifact with the same (run_id, kind, epoch)."""
+    with _write() as s:
+        for old in s.exec(_artifact_query(run_id, kind, epoch)).all():
+            s.delete(old)
+        artifact = Artifact(
+            run_id=run_id,
+            kind=kind,
+            path=str(path),
+            epoch=epoch,
+            size_bytes=int(size_bytes),
+            accepted=bool(accepted),
+            metrics_json=_dumps(metrics),
+        )
+        s.add(artifact)
+        s.commit()
+        s.refresh(artifact)
+        return artifact
+
+
+@_retry_locked
+def list_artifacts(run_id: str | None = None) -> list[Artifact]:
+    """Artifacts of one run (or of all runs), oldest first."""
+    with _read() as s:
+        query = select(Artifact)
+        if run_id is not None:
+            query = query.where(Artifact.run_id == run_id)
+        return list(s.exec(query.order_by(col(Artifact.created_at), col(Artifact.id))).all())
+
+
+# --------------------------------------------------------------------------------------- rebuild
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        if isinstance(value, (int, float)):
+            return datetime.fromtimestamp(float(value), timezone.utc)
+        return as_utc(datetime.fromisoformat(str(value)))
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
+def _number(value: Any, kind: type = float) -> Any:
+    if value in (None, ""):
+        return None
+    try:
+        return kind(float(value)) if kind is int else kind(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _mtime(path: Path) -> datetime:
+    return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
+
+
+def _run_from_folder(folder: Path, info: dict) -> Run:
+    dataset = info.get("dataset") or {}
+    if isinstance(dataset, str):
+        dataset = {"path": dataset}
+    status = info.get("status") if info.get("status") in STATUSES else "failed"
+    threshold = _number(info.get("threshold"))
+    return Run(
+        id=str(info.get("run_id") or folder.name),
+        name=str(info.get("name") or info.get("run_id") or folder.name),
+        dataset_path=str(dataset.get("path") or info.get("dataset_path") or ""),
+        dataset_hash=str(dataset.get("hash") or info.get("dataset_hash") or ""),
+        status=status,
+        pid=_number(info.get("pid"), int),
+        heartbeat=_parse_time(info.get("heartbeat")),
+        created_at=_parse_time(info.get("created_at")) or _mtime(folder / "run.json"),
+        started_at=_parse_time(info.get("started_at")),
+        finished_at=_parse_time(info.get("finished_at")),
+        epochs_planned=_number(info.get("epochs_planned"), int) or 0,
+        epochs_done=_number(info.get("epochs_done"), int) or 0,
+        best_epoch=_number(info.get("best_epoch"), int),
+        best_dice=_number(info.get("best_dice")),
+        best_iou=_number(info.get("best_iou")),
+        threshold=threshold if threshold is not None else 0.5,
+        device=str(info.get("device") or ""),
+        params_json=_dumps(info.get("params") if isinstance(info.get("params"), dict) else {}),
+        error=info.get("error"),
+    )
+
+
+def _epochs_from_csv(path: Path, run_id: str) -> list[EpochMetric]:
+    rows: dict[int, EpochMetric] = {}
+    if not path.exists():
+        return []
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            for line in csv.DictReader(handle):
+                epoch = _number(line.get("epoch"), int)
+                if epoch is None:
+                    log.warning("%s: skipping a row without a valid epoch", path)
+                    continue
+                values = {key: _number(line.get(key)) for key in METRIC_FIELDS}
+                rows[epoch] = EpochMetric(run_id=run_id, epoch=epoch, **values)  # a later row wins
+    except (OSError, csv.Error, UnicodeDecodeError) as err:
+        log.warning("%s: unreadable metrics (%s); epochs skipped", path, err)
+        return []
+    return [rows[epoch] for epoch in sorted(rows)]
+
+
+def _resolve_artifact_path(folder: Path, value: str) -> str:
+    path = Path(value)
+    if path.is_absolute():
+        return str(path)
+    for candidate in (folder / path, folder / "export" / path):
+        if candidate.exists():
+            return str(candidate)
+    return str(folder / path)
+
+
+def _artifacts_from_report(path: Path, run_id: str) -> list[Artifact]:
+    if not path.exists():
+        return []
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        entries = report.get("artifacts") or []
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("%s: unreadable report (%s); artifacts skipped", path, err)
+        return []
+    folder = path.parent.parent
+    artifacts = []
+    for entry in entries:
+        if not isinstance(entry, dict) or not entry.get("kind") or not entry.get("path"):
+            log.warning("%s: skipping an artifact without kind or path", path)
+            continue
+        file_path = _resolve_artifact_path(folder, str(entry["path"]))
+        size = _number(entry.get("size_bytes"), int)
+        if size is None:
+            size = Path(file_path).stat().st_size if Path(file_path).exists() else 0
+        artifacts.append(
+            Artifact(
+                run_id=run_id,
+                kind=str(entry["kind"]),
+                path=file_path,
+                epoch=_number(entry.get("epoch"), int),
+                size_bytes=size,
+                created_at=_parse_time(entry.get("created_at")) or _mtime(path),
+                accepted=bool(entry.get("accepted", False)),
+                metrics_json=_dumps(entry.get("metrics") if isinstance(entry.get("metrics"), dict) else {}),
+            )
+        )
+    return artifacts
+
+
+@_retry_locked
+def _replace_run_rows(run: Run, epochs: list[EpochMetric], artifacts: list[Artifact]) -> None:
+    with _write() as s:
+        _delete_run_rows(s, run.id)
+        s.flush()
+        latest: dict[tuple[str, int | None], Artifact] = {}
+        for artifact in artifacts:  # keep the last of duplicate (kind, epoch)
+            latest[(artifact.kind, artifact.epoch)] = artifact
+        rows = [run, *epochs, *latest.values()]  # fresh copies, so a retry starts from clean objects
+        s.add_all([type(row)(**row.model_dump()) for row in rows])
+        s.commit()
+
+
+def rebuild(runs_dir: Path | None = None) -> int:
+    """Recreate the run, epoch and artifact rows from the run folders in runs_dir; return the number of runs."""
+    runs_dir = Path(runs_dir if runs_dir is not None else config.RUNS_DIR)
+    if not runs_dir.is_dir():
+        return 0
+    count = 0
+    for folder in sorted(p for p in runs_dir.iterdir() if (p / "run.json").is_file()):
+        try:
+            info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            if not isinstance(info, dict):
+                raise ValueError("not a JSON object")
+            run = _run_from_folder(folder, info)
+        except (OSError, ValueError, TypeError, AttributeError) as err:
+            log.warning("%s: skipping run folder, run.json is unreadable (%s)", folder, err)
+            continue
+        epochs = _epochs_from_csv(folder / "metrics.csv", run.id)
+        artifacts = _artifacts_from_report(folder / "export" / "report.json", run.id)
+        _replace_run_rows(run, epochs, artifacts)
+        count += 1
+    return count
