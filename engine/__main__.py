@@ -1,0 +1,313 @@
+"""Command line: `python -m engine <command>` (see `--help`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from engine import config
+from engine.errors import EngineError
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from engine import synth
+
+    params = synth.SynthParams(size=args.size, defect_free=args.defect_free, difficulty=args.difficulty,
+                               tint=args.tint)
+    if args.types:
+        params.defect_weights = {t: w for t, w in params.defect_weights.items() if t in args.types.split(",")}
+    with _progress_bar(args.count, "generating") as progress:
+        result = synth.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
+    rate = result["images"] / max(result["seconds"], 1e-9)
+    print(f"{args.out}: {result['images']} images ({result['defective']} defective, {result['defect_free']} "
+          f"defect-free; splits {result['per_split']}) in {result['seconds']:.1f}s, {rate:.0f} images/s")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from engine import train
+
+    if not args.resume and not args.data:
+        raise EngineError("train needs --data DIR (or --resume RUN)")
+    cfg = train.TrainConfig(
+        data=args.data or "", epochs=args.epochs, minutes=args.minutes, preset=args.preset, base=args.base,
+        depth=args.depth, batch_size=args.batch_size, crop=args.crop, lr=args.lr, patience=args.patience,
+        device=args.device, threads=args.threads, seed=args.seed, name=args.name, run_id=args.run_id,
+        resume=args.resume, steps_per_epoch=args.steps_per_epoch, channels_last=not args.no_channels_last,
+    )
+    print(train.train(cfg))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from engine.evaluate import evaluate, select_samples
+    from engine.inference import Predictor
+
+    predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
+    samples = select_samples(args.data, args.split)
+    with _progress_bar(len(samples), "evaluating") as progress:
+        result = evaluate(predictor, samples, args.threshold, progress=progress)
+    per_image = result.pop("per_image")
+    if args.per_image:
+        result["per_image"] = per_image
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key in ("dice", "iou", "precision", "recall", "mean_image_dice", "detection_rate", "false_alarm_rate"):
+            value = result[key]
+            print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}")
+        print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}, {result['model']})")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
+    from engine.inference import Predictor, overlay
+
+    predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
+    paths: list[Path] = []
+    for item in map(Path, args.inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise EngineError(f"{item}: no such file or folder")
+    if not paths:
+        raise EngineError("no images found in the given inputs")
+    results = []
+    for path in paths:
+        try:
+            image = read_image(path)
+        except EngineError as err:
+            results.append({"file": str(path), "error": str(err)})
+            print(f"{path}: error: {err}", file=sys.stderr)
+            continue
+        prediction = predictor.predict(image, args.threshold, args.min_region_px)
+        entry = {"file": str(path), **prediction.summary()}
+        if args.out:
+            out = Path(args.out)
+            write_png(out / f"{path.stem}_mask.png", prediction.mask * 255)
+            write_png(out / f"{path.stem}_overlay.png", overlay(image, prediction.mask)[:, :, ::-1])
+        results.append(entry)
+        if not args.json:
+            print(f"{path}: {entry['verdict']}  regions {len(entry['regions'])}  max score {entry['max_score']:.3f}")
+    if args.json:
+        print(json.dumps({"model": predictor.describe(), "results": results}))
+    if all("error" in r for r in results):
+        raise EngineError("no image could be read")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from engine import export
+
+    with _stage_printer() as progress:
+        report = export.export_run(args.run, args.epoch, int8=args.int8, data=args.data,
+                                   max_dice_drop=args.max_dice_drop, calibration_images=args.calibration_images,
+                                   progress=progress)
+    print(json.dumps(report) if args.json else export.format_report(report))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from engine import export
+
+    with _stage_printer() as progress:
+        result = export.benchmark(args.run, data=args.data, split=args.split, size=args.size,
+                                  iterations=args.iterations, warmup=args.warmup, progress=progress)
+    print(json.dumps(result) if args.json else export.bench_markdown(result))
+
+
+class _stage_printer:
+    """A `progress(stage, fraction)` callback that prints each new stage on stderr."""
+
+    def __enter__(self):
+        self.stage = None
+        return self
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if stage != self.stage:
+            self.stage = stage
+            print(f"[{fraction:4.0%}] {stage}", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def cmd_runs(args: argparse.Namespace) -> None:
+    from engine import registry
+
+    for run in registry.list_runs():
+        best = f"dice {run.best_dice:.4f} @ epoch {run.best_epoch}" if run.best_dice is not None else "no epochs yet"
+        print(f"{run.id:<44} {run.status:<10} {run.epochs_done}/{run.epochs_planned} epochs  {best}")
+
+
+def cmd_registry(args: argparse.Namespace) -> None:
+    from engine import registry
+
+    count = registry.rebuild()
+    print(f"registry rebuilt from {count} run folders in {config.RUNS_DIR}")
+
+
+def cmd_cancel(args: argparse.Namespace) -> None:
+    from engine import jobs
+
+    jobs.cancel(args.run)
+    print(f"cancel requested for {args.run}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from api.settings import Settings
+
+    Settings.from_env()  # a bad DEFECTS_* value is a one-line error here, not a traceback inside uvicorn
+    uvicorn.run("api.main:app", host=args.host, port=args.port, app_dir=str(config.ROOT),
+                access_log=not args.no_access_log, log_level=args.log_level)
+
+
+class _progress_bar:
+    """A tqdm bar on stderr usable as `progress(done, total)` callback."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.total, self.desc = total, desc
+
+    def __enter__(self):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, disable=None, leave=False)
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every command."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Metal-surface defect segmentation.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+
+    p = sub.add_parser("generate", help="write a synthetic dataset")
+    p.add_argument("--out", default=str(config.SAMPLE_DIR))
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--defect-free", type=float, default=0.2)
+    p.add_argument("--difficulty", type=float, default=0.5)
+    p.add_argument("--tint", type=float, default=0.0, help="share of colour-tinted images")
+    p.add_argument("--types", help="comma-separated defect types to draw (default: all)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train a model (one run)")
+    p.add_argument("--data")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--minutes", type=float)
+    p.add_argument("--preset", default="fast", choices=["fast", "balanced", "accurate"])
+    p.add_argument("--base", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--steps-per-epoch", type=int)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--threads", type=int)
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--name", default="run")
+    p.add_argument("--run-id", help=argparse.SUPPRESS)
+    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint up to --epochs")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a run on a dataset split")
+    _model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--threshold", type=_unit_float)
+    p.add_argument("--per-image", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="masks, overlays and verdicts for images or folders")
+    _model_args(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT")
+    p.add_argument("--out")
+    p.add_argument("--threshold", type=_unit_float)
+    p.add_argument("--min-region-px", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="the FastAPI sidecar: POST /predict, GET /health, GET /models")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--no-access-log", action="store_true", help="do not log every request")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a run to ONNX (and INT8 behind an accuracy gate)")
+    p.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
+    p.add_argument("--epoch", default="best", help="epoch number, 'best' or 'last'")
+    p.add_argument("--int8", action="store_true", help="also quantize to INT8 (kept only if it passes the gate)")
+    p.add_argument("--max-dice-drop", type=float, default=0.01,
+                   help="largest validation Dice drop of INT8 vs fp32 ONNX that is accepted (default 0.01)")
+    p.add_argument("--calibration-images", type=int, default=32, help="training images used to calibrate INT8")
+    p.add_argument("--data", help="dataset folder for the checks (default: the run's own dataset)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="size, latency, throughput and Dice of every backend of a run")
+    p.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
+    p.add_argument("--data", help="dataset folder (default: the run's own dataset)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    p.add_argument("--size", type=int, default=256, help="side of the square images timed (default 256)")
+    p.add_argument("--iterations", type=int, default=100, help="timed rounds over all backends")
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("runs", help="list runs from the registry")
+    p.set_defaults(func=cmd_runs)
+    p = sub.add_parser("registry", help="registry maintenance")
+    p.add_argument("action", choices=["rebuild"])
+    p.set_defaults(func=cmd_registry)
+    p = sub.add_parser("cancel", help="cancel a running training job")
+    p.add_argument("run")
+    p.set_defaults(func=cmd_cancel)
+    return parser
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
+    p.add_argument("--epoch", default="best", help="epoch number, 'best' or 'last'")
+    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, run the command; user errors print one line and return 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except EngineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:  # a bug, not the user's fault: keep the traceback
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Dataset folders: find image/mask pairs, validate, split, load into memory, augment for training."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from engine.errors import DatasetError, ImageError
+from engine.imageio import IMAGE_EXTENSIONS, read_image, read_mask
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Sample:
+    """One image of a dataset and its mask (None means defect-free)."""
+
+    id: str
+    image_path: Path
+    mask_path: Path | None
+    split: str
+    defect_types: str = ""
+
+
+@dataclass
+class DatasetReport:
+    """What scan_dataset found: usable samples and a list of problems (one line each)."""
+
+    root: Path
+    samples: list[Sample]
+    problems: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Sample]:
+        """Samples of one split."""
+        return [s for s in self.samples if s.split == name]
+
+    def counts(self) -> dict[str, int]:
+        """Image counts overall, defective, defect-free and per split."""
+        counts = {
+            "images": len(self.samples),
+            "defective": sum(s.mask_path is not None for s in self.samples),
+            "defect_free": sum(s.mask_path is None for s in self.samples),
+        }
+        counts.update({name: len(self.split(name)) for name in SPLITS})
+        return counts
+
+
+def split_for_id(sample_id: str) -> str:
+    """Deterministic 80/10/10 split derived from the id alone (used when there is no manifest)."""
+    bucket = int(hashlib.sha1(sample_id.encode()).hexdigest(), 16) % 10
+    return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
+
+
+def _read_manifest(root: Path) -> dict[str, dict[str, str]]:
+    for name in ("manifest.csv", "meta.csv"):
+        path = root / name
+        if path.is_file():
+            with path.open(newline="") as handle:
+                return {row["id"]: row for row in csv.DictReader(handle) if row.get("id")}
+    return {}
+
+
+def _listed_as_defective(row: dict[str, str]) -> bool:
+    try:
+        return float(row.get("defect_fraction") or 0) > 0
+    except ValueError:
+        return False
+
+
+def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
+    """Find image/mask pairs in DIR/images and DIR/masks; with validate, decode each and report problems."""
+    root = Path(root)
+    image_dir, mask_dir = root / "images", root / "masks"
+    if not image_dir.is_dir():
+        raise DatasetError(f"{root}: no images/ folder; a dataset needs DIR/images/<id>.png and DIR/masks/<id>.png")
+    manifest = _read_manifest(root)
+    masks = {p.stem: p for p in mask_dir.glob("*.png")} if mask_dir.is_dir() else {}
+    samples, problems = [], []
+    for path in sorted(image_dir.iterdir()):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
+            continue
+        row = manifest.get(path.stem, {})
+        split = row.get("split") or split_for_id(path.stem)
+        if split not in SPLITS:
+            problems.append(f"{path.name}: unknown split '{split}' in manifest; using {split_for_id(path.stem)}")
+            split = split_for_id(path.stem)
+        sample = Sample(path.stem, path, masks.get(path.stem), split, row.get("defect_types", "") or "")
+        if sample.mask_path is None and _listed_as_defective(row):
+            problems.append(f"{path.name}: manifest lists a defect but masks/{path.stem}.png is missing")
+            continue
+        if validate:
+            try:
+                check_pair(sample)
+            except ImageError as err:
+                problems.append(str(err))
+                continue
+        samples.append(sample)
+    image_ids = {p.stem for p in image_dir.iterdir()}
+    problems.extend(f"masks/{m}.png has no image" for m in sorted(set(masks) - image_ids))
+    if not samples:
+        raise DatasetError(f"{root}: no usable images found" + (f" ({len(problems)} problems: {problems[0]})" if problems else ""))
+    return DatasetReport(root, samples, problems)
+
+
+def check_pair(sample: Sample) -> None:
+    """Raise ImageError if the image or its mask is unreadable or their sizes differ."""
+    header = cv2.imread(str(sample.image_path), cv2.IMREAD_UNCHANGED)
+    if header is None:
+        raise ImageError(f"{sample.image_path.name}: unreadable or corrupt image")
+    if sample.mask_path is not None:
+        mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise ImageError(f"{sample.mask_path.name}: unreadable or corrupt mask")
+        if mask.shape[:2] != header.shape[:2]:
+            raise ImageError(
+                f"{sample.image_path.name}: mask is {mask.shape[1]}x{mask.shape[0]} but image is "
+                f"{header.shape[1]}x{header.shape[0]}"
+            )
+
+
+def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """Load an image (float32 gray in [0, 1]) and its mask (uint8 0/1; zeros when defect-free)."""
+    image = read_image(sample.image_path)
+    if sample.mask_path is None:
+        return image, np.zeros(image.shape, np.uint8)
+    mask = read_mask(sample.mask_path)
+    if mask.shape != image.shape:
+        raise ImageError(f"{sample.image_path.name}: mask size {mask.shape} differs from image {image.shape}")
+    return image, mask
+
+
+def dataset_hash(samples: list[Sample]) -> str:
+    """Content hash of a dataset: ids, splits and the bytes of every image and mask."""
+    digest = hashlib.sha256()
+    for s in sorted(samples, key=lambda s: s.id):
+        digest.update(f"{s.id}:{s.split}".encode())
+        digest.update(s.image_path.read_bytes())
+        if s.mask_path is not None:
+            digest.update(s.mask_path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def image_stats(images: list[np.ndarray]) -> tuple[float, float]:
+    """Mean and standard deviation of pixel values over a list of images (for normalisation)."""
+    values = np.concatenate([im[::4, ::4].ravel() for im in images])
+    return float(values.mean()), float(max(values.std(), 1e-3))
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Decoded images held in memory; training items are augmented square crops biased towards defects."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        crop: int = 128,
+        augment: bool = True,
+        defect_crop_share: float = 0.6,
+        seed: int = 0,
+    ) -> None:
+        self.samples = samples
+        self.pairs = [load_pair(s) for s in samples]  # decode once; training is then compute-bound
+        self.crop, self.augment, self.defect_crop_share = crop, augment, defect_crop_share
+        self.rng = np.random.default_rng(seed)
+        # Defect pixel coordinates per image, to centre some crops on defects.
+        self.defect_pixels = [np.argwhere(mask) for _, mask in self.pairs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.pairs[index]
+        image, mask = self._random_crop(image, mask, self.defect_pixels[index])
+        if self.augment:
+            image, mask = augment_pair(image, mask, self.rng)
+        return torch.from_numpy(image[None].copy()), torch.from_numpy(mask[None].astype(np.float32))
+
+    def _random_crop(self, image: np.ndarray, mask: np.ndarray, defects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = self.crop
+        height, width = image.shape
+        if height < size or width < size:  # pad small images up to the crop size
+            pad = ((0, max(0, size - height)), (0, max(0, size - width)))
+            image, mask = np.pad(image, pad, mode="reflect"), np.pad(mask, pad)
+            height, width = image.shape
+        if len(defects) and self.rng.random() < self.defect_crop_share:
+            cy, cx = defects[self.rng.integers(len(defects))]
+            y = int(np.clip(cy - self.rng.integers(size), 0, height - size))
+            x = int(np.clip(cx - self.rng.integers(size), 0, width - size))
+        else:
+            y, x = int(self.rng.integers(height - size + 1)), int(self.rng.integers(width - size + 1))
+        return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+
+
+def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips, 90-degree rotations, brightness/contrast and noise; geometry applied to both."""
+    if rng.random() < 0.5:
+        image, mask = image[:, ::-1], mask[:, ::-1]
+    if rng.random() < 0.5:
+        image, mask = image[::-1], mask[::-1]
+    if image.shape[0] == image.shape[1]:
+        k = int(rng.integers(4))
+        image, mask = np.rot90(image, k), np.rot90(mask, k)
+    contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(-0.1, 0.1)
+    image = (image - image.mean()) * contrast + image.mean() + brightness
+    if rng.random() < 0.3:
+        image = image + rng.normal(0, rng.uniform(0.005, 0.03), image.shape).astype(np.float32)
+    return np.ascontiguousarray(image, dtype=np.float32), np.ascontiguousarray(mask)
+
+
+def register_dataset(path: str | Path, source: str = "imported", details: dict | None = None,
+                     name: str | None = None):
+    """Scan a dataset folder (DatasetError if unusable) and record it in the registry; returns the row."""
+    from engine import registry  # registry is not needed for training-time data loading
+
+    root = Path(path)
+    report = scan_dataset(root, validate=False)
+    counts = report.counts()
+    return registry.upsert_dataset(name or root.name, str(root.resolve()), dataset_hash(report.samples),
+                                   counts["images"], counts["defective"], counts["defect_free"], source=source,
+                                   details=details)
+
+
+def dataset_choices() -> dict[str, Path]:
+    """Datasets a user can pick: registered ones whose folder still exists plus folders under DATA_DIR with images/."""
+    from engine import config, registry
+
+    choices: dict[str, Path] = {}
+    for dataset in registry.list_datasets():
+        if (Path(dataset.path) / "images").is_dir():
+            choices.setdefault(dataset.name, Path(dataset.path))
+    known = {path.resolve() for path in choices.values()}
+    if config.DATA_DIR.is_dir():
+        for folder in sorted(p for p in config.DATA_DIR.iterdir() if (p / "images").is_dir()):
+            if folder.resolve() not in known:
+                choices.setdefault(folder.name, folder)
+    return choices

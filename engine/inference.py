@@ -1,0 +1,430 @@
+"""Inference: one Predictor for torch and ONNX Runtime models, tiling, heatmaps, overlays, regions, verdicts."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+
+from engine import config, runs
+from engine.errors import EngineError, RunNotFound
+from engine.imageio import MAX_PIXELS, decode_upload, encode_png, to_gray_float
+from engine.model import load_checkpoint
+
+BACKENDS = ("torch", "onnx", "int8")
+ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
+TILE = 512  # images with a side above TILE_ABOVE are processed in overlapping tiles of this size
+TILE_OVERLAP = 64
+TILE_ABOVE = 1024
+
+
+@dataclass
+class Region:
+    """One connected defect region."""
+
+    bbox: list[int]  # x, y, w, h
+    area_px: int
+    mean_score: float
+    max_score: float
+    elongation: float  # long side / short side of the minimum-area rectangle
+    shape: str  # "scratch-like" or "spot-like"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict."""
+        return {"bbox": self.bbox, "area_px": self.area_px, "mean_score": round(self.mean_score, 4),
+                "max_score": round(self.max_score, 4), "elongation": round(self.elongation, 2), "shape": self.shape}
+
+
+@dataclass
+class Prediction:
+    """Everything inference says about one image."""
+
+    probability: np.ndarray  # float32 HxW in [0, 1]
+    threshold: float
+    min_region_px: int = 0
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mask(self) -> np.ndarray:
+        """Binary defect mask (uint8 0/1) at the threshold."""
+        return (self.probability >= self.threshold).astype(np.uint8)
+
+    @property
+    def regions(self) -> list[Region]:
+        """Connected regions of the mask at least min_region_px large, largest first."""
+        return find_regions(self.probability, self.threshold, self.min_region_px)
+
+    @property
+    def verdict(self) -> str:
+        """'defect' if any region passes the rules, else 'ok'."""
+        return "defect" if self.regions else "ok"
+
+    @property
+    def defect_fraction(self) -> float:
+        """Share of pixels at or above the threshold."""
+        return float(self.mask.mean())
+
+    @property
+    def max_score(self) -> float:
+        """Highest defect probability in the image."""
+        return float(self.probability.max())
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-friendly summary (verdict, fraction, max score, regions, timings)."""
+        height, width = self.probability.shape
+        return {"image": {"width": width, "height": height}, "threshold": self.threshold, "verdict": self.verdict,
+                "defect_fraction": round(self.defect_fraction, 6), "max_score": round(self.max_score, 4),
+                "regions": [r.as_dict() for r in self.regions], "timings_ms": self.timings_ms}
+
+
+class Predictor:
+    """A trained model behind one interface, whatever the backend: torch (cpu/cuda), ONNX fp32 or INT8."""
+
+    def __init__(self, run_dir: Path, epoch: int | str = "best", backend: str = "torch", device: str = "cpu",
+                 path: Path | None = None) -> None:
+        """`path` overrides the model file (export checks a candidate .onnx with it before keeping it)."""
+        if backend not in BACKENDS:
+            raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+        if device == "cuda" and not torch.cuda.is_available():
+            raise EngineError("device cuda asked for, but no CUDA GPU is available; use cpu")
+        self.run_dir, self.backend, self.device = run_dir, backend, device
+        self.run_id = runs.read_run_json(run_dir).get("run_id", run_dir.name)
+        if backend == "torch":
+            path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
+            self.model, meta = load_checkpoint(path, device)
+            self.stride = self.model.stride
+            self._session = None
+        else:
+            path = Path(path) if path is not None else run_dir / "export" / ONNX_FILES[backend]
+            if not path.is_file():
+                raise RunNotFound(f"run {self.run_id} has no {backend} export; run `python -m engine export --run "
+                                  f"{self.run_id}{' --int8' if backend == 'int8' else ''}` first")
+            self._session = onnx_session(str(path), path.stat().st_mtime)
+            meta = onnx_metadata(self._session, path)
+            self.stride = int(meta.get("stride", 16))
+            self.model = None
+        self.path = path
+        self.epoch = meta.get("epoch")
+        self.mean = float(meta["normalisation"]["mean"])
+        self.std = float(meta["normalisation"]["std"])
+        self.threshold = float(meta.get("threshold", 0.5))
+        self.meta = meta
+
+    @classmethod
+    def from_run(cls, run: str | None = "latest", epoch: int | str = "best", backend: str = "torch",
+                 device: str = "cpu") -> "Predictor":
+        """Predictor for a run id, `demo` or `latest`."""
+        return cls(runs.resolve_run(run), epoch, backend, device)
+
+    def describe(self) -> dict[str, Any]:
+        """Which model this is: run, epoch, backend."""
+        return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device}
+
+    def _forward(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride."""
+        if self._session is not None:
+            (logits,) = self._session.run(None, {self._session.get_inputs()[0].name: batch})
+            return 1.0 / (1.0 + np.exp(-logits))
+        with torch.inference_mode():
+            x = torch.from_numpy(batch).to(self.device)
+            return torch.sigmoid(self.model(x)).float().cpu().numpy()
+
+    def _whole(self, image: np.ndarray) -> np.ndarray:
+        """Probabilities for one normalised image: pad to the stride, run, crop back."""
+        height, width = image.shape
+        return self._forward(pad_to_multiple(image, self.stride)[None, None])[0, 0, :height, :width]
+
+    def predict_proba(self, image: np.ndarray) -> np.ndarray:
+        """Defect probability per pixel for an image of any size (large images in blended tiles)."""
+        gray = image if image.ndim == 2 and image.dtype == np.float32 else to_gray_float(image)
+        x = (gray - self.mean) / self.std
+        if max(x.shape) <= TILE_ABOVE:
+            return self._whole(x)
+        return predict_tiled(self._whole, x, TILE, TILE_OVERLAP, self.stride)
+
+    def predict(self, image: np.ndarray, threshold: float | None = None, min_region_px: int = 0) -> Prediction:
+        """Run the model on one image and return its Prediction."""
+        start = time.perf_counter()
+        probability = self.predict_proba(image)
+        elapsed = (time.perf_counter() - start) * 1000
+        return Prediction(probability, self.threshold if threshold is None else float(threshold), min_region_px,
+                          {"inference": round(elapsed, 2)})
+
+
+def tile_weights(start: int, length: int, total: int, overlap: int) -> np.ndarray:
+    """1-D blending weights of a tile along one axis: 0 over the outer quarter of the overlap, then a linear ramp.
+
+    Only edges inside the image are ramped; an edge on the image border keeps full weight, as whole-image
+    inference has the same border. The outermost pixels of an inner edge see the least context, so they
+    are dropped (weight 0) rather than merely down-weighted; a neighbouring tile always covers them.
+    """
+    trim = overlap // 4
+    index = np.arange(length, dtype=np.float32)
+    distance = np.full(length, np.inf, np.float32)
+    if start > 0:
+        distance = np.minimum(distance, index)
+    if start + length < total:
+        distance = np.minimum(distance, length - 1 - index)
+    return np.clip((distance - trim + 1) / max(overlap - 2 * trim, 1), 0.0, 1.0).astype(np.float32)
+
+
+def tile_starts(length: int, tile: int, overlap: int, stride: int = 1) -> list[int]:
+    """Start offsets of tiles covering [0, length), each sharing at least `overlap` pixels with the next.
+
+    Starts are multiples of `stride`, so every tile sees the same pooling grid as whole-image inference;
+    the last tile may then be up to stride-1 pixels shorter than `tile`.
+    """
+    if not 0 <= overlap < tile or tile < stride:
+        raise ValueError(f"tiling needs 0 <= overlap < tile and tile >= stride (tile {tile}, overlap {overlap}, "
+                         f"stride {stride})")
+    if length <= tile:
+        return [0]
+    step = (tile - overlap) // stride * stride
+    if step < stride:
+        raise ValueError(f"tile {tile} minus overlap {overlap} must be at least the stride {stride}")
+    last = -(-(length - tile) // stride) * stride  # round up to the stride
+    return list(range(0, last, step)) + [last]
+
+
+def predict_tiled(run_whole: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile: int = TILE,
+                  overlap: int = TILE_OVERLAP, stride: int = 1) -> np.ndarray:
+    """Probabilities from overlapping, stride-aligned tiles blended with edge weights.
+
+    run_whole maps a 2-D patch to its probabilities; it only ever sees patches of at most tile x tile,
+    so model memory is bounded by the tile; this function adds two float32 maps of the image size.
+    """
+    height, width = image.shape
+    total = np.zeros((height, width), np.float32)
+    weight_sum = np.zeros((height, width), np.float32)
+    for y in tile_starts(height, tile, overlap, stride):
+        for x in tile_starts(width, tile, overlap, stride):
+            patch = image[y : y + tile, x : x + tile]
+            rows, cols = patch.shape
+            weights = np.outer(tile_weights(y, rows, height, overlap), tile_weights(x, cols, width, overlap))
+            total[y : y + rows, x : x + cols] += run_whole(patch) * weights
+            weight_sum[y : y + rows, x : x + cols] += weights
+    return np.divide(total, np.maximum(weight_sum, 1e-6, out=weight_sum), out=total)
+
+
+def onnx_metadata(session: Any, path: Path) -> dict[str, Any]:
+    """The engine's metadata of an ONNX model (JSON values); EngineError if it was not exported by the engine."""
+    try:
+        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+        float(meta["normalisation"]["mean"]), float(meta["normalisation"]["std"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise EngineError(f"{path}: ONNX model without the engine's metadata ({type(err).__name__}: {err}); "
+                          "export it again with `python -m engine export`") from err
+    return meta
+
+
+@lru_cache(maxsize=8)
+def onnx_session(path: str, mtime: float):  # mtime in the key: a re-export loads the new file
+    """A cached ONNX Runtime session with all graph optimisations and one thread per core."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = config.cpu_threads()
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for corrupt files
+        raise EngineError(f"{path}: not a loadable ONNX model ({str(err).splitlines()[0][:200]}); export it again") from err
+
+
+def find_regions(probability: np.ndarray, threshold: float, min_region_px: int = 0) -> list[Region]:
+    """Connected components of probability >= threshold with bbox, area, scores and shape, largest first."""
+    mask = (probability >= threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    regions = []
+    for label in range(1, count):
+        x, y, w, h, area = (int(v) for v in stats[label])
+        if area < max(1, min_region_px):
+            continue
+        inside = labels[y : y + h, x : x + w] == label
+        scores = probability[y : y + h, x : x + w][inside]
+        points = np.argwhere(inside)[:, ::-1].astype(np.float32)
+        (_, _), (rw, rh), _ = cv2.minAreaRect(points) if len(points) >= 3 else ((0, 0), (w, h), 0)
+        long_side, short_side = max(rw, rh, 1.0), max(min(rw, rh), 1.0)
+        elongation = long_side / short_side
+        regions.append(Region([x, y, w, h], area, float(scores.mean()), float(scores.max()), elongation,
+                              "scratch-like" if elongation >= 4 else "spot-like"))
+    return sorted(regions, key=lambda r: r.area_px, reverse=True)
+
+
+def create_heatmap(probability: np.ndarray) -> np.ndarray:
+    """RGB uint8 heatmap of a probability map (inferno colour map)."""
+    scaled = np.clip(probability * 255, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """RGB uint8 version of any input image for display."""
+    gray = to_gray_float(image) if not (image.ndim == 2 and image.dtype == np.float32) else image
+    return cv2.cvtColor(np.clip(gray * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
+            alpha: float = 0.45) -> np.ndarray:
+    """RGB image with the mask tinted and outlined in `color`."""
+    rgb = to_display(image)
+    mask = mask.astype(bool)
+    tinted = rgb.copy()
+    tinted[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(tinted, contours, -1, color, 1)
+    return tinted
+
+
+def pad_to_multiple(image: np.ndarray, stride: int) -> np.ndarray:
+    """Mirror-pad a 2-D float32 image at the bottom and right so both sides are multiples of stride."""
+    pad_h, pad_w = (-image.shape[0]) % stride, (-image.shape[1]) % stride
+    if pad_h or pad_w:
+        image = cv2.copyMakeBorder(image, 0, pad_h, 0, pad_w, cv2.BORDER_REFLECT_101)
+    return image.astype(np.float32, copy=False)
+
+
+def preprocess_image(image: np.ndarray, mean: float, std: float, stride: int) -> np.ndarray:
+    """Gray, normalise and pad one image to the 1x1xHxW float32 batch the network accepts."""
+    gray = to_gray_float(image) if not (image.ndim == 2 and image.dtype == np.float32) else image
+    return pad_to_multiple((gray - mean) / std, stride)[None, None]
+
+
+DIFF_COLORS = {"only_a": (255, 140, 0), "only_b": (0, 160, 255), "both": (230, 230, 230)}
+
+
+def difference_image(image: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, alpha: float = 0.75) -> np.ndarray:
+    """RGB image coding where only mask A (orange), only mask B (blue) or both (white) flag a defect."""
+    a, b = mask_a.astype(bool), mask_b.astype(bool)
+    if a.shape != b.shape:
+        raise EngineError(f"masks differ in size: {a.shape} vs {b.shape}")
+    rgb = (to_display(image) * 0.5).astype(np.uint8)  # dim the surface so the coded pixels stand out
+    for key, where in (("only_a", a & ~b), ("only_b", b & ~a), ("both", a & b)):
+        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.array(DIFF_COLORS[key])
+    return rgb
+
+
+def mask_difference(mask_a: np.ndarray, mask_b: np.ndarray) -> dict[str, int]:
+    """Pixel counts flagged only by A, only by B, and by both."""
+    a, b = mask_a.astype(bool), mask_b.astype(bool)
+    return {"only_a": int((a & ~b).sum()), "only_b": int((b & ~a).sum()), "both": int((a & b).sum())}
+
+
+# --- Serving: default backend per run, a thread-safe Predictor cache, and the catalogue of servable models ---
+
+def available_backends(run_dir: Path) -> list[str]:
+    """Backends a run can be served with right now: torch if it has a checkpoint, onnx/int8 if exported."""
+    found = ["torch"] if (run_dir / "best.pth").is_file() or runs.epochs_saved(run_dir) else []
+    return found + [name for name, file in ONNX_FILES.items() if (run_dir / "export" / file).is_file()]
+
+
+def default_backend(run_dir: Path) -> str:
+    """The fastest exported backend of a run: 'int8' if exported, else 'onnx' if exported, else 'torch'."""
+    for name in ("int8", "onnx"):
+        if (run_dir / "export" / ONNX_FILES[name]).is_file():
+            return name
+    return "torch"
+
+
+def run_reference(run_dir: Path) -> str:
+    """The name that resolves back to this run folder: 'demo' for the shipped demo, else the folder name."""
+    return "demo" if run_dir.resolve() == config.DEMO_RUN_DIR.resolve() else run_dir.name
+
+
+def model_catalog() -> list[dict[str, Any]]:
+    """Every run folder with what it can serve: run, name, status, best epoch and Dice, threshold, backends."""
+    catalog = []
+    for folder in runs.list_run_dirs():
+        try:
+            info = runs.read_run_json(folder)
+        except RunNotFound:
+            continue  # a folder being written right now; it shows up on the next call
+        backends = available_backends(folder)
+        catalog.append({
+            "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
+            "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
+            "threshold": info.get("threshold"), "backends": backends,
+            "default_backend": default_backend(folder) if backends else None,
+        })
+    return catalog
+
+
+class PredictorCache:
+    """Thread-safe LRU cache of Predictors keyed by (run folder, epoch, backend, model file mtime).
+
+    Each model loads once even when many threads ask for it at the same moment; a checkpoint or export
+    rewritten on disk (retraining, re-export) is picked up on the next request.
+    """
+
+    def __init__(self, max_items: int = 4, device: str = "cpu") -> None:
+        self.max_items, self.device = max_items, device
+        self._items: OrderedDict[tuple, Predictor] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+
+    def get(self, run: str | None = "latest", epoch: int | str = "best", backend: str | None = None) -> Predictor:
+        """Predictor for a run id, `demo` or `latest`; backend None picks default_backend(run)."""
+        return self.get_for_dir(runs.resolve_run(run), epoch, backend)
+
+    def get_for_dir(self, run_dir: Path, epoch: int | str = "best", backend: str | None = None) -> Predictor:
+        """Predictor for a run folder, loaded at most once per (folder, epoch, backend, file version)."""
+        backend = backend or default_backend(run_dir)
+        if backend not in BACKENDS:
+            raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+        model_file = runs.checkpoint_path(run_dir, epoch) if backend == "torch" else run_dir / "export" / ONNX_FILES[backend]
+        mtime = model_file.stat().st_mtime_ns if model_file.is_file() else 0
+        key = (str(run_dir.resolve()), str(epoch), backend, mtime)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            key_lock = self._loading.setdefault(key, threading.Lock())
+        with key_lock:  # one loader per key; other keys and cache hits are not blocked meanwhile
+            with self._lock:
+                if key in self._items:
+                    return self._items[key]
+            try:
+                predictor = Predictor(run_dir, epoch, backend, self.device)
+            finally:
+                with self._lock:
+                    self._loading.pop(key, None)
+            with self._lock:
+                stale = [k for k in self._items if k[:3] == key[:3]]  # older versions of the same model
+                for old in stale:
+                    del self._items[old]
+                self._items[key] = predictor
+                while len(self._items) > self.max_items:
+                    self._items.popitem(last=False)
+            return predictor
+
+    def loaded(self) -> list[dict[str, Any]]:
+        """describe() of every cached Predictor, most recently used last."""
+        with self._lock:
+            return [p.describe() for p in self._items.values()]
+
+
+def predict_bytes(predictor: Predictor, data: bytes, name: str = "upload", threshold: float | None = None,
+                  return_mask: bool = False, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
+    """Check and decode untrusted image bytes, predict at full resolution, and return the JSON-ready answer."""
+    start = time.perf_counter()
+    image, _ = decode_upload(data, name, max_pixels)
+    decoded = time.perf_counter()
+    prediction = predictor.predict(image, threshold)
+    answer: dict[str, Any] = {"model": predictor.describe(), **prediction.summary()}
+    if return_mask:
+        answer["mask_png_base64"] = base64.b64encode(encode_png(prediction.mask * 255)).decode("ascii")
+    answer["timings_ms"] = {"decode": round((decoded - start) * 1000, 2),
+                            "inference": prediction.timings_ms["inference"],
+                            "total": round((time.perf_counter() - start) * 1000, 2)}
+    return answer

@@ -1,0 +1,103 @@
+"""Background training jobs: start as a separate process, cancel, find running ones, read their log."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from engine import config, registry, runs
+from engine.errors import EngineError
+
+LOG_NAME = "train.log"
+
+
+def train_command(data: str, run_id: str, **options: object) -> list[str]:
+    """The `python -m engine train` command line for these options (None values are left out)."""
+    command = [sys.executable, "-m", "engine", "train", "--data", str(data), "--run-id", run_id]
+    for key, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        command += [flag] if value is True else [flag, str(value)]
+    return command
+
+
+def start_training(data: str, name: str = "run", resume: str | None = None, **options: object) -> str:
+    """Start a training run in its own process (survives the caller); returns the run id at once."""
+    if resume:
+        run_id = runs.resolve_run(resume).name
+        command = [sys.executable, "-m", "engine", "train", "--resume", run_id]
+        command += [arg for key, value in options.items() if value is not None
+                    for arg in ("--" + key.replace("_", "-"), str(value))]
+    else:
+        run_id = runs.new_run_id(name)
+        command = train_command(data, run_id, name=name, **options)
+    folder = config.RUNS_DIR / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    if registry.get_run(run_id) is None:
+        registry.create_run(run_id, name=name, dataset_path=str(data), status="queued",
+                            epochs_planned=int(options.get("epochs") or 0))
+    else:
+        registry.update_run(run_id, status="queued", error=None, cancel_requested=False)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEFECTS_RUNS_DIR": str(config.RUNS_DIR),
+           "DEFECTS_DATA_DIR": str(config.DATA_DIR)}
+    with (folder / LOG_NAME).open("ab") as log:
+        process = subprocess.Popen(command, cwd=config.ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    registry.update_run(run_id, pid=process.pid)
+    return run_id
+
+
+def cancel(run_id: str) -> None:
+    """Ask a run to stop after its current step (registry flag plus SIGTERM)."""
+    run = registry.get_run(run_id)
+    if run is None:
+        raise EngineError(f"unknown run '{run_id}'")
+    registry.request_cancel(run_id)
+    if run.pid:
+        try:
+            os.kill(run.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def active_runs() -> list[registry.Run]:
+    """Runs that are queued or running (stale ones already count as failed)."""
+    return [run for run in registry.list_runs() if run.status in ("queued", "running")]
+
+
+def log_tail(run_id: str, lines: int = 30) -> str:
+    """The last lines of a run's training log (progress-bar redraws collapsed)."""
+    path: Path = config.RUNS_DIR / run_id / LOG_NAME
+    if not path.is_file():
+        return ""
+    text = path.read_bytes()[-20000:].decode("utf-8", errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def progress(run_id: str) -> dict:
+    """Where a run stands, from the registry: status, epochs, elapsed and estimated remaining seconds, epoch rows."""
+    run = registry.get_run(run_id)
+    if run is None:
+        raise EngineError(f"unknown run '{run_id}'; it may have been deleted")
+    rows = [row.model_dump(exclude={"id", "run_id"}) for row in registry.epoch_metrics(run_id)]
+    started = registry.as_utc(run.started_at)
+    active = run.status in registry.ACTIVE_STATUSES
+    end = registry.utcnow() if active or run.finished_at is None else registry.as_utc(run.finished_at)
+    elapsed = (end - started).total_seconds() if started else None
+    eta = None
+    if active and rows and run.epochs_planned:
+        # Epochs of this session only (a resumed run has older rows with other timings).
+        recent = [row["seconds"] for row in rows[-5:] if row.get("seconds")]
+        if recent:
+            eta = max(0.0, (run.epochs_planned - run.epochs_done) * sum(recent) / len(recent))
+    minutes = run.params.get("minutes")
+    if active and minutes and elapsed is not None:
+        budget_left = max(0.0, float(minutes) * 60 - elapsed)
+        eta = budget_left if eta is None else min(eta, budget_left)
+    return {"run_id": run.id, "status": run.status, "error": run.error, "epochs_done": run.epochs_done,
+            "epochs_planned": run.epochs_planned, "elapsed_s": elapsed, "eta_s": eta, "best_epoch": run.best_epoch,
+            "best_dice": run.best_dice, "best_iou": run.best_iou, "metrics": rows, "active": active}

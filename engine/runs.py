@@ -1,0 +1,213 @@
+"""Run folders: naming, resolving `demo`/`latest`/ids, run.json, metrics.csv and checkpoints."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import secrets
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from engine import config
+from engine.errors import RunNotFound
+from engine.imageio import atomic_write_json, atomic_write_text
+
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds", "images_per_s"]
+_EPOCH_FILE = re.compile(r"model_epoch_(\d+)\.pth$")
+
+
+def new_run_id(name: str = "run") -> str:
+    """A unique, sortable run id such as 20261126-103512-synth-3f2a."""
+    slug = re.sub(r"[^a-zA-Z0-9_-]+", "-", name).strip("-")[:40] or "run"
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+
+
+def run_dir(run_id: str) -> Path:
+    """Folder of a run id (the shipped demo run lives in the repository)."""
+    if run_id == "demo" and not (config.RUNS_DIR / "demo").is_dir():
+        return config.DEMO_RUN_DIR
+    return config.RUNS_DIR / run_id
+
+
+def list_run_dirs() -> list[Path]:
+    """Run folders with a run.json, newest first (the demo run included)."""
+    folders = {p.parent for p in config.RUNS_DIR.glob("*/run.json")}
+    if (config.DEMO_RUN_DIR / "run.json").is_file():
+        folders.add(config.DEMO_RUN_DIR)
+    return sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def resolve_run(run: str | None) -> Path:
+    """Folder of `run`: an id, `demo`, or `latest` (newest run with a best.pth, else the demo)."""
+    run = run or "latest"
+    if run == "latest":
+        with_model = [p for p in list_run_dirs() if (p / "best.pth").is_file() and p != config.DEMO_RUN_DIR]
+        if with_model:
+            return with_model[0]
+        run = "demo"
+    folder = run_dir(run)
+    if not (folder / "run.json").is_file():
+        raise RunNotFound(f"unknown run '{run}'; list runs with `python -m engine runs`")
+    return folder
+
+
+def read_run_json(folder: Path) -> dict[str, Any]:
+    """The run.json of a run folder."""
+    try:
+        return json.loads((folder / "run.json").read_text())
+    except (OSError, ValueError) as err:
+        raise RunNotFound(f"{folder}: run.json missing or unreadable ({err})") from err
+
+
+def write_run_json(folder: Path, info: dict[str, Any]) -> None:
+    """Atomically replace run.json."""
+    info["updated_at"] = datetime.now(timezone.utc).isoformat()
+    atomic_write_json(folder / "run.json", info)
+
+
+def epochs_saved(folder: Path) -> list[int]:
+    """Epoch numbers that have a model_epoch_N.pth, ascending."""
+    return sorted(int(m.group(1)) for p in folder.glob("model_epoch_*.pth") if (m := _EPOCH_FILE.search(p.name)))
+
+
+def checkpoint_path(folder: Path, epoch: int | str | None = "best") -> Path:
+    """Path of a run's checkpoint: `best`, `last`, or an epoch number."""
+    if epoch in (None, "best"):
+        path = folder / "best.pth"
+        if path.is_file():
+            return path
+        epoch = "last"
+    saved = epochs_saved(folder)
+    if epoch == "last":
+        if not saved:
+            raise RunNotFound(f"run {folder.name} has no checkpoints yet")
+        epoch = saved[-1]
+    try:
+        epoch = int(epoch)
+    except (TypeError, ValueError):
+        raise RunNotFound(f"epoch must be a number, 'best' or 'last', not '{epoch}'") from None
+    path = folder / f"model_epoch_{epoch}.pth"
+    if not path.is_file():
+        raise RunNotFound(f"run {folder.name} has no epoch {epoch} (saved: {saved or 'none'})")
+    return path
+
+
+def read_metrics(folder: Path) -> list[dict[str, float]]:
+    """Rows of metrics.csv as dicts of floats (epoch as int)."""
+    path = folder / "metrics.csv"
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            rows.append({k: (int(v) if k == "epoch" else float(v)) for k, v in row.items() if v not in ("", None)})
+    return rows
+
+
+def write_metrics(folder: Path, rows: list[dict[str, float]]) -> None:
+    """Atomically rewrite metrics.csv from rows."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "metrics.csv", buffer.getvalue())
+
+
+def delete_run(run_id: str) -> None:
+    """Delete a run's folder and its registry rows; refuses the demo run and a run that is still active."""
+    import shutil
+
+    from engine import registry
+    from engine.errors import EngineError
+
+    if run_id == "demo" or run_dir(run_id).resolve() == config.DEMO_RUN_DIR.resolve():
+        raise EngineError("the demo run ships with the app and cannot be deleted")
+    row = registry.get_run(run_id)
+    folder = config.RUNS_DIR / run_id
+    if row is None and not folder.is_dir():
+        raise RunNotFound(f"unknown run '{run_id}'; it may already be deleted")
+    if row is not None and row.status in registry.ACTIVE_STATUSES:
+        raise EngineError(f"run {run_id} is {row.status}; cancel it before deleting")
+    if folder.resolve().parent != config.RUNS_DIR.resolve():  # never follow an id out of the runs folder
+        raise EngineError(f"'{run_id}' is not a run folder name")
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    registry.delete_run(run_id)
+
+
+def _duration_s(started: Any, finished: Any) -> float | None:
+    """Seconds between two ISO timestamps or datetimes (finished missing: until now)."""
+    def parse(value: Any) -> datetime | None:
+        if value in (None, ""):
+            return None
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+    try:
+        start, end = parse(started), parse(finished) or datetime.now(timezone.utc)
+    except ValueError:
+        return None
+    return round((end - start).total_seconds(), 1) if start else None
+
+
+def _run_duration(run: Any) -> float | None:
+    """Wall time of a registry run: until now while active, until finished_at otherwise (None if unknown)."""
+    if run.started_at is None:
+        return None
+    if run.status in ("queued", "running"):
+        return _duration_s(run.started_at, None)
+    return _duration_s(run.started_at, run.finished_at) if run.finished_at else None
+
+
+def _when(value: Any) -> str:
+    """A timestamp (datetime or ISO text) as 'YYYY-MM-DD HH:MM' UTC, '' when missing or unreadable."""
+    try:
+        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+    except (TypeError, ValueError):
+        return ""
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def overview() -> list[dict[str, Any]]:
+    """One row per run for tables, newest first: registry rows (effective status) plus run folders it lacks (the demo)."""
+    from engine import registry
+
+    rows: list[dict[str, Any]] = []
+    for run in registry.list_runs():
+        params = run.params
+        rows.append({
+            "run_id": run.id, "name": run.name, "status": run.status,
+            "dataset": Path(run.dataset_path).name if run.dataset_path else "", "dataset_hash": run.dataset_hash,
+            "epochs": f"{run.epochs_done}/{run.epochs_planned}", "best_epoch": run.best_epoch,
+            "best_dice": run.best_dice, "best_iou": run.best_iou, "threshold": run.threshold,
+            "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
+            "lr": params.get("lr"), "device": run.device,
+            "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
+        })
+    known = {row["run_id"] for row in rows}
+    for folder in list_run_dirs():
+        try:
+            info = read_run_json(folder)
+        except RunNotFound:
+            continue
+        run_id = info.get("run_id", folder.name)
+        if folder == config.DEMO_RUN_DIR:
+            run_id = "demo"
+        if run_id in known:
+            continue
+        params, dataset = info.get("params") or {}, info.get("dataset") or {}
+        rows.append({
+            "run_id": run_id, "name": info.get("name", run_id), "status": info.get("status", "unknown"),
+            "dataset": Path(dataset.get("path", "")).name, "dataset_hash": dataset.get("hash", ""),
+            "epochs": f"{info.get('epochs_done', 0)}/{info.get('epochs_planned', 0)}",
+            "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"), "best_iou": info.get("best_iou"),
+            "threshold": info.get("threshold"), "preset": params.get("preset"), "crop": params.get("crop"),
+            "batch_size": params.get("batch_size"), "lr": params.get("lr"), "device": info.get("device", ""),
+            "duration_s": info.get("wall_seconds"), "created_at": _when(info.get("created_at")),
+            "error": info.get("error"),
+        })
+    return rows

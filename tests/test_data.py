@@ -1,0 +1,109 @@
+"""Dataset scanning, validation, splits, loading and augmentation on real files."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+
+from engine.data import SegmentationDataset, augment_pair, load_pair, scan_dataset, split_for_id
+from engine.errors import DatasetError
+
+
+def write_pair(root, sample_id, size=(32, 48), mask_size=None, defect=True, ext=".png", image=None):
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "masks").mkdir(parents=True, exist_ok=True)
+    if image is None:
+        image = np.full(size, 120, np.uint8)
+    cv2.imwrite(str(root / "images" / f"{sample_id}{ext}"), image)
+    if defect:
+        mask = np.zeros(mask_size or size, np.uint8)
+        mask[5:10, 5:20] = 255
+        cv2.imwrite(str(root / "masks" / f"{sample_id}.png"), mask)
+
+
+def test_bad_files_are_reported_not_fatal(tmp_path) -> None:
+    for i in range(4):
+        write_pair(tmp_path, f"good{i}")
+    write_pair(tmp_path, "clean", defect=False)
+    write_pair(tmp_path, "mismatch", mask_size=(16, 16))
+    (tmp_path / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    write_pair(tmp_path, "nomask", defect=False)
+    with open(tmp_path / "manifest.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "split", "defect_fraction"])
+        writer.writerow(["nomask", "train", "0.1"])  # says defective, but its mask file is missing
+    (tmp_path / "masks" / "orphan.png").write_bytes((tmp_path / "masks" / "good0.png").read_bytes())
+
+    report = scan_dataset(tmp_path)
+    ids = {s.id for s in report.samples}
+    assert ids == {"good0", "good1", "good2", "good3", "clean"}
+    text = "\n".join(report.problems)
+    assert "corrupt.png" in text and "unreadable" in text
+    assert "mismatch.png" in text and "16x16" in text
+    assert "nomask" in text and "missing" in text
+    assert "orphan.png has no image" in text
+    assert report.counts()["defect_free"] == 1
+
+
+def test_empty_or_missing_folder_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(DatasetError, match="no images/ folder"):
+        scan_dataset(tmp_path / "nope")
+    (tmp_path / "images").mkdir()
+    with pytest.raises(DatasetError, match="no usable images"):
+        scan_dataset(tmp_path)
+
+
+def test_splits_from_manifest_else_deterministic(tmp_path) -> None:
+    for i in range(30):
+        write_pair(tmp_path, f"{i:03d}", defect=i % 3 == 0)
+    report = scan_dataset(tmp_path, validate=False)
+    assert all(s.split == split_for_id(s.id) for s in report.samples)
+    assert scan_dataset(tmp_path, validate=False).samples == report.samples
+    with open(tmp_path / "meta.csv", "w") as handle:
+        handle.write("id,split\n000,test\n")
+    assert {s.id: s.split for s in scan_dataset(tmp_path).samples}["000"] == "test"
+
+
+def test_loads_16bit_colour_and_any_size(tmp_path) -> None:
+    image16 = (np.arange(40 * 24).reshape(40, 24) * 60).astype(np.uint16)
+    write_pair(tmp_path, "deep", size=(40, 24), image=image16)
+    colour = np.zeros((20, 30, 3), np.uint8)
+    colour[..., 2] = 200
+    write_pair(tmp_path, "colour", size=(20, 30), image=colour, ext=".bmp", defect=False)
+    samples = {s.id: s for s in scan_dataset(tmp_path).samples}
+    image, mask = load_pair(samples["deep"])
+    assert image.dtype == np.float32 and image.shape == (40, 24) and mask.shape == (40, 24)
+    assert image.max() == pytest.approx(image16.max() / 65535, rel=1e-4)
+    image, mask = load_pair(samples["colour"])
+    assert image.shape == (20, 30) and mask.sum() == 0 and 0 < image.mean() < 1
+
+
+def test_crops_are_biased_to_defects_and_augmentation_keeps_alignment(tmp_path) -> None:
+    image = np.zeros((128, 128), np.uint8)
+    image[100:110, 100:110] = 255  # the defect is exactly the bright square
+    write_pair(tmp_path, "a", size=(128, 128), image=image, defect=False)
+    mask = (image > 0).astype(np.uint8) * 255
+    cv2.imwrite(str(tmp_path / "masks" / "a.png"), mask)
+    samples = scan_dataset(tmp_path).samples
+    dataset = SegmentationDataset(samples, crop=32, augment=True, defect_crop_share=1.0, seed=1)
+    for _ in range(20):
+        x, y = dataset[0]
+        assert x.shape == (1, 32, 32) and y.shape == (1, 32, 32)
+        assert y.sum() > 0  # every crop contains the defect
+        bright = x[0] > x[0].mean() + 0.3
+        assert torch_equal(bright, y[0] > 0)  # geometry applied identically to image and mask
+
+
+def torch_equal(a, b) -> bool:
+    return bool((a == b).all())
+
+
+def test_augment_pair_flips_both() -> None:
+    rng = np.random.default_rng(0)
+    image = np.random.default_rng(1).random((16, 16)).astype(np.float32)
+    mask = (image > 0.8).astype(np.uint8)
+    for _ in range(10):
+        out_image, out_mask = augment_pair(image, mask, rng)
+        assert out_mask.sum() == mask.sum()
+        assert out_image.shape == image.shape and out_image.dtype == np.float32

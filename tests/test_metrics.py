@@ -1,0 +1,60 @@
+"""Metrics on hand-made masks with known answers."""
+
+import numpy as np
+import pytest
+
+from engine.metrics import SetMetrics, best_threshold, dice_score, iou_score, threshold_sweep
+
+
+def square(size: int, y: int, x: int, side: int) -> np.ndarray:
+    mask = np.zeros((size, size), np.uint8)
+    mask[y : y + side, x : x + side] = 1
+    return mask
+
+
+def test_dice_iou_overlap() -> None:
+    a, b = square(10, 0, 0, 4), square(10, 2, 0, 4)  # 16 px each, 8 px overlap
+    assert dice_score(a, b) == pytest.approx(2 * 8 / 32)
+    assert iou_score(a, b) == pytest.approx(8 / 24)
+
+
+def test_empty_cases() -> None:
+    empty, full = np.zeros((5, 5)), np.ones((5, 5))
+    assert dice_score(empty, empty) == 1.0
+    assert iou_score(empty, empty) == 1.0
+    assert dice_score(empty, full) == 0.0
+    assert iou_score(full, empty) == 0.0
+
+
+def test_set_metrics_pixel_totals_and_rates() -> None:
+    metrics = SetMetrics()
+    metrics.add(square(10, 0, 0, 4), square(10, 0, 0, 4))  # perfect, defective, flagged
+    metrics.add(np.zeros((10, 10)), square(10, 5, 5, 2))  # missed defect: 4 fn
+    metrics.add(square(10, 0, 0, 1), np.zeros((10, 10)))  # false alarm: 1 fp
+    metrics.add(np.zeros((10, 10)), np.zeros((10, 10)))  # clean, correct
+    result = metrics.result()
+    assert (metrics.tp, metrics.fp, metrics.fn) == (16, 1, 4)
+    assert result["dice"] == pytest.approx(32 / 37)
+    assert result["iou"] == pytest.approx(16 / 21)
+    assert result["precision"] == pytest.approx(16 / 17)
+    assert result["recall"] == pytest.approx(16 / 20)
+    assert result["detection_rate"] == 0.5
+    assert result["false_alarm_rate"] == 0.5
+    assert result["mean_image_dice"] == pytest.approx((1 + 0 + 0 + 1) / 4)
+    assert result["n_images"] == 4
+
+
+def test_threshold_sweep_matches_direct_computation_and_picks_best() -> None:
+    rng = np.random.default_rng(0)
+    truths = [square(32, 8, 8, 10), np.zeros((32, 32), np.uint8)]
+    probs = [np.clip(t * 0.7 + rng.uniform(0, 0.4, t.shape), 0, 1).astype(np.float32) for t in truths]
+    rows = threshold_sweep(probs, truths, np.array([0.2, 0.5, 0.75]))
+    for row in rows:
+        metrics = SetMetrics()
+        for p, t in zip(probs, truths):
+            metrics.add(p >= row["threshold"], t)
+        assert row["dice"] == pytest.approx(metrics.result()["dice"], abs=2e-3)
+        assert row["false_alarm_rate"] == metrics.result()["false_alarm_rate"]
+    # Background scores are < 0.4 and defect scores >= 0.7: 0.5 and 0.75 separate, 0.2 does not.
+    assert rows[0]["dice"] < 0.5 < rows[1]["dice"]
+    assert best_threshold(rows) == 0.5

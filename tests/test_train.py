@@ -1,0 +1,107 @@
+"""Training for real on tiny data: loss falls, checkpoints load, kill/cancel/resume behave."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from engine import config, jobs, registry, runs
+from engine.model import load_checkpoint
+from engine.train import TrainConfig, seg_loss, train
+
+
+def test_loss_falls_on_a_fixed_batch() -> None:
+    from engine.model import UNetTiny
+
+    torch.manual_seed(0)
+    model = UNetTiny(1, base=8, depth=2)
+    x = torch.randn(4, 1, 32, 32)
+    y = (x > 1.0).float()  # learnable: bright pixels are "defects"
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        loss = seg_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.6 * losses[0]
+
+
+def test_run_folder_and_registry_are_complete(trained_run: str) -> None:
+    folder = config.RUNS_DIR / trained_run
+    info = runs.read_run_json(folder)
+    assert info["status"] == "completed" and info["epochs_done"] == 2
+    assert runs.epochs_saved(folder) == [1, 2]
+    assert (folder / "best.pth").is_file()
+    assert [row["epoch"] for row in runs.read_metrics(folder)] == [1, 2]
+    assert info["dataset"]["hash"] and info["command"] and info["versions"]["torch"]
+    model, meta = load_checkpoint(runs.checkpoint_path(folder, 2))
+    assert meta["epoch"] == 2 and "mean" in meta["normalisation"]
+    run = registry.get_run(trained_run)
+    assert run.status == "completed" and run.epochs_done == 2 and run.best_epoch in (1, 2)
+    assert [m.epoch for m in registry.epoch_metrics(trained_run)] == [1, 2]
+    assert info["model_images_per_s"] > 0 and info["train_images_per_s"] > 0
+
+
+def test_resume_continues_with_more_epochs(tiny_dataset) -> None:
+    cfg = TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
+                      steps_per_epoch=2, name="resume")
+    run_id = train(cfg)
+    train(TrainConfig(data="", epochs=3, resume=run_id))
+    folder = config.RUNS_DIR / run_id
+    assert runs.epochs_saved(folder) == [1, 2, 3]
+    assert [row["epoch"] for row in runs.read_metrics(folder)] == [1, 2, 3]
+    assert registry.get_run(run_id).epochs_done == 3
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_killed_training_leaves_a_loadable_checkpoint_and_is_not_running(tiny_dataset) -> None:
+    run_id = jobs.start_training(str(tiny_dataset), name="killed", epochs=200, base=8, depth=2, crop=32,
+                                 batch_size=4, steps_per_epoch=3)
+    folder = config.RUNS_DIR / run_id
+    _wait_for(lambda: len(runs.epochs_saved(folder)) >= 2, 120, "two epochs")
+    pid = registry.get_run(run_id).pid
+    os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: registry.get_run(run_id).status != "running", 10, "the run to stop showing as running")
+    assert registry.get_run(run_id).status == "failed"
+    model, meta = load_checkpoint(runs.checkpoint_path(folder, "last"))
+    assert meta["epoch"] >= 2
+
+
+def test_cancel_from_the_registry_ends_cleanly(tiny_dataset) -> None:
+    run_id = jobs.start_training(str(tiny_dataset), name="cancel", epochs=200, base=8, depth=2, crop=32,
+                                 batch_size=4, steps_per_epoch=3)
+    folder = config.RUNS_DIR / run_id
+    _wait_for(lambda: len(runs.epochs_saved(folder)) >= 1, 120, "one epoch")
+    jobs.cancel(run_id)
+    _wait_for(lambda: runs.read_run_json(folder).get("status") == "cancelled", 30, "cancelled status")
+    assert registry.get_run(run_id).status == "cancelled"
+    assert "cancelled" in jobs.log_tail(run_id) or "finished" in jobs.log_tail(run_id)
+
+
+def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path) -> None:
+    cases = [
+        ["train", "--data", str(tmp_path / "missing")],
+        ["evaluate", "--run", "no-such-run", "--data", str(tmp_path)],
+        ["generate", "--out", str(tmp_path / "g"), "--count", "0"],
+        ["train", "--data", str(tmp_path), "--device", "cuda"] if not torch.cuda.is_available() else ["runs-x"],
+    ]
+    for args in cases:
+        result = subprocess.run([sys.executable, "-m", "engine", *args], capture_output=True, text=True,
+                                cwd=config.ROOT, timeout=120)
+        assert result.returncode != 0, args
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "Traceback" not in result.stderr, (args, result.stderr)
