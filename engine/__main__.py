@@ -33,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EngineError("train needs --data DIR (or --resume RUN)")
     cfg = train.TrainConfig(
         data=args.data or "", epochs=args.epochs, minutes=args.minutes, preset=args.preset, base=args.base,
-        depth=args.depth, batch_size=args.batch_size, crop=args.crop, lr=args.lr, patience=args.patience,
+        depth=args.depth, batch_size=args.batch_size, crop=args.crop, scale=args.scale, lr=args.lr, patience=args.patience,
         device=args.device, threads=args.threads, seed=args.seed, name=args.name, run_id=args.run_id,
         resume=args.resume, steps_per_epoch=args.steps_per_epoch, channels_last=not args.no_channels_last,
     )
@@ -61,41 +61,89 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
-    from engine.inference import Predictor, overlay
+    from engine import batch, recipe
+    from engine.inference import Predictor
 
+    items = batch.collect_inputs(args.inputs, exclude=args.out)
     predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
-    paths: list[Path] = []
-    for item in map(Path, args.inputs):
-        if item.is_dir():
-            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        elif item.exists():
-            paths.append(item)
-        else:
-            raise EngineError(f"{item}: no such file or folder")
-    if not paths:
-        raise EngineError("no images found in the given inputs")
-    results = []
-    for path in paths:
-        try:
-            image = read_image(path)
-        except EngineError as err:
-            results.append({"file": str(path), "error": str(err)})
-            print(f"{path}: error: {err}", file=sys.stderr)
-            continue
-        prediction = predictor.predict(image, args.threshold, args.min_region_px)
-        entry = {"file": str(path), **prediction.summary()}
-        if args.out:
-            out = Path(args.out)
-            write_png(out / f"{path.stem}_mask.png", prediction.mask * 255)
-            write_png(out / f"{path.stem}_overlay.png", overlay(image, prediction.mask)[:, :, ::-1])
-        results.append(entry)
-        if not args.json:
-            print(f"{path}: {entry['verdict']}  regions {len(entry['regions'])}  max score {entry['max_score']:.3f}")
+    rules = recipe.load_recipe(predictor.run_dir).with_overrides(
+        threshold=args.threshold, min_region_px=args.min_region_px, px_per_mm=args.px_per_mm)
+
+    def show(result: dict, reused: bool) -> None:
+        if "error" in result:
+            print(f"{result['file']}: error: {result['error']}", file=sys.stderr)
+        elif not args.json and not args.out:
+            print(f"{result['file']}: {result['verdict']}  regions {len(result['regions'])}  "
+                  f"max score {result['max_score']:.3f}")
+
+    with _progress_bar(len(items), "inspecting") as progress:
+        result = batch.run_batch(predictor, items, args.out, rules, progress=progress, on_result=show)
+    counts = result.counts()
     if args.json:
-        print(json.dumps({"model": predictor.describe(), "results": results}))
-    if all("error" in r for r in results):
+        print(json.dumps(result.as_dict()))
+    elif args.out:
+        print(f"{counts['images']} images: {counts['defect']} defect, {counts['ok']} ok, {counts['errors']} errors "
+              f"({result.computed} inspected, {result.reused} from an earlier run) in {result.seconds:.1f}s; "
+              f"report: {result.reports['html']}")
+    if counts["errors"] == counts["images"]:
         raise EngineError("no image could be read")
+
+
+def cmd_import(args: argparse.Namespace) -> None:
+    from engine.importer import import_dataset
+
+    with _progress_bar(0, "importing") as progress:
+        def update(done: int, total: int) -> None:
+            progress.bar.total = total
+            progress(done, total)
+
+        report = import_dataset(args.src, args.name or Path(args.src).resolve().name, link=args.link, progress=update)
+    for line in report.lines():
+        print(line)
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from engine import recipe
+    from engine.evaluate import select_samples
+    from engine.inference import Predictor
+
+    thresholds = _number_list(args.thresholds, float) if args.thresholds else recipe.DEFAULT_THRESHOLDS
+    min_areas = _number_list(args.min_areas, int) if args.min_areas else recipe.DEFAULT_MIN_AREAS
+    predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
+    samples = select_samples(args.data, args.split)
+    with _progress_bar(len(samples), "predicting") as progress:
+        stats = recipe.collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
+    best = stats.best(args.max_false_alarm)
+    if not best["false_alarms_measured"]:
+        print(f"warning: split '{args.split}' has no defect-free images, so false alarms cannot be measured; "
+              "picked by detection rate, then Dice", file=sys.stderr)
+    elif not best["goal_met"]:
+        print(f"warning: no setting keeps false alarms at or below {args.max_false_alarm:.3f}; picked the fewest "
+              "false alarms", file=sys.stderr)
+    base = recipe.load_recipe(predictor.run_dir)
+    if base.min_region_px_by_shape or base.max_total_defect_fraction is not None:
+        print("note: the per-shape minimum areas and the defect-fraction tolerance of the old recipe were not "
+              "tuned and are dropped", file=sys.stderr)
+    context = {"data": str(Path(args.data).resolve()), "split": args.split, "model": predictor.describe()}
+    tuned = recipe.tuned_recipe(best, base, context)
+    where = "not saved (--no-save)" if args.no_save else f"saved to {recipe.save_recipe(predictor.run_dir, tuned)}"
+
+    def rate(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
+
+    print(f"{'threshold':>9} {'min_region_px':>13} {'detection':>9} {'false_alarm':>11} {'dice':>6}")
+    print(f"{best['threshold']:>9.2f} {best['min_region_px']:>13d} {rate(best['detection_rate']):>9} "
+          f"{rate(best['false_alarm_rate']):>11} {rate(best['dice']):>6}")
+    print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
+          f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {args.split} images, "
+          f"goal: false alarms <= {args.max_false_alarm:g})")
+
+
+def _number_list(text: str, kind: type) -> list:
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EngineError(f"'{text}' is not a comma-separated list of numbers") from None
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -209,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--depth", type=int)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
+    p.add_argument("--scale", type=float, default=1.0, help="resize images by this factor (0.5 = 4x faster)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--steps-per-epoch", type=int)
@@ -230,14 +279,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="masks, overlays and verdicts for images or folders")
+    p = sub.add_parser("predict", help="verdicts, masks, overlays and reports for images or folders")
     _model_args(p)
     p.add_argument("inputs", nargs="+", metavar="INPUT")
-    p.add_argument("--out")
-    p.add_argument("--threshold", type=_unit_float)
-    p.add_argument("--min-region-px", type=int, default=0)
+    p.add_argument("--out", help="write masks, overlays, report.csv/json/html here (resumes an interrupted batch)")
+    p.add_argument("--threshold", type=_unit_float, help="override the run's recipe threshold")
+    p.add_argument("--min-region-px", type=_non_negative_int, help="override the recipe's minimum region area")
+    p.add_argument("--px-per-mm", type=_positive_float, help="pixel size, to report region areas in mm^2")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("import", help="import a dataset folder or MVTec-AD category into the data folder")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("--name", help="dataset name (default: the folder name)")
+    p.add_argument("--link", action="store_true", help="symlink the images instead of copying them")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("tune", help="choose threshold and min region size on validation data; saves the recipe")
+    _model_args(p)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
+    p.add_argument("--max-false-alarm", type=_unit_float, default=0.02,
+                   help="highest acceptable share of defect-free images flagged (default 0.02)")
+    p.add_argument("--thresholds", help="comma-separated thresholds to try (default 0.05..0.95)")
+    p.add_argument("--min-areas", help="comma-separated minimum region areas in px to try")
+    p.add_argument("--no-save", action="store_true", help="print the best setting without saving the recipe")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="the FastAPI sidecar: POST /predict, GET /health, GET /models")
     p.add_argument("--host", default="127.0.0.1")
@@ -289,6 +356,20 @@ def _unit_float(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
     return value
 
 

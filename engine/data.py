@@ -162,9 +162,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
         augment: bool = True,
         defect_crop_share: float = 0.6,
         seed: int = 0,
+        scale: float = 1.0,
     ) -> None:
         self.samples = samples
-        self.pairs = [load_pair(s) for s in samples]  # decode once; training is then compute-bound
+        # Decode (and rescale) once; training is then compute-bound.
+        self.pairs = [rescale_pair(*load_pair(s), scale) for s in samples]
         self.crop, self.augment, self.defect_crop_share = crop, augment, defect_crop_share
         self.rng = np.random.default_rng(seed)
         # Defect pixel coordinates per image, to centre some crops on defects.
@@ -194,6 +196,16 @@ class SegmentationDataset(torch.utils.data.Dataset):
         else:
             y, x = int(self.rng.integers(height - size + 1)), int(self.rng.integers(width - size + 1))
         return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+
+
+def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """Resize an image (area interpolation) and its mask (pixels at least half covered) by scale."""
+    if scale == 1.0:
+        return image, mask
+    size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+    image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    mask = (cv2.resize(mask.astype(np.float32), size, interpolation=cv2.INTER_AREA) >= 0.5).astype(np.uint8)
+    return image, mask
 
 
 def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cv2
 import numpy as np
@@ -37,16 +39,24 @@ def to_gray_float(image: np.ndarray) -> np.ndarray:
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
     """Decode image bytes (PNG, JPEG, BMP, TIFF) to a float32 grayscale array in [0, 1]."""
+    return to_gray_float(decode_raw(data, name))
+
+
+def decode_raw(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode image bytes to the array OpenCV gives (gray/BGR/BGRA, 8/16 bit or float), unconverted."""
     if not data:
         raise ImageError(f"{name}: the file is empty")
     buffer = np.frombuffer(data, dtype=np.uint8)
     # Read the header first so a tiny file that claims a huge size is refused before decoding.
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    try:
+        image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    except cv2.error as err:  # OpenCV asserts (e.g. OPENCV_IO_MAX_IMAGE_PIXELS) instead of returning None
+        raise ImageError(f"{name}: not decodable ({str(err).strip().splitlines()[-1][:160]})") from err
     if image is None or image.size == 0:
         raise ImageError(f"{name}: not a readable PNG, JPEG, BMP or TIFF image")
     if image.shape[0] * image.shape[1] > MAX_PIXELS:
         raise ImageError(f"{name}: image too large ({image.shape[1]}x{image.shape[0]} pixels)")
-    return to_gray_float(image)
+    return image
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -79,16 +89,21 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write bytes to path via a temp file in the same folder and an atomic rename."""
+def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
+    """Write bytes to path via a temp file in the same folder and an atomic rename.
+
+    durable=False skips the fsync: still never a half-written file, but a power cut may lose it. Bulk
+    writers (the generator) use it and write their manifest, durably, last.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -106,6 +121,141 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def write_png(path: str | Path, image: np.ndarray) -> Path:
+def write_png(path: str | Path, image: np.ndarray, durable: bool = True) -> Path:
     """Write an array as a PNG file atomically."""
-    return atomic_write_bytes(path, encode_png(image))
+    return atomic_write_bytes(path, encode_png(image), durable)
+
+
+# --- Untrusted uploads (the API): format by content, dimensions from the header, limits before decoding ---
+
+UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+_OTHER_SIGNATURES = {b"%PDF": "a PDF document", b"<svg": "an SVG image", b"<?xml": "an XML/SVG document",
+                     b"GIF8": "a GIF image", b"RIFF": "a RIFF (WebP/AVI) file", b"PK\x03\x04": "a ZIP archive",
+                     b"II+\x00": "a BigTIFF image", b"MM\x00+": "a BigTIFF image", b"\x00\x00\x00\x0cjP": "a JPEG 2000 image"}
+_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 without DHT, JPG, DAC
+
+
+class UnsupportedImage(ImageError):
+    """The bytes are not a PNG, JPEG, BMP or TIFF image, or the image is corrupt or truncated."""
+
+
+class ImageTooLarge(ImageError):
+    """The upload, or the image size its header declares, is above the configured limit."""
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """Format and size read from an image header, before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+
+    @property
+    def pixels(self) -> int:
+        """Number of pixels the image declares."""
+        return self.width * self.height
+
+
+def sniff_format(data: bytes) -> str | None:
+    """'PNG', 'JPEG', 'BMP' or 'TIFF' from the leading magic bytes (never from a file name), else None."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"BM"):
+        return "BMP"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    return None
+
+
+def probe_image(data: bytes, name: str = "upload") -> ImageHeader:
+    """Format and dimensions of image bytes from the header alone; UnsupportedImage if neither can be read."""
+    if not data:
+        raise UnsupportedImage(f"{name}: the file is empty")
+    kind = sniff_format(data)
+    if kind is None:
+        head = data[:16].lstrip()
+        what = next((text for magic, text in _OTHER_SIGNATURES.items() if head.startswith(magic)), "not an image")
+        raise UnsupportedImage(f"{name}: {what}; send a {', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} image")
+    try:
+        width, height = {"PNG": _png_size, "JPEG": _jpeg_size, "BMP": _bmp_size, "TIFF": _tiff_size}[kind](data)
+    except (struct.error, IndexError, KeyError, ValueError):
+        width = height = 0
+    if width <= 0 or height <= 0:
+        raise UnsupportedImage(f"{name}: corrupt or truncated {kind} header")
+    return ImageHeader(kind, width, height)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    if data[12:16] != b"IHDR":
+        raise ValueError("first chunk is not IHDR")
+    return struct.unpack(">II", data[16:24])
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int]:
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            raise ValueError("marker expected")
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        elif marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
+            break
+        elif marker in _JPEG_FRAME_MARKERS:
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
+            return width, height
+        else:
+            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+    raise ValueError("no frame header")
+
+
+def _bmp_size(data: bytes) -> tuple[int, int]:
+    if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER
+        return struct.unpack("<HH", data[18:22])
+    width, height = struct.unpack("<ii", data[18:26])
+    return width, abs(height)  # negative height: rows stored top-down
+
+
+def _tiff_size(data: bytes) -> tuple[int, int]:
+    order = "<" if data[:2] == b"II" else ">"
+    offset = struct.unpack(order + "I", data[4:8])[0]
+    (count,) = struct.unpack(order + "H", data[offset : offset + 2])
+    size: dict[int, int] = {}
+    for k in range(count):
+        entry = data[offset + 2 + 12 * k : offset + 14 + 12 * k]
+        tag, kind = struct.unpack(order + "HH", entry[:4])
+        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT or LONG
+            size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), entry[8 : 10 if kind == 3 else 12])[0]
+    return size[256], size[257]
+
+
+def read_limited(stream: BinaryIO, limit_bytes: int, name: str = "upload", chunk_size: int = 1 << 20) -> bytes:
+    """Read a file-like object in chunks and refuse it (ImageTooLarge) as soon as it passes limit_bytes."""
+    chunks, total = [], 0
+    while chunk := stream.read(chunk_size):
+        total += len(chunk)
+        if total > limit_bytes:
+            raise ImageTooLarge(f"{name}: larger than the upload limit of {limit_bytes / 1e6:g} MB")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode_upload(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, ImageHeader]:
+    """Check untrusted bytes (format by content, size from the header) and only then decode to float32 gray."""
+    header = probe_image(data, name)
+    limit = min(max_pixels, MAX_PIXELS)
+    if header.pixels > limit:
+        raise ImageTooLarge(f"{name}: the {header.format} declares {header.width}x{header.height} pixels "
+                            f"({header.pixels / 1e6:.1f} MP); the limit is {limit / 1e6:g} MP")
+    try:
+        raw = decode_raw(data, name)
+    except ImageError as err:
+        raise UnsupportedImage(f"{err}; the {header.format} may be truncated or corrupt") from err
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():  # float TIFF; to_gray_float would hide it
+        raise UnsupportedImage(f"{name}: the image contains NaN or infinite pixel values")
+    return to_gray_float(raw), header

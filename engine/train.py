@@ -41,6 +41,7 @@ class TrainConfig:
     depth: int | None = None
     batch_size: int = 16
     crop: int = 128
+    scale: float = 1.0  # images are resized by this factor for training and inference (< 1 is faster)
     lr: float = 3e-3
     weight_decay: float = 1e-4
     patience: int = 10  # early stop after this many epochs without a better validation Dice
@@ -178,8 +179,8 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
     if not train_samples or not val_samples:
         raise DatasetError(f"{cfg.data}: needs images in both train and val splits (found {report.counts()})")
     folder.mkdir(parents=True, exist_ok=True)
-    train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed)
-    val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False)
+    train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed, scale=cfg.scale)
+    val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False, scale=cfg.scale)
     mean, std = image_stats([image for image, _ in train_set.pairs])
     data_hash = dataset_hash(report.samples)
     counts = report.counts()
@@ -300,7 +301,8 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
                "seconds": time.monotonic() - epoch_start, "images_per_s": epoch_images / epoch_train_s}
         history.append(row)
         meta = {"run_id": run_id, "epoch": epoch, "normalisation": {"mean": mean, "std": std},
-                "threshold": info["threshold"], "train_crop": cfg.crop, "val_dice": val["dice"]}
+                "threshold": info["threshold"], "train_crop": cfg.crop, "scale": cfg.scale,
+                "val_dice": val["dice"]}
         save_checkpoint(folder / f"model_epoch_{epoch}.pth", model, meta)
         torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, folder / "resume.pth.tmp")
         os.replace(folder / "resume.pth.tmp", folder / "resume.pth")
