@@ -33,7 +33,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise EngineError("train needs --data DIR (or --resume RUN)")
     cfg = train.TrainConfig(
         data=args.data or "", epochs=args.epochs, minutes=args.minutes, preset=args.preset, base=args.base,
-        depth=args.depth, batch_size=args.batch_size, crop=args.crop, scale=args.scale, lr=args.lr, patience=args.patience,
+        depth=args.depth, batch_size=args.batch_size, crop=args.crop, scale=args.scale,
+        train_fraction=args.train_fraction, init=args.init, lr=args.lr, patience=args.patience,
         device=args.device, threads=args.threads, seed=args.seed, name=args.name, run_id=args.run_id,
         resume=args.resume, steps_per_epoch=args.steps_per_epoch, channels_last=not args.no_channels_last,
     )
@@ -61,6 +62,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    """Inspect images or folders under the run's recipe; with --out write masks, overlays and reports."""
     from engine import batch, recipe
     from engine.inference import Predictor
 
@@ -71,7 +73,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     def show(result: dict, reused: bool) -> None:
         if "error" in result:
-            print(f"{result['file']}: error: {result['error']}", file=sys.stderr)
+            print(f"skipped: {result['error']}", file=sys.stderr)
         elif not args.json and not args.out:
             print(f"{result['file']}: {result['verdict']}  regions {len(result['regions'])}  "
                   f"max score {result['max_score']:.3f}")
@@ -90,6 +92,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
+    """Import a dataset folder or MVTec-AD category into the data folder and register it."""
     from engine.importer import import_dataset
 
     with _progress_bar(0, "importing") as progress:
@@ -103,6 +106,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
+    """Pick threshold and min region size for the best detection within the false-alarm budget; save the recipe."""
     from engine import recipe
     from engine.evaluate import select_samples
     from engine.inference import Predictor
@@ -258,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--crop", type=int, default=128)
     p.add_argument("--scale", type=float, default=1.0, help="resize images by this factor (0.5 = 4x faster)")
+    p.add_argument("--train-fraction", type=float, default=1.0, help="train on a seeded subset of the train split")
+    p.add_argument("--init", metavar="RUN", help="start from the best weights of RUN (fine-tuning)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--steps-per-epoch", type=int)

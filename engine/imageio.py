@@ -99,6 +99,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> P
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             if durable:

@@ -42,6 +42,8 @@ class TrainConfig:
     batch_size: int = 16
     crop: int = 128
     scale: float = 1.0  # images are resized by this factor for training and inference (< 1 is faster)
+    train_fraction: float = 1.0  # use a seeded subset of the training split (data-efficiency studies)
+    init: str | None = None  # start from the best weights of this run (fine-tuning) instead of random
     lr: float = 3e-3
     weight_decay: float = 1e-4
     patience: int = 10  # early stop after this many epochs without a better validation Dice
@@ -176,6 +178,10 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
     for problem in report.problems:
         print(f"warning: {problem}", file=sys.stderr)
     train_samples, val_samples = report.split("train"), report.split("val")
+    if cfg.train_fraction < 1.0:
+        n_keep = max(1, round(len(train_samples) * cfg.train_fraction))
+        keep = np.random.default_rng(cfg.seed).permutation(len(train_samples))[:n_keep]
+        train_samples = [train_samples[i] for i in sorted(keep)]
     if not train_samples or not val_samples:
         raise DatasetError(f"{cfg.data}: needs images in both train and val splits (found {report.counts()})")
     folder.mkdir(parents=True, exist_ok=True)
@@ -190,6 +196,9 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
     arch = {**PRESETS[cfg.preset]}
     arch.update({k: v for k, v in {"base": cfg.base, "depth": cfg.depth}.items() if v})
     model = UNetTiny(in_channels=1, **arch)
+    if cfg.init and not start_epoch:
+        model, _ = load_checkpoint(runs.checkpoint_path(runs.resolve_run(cfg.init), "best"))
+        arch = {"base": model.base, "depth": model.depth}  # the initial run's architecture wins
     if start_epoch:
         model, _ = load_checkpoint(runs.checkpoint_path(folder, start_epoch))
         resume_path = folder / "resume.pth"

@@ -1,0 +1,354 @@
+"""Inspection recipes: the rules that turn a probability map into a verdict, and tuning them on validation data.
+
+A recipe is stored per run as `runs/<run>/recipe.json` (the run folder stays self-describing) and mirrored in
+the registry as an Artifact of kind "recipe" whose metrics_json is the recipe. Without a recipe file the run's
+own threshold (run.json "threshold") is used with no area rule.
+
+Verdict rules, in order:
+1. pixels with probability >= threshold form connected regions (8-connectivity);
+2. a region counts when its area is at least `min_region_px` (or the per-shape minimum for its shape);
+3. the part is "defect" when at least one region counts and, if `max_total_defect_fraction` is set, the
+   counted regions together cover more than that share of the image (a tolerance for small blemishes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from engine import runs
+from engine.errors import EngineError
+from engine.imageio import atomic_write_json
+from engine.inference import Prediction, Region, find_regions
+
+RECIPE_FILE = "recipe.json"
+SHAPES = ("scratch-like", "spot-like")
+DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
+DEFAULT_MIN_AREAS = (0, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
+
+
+class RecipeError(EngineError):
+    """A recipe file or value is invalid."""
+
+
+@dataclass
+class Recipe:
+    """Verdict rules for one model: threshold, minimum region size, optional tolerance and pixel size."""
+
+    threshold: float = 0.5
+    min_region_px: int = 0
+    max_total_defect_fraction: float | None = None  # None: any counted region makes the part a defect
+    px_per_mm: float | None = None  # pixels per millimetre; regions then get area_mm2
+    min_region_px_by_shape: dict[str, int] = field(default_factory=dict)  # e.g. {"spot-like": 40}
+    source: str = "default"  # "default" (run threshold), "tuned", "manual"
+    tuning: dict[str, Any] | None = None  # what `tune` measured when it chose these values
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise RecipeError if a value is out of range."""
+        if not isinstance(self.threshold, (int, float)) or not 0.0 <= float(self.threshold) <= 1.0:
+            raise RecipeError(f"recipe threshold must be between 0 and 1, got {self.threshold!r}")
+        self.threshold = float(self.threshold)
+        self.min_region_px = _non_negative_int(self.min_region_px, "min_region_px")
+        if self.max_total_defect_fraction is not None:
+            value = self.max_total_defect_fraction
+            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+                raise RecipeError(f"recipe max_total_defect_fraction must be between 0 and 1 or null, got {value!r}")
+            self.max_total_defect_fraction = float(value)
+        if self.px_per_mm is not None:
+            if not isinstance(self.px_per_mm, (int, float)) or not math.isfinite(self.px_per_mm) or self.px_per_mm <= 0:
+                raise RecipeError(f"recipe px_per_mm must be a positive number or null, got {self.px_per_mm!r}")
+            self.px_per_mm = float(self.px_per_mm)
+        if not isinstance(self.min_region_px_by_shape, dict):
+            raise RecipeError("recipe min_region_px_by_shape must be an object such as {\"spot-like\": 40}")
+        unknown = set(self.min_region_px_by_shape) - set(SHAPES)
+        if unknown:
+            raise RecipeError(f"recipe min_region_px_by_shape has unknown shape(s) {sorted(unknown)}; "
+                              f"use {' or '.join(SHAPES)}")
+        self.min_region_px_by_shape = {k: _non_negative_int(v, f"min_region_px_by_shape[{k}]")
+                                       for k, v in self.min_region_px_by_shape.items()}
+
+    def min_area_for(self, shape: str) -> int:
+        """Smallest area (px) a region of this shape needs to count."""
+        return self.min_region_px_by_shape.get(shape, self.min_region_px)
+
+    def rules(self) -> dict[str, Any]:
+        """The values that decide a verdict (what per-image results carry)."""
+        return {"threshold": self.threshold, "min_region_px": self.min_region_px,
+                "max_total_defect_fraction": self.max_total_defect_fraction, "px_per_mm": self.px_per_mm,
+                "min_region_px_by_shape": dict(self.min_region_px_by_shape), "source": self.source}
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict of every field (what recipe.json holds)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Recipe":
+        """Recipe from a dict; unknown keys are ignored (a newer version may add some)."""
+        if not isinstance(data, dict):
+            raise RecipeError("a recipe must be a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as err:
+            raise RecipeError(f"invalid recipe: {err}") from err
+
+    def with_overrides(self, **values: Any) -> "Recipe":
+        """A copy with the given fields replaced (None values are ignored); source becomes "manual"."""
+        values = {k: v for k, v in values.items() if v is not None}
+        if not values:
+            return self
+        return dataclasses.replace(self, **values, source="manual")
+
+
+def _non_negative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or int(value) != value:
+        raise RecipeError(f"recipe {name} must be a whole number >= 0, got {value!r}")
+    return int(value)
+
+
+# --------------------------------------------------------------------------------------- storage
+
+
+def default_recipe(run_dir: Path) -> Recipe:
+    """The recipe a run has without recipe.json: its stored threshold, no area rule."""
+    threshold = runs.read_run_json(Path(run_dir)).get("threshold", 0.5)
+    return Recipe(threshold=float(threshold if threshold is not None else 0.5), source="default")
+
+
+def load_recipe(run_dir: str | Path) -> Recipe:
+    """The recipe of a run folder: runs/<run>/recipe.json, else the default from run.json."""
+    run_dir = Path(run_dir)
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        return default_recipe(run_dir)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RecipeError(f"{path}: unreadable recipe ({err}); fix it, delete it or run `python -m engine tune`") from err
+    try:
+        return Recipe.from_dict(data)
+    except RecipeError as err:
+        raise RecipeError(f"{path}: {err}") from err
+
+
+def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
+    """Write runs/<run>/recipe.json atomically and record it in the registry (Artifact kind "recipe")."""
+    from engine import registry
+
+    run_dir = Path(run_dir)
+    recipe.validate()
+    path = atomic_write_json(run_dir / RECIPE_FILE, recipe.as_dict())
+    run_id = runs.read_run_json(run_dir).get("run_id", run_dir.name)
+    registry.add_artifact(run_id, "recipe", str(path), path.stat().st_size, accepted=True, metrics=recipe.as_dict())
+    return path
+
+
+# --------------------------------------------------------------------------------------- verdicts
+
+
+def apply_recipe(probability: np.ndarray, recipe: Recipe) -> tuple[str, list[Region]]:
+    """Verdict ("ok"/"defect") and the regions that count under the recipe (with area_mm2 when px_per_mm is set)."""
+    floor = min([recipe.min_region_px, *recipe.min_region_px_by_shape.values()])
+    regions = [r for r in find_regions(probability, recipe.threshold, floor)
+               if r.area_px >= max(1, recipe.min_area_for(r.shape))]
+    if recipe.px_per_mm:
+        for region in regions:
+            region.area_mm2 = region.area_px / recipe.px_per_mm**2
+    if not regions:
+        return "ok", regions
+    if recipe.max_total_defect_fraction is not None:
+        if counted_fraction(regions, probability.size) <= recipe.max_total_defect_fraction:
+            return "ok", regions
+    return "defect", regions
+
+
+def counted_fraction(regions: list[Region], image_pixels: int) -> float:
+    """Share of the image covered by the counted regions."""
+    return sum(r.area_px for r in regions) / max(image_pixels, 1)
+
+
+def verdict_for(prediction: Prediction, recipe: Recipe) -> dict[str, Any]:
+    """JSON-friendly result of one prediction under a recipe (the keys of Prediction.summary() plus the rules)."""
+    verdict, regions = apply_recipe(prediction.probability, recipe)
+    return verdict_summary(prediction, recipe, verdict, regions)
+
+
+def verdict_summary(prediction: Prediction, recipe: Recipe, verdict: str, regions: list[Region]) -> dict[str, Any]:
+    """The verdict_for dict from an apply_recipe result that is already at hand."""
+    probability = prediction.probability
+    height, width = probability.shape
+    result = {
+        "image": {"width": width, "height": height},
+        "threshold": recipe.threshold,
+        "verdict": verdict,
+        "defect_fraction": round(float((probability >= recipe.threshold).mean()), 6),
+        "counted_fraction": round(counted_fraction(regions, probability.size), 6),
+        "max_score": round(float(probability.max()), 4),
+        "regions": [r.as_dict() for r in regions],
+        "timings_ms": dict(prediction.timings_ms),
+        "recipe": recipe.rules(),
+    }
+    if recipe.px_per_mm:
+        result["defect_area_mm2"] = round(sum(r.area_mm2 or 0.0 for r in regions), 6)
+    return result
+
+
+def regions_mask(probability: np.ndarray, threshold: float, regions: list[Region]) -> np.ndarray:
+    """uint8 0/1 mask of exactly the given regions (found by find_regions at this threshold)."""
+    mask = (probability >= threshold).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    wanted = {(*r.bbox, r.area_px) for r in regions}
+    keep = np.zeros(count, np.uint8)
+    for label in range(1, count):
+        keep[label] = tuple(int(v) for v in stats[label]) in wanted
+    return keep[labels]
+
+
+# --------------------------------------------------------------------------------------- tuning
+
+
+class TuneStats:
+    """What the threshold x min-area grid needs from each image, gathered once per image.
+
+    Per image and threshold: the area of the largest region (decides whether the image is flagged at every
+    min area). Per threshold and min-area bin: summed region areas and true-defect pixels inside them
+    (set-level Dice of the counted regions). Memory is O(images x thresholds + thresholds x areas).
+    """
+
+    def __init__(self, thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+                 min_areas: Iterable[int] = DEFAULT_MIN_AREAS) -> None:
+        self.thresholds = np.asarray(sorted(set(float(t) for t in thresholds)), np.float64)
+        self.min_areas = np.asarray(sorted(set(int(a) for a in min_areas)), np.int64)
+        if not len(self.thresholds) or not len(self.min_areas):
+            raise RecipeError("tuning needs at least one threshold and one minimum area")
+        if self.thresholds.min() < 0 or self.thresholds.max() > 1 or self.min_areas.min() < 0:
+            raise RecipeError("tuning thresholds must lie in [0, 1] and minimum areas be >= 0")
+        self._edges = np.maximum(self.min_areas, 1)  # a region has at least one pixel
+        shape = (len(self.thresholds), len(self.min_areas))
+        self._area_in_bin = np.zeros(shape, np.int64)
+        self._hit_in_bin = np.zeros(shape, np.int64)
+        self.largest: list[np.ndarray] = []  # per image: largest region area at each threshold
+        self.has_defect: list[bool] = []
+        self.truth_px = 0
+
+    def add(self, probability: np.ndarray, truth: np.ndarray) -> None:
+        """Add one image's probability map and ground-truth mask."""
+        truth = truth.astype(bool)
+        largest = np.zeros(len(self.thresholds), np.int64)
+        top = float(probability.max()) if probability.size else 0.0
+        for i, threshold in enumerate(self.thresholds):
+            if threshold > top:
+                break  # thresholds are ascending: nothing above this one either
+            mask = (probability >= threshold).astype(np.uint8)
+            count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            if count <= 1:
+                continue
+            areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+            hits = np.bincount(labels[truth], minlength=count)[1:]
+            largest[i] = areas.max()
+            # Bin each region by the largest min-area it still passes; suffix sums later give "area >= a".
+            bins = np.searchsorted(self._edges, areas, side="right") - 1
+            ok = bins >= 0
+            np.add.at(self._area_in_bin[i], bins[ok], areas[ok])
+            np.add.at(self._hit_in_bin[i], bins[ok], hits[ok])
+        self.largest.append(largest)
+        self.has_defect.append(bool(truth.any()))
+        self.truth_px += int(truth.sum())
+
+    def grid(self) -> dict[str, np.ndarray]:
+        """Detection rate, false-alarm rate and Dice for every (threshold, min area), each of shape (T, A)."""
+        if not self.largest:
+            raise RecipeError("no images were added to the tuning statistics")
+        largest = np.stack(self.largest)  # (N, T)
+        flagged = largest[:, :, None] >= self._edges[None, None, :]  # (N, T, A)
+        defective = np.asarray(self.has_defect)
+        with np.errstate(invalid="ignore"):
+            detection = flagged[defective].mean(axis=0) if defective.any() else np.full(flagged.shape[1:], np.nan)
+            false_alarm = flagged[~defective].mean(axis=0) if (~defective).any() else np.full(flagged.shape[1:], np.nan)
+        predicted = np.cumsum(self._area_in_bin[:, ::-1], axis=1)[:, ::-1]  # area of regions >= each min area
+        hit = np.cumsum(self._hit_in_bin[:, ::-1], axis=1)[:, ::-1]
+        denominator = predicted + self.truth_px
+        dice = np.where(denominator > 0, 2 * hit / np.maximum(denominator, 1), 1.0)
+        return {"detection_rate": detection, "false_alarm_rate": false_alarm, "dice": dice}
+
+    def table(self) -> list[dict[str, float]]:
+        """One row per (threshold, min area) with its rates and Dice."""
+        grid = self.grid()
+        return [{"threshold": float(t), "min_region_px": int(a),
+                 **{k: _clean(v[i, j]) for k, v in grid.items()}}
+                for i, t in enumerate(self.thresholds) for j, a in enumerate(self.min_areas)]
+
+    def best(self, max_false_alarm: float) -> dict[str, Any]:
+        """Highest detection rate with false-alarm rate <= max_false_alarm (ties: fewer false alarms,
+        higher Dice, smaller min area, threshold nearer 0.5); `goal_met` False when no cell meets it."""
+        if not any(self.has_defect):
+            raise RecipeError("none of the tuning images has a defect, so detection cannot be measured; "
+                              "tune on a split with defective images")
+        grid = self.grid()
+        detection = np.nan_to_num(grid["detection_rate"], nan=0.0)
+        false_alarm = grid["false_alarm_rate"]
+        measured = not np.isnan(false_alarm).all()
+        false_alarm = np.nan_to_num(false_alarm, nan=0.0)
+        feasible = false_alarm <= max_false_alarm + 1e-9
+        goal_met = bool(feasible.any())
+        if not goal_met:  # nothing meets the goal: fewest false alarms first
+            feasible = false_alarm <= false_alarm.min() + 1e-9
+        t_index, a_index = np.meshgrid(np.arange(len(self.thresholds)), np.arange(len(self.min_areas)), indexing="ij")
+        # np.lexsort sorts by the last key first; negate what should be largest.
+        order = np.lexsort((
+            np.abs(self.thresholds[t_index] - 0.5).ravel(),
+            self.min_areas[a_index].ravel(),
+            -np.round(grid["dice"], 6).ravel(),
+            np.round(false_alarm, 9).ravel(),
+            -np.round(detection, 9).ravel(),
+            ~feasible.ravel(),
+        ))
+        i, j = t_index.ravel()[order[0]], a_index.ravel()[order[0]]
+        return {"threshold": float(self.thresholds[i]), "min_region_px": int(self.min_areas[j]),
+                "detection_rate": _clean(grid["detection_rate"][i, j]),
+                "false_alarm_rate": _clean(grid["false_alarm_rate"][i, j]), "dice": _clean(grid["dice"][i, j]),
+                "goal_met": goal_met, "false_alarms_measured": measured, "max_false_alarm": max_false_alarm,
+                "n_images": len(self.has_defect), "n_defective": int(sum(self.has_defect)),
+                "n_defect_free": len(self.has_defect) - int(sum(self.has_defect))}
+
+
+def _clean(value: float) -> float | None:
+    value = float(value)
+    return None if math.isnan(value) else round(value, 6)
+
+
+def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
+                  min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
+                  progress: Callable[[int, int], None] | None = None) -> TuneStats:
+    """Predict each sample once and gather the tuning statistics (the grid is then evaluated without the model)."""
+    from engine.data import load_pair
+
+    stats = TuneStats(thresholds, min_areas)
+    for index, sample in enumerate(samples):
+        image, truth = load_pair(sample)
+        stats.add(predictor.predict_proba(image), truth)
+        if progress:
+            progress(index + 1, len(samples))
+    return stats
+
+
+def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
+    """The recipe `tune` saves: the chosen threshold and min area, the base's pixel size, no other rules."""
+    tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "dice", "goal_met", "max_false_alarm",
+                                   "n_images", "n_defective", "n_defect_free")}
+    tuning.update(context or {})
+    tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,
+                  source="tuned", tuning=tuning)

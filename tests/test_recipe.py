@@ -1,0 +1,283 @@
+"""Regions, recipes (verdict rules, storage) and tuning them on hand-made probability maps with known answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import config, recipe, registry
+from engine.__main__ import main
+from engine.inference import Prediction, find_regions
+from engine.recipe import Recipe, RecipeError, TuneStats, apply_recipe, regions_mask
+
+
+def blank(height: int = 64, width: int = 64, value: float = 0.02) -> np.ndarray:
+    """A probability map with a constant low background."""
+    return np.full((height, width), value, np.float32)
+
+
+# --------------------------------------------------------------------------------------- regions
+
+
+def test_regions_of_hand_made_shapes() -> None:
+    probability = blank(100, 120)
+    probability[10:15, 20:60] = 0.9  # a 5 x 40 bar
+    probability[50:60, 70:80] = 0.7  # a 10 x 10 square
+    probability[52, 72] = 0.95
+    probability[90, 5] = 0.8  # a single pixel
+    regions = find_regions(probability, 0.5)
+    assert [r.area_px for r in regions] == [200, 100, 1]
+    bar, square, dot = regions
+    assert bar.bbox == [20, 10, 40, 5] and bar.elongation == pytest.approx(8.0) and bar.shape == "scratch-like"
+    assert bar.mean_score == pytest.approx(0.9) and bar.max_score == pytest.approx(0.9)
+    assert square.bbox == [70, 50, 10, 10] and square.elongation == pytest.approx(1.0)
+    assert square.shape == "spot-like" and square.max_score == pytest.approx(0.95)
+    assert square.mean_score == pytest.approx((99 * 0.7 + 0.95) / 100, rel=1e-5)
+    assert dot.bbox == [5, 90, 1, 1] and dot.elongation == 1.0
+    assert [r.area_px for r in find_regions(probability, 0.5, min_region_px=100)] == [200, 100]
+    assert [r.area_px for r in find_regions(probability, 0.75)] == [200, 1, 1]  # the square's peak and the dot
+
+
+def test_diagonal_scratch_is_elongated() -> None:
+    probability = blank(80, 80)
+    for i in range(60):
+        probability[10 + i, 10 + i] = 0.9
+        probability[10 + i, 11 + i] = 0.9
+    (region,) = find_regions(probability, 0.5)
+    assert region.area_px == 120 and region.shape == "scratch-like" and region.elongation > 20
+
+
+# --------------------------------------------------------------------------------------- recipe rules
+
+
+def test_recipe_validation_gives_clear_errors() -> None:
+    with pytest.raises(RecipeError, match="threshold must be between 0 and 1"):
+        Recipe(threshold=1.5)
+    with pytest.raises(RecipeError, match="min_region_px must be a whole number"):
+        Recipe(min_region_px=-3)
+    with pytest.raises(RecipeError, match="px_per_mm"):
+        Recipe(px_per_mm=0)
+    with pytest.raises(RecipeError, match="unknown shape"):
+        Recipe(min_region_px_by_shape={"blob": 3})
+    assert Recipe.from_dict({"threshold": 0.3, "future_field": 1}).threshold == 0.3
+
+
+def test_apply_recipe_rules() -> None:
+    probability = blank(100, 100)
+    probability[10:12, 10:50] = 0.9  # 80 px scratch
+    probability[60:66, 60:66] = 0.8  # 36 px spot
+    verdict, regions = apply_recipe(probability, Recipe(threshold=0.5))
+    assert verdict == "defect" and [r.area_px for r in regions] == [80, 36]
+    assert apply_recipe(probability, Recipe(threshold=0.95)) == ("ok", [])
+    verdict, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px=50))
+    assert verdict == "defect" and [r.area_px for r in regions] == [80]
+    verdict, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px=100))
+    assert verdict == "ok" and regions == []
+    # Per-shape minimum: spots need 40 px, scratches keep the global 0.
+    _, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px_by_shape={"spot-like": 40}))
+    assert [r.shape for r in regions] == ["scratch-like"]
+    _, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px=100,
+                                                  min_region_px_by_shape={"spot-like": 10}))
+    assert [r.area_px for r in regions] == [36]
+    # Tolerance: 116 px of 10000 is 1.16% of the image.
+    assert apply_recipe(probability, Recipe(threshold=0.5, max_total_defect_fraction=0.02))[0] == "ok"
+    assert apply_recipe(probability, Recipe(threshold=0.5, max_total_defect_fraction=0.01))[0] == "defect"
+    _, regions = apply_recipe(probability, Recipe(threshold=0.5, px_per_mm=4.0))
+    assert [r.area_mm2 for r in regions] == [pytest.approx(5.0), pytest.approx(2.25)]
+    assert regions[0].as_dict()["area_mm2"] == 5.0
+    assert "area_mm2" not in apply_recipe(probability, Recipe(threshold=0.5))[1][0].as_dict()
+
+
+def test_verdict_for_and_regions_mask() -> None:
+    probability = blank(50, 50)
+    probability[5:15, 5:15] = 0.9
+    probability[40, 40] = 0.9  # 1 px, filtered out by min_region_px
+    rules = Recipe(threshold=0.5, min_region_px=5, px_per_mm=10.0)
+    result = recipe.verdict_for(Prediction(probability, 0.3, 0, {"inference": 1.0}), rules)
+    assert result["verdict"] == "defect" and result["threshold"] == 0.5
+    assert len(result["regions"]) == 1 and result["regions"][0]["area_mm2"] == 1.0
+    assert result["defect_fraction"] == round(101 / 2500, 6) and result["counted_fraction"] == round(100 / 2500, 6)
+    assert result["defect_area_mm2"] == 1.0 and result["recipe"]["min_region_px"] == 5
+    assert result["image"] == {"width": 50, "height": 50} and result["timings_ms"] == {"inference": 1.0}
+    _, regions = apply_recipe(probability, rules)
+    mask = regions_mask(probability, 0.5, regions)
+    assert mask.sum() == 100 and mask[40, 40] == 0 and mask[10, 10] == 1
+
+
+# --------------------------------------------------------------------------------------- storage
+
+
+@pytest.fixture
+def run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A run folder with only a run.json (threshold 0.35), and a fresh registry."""
+    monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
+    folder = tmp_path / "runs" / "r1"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"run_id": "r1", "threshold": 0.35}))
+    yield folder
+    registry.dispose_engines()
+
+
+def test_default_recipe_is_the_run_threshold(run_folder: Path) -> None:
+    rules = recipe.load_recipe(run_folder)
+    assert (rules.threshold, rules.min_region_px, rules.source) == (0.35, 0, "default")
+
+
+def test_save_and_load_recipe(run_folder: Path) -> None:
+    rules = Recipe(threshold=0.6, min_region_px=12, px_per_mm=8.5, min_region_px_by_shape={"spot-like": 30},
+                   source="manual")
+    path = recipe.save_recipe(run_folder, rules)
+    assert path == run_folder / "recipe.json"
+    assert recipe.load_recipe(run_folder) == rules
+    (artifact,) = [a for a in registry.list_artifacts("r1") if a.kind == "recipe"]
+    assert artifact.metrics == rules.as_dict() and artifact.path == str(path)
+    recipe.save_recipe(run_folder, rules.with_overrides(threshold=0.7))  # replaces, not duplicates
+    assert [a.metrics["threshold"] for a in registry.list_artifacts("r1") if a.kind == "recipe"] == [0.7]
+
+
+def test_broken_recipe_file_is_one_clear_error(run_folder: Path) -> None:
+    (run_folder / "recipe.json").write_text("{not json")
+    with pytest.raises(RecipeError, match="unreadable recipe") as info:
+        recipe.load_recipe(run_folder)
+    assert "\n" not in str(info.value)
+    (run_folder / "recipe.json").write_text(json.dumps({"threshold": 2}))
+    with pytest.raises(RecipeError, match="between 0 and 1"):
+        recipe.load_recipe(run_folder)
+
+
+# --------------------------------------------------------------------------------------- tuning
+
+
+def square_maps(n: int, value: float, size: int = 8) -> list[np.ndarray]:
+    """n defective maps: one size x size square of `value` at a varying place."""
+    maps = []
+    for i in range(n):
+        probability = blank()
+        y, x = 5 + 3 * i % 40, 10 + 5 * i % 40
+        probability[y : y + size, x : x + size] = value
+        maps.append(probability)
+    return maps
+
+
+def truth_of(probability: np.ndarray) -> np.ndarray:
+    return (probability > 0.1).astype(np.uint8)
+
+
+def test_tuning_finds_the_min_area_that_removes_glints() -> None:
+    """Clean parts show 3x3 glints scored 0.95; defects are 8x8 squares at 0.8: only a min area of 10..64 works."""
+    stats = TuneStats(thresholds=[0.1, 0.3, 0.5, 0.7, 0.9], min_areas=[0, 5, 10, 20, 50, 100])
+    for probability in square_maps(10, 0.8):
+        stats.add(probability, truth_of(probability))
+    for i in range(10):
+        probability = blank()
+        probability[20 + i : 23 + i, 30:33] = 0.95
+        stats.add(probability, np.zeros_like(probability, np.uint8))
+    best = stats.best(max_false_alarm=0.0)
+    assert best["goal_met"] and best["detection_rate"] == 1.0 and best["false_alarm_rate"] == 0.0
+    assert best["min_region_px"] == 10  # the smallest area that drops the 9-px glints
+    assert best["threshold"] == 0.5 and best["dice"] == 1.0  # every threshold in (0.02, 0.8] is exact; 0.5 wins ties
+    grid = {(r["threshold"], r["min_region_px"]): r for r in stats.table()}
+    assert grid[(0.5, 0)]["false_alarm_rate"] == 1.0 and grid[(0.9, 0)]["detection_rate"] == 0.0
+    assert grid[(0.5, 100)]["detection_rate"] == 0.0
+
+
+def test_tuning_trades_detection_for_false_alarms() -> None:
+    """One clean part has a 10x10 blob at 0.6 that no area rule can tell from a defect."""
+    stats = TuneStats(thresholds=np.round(np.arange(0.05, 0.96, 0.05), 2), min_areas=[0, 10, 50, 200])
+    for probability in square_maps(5, 0.85) + square_maps(5, 0.55):
+        stats.add(probability, truth_of(probability))
+    for i in range(10):
+        probability = blank()
+        if i == 0:
+            probability[30:40, 30:40] = 0.6
+        stats.add(probability, np.zeros_like(probability, np.uint8))
+    strict = stats.best(max_false_alarm=0.0)
+    assert strict["goal_met"] and strict["detection_rate"] == 0.5 and strict["false_alarm_rate"] == 0.0
+    assert 0.6 < strict["threshold"] <= 0.85
+    relaxed = stats.best(max_false_alarm=0.1)
+    assert relaxed["detection_rate"] == 1.0 and relaxed["false_alarm_rate"] == 0.1
+    assert relaxed["threshold"] <= 0.55
+    assert stats.best(max_false_alarm=0.05)["detection_rate"] == 0.5
+
+
+def test_tuning_grid_matches_apply_recipe_cell_by_cell() -> None:
+    """The vectorised grid equals running apply_recipe for every (threshold, min area) on every image."""
+    rng = np.random.default_rng(7)
+    maps, truths = [], []
+    for i in range(12):
+        probability = np.clip(rng.normal(0.2, 0.15, (48, 48)), 0, 1).astype(np.float32)
+        probability = np.asarray(__import__("cv2").GaussianBlur(probability, (5, 5), 1.5))
+        truth = np.zeros((48, 48), np.uint8)
+        if i % 3:
+            truth[10 + i : 20 + i, 5:15 + i] = 1
+            probability[truth > 0] += 0.4
+        maps.append(np.clip(probability, 0, 1))
+        truths.append(truth)
+    thresholds, min_areas = [0.2, 0.3, 0.4, 0.5, 0.6, 0.7], [0, 3, 8, 30, 120]
+    stats = TuneStats(thresholds, min_areas)
+    for probability, truth in zip(maps, truths):
+        stats.add(probability, truth)
+    table = {(r["threshold"], r["min_region_px"]): r for r in stats.table()}
+    for t in thresholds:
+        for a in min_areas:
+            flagged, tp, predicted = [], 0, 0
+            for probability, truth in zip(maps, truths):
+                verdict, regions = apply_recipe(probability, Recipe(threshold=t, min_region_px=a))
+                flagged.append(verdict == "defect")
+                mask = regions_mask(probability, t, regions)
+                tp += int((mask & truth).sum())
+                predicted += int(mask.sum())
+            flagged, defective = np.array(flagged), np.array([bool(t_.any()) for t_ in truths])
+            row = table[(t, a)]
+            assert row["detection_rate"] == pytest.approx(flagged[defective].mean())
+            assert row["false_alarm_rate"] == pytest.approx(flagged[~defective].mean())
+            truth_px = sum(int(t_.sum()) for t_ in truths)
+            assert row["dice"] == pytest.approx(2 * tp / (predicted + truth_px), abs=1e-6)
+
+
+def test_tuning_without_defect_free_images_says_so() -> None:
+    stats = TuneStats([0.5], [0])
+    for probability in square_maps(3, 0.9):
+        stats.add(probability, truth_of(probability))
+    best = stats.best(0.02)
+    assert best["false_alarm_rate"] is None and not best["false_alarms_measured"] and best["detection_rate"] == 1.0
+    clean_only = TuneStats([0.5], [0])
+    clean_only.add(blank(), np.zeros((64, 64), np.uint8))
+    with pytest.raises(RecipeError, match="none of the tuning images has a defect"):
+        clean_only.best(0.02)
+
+
+def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_dataset: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    from engine import runs
+
+    run_dir = runs.resolve_run(trained_run)
+    (run_dir / "recipe.json").unlink(missing_ok=True)
+    try:
+        code = main(["tune", "--run", trained_run, "--data", str(tiny_dataset), "--split", "all",
+                     "--max-false-alarm", "0.5", "--min-areas", "0,4,16"])
+        assert code == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        assert out[-1].startswith("recipe saved to") and "threshold" in out[-1]
+        saved = recipe.load_recipe(run_dir)
+        assert saved.source == "tuned" and saved.min_region_px in (0, 4, 16)
+        assert saved.tuning["split"] == "all" and saved.tuning["max_false_alarm"] == 0.5
+        image = next((tiny_dataset / "images").glob("*.png"))
+        assert main(["predict", "--run", trained_run, str(image), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)["results"][0]
+        assert result["recipe"]["source"] == "tuned" and result["threshold"] == saved.threshold
+        assert main(["predict", "--run", trained_run, str(image), "--json", "--threshold", "0.99"]) == 0
+        assert json.loads(capsys.readouterr().out)["results"][0]["recipe"]["source"] == "manual"
+    finally:
+        (run_dir / "recipe.json").unlink(missing_ok=True)  # other tests expect the default recipe
+
+
+def test_tune_cli_errors_are_one_line(trained_run: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["tune", "--run", "no-such-run", "--data", str(tmp_path)]) == 2
+    assert main(["tune", "--run", trained_run, "--data", str(tmp_path / "missing")]) == 2
+    assert main(["tune", "--run", trained_run, "--data", str(tmp_path), "--min-areas", "a,b"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
