@@ -37,7 +37,14 @@ def list_run_dirs() -> list[Path]:
     folders = {p.parent for p in config.RUNS_DIR.glob("*/run.json")}
     if (config.DEMO_RUN_DIR / "run.json").is_file():
         folders.add(config.DEMO_RUN_DIR)
-    return sorted(folders, key=lambda p: p.stat().st_mtime, reverse=True)
+    return sorted(folders, key=_mtime, reverse=True)
+
+
+def _mtime(folder: Path) -> float:
+    try:
+        return folder.stat().st_mtime
+    except OSError:  # deleted meanwhile
+        return 0.0
 
 
 def resolve_run(run: str | None) -> Path:

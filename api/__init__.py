@@ -1,0 +1,1 @@
+"""FastAPI sidecar: POST /predict, GET /health, GET /models on top of engine.inference."""

@@ -1,0 +1,113 @@
+"""What routes depend on: the serving state (settings, model cache, default model) and the API key check."""
+
+from __future__ import annotations
+
+import hmac
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO
+
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+from api.settings import Settings
+from engine.errors import EngineError
+from engine.imageio import read_limited
+from engine.inference import Predictor, PredictorCache, model_catalog, predict_bytes
+
+
+class ModelUnavailable(EngineError):
+    """No model can be served: nothing trained and no demo run (answered with 503)."""
+
+
+class ServingState:
+    """Settings, the Predictor cache and the default model of one app instance."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.cache = PredictorCache(settings.cache_size)
+        # Decoding and inference run on these long-lived threads: bounds memory (one image's maps per slot),
+        # keeps the cores from being oversubscribed, and always hands the model to the same threads, whose
+        # OpenMP teams stay warm (a different pool thread per request pays for a fresh team each time).
+        self.slots = ThreadPoolExecutor(settings.inference_slots, thread_name_prefix="inference")
+        self.default: Predictor | None = None
+        self.default_error: str | None = "not loaded yet"
+
+    def load_default(self) -> Predictor | None:
+        """Load the default run (DEFECTS_API_RUN, `latest` falls back to `demo`); remember why if it fails."""
+        try:
+            self.default = self.cache.get(self.settings.default_run, backend=self.settings.default_backend)
+            self.default_error = None
+        except EngineError as err:
+            self.default, self.default_error = None, str(err)
+        return self.default
+
+    def predictor(self, run: str | None, backend: str | None) -> Predictor:
+        """The Predictor for a request: the named run, else the default one (retried if it was missing)."""
+        if run:
+            return self.cache.get(run, backend=backend)
+        default = self.default
+        if default is None or not (default.run_dir / "run.json").is_file():
+            default = self.load_default()
+        if default is None:
+            raise ModelUnavailable(f"no model available ({self.default_error}); train one with "
+                                   "`python -m engine train --data DIR`, or name a run with ?run=")
+        predictor = self.cache.get_for_dir(default.run_dir, backend=backend or self.settings.default_backend)
+        if backend is None:
+            self.default = predictor  # may be a reloaded checkpoint or a newer export: /health shows what answers
+        return predictor
+
+    def predict(self, upload: BinaryIO, name: str, threshold: float | None, run: str | None,
+                backend: str | None, return_mask: bool) -> dict[str, Any]:
+        """Read the upload within the limit, pick the model, and predict in one of the inference slots."""
+        start = time.perf_counter()
+        data = read_limited(upload, self.settings.max_upload_bytes, name)
+        predictor = self.predictor(run, backend)
+        submitted = time.perf_counter()
+        answer, started = self.slots.submit(self._predict_in_slot, predictor, data, name, threshold,
+                                            return_mask).result()
+        answer["timings_ms"]["queue"] = round((started - submitted) * 1000, 2)
+        answer["timings_ms"]["total"] = round((time.perf_counter() - start) * 1000, 2)
+        return answer
+
+    def _predict_in_slot(self, predictor: Predictor, data: bytes, name: str, threshold: float | None,
+                         return_mask: bool) -> tuple[dict[str, Any], float]:
+        """predict_bytes on an inference thread; also returns when it started (for the queue time)."""
+        started = time.perf_counter()
+        return predict_bytes(predictor, data, name, threshold, return_mask, self.settings.max_image_pixels), started
+
+    def close(self) -> None:
+        """Finish running inferences and stop the inference threads (a later request starts fresh ones)."""
+        old, self.slots = self.slots, ThreadPoolExecutor(self.settings.inference_slots, thread_name_prefix="inference")
+        old.shutdown(wait=True)
+
+    def health(self) -> dict[str, Any]:
+        """Liveness plus the default model, or why there is none."""
+        if self.default is None:
+            return {"status": "no_model", "model": None, "detail": self.default_error}
+        return {"status": "ok", "model": self.default.describe(), "detail": None}
+
+    def models(self) -> dict[str, Any]:
+        """Default model, loaded models, and every run folder that can be served."""
+        return {"default": self.default.describe() if self.default else None, "loaded": self.cache.loaded(),
+                "runs": model_catalog()}
+
+
+def get_serving(request: Request) -> ServingState:
+    """The ServingState of the app that received the request."""
+    return request.app.state.serving
+
+
+_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False,
+                               description="The value of DEFECTS_API_KEY on the server")
+
+
+def require_api_key(request: Request, key: str | None = Security(_api_key_header)) -> None:
+    """401 unless X-API-Key equals DEFECTS_API_KEY (compared in constant time)."""
+    expected = get_serving(request).settings.api_key
+    if expected is None:
+        return
+    if key is None or not hmac.compare_digest(key.encode(), expected.encode()):
+        reason = "missing" if key is None else "wrong"
+        raise HTTPException(401, f"{reason} X-API-Key header; send the key the server was started with "
+                                 "(DEFECTS_API_KEY)", headers={"WWW-Authenticate": "X-API-Key"})

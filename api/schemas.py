@@ -1,0 +1,106 @@
+"""Pydantic models of every answer the API gives, errors included (they document /docs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: one line saying what was wrong and what to do."""
+
+    detail: str = Field(examples=["upload.svg: an SVG image; send a PNG, JPEG, BMP or TIFF image"])
+
+
+class ModelInfo(BaseModel):
+    """Which model answered."""
+
+    run: str
+    epoch: int | None = None
+    backend: Literal["torch", "onnx", "int8"]
+    device: str = "cpu"
+
+
+class ImageSize(BaseModel):
+    """Size of the uploaded image; the mask has the same size."""
+
+    width: int
+    height: int
+
+
+class Region(BaseModel):
+    """One connected defect region (engine fields added later, such as area_mm2, pass through)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    bbox: list[int] = Field(description="x, y, width, height in pixels", min_length=4, max_length=4)
+    area_px: int
+    mean_score: float
+    max_score: float
+    elongation: float | None = Field(None, description="long / short side of the minimum-area rectangle")
+    shape: str | None = Field(None, description="`scratch-like` or `spot-like`")
+
+
+class Timings(BaseModel):
+    """Milliseconds spent per step."""
+
+    decode: float
+    inference: float
+    total: float = Field(description="whole request on the server: read, queue, decode, inference, answer")
+    queue: float | None = Field(None, description="waiting for a free inference slot (part of total)")
+
+
+class PredictResponse(BaseModel):
+    """The verdict, regions and optional mask for one image."""
+
+    model: ModelInfo
+    image: ImageSize
+    threshold: float
+    verdict: Literal["ok", "defect"]
+    defect_fraction: float
+    max_score: float
+    regions: list[Region]
+    mask_png_base64: str | None = Field(None, description="binary mask (0/255) as base64 PNG, with return_mask=true")
+    timings_ms: Timings
+
+
+class HealthResponse(BaseModel):
+    """Liveness and whether the default model is loaded."""
+
+    status: Literal["ok", "no_model"]
+    model: ModelInfo | None = None
+    detail: str | None = Field(None, description="why no model is loaded")
+    version: str
+
+
+class CatalogEntry(BaseModel):
+    """A run folder and the backends it can be served with."""
+
+    run: str
+    name: str | None = None
+    status: str | None = None
+    best_epoch: int | None = None
+    best_dice: float | None = None
+    threshold: float | None = None
+    backends: list[str]
+    default_backend: str | None = None
+
+
+class ModelsResponse(BaseModel):
+    """Default model, the models loaded in memory, and every run that can be asked for with ?run=."""
+
+    default: ModelInfo | None
+    loaded: list[ModelInfo]
+    runs: list[CatalogEntry]
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries for error codes, all with the ErrorResponse body."""
+    text = {401: "Missing or wrong X-API-Key (only when DEFECTS_API_KEY is set)",
+            404: "Unknown run, or the requested backend is not exported for it",
+            413: "Upload larger than DEFECTS_MAX_UPLOAD_MB, or an image larger than DEFECTS_MAX_IMAGE_PIXELS",
+            415: "Not a PNG, JPEG, BMP or TIFF image, or a corrupt/truncated one",
+            422: "A parameter is missing or out of range",
+            503: "No model is available (nothing trained and no demo run)"}
+    return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
