@@ -1,0 +1,125 @@
+"""Export: a run's model to ONNX (and INT8 behind an accuracy gate), then every backend benchmarked side by side."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import config, export, runs
+from engine.errors import EngineError
+from engine.inference import ONNX_FILES
+
+
+def fill(bar: Any, start: float, span: float, prefix: str = "") -> Callable[[str, float], None]:
+    """A progress(stage, fraction) callback that fills [start, start + span] of a Streamlit progress bar."""
+    return lambda stage, done: bar.progress(min(1.0, start + span * done), text=prefix + stage)
+
+
+st.set_page_config(page_title="Export", page_icon=":material/inventory_2:", layout="wide")
+st.title(":material/inventory_2: Export")
+st.caption("ONNX for plain CPUs: checked against PyTorch on real images. INT8 (static, per-channel) is kept only "
+           "when its validation Dice stays within the gate.")
+
+folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in runs.list_run_dirs()}
+folders = {run_id: folder for run_id, folder in folders.items()
+           if (folder / "best.pth").is_file() or runs.epochs_saved(folder)}
+if not folders:
+    st.info("No trained model yet. Train one on the Train page, then export it here.")
+    st.stop()
+
+left, right = st.columns([3, 1])
+run_id = left.selectbox("Run", list(folders), key="export_run")
+folder = folders[run_id]
+epochs = ["best", *[str(e) for e in reversed(runs.epochs_saved(folder))]]
+epoch = right.selectbox("Epoch", epochs, key="export_epoch", help="'best' is the best validation epoch")
+a, b, c = st.columns(3)
+int8 = a.checkbox("Also quantize to INT8", value=True, key="export_int8")
+max_drop = b.number_input("Largest accepted Dice drop (INT8 vs fp32)", min_value=0.0, max_value=1.0, value=0.01,
+                          step=0.005, format="%.3f", key="export_max_drop", disabled=not int8)
+iterations = c.number_input("Benchmark rounds", min_value=5, max_value=500, value=30, step=5, key="export_rounds")
+go_export, go_bench = st.columns([1, 4])
+export_clicked = go_export.button("Export and benchmark", type="primary", key="export_button")
+bench_clicked = go_bench.button("Benchmark only", key="export_bench_button",
+                                disabled=not (folder / "export" / ONNX_FILES["onnx"]).is_file())
+
+if export_clicked or bench_clicked:
+    bar = st.progress(0.0, text="starting…")
+    try:
+        if export_clicked:
+            report = export.export_run(folder, epoch, int8=int8, max_dice_drop=max_drop, progress=fill(bar, 0.0, 0.6))
+            st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"))
+        start = 0.6 if export_clicked else 0.0
+        result = export.benchmark(folder, iterations=int(iterations),
+                                  progress=fill(bar, start, 1 - start, "benchmark: "))
+        st.session_state["export_bench"] = (run_id, result)
+    except EngineError as err:
+        st.error(str(err))
+    finally:
+        bar.empty()
+
+messages = st.session_state.get("export_messages")
+if messages and messages[0] == run_id:
+    _, lines, gate = messages
+    for line in lines:
+        if gate and line == gate["message"] and not gate["accepted"]:
+            st.warning(line)
+        else:
+            st.success(line)
+
+# ---- benchmark table and chart -------------------------------------------------------------------
+bench = st.session_state.get("export_bench")
+if bench and bench[0] == run_id:
+    result = bench[1]
+    st.subheader("Backends side by side")
+    table = pd.DataFrame(result["rows"])
+    table["size (MB)"] = table["size_bytes"] / 1e6
+    shown = table.rename(columns={"latency_p50_ms": "p50 (ms)", "latency_p95_ms": "p95 (ms)",
+                                  "latency_vs_torch": "p50 vs torch", "throughput_ips": "throughput (img/s)",
+                                  "dice": "test Dice", "dice_drop": "Dice drop"})
+    st.dataframe(shown[["backend", "file", "epoch", "size (MB)", "p50 (ms)", "p95 (ms)", "p50 vs torch",
+                        "throughput (img/s)", "test Dice", "Dice drop"]], hide_index=True, key="export_table",
+                 column_config={name: st.column_config.NumberColumn(format=fmt) for name, fmt in
+                                {"size (MB)": "%.2f", "p50 (ms)": "%.1f", "p95 (ms)": "%.1f", "p50 vs torch": "%.2fx",
+                                 "throughput (img/s)": "%.1f", "test Dice": "%.4f", "Dice drop": "%+.4f"}.items()})
+    figure = go.Figure()
+    figure.add_trace(go.Bar(x=table["backend"], y=table["latency_p50_ms"], name="p50",
+                            error_y={"type": "data", "symmetric": False, "arrayminus": [0] * len(table),
+                                     "array": table["latency_p95_ms"] - table["latency_p50_ms"]},
+                            text=[f"{v:.1f} ms · {s:.2f} MB · Dice {d:.3f}" for v, s, d in
+                                  zip(table["latency_p50_ms"], table["size (MB)"], table["dice"])]))
+    figure.update_layout(height=360, yaxis_title=f"batch-1 ms at {result['size']}x{result['size']} (p50, whisker p95)",
+                         margin={"l": 10, "r": 10, "t": 20, "b": 10}, showlegend=False)
+    st.plotly_chart(figure, key="export_figure")
+    st.caption(f"{result['machine']} · {result['iterations']} interleaved rounds · Dice on the {result['split']} "
+               f"split at threshold {result['threshold']:.2f}. Markdown for the records:")
+    st.code(export.bench_markdown(result), language="markdown")
+
+# ---- what is exported now ------------------------------------------------------------------------
+st.subheader("Exported files")
+report = export.read_report(folder)
+if report is None:
+    st.caption("This run has not been exported yet.")
+else:
+    st.caption(f"Epoch {report['epoch']} ({report['checkpoint']}), exported {report['created_at']}, "
+               f"opset {report['opset']}.")
+    st.dataframe(pd.DataFrame([{
+        "kind": entry["kind"], "kept": entry["accepted"], "size (MB)": entry["size_bytes"] / 1e6,
+        "val Dice": entry["metrics"].get("val_dice"),
+        "max |Δp| vs torch": entry["metrics"].get("parity", {}).get("max_abs_diff"),
+        "mask agreement": entry["metrics"].get("parity", {}).get("mask_agreement"),
+        "p50 (ms)": entry["metrics"].get("latency_p50_ms")} for entry in report["artifacts"]]),
+        hide_index=True, key="export_files",
+        column_config={"size (MB)": st.column_config.NumberColumn(format="%.2f"),
+                       "val Dice": st.column_config.NumberColumn(format="%.4f"),
+                       "max |Δp| vs torch": st.column_config.NumberColumn(format="%.1e"),
+                       "mask agreement": st.column_config.NumberColumn(format="%.5f"),
+                       "p50 (ms)": st.column_config.NumberColumn(format="%.1f")})
+for kind, name in ONNX_FILES.items():
+    path = folder / "export" / name
+    if path.is_file():
+        st.download_button(f"Download {name} ({path.stat().st_size / 1e6:.2f} MB)", data=path.read_bytes(),
+                           file_name=f"{run_id}-{name}", mime="application/octet-stream", key=f"export_download_{kind}")
