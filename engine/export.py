@@ -34,7 +34,7 @@ import numpy as np
 from engine import config, registry, runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError, EngineError
-from engine.inference import ONNX_FILES, TILE, Predictor, preprocess_image
+from engine.inference import ONNX_FILES, TILE, Predictor, available_backends, preprocess_image
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -160,7 +160,7 @@ def onnx_metadata(run_id: str, epoch: int | None, meta: dict[str, Any], model: A
         "run_id": run_id, "epoch": epoch, "threshold": float(meta.get("threshold", info.get("threshold", 0.5))),
         "normalisation": {"mean": float(normalisation["mean"]), "std": float(normalisation["std"])},
         "in_channels": model.in_channels, "train_crop": meta.get("train_crop", (info.get("params") or {}).get("crop")),
-        "stride": model.stride, "arch": {"in_channels": model.in_channels, "base": model.base, "depth": model.depth},
+        "stride": model.stride, "scale": float(meta.get("scale", 1.0)), "arch": {"in_channels": model.in_channels, "base": model.base, "depth": model.depth},
         "checkpoint": checkpoint, "format": "fp32", "opset": OPSET,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -482,17 +482,19 @@ def time_backends(predictors: dict[str, Predictor], images: list[np.ndarray], it
                    "throughput_ips": batch / float(np.median(batch_seconds[name]))} for name in names}
 
 
-def available_backends(folder: Path) -> list[tuple[str, str, str]]:
+def bench_targets(folder: Path) -> list[tuple[str, str, str]]:
     """(label, backend, device) of every backend this run and machine can serve."""
     import torch
 
-    found = [("torch-cpu", "torch", "cpu")]
-    if torch.cuda.is_available():
-        found.append(("torch-cuda", "torch", "cuda"))
-    for backend, name in ONNX_FILES.items():
-        if (folder / "export" / name).is_file():
-            found.append((backend, backend, "cpu"))
-    return found
+    targets = []
+    for backend in available_backends(folder):
+        if backend != "torch":
+            targets.append((backend, backend, "cpu"))
+            continue
+        targets.append(("torch-cpu", "torch", "cpu"))
+        if torch.cuda.is_available():
+            targets.append(("torch-cuda", "torch", "cuda"))
+    return targets
 
 
 def benchmark(run: str | Path | None, data: str | Path | None = None, split: str = "test", size: int = BENCH_SIZE,
@@ -517,7 +519,7 @@ def benchmark(run: str | Path | None, data: str | Path | None = None, split: str
         checkpoint = folder / name if name and (folder / name).is_file() else None
     predictors = {label: Predictor(folder, backend=backend, device=device,
                                    path=checkpoint if backend == "torch" else None)
-                  for label, backend, device in available_backends(folder)}
+                  for label, backend, device in bench_targets(folder)}
     threshold = next(iter(predictors.values())).threshold  # one threshold, so Dice differences are the models'
     stage = f"timing {len(predictors)} backends at {size}x{size}"
     threads = torch.get_num_threads()
