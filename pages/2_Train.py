@@ -1,0 +1,171 @@
+"""Train: start a background training run, watch it live (from the registry), cancel or resume it."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+from plotly.subplots import make_subplots
+
+from engine import data, jobs, registry, runs
+from engine.errors import EngineError
+from engine.model import PRESETS
+
+st.set_page_config(page_title="Train", page_icon=":material/model_training:", layout="wide")
+st.title(":material/model_training: Train")
+st.caption("Each run trains in its own process: you may close the tab, reload, or open a second one; "
+           "progress comes from the run registry.")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def duration(seconds: float | None) -> str:
+    """Seconds as a short 'Xm Ys' text."""
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def curves(rows: list[dict]) -> go.Figure:
+    """Loss and validation Dice/IoU per epoch, side by side."""
+    epochs = [row["epoch"] for row in rows]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation Dice / IoU"))
+    for key, name in (("train_loss", "train loss"), ("val_loss", "val loss")):
+        figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 1)
+    for key, name in (("val_dice", "Dice"), ("val_iou", "IoU")):
+        figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 2)
+    figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) < 15 else None)
+    figure.update_yaxes(range=[0, 1], row=1, col=2)
+    figure.update_layout(height=340, margin={"l": 10, "r": 10, "t": 60, "b": 10},
+                         legend={"orientation": "h", "y": 1.25, "x": 0})
+    return figure
+
+
+settings, monitor_column = st.columns([1, 2], gap="large")
+active = jobs.active_runs()
+
+# ---- a new run -----------------------------------------------------------------------------------
+with settings:
+    st.subheader("New run")
+    choices = data.dataset_choices()
+    if not choices:
+        st.info("No dataset yet: make one on the Generate data page.")
+    dataset = st.selectbox("Dataset", list(choices), key="train_dataset")
+    unusable = False
+    if dataset:
+        try:
+            counts = data.scan_dataset(choices[dataset], validate=False).counts()
+        except EngineError as err:
+            st.error(str(err))
+            unusable = True
+        else:
+            st.caption(f"{counts['images']} images ({counts['defective']} with defects): "
+                       f"{counts['train']} train / {counts['val']} val / {counts['test']} test")
+    name = st.text_input("Run name", value=dataset or "run", key="train_name")
+    preset = st.selectbox("Model size", list(PRESETS), key="train_preset",
+                          format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
+    stop_by = st.radio("Stop after", ["epochs", "minutes"], horizontal=True, key="train_stop_by")
+    if stop_by == "epochs":
+        epochs, minutes = st.number_input("Epochs", 1, 500, 10, key="train_epochs"), None
+    else:
+        minutes = st.number_input("Minutes", 0.5, 600.0, 5.0, 0.5, key="train_minutes")
+        epochs = 1000  # the wall-time budget ends the run
+    device = st.radio("Device", DEVICES, horizontal=True, key="train_device",
+                      help=None if len(DEVICES) > 1 else "No CUDA GPU found; training runs on the CPU.")
+    with st.expander("Advanced"):
+        crop = st.select_slider("Crop (px)", [32, 64, 96, 128, 192, 256], value=128, key="train_crop")
+        batch_size = st.number_input("Batch size", 1, 256, 16, key="train_batch")
+        steps = st.number_input("Steps per epoch (0 = one pass over the images)", 0, 10000, 0, key="train_steps")
+        lr = st.number_input("Learning rate", 1e-5, 1.0, 3e-3, format="%.4f", key="train_lr")
+        seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="train_seed")
+    allow_parallel = st.checkbox("Allow parallel runs", value=False, key="train_parallel")
+    blocked = bool(active) and not allow_parallel
+    if blocked:
+        st.caption(f"Run {active[0].id} is still {active[0].status}; tick the box to start another.")
+    if st.button("Start training", type="primary", disabled=blocked or not dataset or unusable, key="train_start"):
+        try:
+            report = data.scan_dataset(choices[dataset])
+            if not report.split("train") or not report.split("val"):
+                raise EngineError(f"{dataset} needs images in both the train and val splits "
+                                  f"(has {report.counts()}); generate more images")
+            run_id = jobs.start_training(str(choices[dataset]), name=name or dataset, epochs=int(epochs),
+                                         minutes=minutes, preset=preset, device=device, crop=int(crop),
+                                         batch_size=int(batch_size), steps_per_epoch=int(steps) or None,
+                                         lr=float(lr), seed=int(seed))
+        except EngineError as err:
+            st.error(str(err))
+        else:
+            for problem in report.problems[:5]:
+                st.warning(problem)
+            st.query_params["run"] = run_id
+            st.session_state["train_watch"] = run_id
+            st.success(f"Started run {run_id}.")
+
+# ---- watching a run ------------------------------------------------------------------------------
+with monitor_column:
+    st.subheader("Progress")
+    all_runs = registry.list_runs()
+    if not all_runs:
+        st.info("No runs yet. Start one on the left; its progress shows here.")
+        st.stop()
+    ids = [run.id for run in all_runs]
+    wanted = st.query_params.get("run")
+    default = wanted if wanted in ids else (active[0].id if active else ids[0])
+    if st.session_state.get("train_watch") not in ids:
+        st.session_state["train_watch"] = default
+    statuses = {run.id: run.status for run in all_runs}
+    watched = st.selectbox("Run", ids, key="train_watch", format_func=lambda r: f"{r}  [{statuses[r]}]")
+    st.query_params["run"] = watched
+    was_active = statuses[watched] in registry.ACTIVE_STATUSES
+
+    def show(run_id: str) -> None:
+        """Status, progress bar, curves and the actions that fit the run's state."""
+        try:
+            state = jobs.progress(run_id)
+        except EngineError as err:
+            st.warning(str(err))
+            return
+        if was_active and not state["active"]:
+            st.rerun()  # finished: redraw the whole page once (static view, resume offered)
+        done, planned = state["epochs_done"], state["epochs_planned"]
+        st.progress(min(1.0, done / planned) if planned else 0.0,
+                    text=f"{state['status']}: epoch {done}/{planned if planned < 1000 else '∞'}")
+        a, b, c, d = st.columns(4)
+        a.metric("Elapsed", duration(state["elapsed_s"]))
+        b.metric("Remaining (est.)", duration(state["eta_s"]) if state["active"] else "—")
+        c.metric("Best Dice", f"{state['best_dice']:.3f}" if state["best_dice"] is not None else "—")
+        d.metric("Best IoU", f"{state['best_iou']:.3f}" if state["best_iou"] is not None else "—")
+        if state["metrics"]:
+            st.plotly_chart(curves(state["metrics"]), key=f"curves_{run_id}")
+        elif state["active"]:
+            st.caption("Waiting for the first epoch…")
+        if state["active"]:
+            if st.button("Cancel run", key=f"cancel_{run_id}"):
+                jobs.cancel(run_id)
+                st.toast(f"Cancel requested for {run_id}")
+        if state["status"] == "failed":
+            st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
+            tail = jobs.log_tail(run_id)
+            if tail:
+                st.code(tail, language="text")
+
+    if was_active:
+        st.fragment(show, run_every=2)(watched)
+    else:
+        show(watched)
+        run = registry.get_run(watched)
+        folder = runs.run_dir(watched)
+        if run is not None and watched != "demo" and runs.epochs_saved(folder):
+            st.subheader("Resume with more epochs")
+            more = st.number_input("Train up to epoch", run.epochs_done + 1, run.epochs_done + 500,
+                                   run.epochs_done + 5, key=f"resume_to_{watched}")
+            if st.button("Resume", key=f"resume_{watched}", disabled=blocked):
+                try:
+                    jobs.start_training("", name=run.name, resume=watched, epochs=int(more), device=device)
+                except EngineError as err:
+                    st.error(str(err))
+                else:
+                    st.rerun()
+        with st.expander("Training log"):
+            st.code(jobs.log_tail(watched) or "(no log)", language="text")

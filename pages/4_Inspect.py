@@ -1,0 +1,232 @@
+"""Inspect: one image through one or two epochs of a run, at any threshold, against its ground truth."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+import torch
+
+from engine import config, data, runs, synth
+from engine.data import scan_dataset
+from engine.errors import EngineError
+from engine.imageio import decode_image, read_mask
+from engine.inference import (BACKENDS, ONNX_FILES, Prediction, Predictor, create_heatmap, difference_image,
+                              mask_difference, overlay, to_display)
+from engine.metrics import dice_score, iou_score
+
+st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
+MAX_REGIONS_SHOWN = 8
+
+
+@st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
+def sample_folder() -> str:
+    """Create and register data/procedural_images once per server process."""
+    return str(synth.ensure_sample_dataset())
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
+def load_predictor(run_dir: str, epoch: int | str, backend: str, device: str, mtime: float) -> Predictor:
+    """One Predictor per (run, epoch, backend, device); mtime makes a rewritten checkpoint load again."""
+    return Predictor(Path(run_dir), epoch, backend, device)
+
+
+@st.cache_data(max_entries=64, show_spinner="Running the model…")
+def probability(run_dir: str, epoch: int | str, backend: str, device: str, mtime: float, image_sha1: str,
+                _image: np.ndarray) -> np.ndarray:
+    """Defect probabilities of an image (keyed by model and image hash): a new threshold reuses them."""
+    return load_predictor(run_dir, epoch, backend, device, mtime).predict_proba(_image)
+
+
+def model_file(folder: Path, epoch: int | str, backend: str) -> Path:
+    """The file a model is loaded from (its mtime is part of the cache key)."""
+    return runs.checkpoint_path(folder, epoch) if backend == "torch" else folder / "export" / ONNX_FILES[backend]
+
+
+def epoch_label(epoch: int | str) -> str:
+    """'epoch 3' or 'best'."""
+    return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
+
+
+st.title(":material/search: Inspect")
+try:
+    sample_dir = Path(sample_folder())
+except EngineError as err:
+    st.error(f"The sample folder could not be created: {err}")
+    sample_dir = config.SAMPLE_DIR
+
+# A request from the Review page: open this run, epochs and sample.
+request = st.session_state.pop("inspect_request", None)
+if request:
+    st.session_state.update({"inspect_run": request["run"], "inspect_source": "Sample folder",
+                             "inspect_sample": request["sample"], "inspect_folder": request.get("folder")})
+    # A fresh widget key lets the requested epochs be the slider's default value.
+    st.session_state["inspect_nonce"] = st.session_state.get("inspect_nonce", 0) + 1
+    st.session_state["inspect_epochs_request"] = tuple(request.get("epochs") or ())
+
+# ---- model choice (sidebar) ----------------------------------------------------------------------
+folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in runs.list_run_dirs()}
+folders = {run_id: folder for run_id, folder in folders.items()
+           if (folder / "best.pth").is_file() or runs.epochs_saved(folder)}
+if not folders:
+    st.info("No trained model yet. Train one on the Train page; its epochs appear here.")
+    st.stop()
+try:
+    latest = runs.resolve_run("latest")
+    default_run = "demo" if latest == config.DEMO_RUN_DIR else latest.name
+except EngineError:
+    default_run = ""
+default_run = default_run if default_run in folders else next(iter(folders))
+if st.session_state.get("inspect_run") not in folders:
+    if st.session_state.get("inspect_run"):
+        st.warning(f"Run {st.session_state['inspect_run']} no longer exists (deleted?); showing {default_run}.")
+    st.session_state["inspect_run"] = default_run
+
+with st.sidebar:
+    run_id = st.selectbox("Run", list(folders), key="inspect_run")
+    folder = folders[run_id]
+    try:
+        info = runs.read_run_json(folder)
+    except EngineError as err:
+        st.error(str(err))
+        st.stop()
+    saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
+    best = info.get("best_epoch")
+    default_epoch = best if best in saved else saved[-1]
+    requested = st.session_state.get("inspect_epochs_request") or ()
+    value = tuple(requested) if len(requested) == 2 and all(e in saved for e in requested) else (default_epoch,) * 2
+    current = st.session_state.get(f"inspect_epochs_{run_id}_{st.session_state.get('inspect_nonce', 0)}")
+    if current is not None and not all(e in saved for e in current):  # epochs vanished: start afresh
+        st.session_state["inspect_nonce"] = st.session_state.get("inspect_nonce", 0) + 1
+    epochs_key = f"inspect_epochs_{run_id}_{st.session_state.get('inspect_nonce', 0)}"
+    if len(saved) > 1:
+        picked = st.select_slider("Epochs (one, or two to compare)", options=saved, value=value, key=epochs_key,
+                                  format_func=lambda e: f"{e}{' ★' if e == best else ''}",
+                                  help="★ best validation epoch. Drag the ends apart to compare two epochs.")
+    else:
+        picked = (saved[0], saved[0])
+        st.caption(f"Model: {epoch_label(saved[0])}" + (f" (epoch {best})" if saved[0] == "best" and best else ""))
+    backends = [b for b in BACKENDS if b == "torch" or (folder / "export" / ONNX_FILES[b]).is_file()]
+    backend = st.radio("Backend", backends, horizontal=True, key="inspect_backend") if len(backends) > 1 else "torch"
+    device = st.radio("Device", DEVICES if backend == "torch" else ["cpu"], horizontal=True, key="inspect_device")
+    stored_threshold = float(info.get("threshold", 0.5))
+    threshold = st.slider("Threshold", 0.0, 1.0, stored_threshold, 0.01, key=f"inspect_thr_{run_id}",
+                          help=f"Stored threshold of this run: {stored_threshold:.2f}")
+
+epochs: list[int | str] = [picked[0]] if picked[0] == picked[1] or backend != "torch" else list(picked)
+if backend != "torch":
+    st.caption(f"The {backend} export holds one model; the epoch slider does not apply.")
+
+# ---- the image -----------------------------------------------------------------------------------
+source = st.radio("Image", ["Sample folder", "Upload"], horizontal=True, key="inspect_source")
+truth: np.ndarray | None = None
+has_mask_file = False
+if source == "Sample folder":
+    folder_choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
+    if st.session_state.get("inspect_folder") not in folder_choices:
+        st.session_state["inspect_folder"] = sample_dir.name
+    picked_folder = st.selectbox("Folder", list(folder_choices), key="inspect_folder",
+                                 help="The sample folder, or any dataset folder with images/ and masks/")
+    try:
+        samples = {s.id: s for s in scan_dataset(folder_choices[picked_folder], validate=False).samples}
+    except EngineError as err:
+        st.error(str(err))
+        st.stop()
+    if st.session_state.get("inspect_sample") not in samples:
+        st.session_state.pop("inspect_sample", None)
+        st.session_state["inspect_sample"] = next((i for i, s in samples.items() if s.mask_path), next(iter(samples)))
+    sample_id = st.selectbox("Sample", list(samples), key="inspect_sample",
+                             format_func=lambda i: f"{i} — {samples[i].defect_types or 'defect-free'}")
+    sample = samples[sample_id]
+    raw, name = sample.image_path.read_bytes(), sample.image_path.name
+else:
+    upload = st.file_uploader("Image file", type=UPLOAD_TYPES, key="inspect_upload")
+    if upload is None:
+        st.info("Upload a PNG, JPEG, BMP or TIFF image (up to 20 MB), or switch to the sample folder.")
+        st.stop()
+    raw, name, sample = upload.getvalue(), upload.name, None
+try:
+    image = decode_image(raw, name)
+    if sample is not None and sample.mask_path is not None:
+        truth, has_mask_file = read_mask(sample.mask_path), True
+        if truth.shape != image.shape:
+            raise EngineError(f"{sample.mask_path.name}: mask size differs from the image")
+except EngineError as err:
+    st.error(f"Cannot use this image: {err}")
+    st.stop()
+image_sha1 = hashlib.sha1(raw).hexdigest()
+
+# ---- predictions ---------------------------------------------------------------------------------
+predictions: dict[int | str, Prediction] = {}
+try:
+    for epoch in epochs:
+        path = model_file(folder, epoch, backend)
+        proba = probability(str(folder), epoch, backend, device, path.stat().st_mtime, image_sha1, image)
+        predictions[epoch] = Prediction(proba, threshold)
+except (EngineError, OSError) as err:
+    st.error(f"Cannot load the model: {err}")
+    st.stop()
+
+# ---- sidebar scores ------------------------------------------------------------------------------
+with st.sidebar:
+    st.subheader("Scores")
+    if truth is not None:
+        for epoch, prediction in predictions.items():
+            left, right = st.columns(2)
+            left.metric(f"Dice ({epoch_label(epoch)})", f"{dice_score(prediction.mask, truth):.4f}")
+            right.metric(f"IoU ({epoch_label(epoch)})", f"{iou_score(prediction.mask, truth):.4f}")
+    elif sample is not None:
+        st.info("This sample has no mask file, so it is defect-free: every flagged pixel is a false alarm.")
+        for epoch, prediction in predictions.items():
+            st.metric(f"Flagged pixels ({epoch_label(epoch)})", int(prediction.mask.sum()))
+    else:
+        st.info("Uploaded images have no ground-truth mask; Dice and IoU need a sample with a mask.")
+
+# ---- views ---------------------------------------------------------------------------------------
+shown_truth = truth if truth is not None else (np.zeros(image.shape, np.uint8) if sample is not None else None)
+top = st.columns(3)
+top[0].image(to_display(image), caption=f"Input: {name}", width="stretch")
+if shown_truth is not None:
+    top[1].image(overlay(image, shown_truth, color=(40, 200, 80)), width="stretch",
+                 caption="Ground truth" if has_mask_file else "Ground truth (no mask file: defect-free)")
+with top[2]:
+    height, width = image.shape
+    st.markdown(f"**{name}** · {width}×{height} px · run **{run_id}**")
+    if sample is not None:
+        st.caption(f"Defect types: {sample.defect_types or 'none'} · split {sample.split}")
+for epoch, prediction in predictions.items():
+    st.markdown(f"**{epoch_label(epoch)}** — threshold {threshold:.2f}")
+    heat, over, facts = st.columns(3)
+    heat.image(create_heatmap(prediction.probability), caption="Defect probability", width="stretch")
+    over.image(overlay(image, prediction.mask), caption="Detected defects", width="stretch")
+    with facts:
+        regions = prediction.regions
+        if regions:
+            st.markdown(f":red-background[**Verdict: defect**] {len(regions)} region(s), "
+                        f"max score {prediction.max_score:.2f}")
+            # A static table: much lighter for the browser than a data grid on every threshold move.
+            st.table(pd.DataFrame([{"bbox x,y,w,h": ",".join(map(str, r.bbox)), "area px": r.area_px,
+                                    "max score": f"{r.max_score:.2f}", "shape": r.shape}
+                                   for r in regions[:MAX_REGIONS_SHOWN]]).set_index("bbox x,y,w,h"))
+            if len(regions) > MAX_REGIONS_SHOWN:
+                st.caption(f"… and {len(regions) - MAX_REGIONS_SHOWN} smaller regions")
+        else:
+            st.markdown(f":green-background[**Verdict: ok**] no pixel at or above {threshold:.2f} "
+                        f"(max score {prediction.max_score:.2f})")
+
+if len(predictions) == 2:
+    (epoch_a, a), (epoch_b, b) = predictions.items()
+    counts = mask_difference(a.mask, b.mask)
+    st.subheader(f"Difference: {epoch_label(epoch_a)} vs {epoch_label(epoch_b)}")
+    diff, legend = st.columns([1, 2])
+    diff.image(difference_image(image, a.mask, b.mask), width="stretch",
+               caption=f"orange: only {epoch_label(epoch_a)} · blue: only {epoch_label(epoch_b)} · white: both")
+    rows = [{"pixels flagged": f"only {epoch_label(epoch_a)}", "count": counts["only_a"]},
+            {"pixels flagged": f"only {epoch_label(epoch_b)}", "count": counts["only_b"]},
+            {"pixels flagged": "by both", "count": counts["both"]}]
+    legend.table(pd.DataFrame(rows).set_index("pixels flagged"))

@@ -1,0 +1,161 @@
+"""Review: a run's metrics on every image of a folder with masks, worst first, and the threshold trade-off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+
+from engine import config, data, runs, synth
+from engine.errors import EngineError
+from engine.evaluate import evaluate, select_samples
+from engine.imageio import read_image, read_mask
+from engine.inference import Predictor, overlay, to_display
+
+st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
+st.title(":material/fact_check: Review a folder")
+st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
+           "and how Dice and false alarms move with the threshold. Click a row to look at the image.")
+
+
+@st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
+def sample_folder() -> str:
+    """Create and register data/procedural_images once per server process."""
+    return str(synth.ensure_sample_dataset())
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
+def load_predictor(run_dir: str, epoch: int | str, mtime: float) -> Predictor:
+    """One torch/cpu Predictor per run epoch (mtime: a rewritten checkpoint loads again)."""
+    return Predictor(Path(run_dir), epoch)
+
+
+@st.cache_data(max_entries=16, show_spinner="Evaluating every image…")
+def evaluation(run_dir: str, epoch: int | str, mtime: float, folder: str, split: str, threshold: float,
+               folder_mtimes: tuple) -> dict:
+    """engine.evaluate over a folder split, with the threshold sweep (cached per model, folder state, threshold)."""
+    predictor = load_predictor(run_dir, epoch, mtime)
+    return evaluate(predictor, select_samples(folder, split), threshold, keep_probabilities=True)
+
+
+def epoch_label(epoch: int | str) -> str:
+    """'epoch 3' or 'best'."""
+    return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
+
+
+try:
+    sample_dir = Path(sample_folder())
+except EngineError as err:
+    st.error(f"The sample folder could not be created: {err}")
+    sample_dir = config.SAMPLE_DIR
+
+folders = {("demo" if f == config.DEMO_RUN_DIR else f.name): f for f in runs.list_run_dirs()}
+folders = {k: f for k, f in folders.items() if (f / "best.pth").is_file() or runs.epochs_saved(f)}
+if not folders:
+    st.info("No trained model yet. Train one on the Train page, then review it here.")
+    st.stop()
+
+with st.sidebar:
+    run_id = st.selectbox("Run", list(folders), key="review_run")
+    run_folder = folders[run_id]
+    try:
+        info = runs.read_run_json(run_folder)
+    except EngineError as err:
+        st.error(str(err))
+        st.stop()
+    saved: list[int | str] = list(runs.epochs_saved(run_folder)) or ["best"]
+    best = info.get("best_epoch")
+    default_epoch = best if best in saved else saved[-1]
+    if len(saved) > 1:
+        picked = st.select_slider("Epochs (one, or two to compare)", options=saved, value=(default_epoch,) * 2,
+                                  key=f"review_epochs_{run_id}", format_func=lambda e: f"{e}{' ★' if e == best else ''}")
+    else:
+        picked = (saved[0], saved[0])
+    choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
+    folder_name = st.selectbox("Folder", list(choices), key="review_folder")
+    split = st.selectbox("Split", ["all", "test", "val", "train"], key="review_split",
+                         index=0 if folder_name == sample_dir.name else 1)
+    stored = float(info.get("threshold", 0.5))
+    threshold = st.slider("Threshold", 0.0, 1.0, stored, 0.01, key=f"review_thr_{run_id}",
+                          help=f"Stored threshold of this run: {stored:.2f}")
+
+epochs = [picked[0]] if picked[0] == picked[1] else list(picked)
+folder = choices[folder_name]
+state = tuple((folder / sub).stat().st_mtime if (folder / sub).is_dir() else 0.0 for sub in ("images", "masks"))
+results: dict[int | str, dict] = {}
+try:
+    for epoch in epochs:
+        mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
+        results[epoch] = evaluation(str(run_folder), epoch, mtime, str(folder), split, threshold, state)
+except (EngineError, OSError) as err:
+    st.error(f"Cannot review this folder: {err}")
+    st.stop()
+
+# ---- set metrics ---------------------------------------------------------------------------------
+for epoch, result in results.items():
+    st.markdown(f"**{epoch_label(epoch)}** on {folder_name} ({split}, {result['n_images']} images, "
+                f"{result['n_defective']} with defects) at threshold {threshold:.2f}")
+    a, b, c, d = st.columns(4)
+    a.metric("Dice", f"{result['dice']:.3f}")
+    b.metric("IoU", f"{result['iou']:.3f}")
+    c.metric("Detection rate", "—" if result["detection_rate"] is None else f"{result['detection_rate']:.0%}")
+    d.metric("False-alarm rate", "—" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.0%}")
+
+# ---- per-image table, worst first ----------------------------------------------------------------
+first = epochs[0]
+table = pd.DataFrame(results[first]["per_image"])
+table["verdict"] = table["flagged"].map({True: "defect", False: "ok"})
+table["truth"] = table["has_defect"].map({True: "defect", False: "ok"})
+columns = ["id", "dice", "iou", "verdict", "truth", "false_positive_px", "missed_px", "max_score", "defect_types"]
+if len(epochs) == 2:
+    other = pd.DataFrame(results[epochs[1]]["per_image"])[["id", "dice"]].rename(columns={"dice": "dice B"})
+    table = table.merge(other, on="id")
+    table["Δ dice"] = table["dice B"] - table["dice"]
+    columns[2:2] = ["dice B", "Δ dice"]
+table = table.sort_values(["dice", "false_positive_px"], ascending=[True, False]).reset_index(drop=True)[columns]
+st.subheader("Per image" + (f" ({epoch_label(first)}; dice B = {epoch_label(epochs[1])})" if len(epochs) == 2 else ""))
+selection = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="review_table",
+                         column_config={c: st.column_config.NumberColumn(format="%.3f")
+                                        for c in ("dice", "iou", "dice B", "Δ dice", "max_score") if c in table})
+rows = selection.selection.rows if selection else []
+
+if rows:
+    sample_id = str(table.iloc[rows[0]]["id"])
+    sample = next(s for s in data.scan_dataset(folder, validate=False).samples if s.id == sample_id)
+    st.subheader(f"Image {sample_id}")
+    image = read_image(sample.image_path)
+    truth = read_mask(sample.mask_path) if sample.mask_path else None
+    views = st.columns(2 + len(epochs))
+    views[0].image(to_display(image), caption="Input", width="stretch")
+    views[1].image(overlay(image, truth if truth is not None else np.zeros(image.shape, np.uint8), color=(40, 200, 80)), width="stretch",
+                   caption="Ground truth" if truth is not None else "No mask file: defect-free")
+    for view, epoch in zip(views[2:], epochs):
+        mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
+        prediction = load_predictor(str(run_folder), epoch, mtime).predict(image, threshold)
+        view.image(overlay(image, prediction.mask), caption=f"{epoch_label(epoch)}: {prediction.verdict}",
+                   width="stretch")
+    if st.button("Open in Inspect", key="review_open"):
+        st.session_state["inspect_request"] = {"run": run_id, "sample": sample_id, "folder": folder_name,
+                                               "epochs": [epochs[0], epochs[-1]]}
+        st.switch_page("pages/4_Inspect.py")
+
+# ---- threshold sweep -----------------------------------------------------------------------------
+st.subheader("Threshold trade-off")
+figure = go.Figure()
+for epoch, result in results.items():
+    sweep = result["sweep"]
+    xs = [row["threshold"] for row in sweep]
+    figure.add_trace(go.Scatter(x=xs, y=[row["dice"] for row in sweep], name=f"Dice ({epoch_label(epoch)})",
+                                mode="lines+markers"))
+    figure.add_trace(go.Scatter(x=xs, y=[row["false_alarm_rate"] for row in sweep], mode="lines",
+                                name=f"false alarms ({epoch_label(epoch)})", line={"dash": "dot"}))
+figure.add_vline(x=stored, line_dash="dash", line_color="gray", annotation_text=f"stored {stored:.2f}")
+if abs(threshold - stored) > 1e-9:
+    figure.add_vline(x=threshold, line_color="firebrick", annotation_text=f"now {threshold:.2f}",
+                     annotation_position="bottom right")
+figure.update_layout(height=360, xaxis_title="threshold", yaxis_title="rate / score", yaxis_range=[0, 1.02],
+                     legend={"orientation": "h"}, margin={"l": 10, "r": 10, "t": 20, "b": 10})
+st.plotly_chart(figure, key="review_sweep")

@@ -1,0 +1,353 @@
+"""Every Streamlit page through AppTest with a real interaction, on real runs, datasets and the registry."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from engine import config, data, jobs, registry, runs, synth
+from engine.errors import EngineError, RunNotFound
+from engine.evaluate import evaluate, select_samples
+from engine.imageio import encode_png, read_image, read_mask
+from engine.inference import Predictor, mask_difference
+from engine.metrics import dice_score, iou_score
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 60  # first runs import torch and load models on a busy 2-core machine
+
+
+def open_page(page: str | None = None) -> AppTest:
+    """Start at Home (as a user does), then switch to `page`; returns the AppTest after the page's first run."""
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT).run()
+    assert not at.exception, [e.value for e in at.exception]
+    if page:
+        at.switch_page(page).run()
+        assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def metric(at: AppTest, label: str) -> str:
+    """The shown value of the metric with this label (anywhere on the page)."""
+    values = [m.value for m in at.metric if m.label == label]
+    assert values, f"no metric {label!r}; have {[m.label for m in at.metric]}"
+    return values[0]
+
+
+def texts(at: AppTest) -> str:
+    """All markdown, captions, alerts and subheaders of the page as one string."""
+    parts = [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.success, *at.subheader]
+    return "\n".join(str(p.value) for p in parts)
+
+
+def sample_with_mask() -> data.Sample:
+    """The first sample of the sample folder that has a mask (the one Inspect opens by default)."""
+    return next(s for s in data.scan_dataset(config.SAMPLE_DIR, validate=False).samples if s.mask_path)
+
+
+# ---------------------------------------------------------------------------------------- Home
+
+
+def test_home_creates_sample_folder_and_lists_runs(trained_run: str) -> None:
+    at = open_page()
+    assert (config.SAMPLE_DIR / "images").is_dir() and any((config.SAMPLE_DIR / "images").iterdir())
+    assert any(d.name == "procedural_images" for d in registry.list_datasets())
+    assert int(metric(at, "Runs")) == len(runs.overview()) >= 1
+    assert int(metric(at, "Datasets")) == len(registry.list_datasets())
+    run_table = at.dataframe[1].value
+    assert trained_run in set(run_table["run_id"])
+    links = {link.proto.page for link in at.get("page_link")}
+    assert {"Generate_Data", "Train", "Inspect", "Runs", "Review"} <= links
+
+
+# ---------------------------------------------------------------------------------------- Generate
+
+
+def test_generate_previews_then_writes_and_registers(session_home: Path) -> None:
+    at = open_page("pages/1_Generate_Data.py")
+    assert len(at.image) == 6  # the preview grid
+    at.text_input(key="gen_name").set_value("apptest-gen")
+    at.number_input(key="gen_count").set_value(12)
+    at.select_slider(key="gen_size").set_value(64)
+    at.slider(key="gen_w_crack").set_value(0.0)
+    at.run()
+    at.button(key="gen_go").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    out = config.DATA_DIR / "apptest-gen"
+    report = data.scan_dataset(out)
+    assert report.counts()["images"] == 12
+    assert all("crack" not in s.defect_types for s in report.samples)
+    row = next(d for d in registry.list_datasets() if d.name == "apptest-gen")
+    assert row.content_hash == data.dataset_hash(report.samples) and row.n_images == 12
+    assert "apptest-gen" in at.success[0].value
+
+
+def test_generate_refuses_bad_name_with_a_message() -> None:
+    at = open_page("pages/1_Generate_Data.py")
+    at.text_input(key="gen_name").set_value("../escape").run()
+    assert not at.exception
+    assert "not usable" in at.error[0].value
+    assert "gen_go" not in {b.key for b in at.button}  # nothing can be written under a bad name
+
+
+def test_cli_generate_registers_through_the_shared_function(session_home: Path) -> None:
+    from engine.__main__ import main
+
+    out = config.DATA_DIR / "cli-gen"
+    assert main(["generate", "--out", str(out), "--count", "4", "--size", "64"]) == 0
+    row = next(d for d in registry.list_datasets() if d.name == "cli-gen")
+    assert row.content_hash == data.dataset_hash(data.scan_dataset(out).samples)
+
+
+# ---------------------------------------------------------------------------------------- Train
+
+
+def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None:
+    at = open_page("pages/2_Train.py")
+    at.selectbox(key="train_dataset").set_value(tiny_dataset.name)
+    at.text_input(key="train_name").set_value("apptest-train")
+    at.number_input(key="train_epochs").set_value(1)
+    at.select_slider(key="train_crop").set_value(32)
+    at.number_input(key="train_batch").set_value(4)
+    at.number_input(key="train_steps").set_value(2)
+    at.run()
+    at.button(key="train_start").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    run = next(r for r in registry.list_runs() if r.name == "apptest-train")
+    assert at.query_params.get("run") in (run.id, [run.id])
+    at.run()  # the page now sees the active run: a second start is blocked unless parallel runs are allowed
+    if registry.get_run(run.id).status in registry.ACTIVE_STATUSES:
+        assert at.button(key="train_start").disabled
+    deadline = time.monotonic() + 90
+    while registry.get_run(run.id).status in registry.ACTIVE_STATUSES and time.monotonic() < deadline:
+        time.sleep(1)
+    final = registry.get_run(run.id)
+    assert final.status == "completed", (final.status, final.error, jobs.log_tail(run.id))
+    assert final.epochs_done == 1 and len(registry.epoch_metrics(run.id)) == 1
+    assert final.params["crop"] == 32 and final.params["steps_per_epoch"] == 2
+    at.run()
+    assert not at.exception
+    assert "completed: epoch 1/1" in at.get("progress")[0].proto.text
+    assert [b for b in at.button if b.key == f"resume_{run.id}"]  # resume is offered
+
+
+def test_train_shows_why_a_run_failed(runs_dir: Path) -> None:
+    run_id = "apptest-failed"
+    registry.create_run(run_id, name=run_id, status="failed", error="DatasetError: no val split")
+    (runs_dir / run_id).mkdir(parents=True, exist_ok=True)
+    (runs_dir / run_id / jobs.LOG_NAME).write_text("loading data\nTraceback: the reason is here\n")
+    at = open_page("pages/2_Train.py")
+    at.selectbox(key="train_watch").set_value(run_id).run()
+    assert not at.exception
+    assert "no val split" in at.error[0].value
+    assert any("the reason is here" in c.value for c in at.code)
+    registry.delete_run(run_id)
+
+
+# ---------------------------------------------------------------------------------------- Inspect
+
+
+def test_inspect_dice_equals_engine_dice(trained_run: str) -> None:
+    at = open_page("pages/4_Inspect.py")
+    at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
+    at.sidebar.select_slider[0].set_range(2, 2)
+    at.sidebar.slider[0].set_value(0.3)
+    at.run()
+    assert not at.exception
+    sample = sample_with_mask()
+    assert at.selectbox(key="inspect_sample").value == sample.id
+    predictor = Predictor(runs.run_dir(trained_run), 2)
+    pred = predictor.predict_proba(read_image(sample.image_path)) >= 0.3
+    truth = read_mask(sample.mask_path)
+    assert metric(at, "Dice (epoch 2)") == f"{dice_score(pred, truth):.4f}"
+    assert metric(at, "IoU (epoch 2)") == f"{iou_score(pred, truth):.4f}"
+    assert len(at.image) >= 4  # input, ground truth, heatmap, overlay
+
+
+def test_inspect_threshold_reuses_probabilities(trained_run: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    at = open_page("pages/4_Inspect.py")
+    at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
+    calls = []
+    original = Predictor.predict_proba
+    # A spy around the real method: counts network runs, changes nothing.
+    monkeypatch.setattr(Predictor, "predict_proba", lambda self, image: calls.append(1) or original(self, image))
+    for value in (0.2, 0.6):
+        at.sidebar.slider[0].set_value(value).run()
+        assert not at.exception
+    assert calls == [], "moving the threshold ran the network again"
+    monkeypatch.undo()
+    sample = sample_with_mask()
+    epoch = at.sidebar.select_slider[0].value[0]
+    probability = Predictor(runs.run_dir(trained_run), epoch).predict_proba(read_image(sample.image_path))
+    expected = dice_score(probability >= 0.6, read_mask(sample.mask_path))
+    assert metric(at, f"Dice (epoch {epoch})") == f"{expected:.4f}"
+
+
+def test_inspect_compares_two_epochs(trained_run: str) -> None:
+    at = open_page("pages/4_Inspect.py")
+    at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
+    at.sidebar.select_slider[0].set_range(1, 2)
+    at.sidebar.slider[0].set_value(0.4)
+    at.run()
+    assert not at.exception
+    assert {"Dice (epoch 1)", "Dice (epoch 2)"} <= {m.label for m in at.metric}
+    assert "Difference: epoch 1 vs epoch 2" in texts(at)
+    sample = sample_with_mask()
+    image = read_image(sample.image_path)
+    masks = [Predictor(runs.run_dir(trained_run), e).predict_proba(image) >= 0.4 for e in (1, 2)]
+    expected = mask_difference(*masks)
+    shown = at.table[-1].value  # the difference counts come last
+    assert list(shown["count"]) == [expected["only_a"], expected["only_b"], expected["both"]]
+
+
+def test_inspect_upload_without_mask_and_unreadable_upload(trained_run: str) -> None:
+    at = open_page("pages/4_Inspect.py")
+    at.radio(key="inspect_source").set_value("Upload").run()
+    assert "Upload a PNG" in at.info[0].value
+    image = (np.random.default_rng(0).random((40, 56)) * 255).astype(np.uint8)
+    at.file_uploader(key="inspect_upload").set_value(("part.png", encode_png(image), "image/png")).run()
+    assert not at.exception and not at.error
+    assert any("no ground-truth mask" in i.value for i in at.info)
+    assert not [m for m in at.metric if m.label.startswith("Dice")]
+    at.file_uploader(key="inspect_upload").set_value(("broken.png", b"not an image at all", "image/png")).run()
+    assert not at.exception
+    assert "Cannot use this image" in at.error[0].value and "not a readable" in at.error[0].value
+
+
+def test_inspect_tells_when_the_chosen_run_is_gone(trained_run: str) -> None:
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT).run()
+    at.switch_page("pages/4_Inspect.py")
+    at.session_state["inspect_run"] = "20200101-000000-deleted-0000"
+    at.run()
+    assert not at.exception
+    assert "no longer exists" in at.warning[0].value
+
+
+# ---------------------------------------------------------------------------------------- Review
+
+
+def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> None:
+    at = open_page("pages/6_Review.py")
+    at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+    at.sidebar.select_slider[0].set_range(2, 2).run()
+    assert not at.exception
+    folder = runs.run_dir(trained_run)
+    threshold = float(runs.read_run_json(folder)["threshold"])
+    expected = evaluate(Predictor(folder, 2), select_samples(config.SAMPLE_DIR, "all"), threshold)
+    assert metric(at, "Dice") == f"{expected['dice']:.3f}"
+    assert metric(at, "IoU") == f"{expected['iou']:.3f}"
+    table = at.dataframe(key="review_table").value
+    assert len(table) == expected["n_images"]
+    assert list(table["dice"]) == sorted(table["dice"])  # worst first
+    worst = str(table.iloc[0]["id"])
+    at.session_state["review_table"] = {"selection": {"rows": [0], "columns": []}}
+    at.run()
+    assert f"Image {worst}" in texts(at)
+    at.button(key="review_open").click().run()
+    assert not at.exception
+    assert at.title[0].value.endswith("Inspect")
+    assert at.selectbox(key="inspect_sample").value == worst
+    assert at.selectbox(key="inspect_run").value == trained_run
+
+
+# ---------------------------------------------------------------------------------------- Runs
+
+
+def _make_finished_run(run_id: str) -> Path:
+    """A completed run folder plus registry row (what a finished training leaves behind, minus weights)."""
+    folder = config.RUNS_DIR / run_id
+    folder.mkdir(parents=True)
+    runs.write_run_json(folder, {"run_id": run_id, "name": run_id, "status": "completed", "params": {"crop": 32}})
+    registry.create_run(run_id, name=run_id, status="completed")
+    return folder
+
+
+def test_runs_table_curves_lineage_and_delete(trained_run: str) -> None:
+    victim = "20200101-000000-apptest-victim-0000"
+    folder = _make_finished_run(victim)
+    at = open_page("pages/5_Runs.py")
+    table = at.dataframe[0].value
+    assert {trained_run, victim} <= set(table["run_id"])
+    assert trained_run in at.multiselect(key="runs_curves").value
+    at.selectbox(key="runs_lineage").set_value(trained_run).run()
+    assert runs.read_run_json(runs.run_dir(trained_run))["dataset"]["hash"] in texts(at)
+    at.selectbox(key="runs_delete").set_value(victim).run()
+    assert at.button(key="runs_delete_go").disabled  # not before the confirmation
+    at.checkbox(key=f"runs_delete_sure_{victim}").check().run()
+    at.button(key="runs_delete_go").click().run()
+    assert not at.exception
+    assert not folder.exists() and registry.get_run(victim) is None
+    assert f"Deleted run {victim}" in at.success[0].value
+    assert victim not in set(at.dataframe[0].value["run_id"])
+
+
+def test_delete_run_refuses_demo_active_and_unknown_runs() -> None:
+    with pytest.raises(EngineError, match="demo"):
+        runs.delete_run("demo")
+    registry.create_run("apptest-active", status="running", pid=None)
+    registry.heartbeat("apptest-active")
+    with pytest.raises(EngineError, match="cancel it"):
+        runs.delete_run("apptest-active")
+    registry.delete_run("apptest-active")
+    with pytest.raises(RunNotFound):
+        runs.delete_run("no-such-run")
+
+
+def test_difference_image_codes_only_a_only_b_and_both() -> None:
+    from engine.inference import DIFF_COLORS, difference_image
+
+    image = np.full((4, 4), 0.5, np.float32)
+    a = np.zeros((4, 4), np.uint8)
+    b = np.zeros((4, 4), np.uint8)
+    a[0, 0] = a[1, 1] = 1
+    b[1, 1] = b[2, 2] = 1
+    rgb = difference_image(image, a, b, alpha=1.0)
+    assert tuple(rgb[0, 0]) == DIFF_COLORS["only_a"]
+    assert tuple(rgb[2, 2]) == DIFF_COLORS["only_b"]
+    assert tuple(rgb[1, 1]) == DIFF_COLORS["both"]
+    assert tuple(rgb[3, 3]) == (63, 63, 63)  # the dimmed surface
+    assert mask_difference(a, b) == {"only_a": 1, "only_b": 1, "both": 1}
+
+
+def test_dataset_name_is_checked() -> None:
+    assert synth.dataset_dir("ok-name_1.v2") == config.DATA_DIR / "ok-name_1.v2"
+    for bad in ("", "../x", "a/b", ".hidden", "x" * 65):
+        with pytest.raises(EngineError):
+            synth.dataset_dir(bad)
+
+
+def test_train_refuses_a_dataset_that_fails_validation(session_home: Path) -> None:
+    broken = config.DATA_DIR / "apptest-broken"
+    (broken / "images").mkdir(parents=True)
+    (broken / "images" / "000000.png").write_bytes(b"this is not a png")
+    (broken / "images" / "000001.png").write_bytes(b"neither is this")
+    at = open_page("pages/2_Train.py")
+    at.selectbox(key="train_dataset").set_value("apptest-broken")
+    at.text_input(key="train_name").set_value("apptest-broken-run")
+    at.run()
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    assert "no usable images" in at.error[0].value
+    assert not [r for r in registry.list_runs() if r.name == "apptest-broken-run"]
+
+
+def test_inspect_run_with_only_best_checkpoint(trained_run: str) -> None:
+    """The shipped demo run keeps only best.pth (epoch files are not in git): Inspect offers 'best'."""
+    import shutil
+
+    folder = config.RUNS_DIR / "apptest-best-only"
+    shutil.copytree(runs.run_dir(trained_run), folder, ignore=shutil.ignore_patterns("model_epoch_*.pth"))
+    try:
+        at = open_page("pages/4_Inspect.py")
+        at.sidebar.selectbox(key="inspect_run").set_value("apptest-best-only").run()
+        assert not at.exception
+        assert not at.sidebar.select_slider  # one model, nothing to slide
+        sample = sample_with_mask()
+        threshold = float(runs.read_run_json(folder)["threshold"])
+        pred = Predictor(folder, "best").predict_proba(read_image(sample.image_path)) >= threshold
+        assert metric(at, "Dice (best)") == f"{dice_score(pred, read_mask(sample.mask_path)):.4f}"
+    finally:
+        shutil.rmtree(folder)
