@@ -35,7 +35,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         data=args.data or "", epochs=args.epochs, minutes=args.minutes, preset=args.preset, base=args.base,
         depth=args.depth, batch_size=args.batch_size, crop=args.crop, scale=args.scale,
         train_fraction=args.train_fraction, init=args.init, lr=args.lr, patience=args.patience,
-        device=args.device, threads=args.threads, seed=args.seed, name=args.name, run_id=args.run_id,
+        device=args.device, precision=args.precision, threads=args.threads, seed=args.seed, name=args.name,
+        run_id=args.run_id,
         resume=args.resume, steps_per_epoch=args.steps_per_epoch, channels_last=not args.no_channels_last,
     )
     print(train.train(cfg))
@@ -59,6 +60,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             value = result[key]
             print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}")
         print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}, {result['model']})")
+        for name, row in result["per_type"].items():
+            print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  ({row['n_images']} images)")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -268,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision for training (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
     p.add_argument("--threads", type=int)
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)

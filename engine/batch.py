@@ -30,7 +30,14 @@ import cv2
 import numpy as np
 
 from engine.errors import EngineError
-from engine.imageio import IMAGE_EXTENSIONS, atomic_write_bytes, atomic_write_json, atomic_write_text, read_image, write_png
+from engine.imageio import (
+    IMAGE_EXTENSIONS,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    read_image,
+    write_png,
+)
 from engine.inference import Predictor, overlay
 from engine.recipe import Recipe, apply_recipe, regions_mask, verdict_summary
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
 from engine.metrics import SetMetrics, dice_score, iou_score, threshold_sweep
+from engine.recipe import Recipe, apply_recipe, load_recipe
 
 
 def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
@@ -24,19 +26,30 @@ def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
 
 
 def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | None = None,
-             progress: Callable[[int, int], None] | None = None, keep_probabilities: bool = False) -> dict[str, Any]:
-    """Metrics of a predictor over samples at each image's own resolution, plus one row per image."""
-    threshold = predictor.threshold if threshold is None else threshold
+             progress: Callable[[int, int], None] | None = None, keep_probabilities: bool = False,
+             recipe: Recipe | None = None) -> dict[str, Any]:
+    """Metrics of a predictor over samples at each image's own resolution, plus one row per image.
+
+    Pixel metrics use the threshold; image-level verdicts (detection and false-alarm rates) use the
+    run's inspection recipe (threshold and minimum region area), as `predict` and the API do.
+    """
+    recipe = recipe or load_recipe(predictor.run_dir)
+    if threshold is not None:
+        recipe = recipe.with_overrides(threshold=threshold)
     metrics = SetMetrics()
+    by_type: dict[str, SetMetrics] = {}  # an image counts for every defect type it holds
     per_image, probabilities, truths = [], [], []
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
         probability = predictor.predict_proba(image)
-        pred = probability >= threshold
-        metrics.add(pred, truth)
+        pred = probability >= recipe.threshold
+        verdict, _ = apply_recipe(probability, recipe)
+        metrics.add(pred, truth, flagged=verdict == "defect")
+        for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {"none"}:
+            by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect")
         per_image.append({
             "id": sample.id, "dice": dice_score(pred, truth), "iou": iou_score(pred, truth),
-            "has_defect": bool(truth.any()), "flagged": bool(pred.any()),
+            "has_defect": bool(truth.any()), "flagged": verdict == "defect",
             "false_positive_px": int(np.logical_and(pred, truth == 0).sum()),
             "missed_px": int(np.logical_and(~pred, truth > 0).sum()),
             "max_score": float(probability.max()), "defect_types": sample.defect_types,
@@ -46,7 +59,15 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
             truths.append(truth)
         if progress:
             progress(i + 1, len(samples))
-    result = {**metrics.result(), "threshold": threshold, "model": predictor.describe(), "per_image": per_image}
+    result = {**metrics.result(), "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
+              "model": predictor.describe(), "per_image": per_image,
+              "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())}}
     if keep_probabilities:
         result["sweep"] = threshold_sweep(probabilities, truths)
     return result
+
+
+def _type_summary(metrics: SetMetrics) -> dict[str, Any]:
+    result = metrics.result()
+    keys = ("dice", "iou", "mean_image_dice", "detection_rate", "false_alarm_rate", "n_images")
+    return {key: result[key] for key in keys}

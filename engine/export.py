@@ -34,7 +34,13 @@ import numpy as np
 from engine import config, registry, runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError, EngineError
-from engine.inference import ONNX_FILES, TILE, Predictor, available_backends, preprocess_image
+from engine.inference import (
+    ONNX_FILES,
+    TILE,
+    Predictor,
+    available_backends,
+    preprocess_image,
+)
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -231,8 +237,13 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
                   stride: int, metadata: dict[str, Any], exclude_head: bool = False) -> dict[str, Any]:
     """Static INT8 (QDQ, per-channel weights, uint8 activations) of fp32_path into out_path; returns settings."""
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(_Calibration, CalibrationDataReader):

@@ -27,7 +27,6 @@ def iou_score(pred: np.ndarray, truth: np.ndarray) -> float:
 class SetMetrics:
     """Accumulates pixel totals and per-image results over a set of images."""
 
-    min_region_px: int = 0  # an image counts as flagged when it has more predicted pixels than this
     tp: int = 0
     fp: int = 0
     fn: int = 0
@@ -38,8 +37,8 @@ class SetMetrics:
     clean_flagged: int = 0
     clean_total: int = 0
 
-    def add(self, pred: np.ndarray, truth: np.ndarray) -> None:
-        """Add one image's binary prediction and ground truth."""
+    def add(self, pred: np.ndarray, truth: np.ndarray, flagged: bool | None = None) -> None:
+        """Add one image's binary prediction and ground truth; flagged defaults to 'any pixel predicted'."""
         pred, truth = pred.astype(bool), truth.astype(bool)
         tp = int(np.logical_and(pred, truth).sum())
         n_pred, n_true = int(pred.sum()), int(truth.sum())
@@ -49,7 +48,7 @@ class SetMetrics:
         self.per_image_dice.append(1.0 if n_pred + n_true == 0 else 2 * tp / (n_pred + n_true))
         union = n_pred + n_true - tp
         self.per_image_iou.append(1.0 if union == 0 else tp / union)
-        flagged = n_pred > self.min_region_px
+        flagged = n_pred > 0 if flagged is None else flagged
         if n_true > 0:
             self.defective_total += 1
             self.defective_flagged += flagged

@@ -678,6 +678,16 @@ def _artifacts_from_report(path: Path, run_id: str) -> list[Artifact]:
     return artifacts
 
 
+def _recipe_artifact(path: Path, run_id: str) -> list[Artifact]:
+    """The inspection recipe of a run folder as an artifact row (as engine.recipe.save_recipe records it)."""
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [Artifact(run_id=run_id, kind="recipe", path=str(path), epoch=None, size_bytes=path.stat().st_size,
+                     created_at=_mtime(path), accepted=True, metrics_json=_dumps(recipe))]
+
+
 @_retry_locked
 def _replace_run_rows(run: Run, epochs: list[EpochMetric], artifacts: list[Artifact]) -> None:
     with _write() as s:
@@ -708,6 +718,7 @@ def rebuild(runs_dir: Path | None = None) -> int:
             continue
         epochs = _epochs_from_csv(folder / "metrics.csv", run.id)
         artifacts = _artifacts_from_report(folder / "export" / "report.json", run.id)
+        artifacts += _recipe_artifact(folder / "recipe.json", run.id)
         _replace_run_rows(run, epochs, artifacts)
         count += 1
     return count

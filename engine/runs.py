@@ -47,6 +47,13 @@ def _mtime(folder: Path) -> float:
         return 0.0
 
 
+def runs_with_models() -> dict[str, Path]:
+    """Run id -> folder of every run that has a checkpoint, newest first (the shipped demo as 'demo')."""
+    folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in list_run_dirs()}
+    return {run_id: folder for run_id, folder in folders.items()
+            if (folder / "best.pth").is_file() or epochs_saved(folder)}
+
+
 def resolve_run(run: str | None) -> Path:
     """Folder of `run`: an id, `demo`, or `latest` (newest run with a best.pth, else the demo)."""
     run = run or "latest"

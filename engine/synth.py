@@ -725,7 +725,9 @@ def generate_and_register(
     source: str = "generated",
 ) -> dict:
     """generate_dataset, then record the folder in the registry (name, content hash, counts); returns the counts."""
-    from engine.data import register_dataset  # data imports torch; keep plain generation light
+    from engine.data import (
+        register_dataset,  # data imports torch; keep plain generation light
+    )
 
     params = params or SynthParams()
     result = generate_dataset(out, count, seed=seed, params=params, workers=workers, progress=progress)

@@ -26,7 +26,14 @@ from engine import config, registry, runs
 from engine.data import SegmentationDataset, dataset_hash, image_stats, scan_dataset
 from engine.errors import DatasetError, EngineError
 from engine.metrics import SetMetrics, best_threshold, threshold_sweep
-from engine.model import PRESETS, UNetTiny, count_parameters, load_checkpoint, save_checkpoint
+from engine.model import (
+    PRESETS,
+    UNetTiny,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
+from engine.recipe import TuneStats, load_recipe, save_recipe, tuned_recipe
 
 
 @dataclass
@@ -47,8 +54,10 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     patience: int = 10  # early stop after this many epochs without a better validation Dice
+    max_false_alarm: float = 0.02  # the saved recipe's min region area keeps val false alarms under this
     steps_per_epoch: int | None = None  # default: one pass over the training images
     device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CPUs with native bf16, fp16 on CUDA; or fp32/bf16/fp16
     threads: int | None = None
     channels_last: bool = True
     seed: int = 0
@@ -65,6 +74,16 @@ def pick_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda asked for, but no CUDA GPU is available; use --device cpu")
     return torch.device(device)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for training (None = plain fp32); weights and the loss always stay fp32."""
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.float16
+        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        return torch.bfloat16 if native_bf16 else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -105,14 +124,22 @@ def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: fl
     return float(np.mean(losses)), metrics.result(), probs, truths
 
 
-def measure_model_speed(model: UNetTiny, batch: torch.Tensor, seconds: float = 4.0) -> float:
+def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.dtype | None,
+                        seconds: float = 4.0) -> float:
     """Images per second of forward+backward on a fixed in-memory batch: the ceiling for training."""
     model = copy.deepcopy(model).train()  # a copy, so batch-norm statistics of the real model stay untouched
-    n_images, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or n_images < 3 * len(batch):
-        loss = model(batch).mean()
+
+    def step() -> None:
+        with torch.autocast(batch.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = model(batch).float().mean()
         loss.backward()
         model.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up: the first passes build the convolution kernels
+        step()
+    n_images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        step()
         n_images += len(batch)
     return n_images / (time.perf_counter() - start)
 
@@ -208,15 +235,15 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if resume_state and resume_state.get("epoch") == start_epoch:
         optimizer.load_state_dict(resume_state["optimizer"])
-    use_amp = device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    amp_dtype = autocast_dtype(device, cfg.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
                                          num_workers=0, generator=torch.Generator().manual_seed(cfg.seed + start_epoch))
     steps_per_epoch = cfg.steps_per_epoch or max(1, len(loader))
 
     # The ceiling: forward+backward speed on an in-memory batch, measured before training starts.
     probe = torch.randn(cfg.batch_size, 1, cfg.crop, cfg.crop, device=device).to(memory_format=memory_format)
-    model_speed = measure_model_speed(model, probe, seconds=3.0 if device.type == "cpu" else 1.0)
+    model_speed = measure_model_speed(model, probe, amp_dtype, seconds=3.0 if device.type == "cpu" else 1.0)
 
     info.update({
         "run_id": run_id, "name": cfg.name, "status": "running", "params": asdict(cfg),
@@ -246,6 +273,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
     best_dice = max((row["val_dice"] for row in history), default=-1.0)
     best_epoch = info.get("best_epoch") if history else None
     stale_epochs = 0
+    best_val_stats: TuneStats | None = None
     print(f"run {run_id}: {count_parameters(model):,} parameters, {len(train_set)} train / {len(val_set)} val "
           f"images, device {device}, model alone {model_speed:.1f} img/s", flush=True)
 
@@ -278,7 +306,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
 
             images = ((images - mean) / std).to(device, non_blocking=True).to(memory_format=memory_format)
             masks = masks.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(images)
             loss = seg_loss(logits.float(), masks)
             optimizer.zero_grad(set_to_none=True)
@@ -319,6 +347,9 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
             best_dice, best_epoch, stale_epochs = val["dice"], epoch, 0
             info["threshold"] = best_threshold(threshold_sweep(val_probs, val_truths))
             save_checkpoint(folder / "best.pth", model, {**meta, "threshold": info["threshold"]})
+            best_val_stats = TuneStats([info["threshold"]])  # for the recipe's min region area, at the end
+            for probability, truth in zip(val_probs, val_truths):
+                best_val_stats.add(probability, truth)
             info.update(best_epoch=epoch, best_dice=val["dice"], best_iou=val["iou"], best_val=val)
         else:
             stale_epochs += 1
@@ -341,6 +372,13 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
             break
 
     # ---- finish --------------------------------------------------------------------------------
+    if best_val_stats is not None:
+        # Threshold: best validation Dice. Min region area: most detections within the false-alarm budget.
+        chosen = best_val_stats.best(cfg.max_false_alarm)
+        context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best_epoch, "by": "training"}
+        info["recipe"] = save_recipe_for(folder, chosen, context)
+        print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px "
+              f"(val detection {chosen['detection_rate']}, false alarms {chosen['false_alarm_rate']})", flush=True)
     status = "cancelled" if stop_reason == "cancelled" else "completed"
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
                 train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1),
@@ -351,6 +389,13 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
           f"threshold {info['threshold']:.2f}; training {info['train_images_per_s']} img/s vs model alone "
           f"{model_speed:.1f} img/s", flush=True)
     return run_id
+
+
+def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
+    """Save the inspection recipe picked on validation data; returns it as a dict."""
+    recipe = tuned_recipe(chosen, load_recipe(folder), context)
+    save_recipe(folder, recipe)
+    return recipe.as_dict()
 
 
 def json_dumps(obj: object) -> str:

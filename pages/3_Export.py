@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import config, export, runs
+from engine import export, runs
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 
@@ -24,9 +24,7 @@ st.title(":material/inventory_2: Export")
 st.caption("ONNX for plain CPUs: checked against PyTorch on real images. INT8 (static, per-channel) is kept only "
            "when its validation Dice stays within the gate.")
 
-folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in runs.list_run_dirs()}
-folders = {run_id: folder for run_id, folder in folders.items()
-           if (folder / "best.pth").is_file() or runs.epochs_saved(folder)}
+folders = runs.runs_with_models()
 if not folders:
     st.info("No trained model yet. Train one on the Train page, then export it here.")
     st.stop()

@@ -14,8 +14,17 @@ from engine import config, data, runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
-from engine.inference import (BACKENDS, ONNX_FILES, Prediction, Predictor, create_heatmap, difference_image,
-                              mask_difference, overlay, to_display)
+from engine.inference import (
+    BACKENDS,
+    ONNX_FILES,
+    Prediction,
+    Predictor,
+    create_heatmap,
+    difference_image,
+    mask_difference,
+    overlay,
+    to_display,
+)
 from engine.metrics import dice_score, iou_score
 
 st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
@@ -70,9 +79,7 @@ if request:
     st.session_state["inspect_epochs_request"] = tuple(request.get("epochs") or ())
 
 # ---- model choice (sidebar) ----------------------------------------------------------------------
-folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in runs.list_run_dirs()}
-folders = {run_id: folder for run_id, folder in folders.items()
-           if (folder / "best.pth").is_file() or runs.epochs_saved(folder)}
+folders = runs.runs_with_models()
 if not folders:
     st.info("No trained model yet. Train one on the Train page; its epochs appear here.")
     st.stop()

@@ -52,8 +52,7 @@ except EngineError as err:
     st.error(f"The sample folder could not be created: {err}")
     sample_dir = config.SAMPLE_DIR
 
-folders = {("demo" if f == config.DEMO_RUN_DIR else f.name): f for f in runs.list_run_dirs()}
-folders = {k: f for k, f in folders.items() if (f / "best.pth").is_file() or runs.epochs_saved(f)}
+folders = runs.runs_with_models()
 if not folders:
     st.info("No trained model yet. Train one on the Train page, then review it here.")
     st.stop()
