@@ -24,7 +24,13 @@ from PIL import Image
 
 from api.main import create_app
 from engine import config, runs
-from engine.imageio import ImageTooLarge, UnsupportedImage, decode_image, decode_upload, probe_image
+from engine.imageio import (
+    ImageTooLarge,
+    UnsupportedImage,
+    decode_image,
+    decode_upload,
+    probe_image,
+)
 from engine.inference import Predictor, PredictorCache, default_backend
 
 # ---------------------------------------------------------------- images

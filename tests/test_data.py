@@ -6,7 +6,13 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.data import SegmentationDataset, augment_pair, load_pair, scan_dataset, split_for_id
+from engine.data import (
+    SegmentationDataset,
+    augment_pair,
+    load_pair,
+    scan_dataset,
+    split_for_id,
+)
 from engine.errors import DatasetError
 
 

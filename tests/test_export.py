@@ -21,7 +21,6 @@ from engine.errors import DatasetError, EngineError, RunNotFound
 from engine.inference import Predictor
 from engine.model import load_checkpoint
 
-
 CopyRun = Callable[[str], Path]
 
 

@@ -3,7 +3,13 @@
 import numpy as np
 import pytest
 
-from engine.metrics import SetMetrics, best_threshold, dice_score, iou_score, threshold_sweep
+from engine.metrics import (
+    SetMetrics,
+    best_threshold,
+    dice_score,
+    iou_score,
+    threshold_sweep,
+)
 
 
 def square(size: int, y: int, x: int, side: int) -> np.ndarray:

@@ -4,7 +4,13 @@ import pytest
 import torch
 
 from engine.errors import RunNotFound
-from engine.model import PRESETS, UNetTiny, count_parameters, load_checkpoint, save_checkpoint
+from engine.model import (
+    PRESETS,
+    UNetTiny,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

@@ -6,7 +6,15 @@ import numpy as np
 import pytest
 
 from engine.data import load_pair, scan_dataset
-from engine.inference import TILE, TILE_ABOVE, Predictor, predict_tiled, tile_size, tile_starts, tile_weights
+from engine.inference import (
+    TILE,
+    TILE_ABOVE,
+    Predictor,
+    predict_tiled,
+    tile_size,
+    tile_starts,
+    tile_weights,
+)
 
 
 @pytest.fixture(scope="module")
