@@ -60,7 +60,8 @@ class PredictResponse(BaseModel):
     verdict: Literal["ok", "defect"]
     defect_fraction: float
     max_score: float
-    regions: list[Region]
+    regions: list[Region] = Field(description="the regions that count under the run's inspection recipe")
+    recipe: dict[str, Any] | None = Field(None, description="the rules applied: threshold, min region area, ...")
     mask_png_base64: str | None = Field(None, description="binary mask (0/255) as base64 PNG, with return_mask=true")
     timings_ms: Timings
 

@@ -20,7 +20,9 @@ class Settings:
     max_image_pixels: int = 25_000_000  # DEFECTS_MAX_IMAGE_PIXELS: decoded size bound (memory per request)
     default_run: str = "latest"  # DEFECTS_API_RUN: loaded at start-up; `latest` falls back to `demo`
     default_backend: str | None = None  # DEFECTS_API_BACKEND: None = int8 > onnx > torch, whatever is exported
-    inference_slots: int = 1  # DEFECTS_API_SLOTS: images decoded and inferred at the same time
+    # DEFECTS_API_SLOTS: images decoded and inferred at the same time. Two keep both cores busy while one
+    # request is in HTTP parsing or decoding (measured: 102 % of the bare Predictor vs 75 % with one).
+    inference_slots: int = 2
     cache_size: int = 4  # DEFECTS_API_CACHE: models kept loaded
 
     @property

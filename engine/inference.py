@@ -88,9 +88,11 @@ class Prediction:
     def summary(self) -> dict[str, Any]:
         """JSON-friendly summary (verdict, fraction, max score, regions, timings)."""
         height, width = self.probability.shape
-        return {"image": {"width": width, "height": height}, "threshold": self.threshold, "verdict": self.verdict,
-                "defect_fraction": round(self.defect_fraction, 6), "max_score": round(self.max_score, 4),
-                "regions": [r.as_dict() for r in self.regions], "timings_ms": self.timings_ms}
+        regions = self.regions  # computed once here
+        return {"image": {"width": width, "height": height}, "threshold": self.threshold,
+                "verdict": "defect" if regions else "ok", "defect_fraction": round(self.defect_fraction, 6),
+                "max_score": round(self.max_score, 4), "regions": [r.as_dict() for r in regions],
+                "timings_ms": self.timings_ms}
 
 
 class Predictor:
@@ -459,8 +461,13 @@ def predict_bytes(predictor: Predictor, data: bytes, name: str = "upload", thres
     start = time.perf_counter()
     image, _ = decode_upload(data, name, max_pixels)
     decoded = time.perf_counter()
-    prediction = predictor.predict(image, threshold)
-    answer: dict[str, Any] = {"model": predictor.describe(), **prediction.summary()}
+    from engine.recipe import load_recipe, verdict_for  # recipe builds on this module
+
+    recipe = load_recipe(predictor.run_dir)  # re-read each time: `tune` may have saved a new one
+    if threshold is not None:
+        recipe = recipe.with_overrides(threshold=threshold)
+    prediction = predictor.predict(image, recipe.threshold)
+    answer: dict[str, Any] = {"model": predictor.describe(), **verdict_for(prediction, recipe)}
     if return_mask:
         answer["mask_png_base64"] = base64.b64encode(encode_png(prediction.mask * 255)).decode("ascii")
     answer["timings_ms"] = {"decode": round((decoded - start) * 1000, 2),
