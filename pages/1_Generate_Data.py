@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine import config, synth
+from engine import config, importer, synth
 from engine.errors import EngineError
 from engine.inference import overlay
 
@@ -83,3 +83,24 @@ if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
                    f"{result['defect_free']} defect-free; splits {result['per_split']}) in {result['seconds']:.1f} s. "
                    f"Content hash {result['dataset'].content_hash}.")
         st.page_link("pages/2_Train.py", label="Train a model on it", icon=":material/model_training:")
+
+# ---- bring your own images -------------------------------------------------------------------------
+st.header("Import your own images")
+st.caption("A folder on this machine with images/ and masks/ (optional manifest.csv), one MVTec-AD category "
+           "(train/good, test/<type>, ground_truth/<type>), or masks holding class ids 1..K.")
+with st.form("import"):
+    source = st.text_input("Folder to import", placeholder="/path/to/dataset", key="import_src")
+    import_name = st.text_input("Name for the imported dataset", value="imported", key="import_name")
+    link = st.checkbox("Link the images instead of copying them")
+    submitted = st.form_submit_button("Import")
+if submitted:
+    import_bar = st.progress(0.0, text="Importing…")
+    try:
+        imported = importer.import_dataset(source.strip(), import_name.strip(), link=link,
+                                           progress=lambda done, total: import_bar.progress(done / max(total, 1)))
+    except EngineError as err:
+        import_bar.empty()
+        st.error(str(err))
+    else:
+        import_bar.progress(1.0, text="Done")
+        st.success("\n\n".join(imported.lines()))

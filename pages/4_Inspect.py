@@ -26,6 +26,7 @@ from engine.inference import (
     to_display,
 )
 from engine.metrics import dice_score, iou_score
+from engine.recipe import apply_recipe, load_recipe
 
 st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -125,6 +126,11 @@ with st.sidebar:
     threshold = st.slider("Threshold", 0.0, 1.0, stored_threshold, 0.01, key=f"inspect_thr_{run_id}",
                           help=f"Stored threshold of this run: {stored_threshold:.2f}")
 
+try:  # the run's inspection rules (min region area ...) with the threshold chosen here
+    run_recipe = load_recipe(folder).with_overrides(threshold=threshold)
+except EngineError as err:
+    st.error(str(err))
+    st.stop()
 epochs: list[int | str] = [picked[0]] if picked[0] == picked[1] or backend != "torch" else list(picked)
 if backend != "torch":
     st.caption(f"The {backend} export holds one model; the epoch slider does not apply.")
@@ -212,8 +218,8 @@ for epoch, prediction in predictions.items():
     heat.image(create_heatmap(prediction.probability), caption="Defect probability", width="stretch")
     over.image(overlay(image, prediction.mask), caption="Detected defects", width="stretch")
     with facts:
-        regions = prediction.regions
-        if regions:
+        verdict, regions = apply_recipe(prediction.probability, run_recipe)
+        if verdict == "defect":
             st.markdown(f":red-background[**Verdict: defect**] {len(regions)} region(s), "
                         f"max score {prediction.max_score:.2f}")
             # A static table: much lighter for the browser than a data grid on every threshold move.
@@ -223,8 +229,8 @@ for epoch, prediction in predictions.items():
             if len(regions) > MAX_REGIONS_SHOWN:
                 st.caption(f"… and {len(regions) - MAX_REGIONS_SHOWN} smaller regions")
         else:
-            st.markdown(f":green-background[**Verdict: ok**] no pixel at or above {threshold:.2f} "
-                        f"(max score {prediction.max_score:.2f})")
+            st.markdown(f":green-background[**Verdict: ok**] no region of {run_recipe.min_region_px} px or more "
+                        f"at or above {threshold:.2f} (max score {prediction.max_score:.2f})")
 
 if len(predictions) == 2:
     (epoch_a, a), (epoch_b, b) = predictions.items()

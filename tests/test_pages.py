@@ -93,6 +93,17 @@ def test_generate_refuses_bad_name_with_a_message() -> None:
     assert "gen_go" not in {b.key for b in at.button}  # nothing can be written under a bad name
 
 
+def test_import_section_imports_and_registers_a_folder(tiny_dataset: Path) -> None:
+    at = open_page("pages/1_Generate_Data.py")
+    at.text_input(key="import_src").set_value(str(tiny_dataset))
+    at.text_input(key="import_name").set_value("apptest-import")
+    next(b for b in at.button if b.label == "Import").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    row = next(d for d in registry.list_datasets() if d.content_hash and d.path.endswith(("apptest-import", "tiny")))
+    assert row.n_images == 40
+    assert any("40" in s.value for s in at.success)
+
+
 def test_cli_generate_registers_through_the_shared_function(session_home: Path) -> None:
     from engine.__main__ import main
 
