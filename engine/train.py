@@ -7,6 +7,7 @@ background with engine.jobs.start_training.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import platform
@@ -400,8 +401,6 @@ def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
 
 def json_dumps(obj: object) -> str:
     """Compact JSON for registry columns."""
-    import json
-
     return json.dumps(obj, default=str)
 
 
