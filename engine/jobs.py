@@ -14,9 +14,9 @@ from engine.errors import EngineError
 LOG_NAME = "train.log"
 
 
-def train_command(data: str, run_id: str, **options: object) -> list[str]:
-    """The `python -m engine train` command line for these options (None values are left out)."""
-    command = [sys.executable, "-m", "engine", "train", "--data", str(data), "--run-id", run_id]
+def train_command(**options: object) -> list[str]:
+    """The `python -m engine train` command line for these options (None and False values are left out)."""
+    command = [sys.executable, "-m", "engine", "train"]
     for key, value in options.items():
         if value is None or value is False:
             continue
@@ -29,12 +29,10 @@ def start_training(data: str, name: str = "run", resume: str | None = None, **op
     """Start a training run in its own process (survives the caller); returns the run id at once."""
     if resume:
         run_id = runs.resolve_run(resume).name
-        command = [sys.executable, "-m", "engine", "train", "--resume", run_id]
-        command += [arg for key, value in options.items() if value is not None
-                    for arg in ("--" + key.replace("_", "-"), str(value))]
+        command = train_command(resume=run_id, **options)
     else:
         run_id = runs.new_run_id(name)
-        command = train_command(data, run_id, name=name, **options)
+        command = train_command(data=data, run_id=run_id, name=name, **options)
     folder = config.RUNS_DIR / run_id
     folder.mkdir(parents=True, exist_ok=True)
     if registry.get_run(run_id) is None:
