@@ -35,8 +35,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         data=args.data or "", epochs=args.epochs, minutes=args.minutes, preset=args.preset, base=args.base,
         depth=args.depth, batch_size=args.batch_size, crop=args.crop, scale=args.scale,
         train_fraction=args.train_fraction, init=args.init, lr=args.lr, patience=args.patience,
-        device=args.device, precision=args.precision, threads=args.threads, seed=args.seed, name=args.name,
-        run_id=args.run_id,
+        device=args.device, precision=args.precision, threads=args.threads, workers=args.workers, seed=args.seed,
+        name=args.name, run_id=args.run_id,
         resume=args.resume, steps_per_epoch=args.steps_per_epoch, channels_last=not args.no_channels_last,
     )
     print(train.train(cfg))
@@ -120,12 +120,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
     samples = select_samples(args.data, args.split)
     with _progress_bar(len(samples), "predicting") as progress:
         stats = recipe.collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
-    best = stats.best(args.max_false_alarm)
+    best = stats.best(args.max_false_alarm, args.confidence)
     if not best["false_alarms_measured"]:
         print(f"warning: split '{args.split}' has no defect-free images, so false alarms cannot be measured; "
               "picked by detection rate, then Dice", file=sys.stderr)
     elif not best["goal_met"]:
-        print(f"warning: no setting keeps false alarms at or below {args.max_false_alarm:.3f}; picked the fewest "
+        what = f"the {args.confidence:.0%} upper bound of false alarms" if args.confidence else "false alarms"
+        print(f"warning: no setting keeps {what} at or below {args.max_false_alarm:.3f}; picked the fewest "
               "false alarms", file=sys.stderr)
     base = recipe.load_recipe(predictor.run_dir)
     if base.min_region_px_by_shape or base.max_total_defect_fraction is not None:
@@ -138,12 +139,14 @@ def cmd_tune(args: argparse.Namespace) -> None:
     def rate(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
-    print(f"{'threshold':>9} {'min_region_px':>13} {'detection':>9} {'false_alarm':>11} {'dice':>6}")
+    bound_label = f"fa_bound@{best['confidence']:.0%}"
+    print(f"{'threshold':>9} {'min_region_px':>13} {'detection':>9} {'false_alarm':>11} {bound_label:>13} {'dice':>6}")
     print(f"{best['threshold']:>9.2f} {best['min_region_px']:>13d} {rate(best['detection_rate']):>9} "
-          f"{rate(best['false_alarm_rate']):>11} {rate(best['dice']):>6}")
+          f"{rate(best['false_alarm_rate']):>11} {rate(best['false_alarm_bound']):>13} {rate(best['dice']):>6}")
+    goal = (f"the {args.confidence:.0%} upper bound of false alarms" if best["goal_on"] == "bound" else "false alarms")
     print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
           f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {args.split} images, "
-          f"goal: false alarms <= {args.max_false_alarm:g})")
+          f"goal: {goal} <= {args.max_false_alarm:g})")
 
 
 def _number_list(text: str, kind: type) -> list:
@@ -274,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision for training (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
     p.add_argument("--threads", type=int)
+    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on CPU, up to 8 on CUDA)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="run")
@@ -312,7 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
     p.add_argument("--max-false-alarm", type=_unit_float, default=0.02,
                    help="highest acceptable share of defect-free images flagged (default 0.02)")
-    p.add_argument("--thresholds", help="comma-separated thresholds to try (default 0.05..0.95)")
+    p.add_argument("--confidence", type=_unit_float,
+                   help="apply the goal to this upper confidence bound of the false-alarm rate (e.g. 0.95), not to "
+                        "the rate measured on the tuning images: the goal then holds on new parts too")
+    p.add_argument("--thresholds", help="comma-separated thresholds to try (default 0.05..0.95, 0.97, 0.98, 0.99)")
     p.add_argument("--min-areas", help="comma-separated minimum region areas in px to try")
     p.add_argument("--no-save", action="store_true", help="print the best setting without saving the recipe")
     p.set_defaults(func=cmd_tune)

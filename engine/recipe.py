@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -32,7 +33,8 @@ from engine.inference import Prediction, Region, find_regions
 
 RECIPE_FILE = "recipe.json"
 SHAPES = ("scratch-like", "spot-like")
-DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2))
+# Up to 0.95 in steps of 0.05, then 0.97-0.99: a well-trained model scores most pixels near 0 or 1.
+DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2)) + (0.97, 0.98, 0.99)
 DEFAULT_MIN_AREAS = (0, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 
@@ -290,18 +292,28 @@ class TuneStats:
                  **{k: _clean(v[i, j]) for k, v in grid.items()}}
                 for i, t in enumerate(self.thresholds) for j, a in enumerate(self.min_areas)]
 
-    def best(self, max_false_alarm: float) -> dict[str, Any]:
+    def best(self, max_false_alarm: float, confidence: float | None = None) -> dict[str, Any]:
         """Highest detection rate with false-alarm rate <= max_false_alarm (ties: fewer false alarms,
-        higher Dice, smaller min area, threshold nearer 0.5); `goal_met` False when no cell meets it."""
+        higher Dice, smaller min area, threshold nearer 0.5); `goal_met` False when no cell meets it.
+
+        With `confidence` (e.g. 0.95) the goal applies to the upper confidence bound of the false-alarm rate
+        rather than the rate measured on these images, so the recipe keeps the goal on new parts too.
+        """
         if not any(self.has_defect):
             raise RecipeError("none of the tuning images has a defect, so detection cannot be measured; "
                               "tune on a split with defective images")
+        if confidence is not None and not 0.5 <= confidence < 1.0:
+            raise RecipeError(f"confidence must be at least 0.5 and below 1, got {confidence!r}")
         grid = self.grid()
         detection = np.nan_to_num(grid["detection_rate"], nan=0.0)
         false_alarm = grid["false_alarm_rate"]
         measured = not np.isnan(false_alarm).all()
         false_alarm = np.nan_to_num(false_alarm, nan=0.0)
-        feasible = false_alarm <= max_false_alarm + 1e-9
+        n_clean = len(self.has_defect) - int(sum(self.has_defect))
+        bound = (wilson_upper(false_alarm * n_clean, n_clean, confidence or 0.95) if n_clean
+                 else np.full_like(false_alarm, np.nan))
+        on_bound = confidence is not None and n_clean > 0
+        feasible = (bound if on_bound else false_alarm) <= max_false_alarm + 1e-9
         goal_met = bool(feasible.any())
         if not goal_met:  # nothing meets the goal: fewest false alarms first
             feasible = false_alarm <= false_alarm.min() + 1e-9
@@ -319,9 +331,22 @@ class TuneStats:
         return {"threshold": float(self.thresholds[i]), "min_region_px": int(self.min_areas[j]),
                 "detection_rate": _clean(grid["detection_rate"][i, j]),
                 "false_alarm_rate": _clean(grid["false_alarm_rate"][i, j]), "dice": _clean(grid["dice"][i, j]),
-                "goal_met": goal_met, "false_alarms_measured": measured, "max_false_alarm": max_false_alarm,
+                "false_alarm_bound": _clean(bound[i, j]), "confidence": confidence or 0.95,
+                "goal_on": "bound" if on_bound else "measured", "goal_met": goal_met,
+                "false_alarms_measured": measured, "max_false_alarm": max_false_alarm,
                 "n_images": len(self.has_defect), "n_defective": int(sum(self.has_defect)),
                 "n_defect_free": len(self.has_defect) - int(sum(self.has_defect))}
+
+
+def wilson_upper(failures: np.ndarray | float, n: int, confidence: float = 0.95) -> np.ndarray:
+    """One-sided upper confidence bound of a rate measured as failures / n (Wilson score interval)."""
+    if n <= 0:
+        raise RecipeError("a confidence bound needs at least one image")
+    z = statistics.NormalDist().inv_cdf(confidence)
+    rate = np.asarray(failures, np.float64) / n
+    centre = rate + z * z / (2 * n)
+    spread = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
 
 
 def _clean(value: float) -> float | None:
@@ -346,8 +371,8 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
 
 def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
     """The recipe `tune` saves: the chosen threshold and min area, the base's pixel size, no other rules."""
-    tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "dice", "goal_met", "max_false_alarm",
-                                   "n_images", "n_defective", "n_defect_free")}
+    tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",
+                                   "dice", "goal_met", "max_false_alarm", "n_images", "n_defective", "n_defect_free")}
     tuning.update(context or {})
     tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,

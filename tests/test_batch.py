@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import batch, recipe, runs
+from engine import batch, recipe
 from engine.__main__ import main
 from engine.inference import Predictor
 

@@ -11,7 +11,7 @@ import pytest
 from engine import config, recipe, registry
 from engine.__main__ import main
 from engine.inference import Prediction, find_regions
-from engine.recipe import Recipe, RecipeError, TuneStats, apply_recipe, regions_mask
+from engine.recipe import Recipe, RecipeError, TuneStats, apply_recipe, regions_mask, wilson_upper
 
 
 def blank(height: int = 64, width: int = 64, value: float = 0.02) -> np.ndarray:
@@ -201,6 +201,36 @@ def test_tuning_trades_detection_for_false_alarms() -> None:
     assert relaxed["detection_rate"] == 1.0 and relaxed["false_alarm_rate"] == 0.1
     assert relaxed["threshold"] <= 0.55
     assert stats.best(max_false_alarm=0.05)["detection_rate"] == 0.5
+
+
+def test_wilson_bound_of_a_rate() -> None:
+    z2 = 1.6448536269514722**2
+    assert wilson_upper(0, 100) == pytest.approx(z2 / (100 + z2))  # the closed form for no failures
+    bounds = wilson_upper(np.array([0, 1, 5, 50]), 500)
+    assert np.all(bounds > np.array([0, 1, 5, 50]) / 500) and np.all(np.diff(bounds) > 0)
+    assert wilson_upper(3, 500) < 0.02 < wilson_upper(5, 500)  # why 500 defect-free images can show "<= 2 %"
+    assert wilson_upper(0, 60) > 0.04  # and 60 cannot
+    assert wilson_upper(1, 100, 0.99) > wilson_upper(1, 100, 0.9)
+
+
+def test_tuning_on_the_confidence_bound_is_stricter_than_on_the_measured_rate() -> None:
+    """One of 100 clean parts has a blob at 0.6: 1 % measured meets a 3 % goal, but its 95 % bound (4.6 %) does not."""
+    stats = TuneStats(thresholds=[0.5, 0.7], min_areas=[0])
+    for probability in square_maps(5, 0.85) + square_maps(5, 0.55):
+        stats.add(probability, truth_of(probability))
+    for i in range(100):
+        probability = blank()
+        if i == 0:
+            probability[30:40, 30:40] = 0.6
+        stats.add(probability, np.zeros_like(probability, np.uint8))
+    measured = stats.best(max_false_alarm=0.03)
+    assert measured["threshold"] == 0.5 and measured["false_alarm_rate"] == 0.01 and measured["goal_on"] == "measured"
+    assert measured["false_alarm_bound"] == pytest.approx(wilson_upper(1, 100), abs=1e-6)
+    bounded = stats.best(max_false_alarm=0.03, confidence=0.95)
+    assert bounded["threshold"] == 0.7 and bounded["detection_rate"] == 0.5 and bounded["goal_met"]
+    assert bounded["goal_on"] == "bound" and bounded["false_alarm_bound"] < 0.03
+    with pytest.raises(RecipeError, match="confidence"):
+        stats.best(0.03, confidence=1.0)
 
 
 def test_tuning_grid_matches_apply_recipe_cell_by_cell() -> None:

@@ -59,6 +59,24 @@ def test_resume_continues_with_more_epochs(tiny_dataset) -> None:
     assert registry.get_run(run_id).epochs_done == 3
 
 
+def test_loader_workers_draw_their_own_augmentations(tiny_dataset) -> None:
+    from engine.data import SegmentationDataset, scan_dataset
+    from engine.train import reseed_worker
+
+    sample = scan_dataset(tiny_dataset).split("train")[0]
+    dataset = SegmentationDataset([sample, sample], crop=32, augment=True)  # the same image twice
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, worker_init_fn=reseed_worker)
+    (first, _), (second, _) = list(loader)  # item 0 from worker 0, item 1 from worker 1
+    assert not torch.equal(first, second)
+
+
+def test_training_with_loader_workers_completes(tiny_dataset) -> None:
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=4,
+                               steps_per_epoch=3, workers=2, name="workers"))
+    assert runs.read_run_json(config.RUNS_DIR / run_id)["status"] == "completed"
+    assert runs.read_run_json(config.RUNS_DIR / run_id)["params"]["workers"] == 2
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
