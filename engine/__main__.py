@@ -118,23 +118,13 @@ def cmd_tune(args: argparse.Namespace) -> None:
     min_areas = _number_list(args.min_areas, int) if args.min_areas else recipe.DEFAULT_MIN_AREAS
     predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
+    context = {"data": str(Path(args.data).resolve()), "split": args.split}
     with _progress_bar(len(samples), "predicting") as progress:
-        stats = recipe.collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
-    best = stats.best(args.max_false_alarm, args.confidence)
-    if not best["false_alarms_measured"]:
-        print(f"warning: split '{args.split}' has no defect-free images, so false alarms cannot be measured; "
-              "picked by detection rate, then Dice", file=sys.stderr)
-    elif not best["goal_met"]:
-        what = f"the {args.confidence:.0%} upper bound of false alarms" if args.confidence else "false alarms"
-        print(f"warning: no setting keeps {what} at or below {args.max_false_alarm:.3f}; picked the fewest "
-              "false alarms", file=sys.stderr)
-    base = recipe.load_recipe(predictor.run_dir)
-    if base.min_region_px_by_shape or base.max_total_defect_fraction is not None:
-        print("note: the per-shape minimum areas and the defect-fraction tolerance of the old recipe were not "
-              "tuned and are dropped", file=sys.stderr)
-    context = {"data": str(Path(args.data).resolve()), "split": args.split, "model": predictor.describe()}
-    tuned = recipe.tuned_recipe(best, base, context)
-    where = "not saved (--no-save)" if args.no_save else f"saved to {recipe.save_recipe(predictor.run_dir, tuned)}"
+        _, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
+                                         min_areas, context, save=not args.no_save, progress=progress)
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    where = "not saved (--no-save)" if args.no_save else f"saved to {predictor.run_dir / recipe.RECIPE_FILE}"
 
     def rate(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.3f}"

@@ -377,3 +377,34 @@ def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | N
     tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,
                   source="tuned", tuning=tuning)
+
+
+def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
+    """What the user should know about a tuning result: goal not met, false alarms not measurable, rules dropped."""
+    notes = []
+    if not best["false_alarms_measured"]:
+        notes.append("these images hold no defect-free part, so false alarms cannot be measured; "
+                     "the setting was picked by detection rate, then Dice")
+    elif not best["goal_met"]:
+        what = (f"the {best['confidence']:.0%} upper bound of false alarms" if best["goal_on"] == "bound"
+                else "false alarms")
+        notes.append(f"no setting keeps {what} at or below {best['max_false_alarm']:.3f}; "
+                     "picked the fewest false alarms")
+    if base.min_region_px_by_shape or base.max_total_defect_fraction is not None:
+        notes.append("the per-shape minimum areas and the defect-fraction tolerance of the old recipe were not "
+                     "tuned and are dropped")
+    return notes
+
+
+def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, confidence: float | None = None,
+             thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
+             context: dict[str, Any] | None = None, save: bool = True,
+             progress: Callable[[int, int], None] | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
+    """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings."""
+    stats = collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
+    best = stats.best(max_false_alarm, confidence)
+    base = load_recipe(predictor.run_dir)
+    tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe()})
+    if save:
+        save_recipe(predictor.run_dir, tuned)
+    return tuned, best, tuning_warnings(best, base)

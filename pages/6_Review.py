@@ -14,6 +14,7 @@ from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor, overlay, to_display
+from engine.recipe import tune_run
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
 st.title(":material/fact_check: Review a folder")
@@ -158,3 +159,34 @@ if abs(threshold - stored) > 1e-9:
 figure.update_layout(height=360, xaxis_title="threshold", yaxis_title="rate / score", yaxis_range=[0, 1.02],
                      legend={"orientation": "h"}, margin={"l": 10, "r": 10, "t": 20, "b": 10})
 st.plotly_chart(figure, key="review_sweep")
+
+# ---- recipe tuning -------------------------------------------------------------------------------
+st.subheader("Tune the inspection recipe")
+st.caption(f"Finds the threshold and minimum region size that flag the most defective images of this folder "
+           f"while keeping false alarms on its defect-free images under your goal, and saves them as the run's "
+           f"recipe (used by Inspect, `predict` and the API). Uses {epoch_label(first)}; tune on images the model "
+           "was not trained on.")
+goal_col, bound_col, button_col = st.columns([1, 2, 1])
+goal = goal_col.number_input("Max false alarms (%)", 0.0, 100.0, 2.0, 0.5, key="review_goal")
+on_bound = bound_col.checkbox("Hold the goal at 95 % confidence", value=True, key="review_bound",
+                              help="Apply the goal to the upper 95 % bound of the false-alarm rate, not to the rate "
+                                   "measured on these images, so it also holds on new parts. Needs many defect-free "
+                                   "images: 0 of 60 flagged still bounds the rate at 4.3 %.")
+if button_col.button("Tune and save", key="review_tune", type="primary"):
+    mtime = runs.checkpoint_path(run_folder, first).stat().st_mtime
+    try:
+        with st.spinner("Scoring every image…"):
+            tuned, result, notes = tune_run(load_predictor(str(run_folder), first, mtime),
+                                            select_samples(folder, split), goal / 100, 0.95 if on_bound else None,
+                                            context={"data": str(folder), "split": split})
+    except (EngineError, OSError) as err:
+        st.error(f"Cannot tune on this folder: {err}")
+    else:
+        bound_text = ("" if result["false_alarm_bound"] is None
+                      else f" (95 % bound {result['false_alarm_bound']:.1%})")
+        alarms = "not measured" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.1%}"
+        st.success(f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
+                   f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
+                   f"false alarms {alarms}{bound_text}.")
+        for note in notes:
+            st.warning(note)

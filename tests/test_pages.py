@@ -264,6 +264,33 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> N
     assert at.selectbox(key="inspect_run").value == trained_run
 
 
+def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str) -> None:
+    from engine.recipe import RECIPE_FILE, load_recipe, tune_run
+
+    folder = runs.run_dir(trained_run)
+    before = (folder / RECIPE_FILE).read_bytes() if (folder / RECIPE_FILE).is_file() else None
+    try:
+        at = open_page("pages/6_Review.py")
+        at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+        epoch = at.sidebar.select_slider[0].value[0]
+        at.number_input(key="review_goal").set_value(25.0)
+        at.checkbox(key="review_bound").uncheck()
+        at.button(key="review_tune").click().run()
+        assert not at.exception
+        expected, result, _ = tune_run(Predictor(folder, epoch), select_samples(config.SAMPLE_DIR, "all"), 0.25,
+                                       save=False)
+        saved = load_recipe(folder)
+        assert saved.source == "tuned" and saved.tuning["split"] == "all"
+        assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
+        assert f"threshold {expected.threshold:.2f}, minimum region {expected.min_region_px} px" in texts(at)
+        assert f"detection {result['detection_rate']:.1%}" in texts(at)
+    finally:
+        if before is None:
+            (folder / RECIPE_FILE).unlink(missing_ok=True)
+        else:
+            (folder / RECIPE_FILE).write_bytes(before)
+
+
 # ---------------------------------------------------------------------------------------- Runs
 
 
