@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--defect-free", type=float, default=0.2)
+    p.add_argument("--defect-free", type=float, default=0.4, help="share of defect-free images (default 0.4)")
     p.add_argument("--difficulty", type=float, default=0.5)
     p.add_argument("--tint", type=float, default=0.0, help="share of colour-tinted images")
     p.add_argument("--types", help="comma-separated defect types to draw (default: all)")

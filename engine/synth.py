@@ -43,7 +43,7 @@ class SynthParams:
     """What the generator draws: image size, defect mix, difficulty and colour."""
 
     size: int = 256
-    defect_free: float = 0.2  # share of images with no defect
+    defect_free: float = 0.4  # share of images with no defect (many clean surfaces teach what is not a defect)
     defect_weights: dict[str, float] = field(default_factory=_default_weights)
     max_defects: int = 3  # 1..max_defects defects per defective image
     difficulty: float = 0.5  # 0 easy (high contrast, wide) .. 1 hard (thin, low contrast)

@@ -31,7 +31,7 @@ with st.sidebar:
     count = st.number_input("Images", min_value=1, max_value=5000, value=200, step=50, key="gen_count")
     size = st.select_slider("Image size (px)", options=[64, 128, 256, 384, 512], value=256, key="gen_size")
     seed = st.number_input("Seed", min_value=0, max_value=2**31 - 1, value=0, key="gen_seed")
-    defect_free = st.slider("Defect-free share", 0.0, 1.0, 0.2, 0.05, key="gen_free")
+    defect_free = st.slider("Defect-free share", 0.0, 1.0, 0.4, 0.05, key="gen_free")
     difficulty = st.slider("Difficulty", 0.0, 1.0, 0.5, 0.05, key="gen_difficulty",
                            help="0: wide, high-contrast defects; 1: thin, faint ones")
     tint = st.slider("Colour-tinted share", 0.0, 1.0, 0.0, 0.05, key="gen_tint")

@@ -122,15 +122,16 @@ with st.sidebar:
     backends = [b for b in BACKENDS if b == "torch" or (folder / "export" / ONNX_FILES[b]).is_file()]
     backend = st.radio("Backend", backends, horizontal=True, key="inspect_backend") if len(backends) > 1 else "torch"
     device = st.radio("Device", DEVICES if backend == "torch" else ["cpu"], horizontal=True, key="inspect_device")
-    stored_threshold = float(info.get("threshold", 0.5))
-    threshold = st.slider("Threshold", 0.0, 1.0, stored_threshold, 0.01, key=f"inspect_thr_{run_id}",
-                          help=f"Stored threshold of this run: {stored_threshold:.2f}")
+    try:  # the run's inspection rules (threshold, min region area ...); the slider starts at its threshold
+        base_recipe = load_recipe(folder)
+    except EngineError as err:
+        st.error(str(err))
+        st.stop()
+    threshold = st.slider("Threshold", 0.0, 1.0, base_recipe.threshold, 0.01, key=f"inspect_thr_{run_id}",
+                          help=f"The run's recipe threshold: {base_recipe.threshold:.2f} (best validation Dice at "
+                               f"{float(info.get('threshold', 0.5)):.2f})")
 
-try:  # the run's inspection rules (min region area ...) with the threshold chosen here
-    run_recipe = load_recipe(folder).with_overrides(threshold=threshold)
-except EngineError as err:
-    st.error(str(err))
-    st.stop()
+run_recipe = base_recipe.with_overrides(threshold=threshold)
 epochs: list[int | str] = [picked[0]] if picked[0] == picked[1] or backend != "torch" else list(picked)
 if backend != "torch":
     st.caption(f"The {backend} export holds one model; the epoch slider does not apply.")

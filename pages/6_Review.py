@@ -14,7 +14,7 @@ from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor, overlay, to_display
-from engine.recipe import tune_run
+from engine.recipe import load_recipe, tune_run
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
 st.title(":material/fact_check: Review a folder")
@@ -78,9 +78,14 @@ with st.sidebar:
     folder_name = st.selectbox("Folder", list(choices), key="review_folder")
     split = st.selectbox("Split", ["all", "test", "val", "train"], key="review_split",
                          index=0 if folder_name == sample_dir.name else 1)
-    stored = float(info.get("threshold", 0.5))
+    try:
+        stored = load_recipe(run_folder).threshold
+    except EngineError as err:
+        st.error(str(err))
+        st.stop()
     threshold = st.slider("Threshold", 0.0, 1.0, stored, 0.01, key=f"review_thr_{run_id}",
-                          help=f"Stored threshold of this run: {stored:.2f}")
+                          help=f"The run's recipe threshold: {stored:.2f} (best validation Dice at "
+                               f"{float(info.get('threshold', 0.5)):.2f})")
 
 epochs = [picked[0]] if picked[0] == picked[1] else list(picked)
 folder = choices[folder_name]
@@ -152,7 +157,7 @@ for epoch, result in results.items():
                                 mode="lines+markers"))
     figure.add_trace(go.Scatter(x=xs, y=[row["false_alarm_rate"] for row in sweep], mode="lines",
                                 name=f"false alarms ({epoch_label(epoch)})", line={"dash": "dot"}))
-figure.add_vline(x=stored, line_dash="dash", line_color="gray", annotation_text=f"stored {stored:.2f}")
+figure.add_vline(x=stored, line_dash="dash", line_color="gray", annotation_text=f"recipe {stored:.2f}")
 if abs(threshold - stored) > 1e-9:
     figure.add_vline(x=threshold, line_color="firebrick", annotation_text=f"now {threshold:.2f}",
                      annotation_position="bottom right")

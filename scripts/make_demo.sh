@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=.venv/bin/python
-$py -m engine generate --out data/demo-train --count 600 --size 256 --seed 7
+$py -m engine generate --out data/demo-train --count 600 --size 256 --seed 7 --defect-free 0.2
 rm -rf runs/demo
 $py -m engine train --data data/demo-train --base 8 --depth 3 --epochs 4 --steps-per-epoch 250 \
   --precision fp32 --minutes 6 --name demo --run-id demo

@@ -32,6 +32,7 @@ from engine.imageio import (
     probe_image,
 )
 from engine.inference import Predictor, PredictorCache, default_backend
+from engine.recipe import load_recipe, verdict_for
 
 # ---------------------------------------------------------------- images
 
@@ -143,10 +144,10 @@ def test_predict_answers_the_contract_and_matches_the_predictor(client: TestClie
     assert sum(r["area_px"] for r in body["regions"]) == int((mask > 0).sum())
     # The same backend run directly on the same pixels gives the same answer.
     predictor = Predictor.from_run(trained_run, backend=body["model"]["backend"])
-    direct = predictor.predict(decode_image(_png(sample)))
-    assert body["threshold"] == pytest.approx(direct.threshold)
-    assert body["max_score"] == pytest.approx(direct.max_score, abs=1e-4)
-    assert body["verdict"] == direct.verdict
+    direct = verdict_for(predictor.predict(decode_image(_png(sample))), load_recipe(runs.run_dir(trained_run)))
+    assert body["threshold"] == pytest.approx(direct["threshold"])
+    assert body["max_score"] == pytest.approx(direct["max_score"], abs=1e-4)
+    assert body["verdict"] == direct["verdict"]
 
 
 def test_threshold_query_sets_the_mask(client: TestClient, sample: np.ndarray) -> None:

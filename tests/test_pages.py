@@ -15,6 +15,7 @@ from engine.evaluate import evaluate, select_samples
 from engine.imageio import encode_png, read_image, read_mask
 from engine.inference import Predictor, mask_difference
 from engine.metrics import dice_score, iou_score
+from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60  # first runs import torch and load models on a busy 2-core machine
@@ -41,6 +42,18 @@ def texts(at: AppTest) -> str:
     """All markdown, captions, alerts and subheaders of the page as one string."""
     parts = [*at.markdown, *at.caption, *at.info, *at.warning, *at.error, *at.success, *at.subheader]
     return "\n".join(str(p.value) for p in parts)
+
+
+@pytest.fixture
+def restore_recipe(trained_run: str):
+    """The trained run's folder; its recipe.json is put back as it was once the test is done."""
+    path = runs.run_dir(trained_run) / RECIPE_FILE
+    before = path.read_bytes() if path.is_file() else None
+    yield path.parent
+    if before is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_bytes(before)
 
 
 def sample_with_mask() -> data.Sample:
@@ -178,6 +191,16 @@ def test_inspect_dice_equals_engine_dice(trained_run: str) -> None:
     assert len(at.image) >= 4  # input, ground truth, heatmap, overlay
 
 
+def test_inspect_and_review_start_at_the_recipe_threshold(trained_run: str, restore_recipe: Path) -> None:
+    save_recipe(restore_recipe, load_recipe(restore_recipe).with_overrides(threshold=0.33))
+    at = open_page("pages/4_Inspect.py")
+    at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
+    assert at.sidebar.slider(key=f"inspect_thr_{trained_run}").value == 0.33
+    at.switch_page("pages/6_Review.py").run()
+    at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+    assert at.sidebar.slider(key=f"review_thr_{trained_run}").value == 0.33
+
+
 def test_inspect_threshold_reuses_probabilities(trained_run: str, monkeypatch: pytest.MonkeyPatch) -> None:
     at = open_page("pages/4_Inspect.py")
     at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
@@ -246,7 +269,7 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> N
     at.sidebar.select_slider[0].set_range(2, 2).run()
     assert not at.exception
     folder = runs.run_dir(trained_run)
-    threshold = float(runs.read_run_json(folder)["threshold"])
+    threshold = load_recipe(folder).threshold  # the sliders start at the recipe's threshold
     expected = evaluate(Predictor(folder, 2), select_samples(config.SAMPLE_DIR, "all"), threshold)
     assert metric(at, "Dice") == f"{expected['dice']:.3f}"
     assert metric(at, "IoU") == f"{expected['iou']:.3f}"
@@ -264,31 +287,21 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> N
     assert at.selectbox(key="inspect_run").value == trained_run
 
 
-def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str) -> None:
-    from engine.recipe import RECIPE_FILE, load_recipe, tune_run
-
-    folder = runs.run_dir(trained_run)
-    before = (folder / RECIPE_FILE).read_bytes() if (folder / RECIPE_FILE).is_file() else None
-    try:
-        at = open_page("pages/6_Review.py")
-        at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
-        epoch = at.sidebar.select_slider[0].value[0]
-        at.number_input(key="review_goal").set_value(25.0)
-        at.checkbox(key="review_bound").uncheck()
-        at.button(key="review_tune").click().run()
-        assert not at.exception
-        expected, result, _ = tune_run(Predictor(folder, epoch), select_samples(config.SAMPLE_DIR, "all"), 0.25,
-                                       save=False)
-        saved = load_recipe(folder)
-        assert saved.source == "tuned" and saved.tuning["split"] == "all"
-        assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
-        assert f"threshold {expected.threshold:.2f}, minimum region {expected.min_region_px} px" in texts(at)
-        assert f"detection {result['detection_rate']:.1%}" in texts(at)
-    finally:
-        if before is None:
-            (folder / RECIPE_FILE).unlink(missing_ok=True)
-        else:
-            (folder / RECIPE_FILE).write_bytes(before)
+def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, restore_recipe: Path) -> None:
+    at = open_page("pages/6_Review.py")
+    at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+    epoch = at.sidebar.select_slider[0].value[0]
+    at.number_input(key="review_goal").set_value(25.0)
+    at.checkbox(key="review_bound").uncheck()
+    at.button(key="review_tune").click().run()
+    assert not at.exception
+    expected, result, _ = tune_run(Predictor(restore_recipe, epoch), select_samples(config.SAMPLE_DIR, "all"), 0.25,
+                                   save=False)
+    saved = load_recipe(restore_recipe)
+    assert saved.source == "tuned" and saved.tuning["split"] == "all"
+    assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
+    assert f"threshold {expected.threshold:.2f}, minimum region {expected.min_region_px} px" in texts(at)
+    assert f"detection {result['detection_rate']:.1%}" in texts(at)
 
 
 # ---------------------------------------------------------------------------------------- Runs
@@ -384,7 +397,7 @@ def test_inspect_run_with_only_best_checkpoint(trained_run: str) -> None:
         assert not at.exception
         assert not at.sidebar.select_slider  # one model, nothing to slide
         sample = sample_with_mask()
-        threshold = float(runs.read_run_json(folder)["threshold"])
+        threshold = load_recipe(folder).threshold  # the sliders start at the recipe's threshold
         pred = Predictor(folder, "best").predict_proba(read_image(sample.image_path)) >= threshold
         assert metric(at, "Dice (best)") == f"{dice_score(pred, read_mask(sample.mask_path)):.4f}"
     finally:

@@ -103,7 +103,7 @@ def test_dataset_contract_manifest_masks_and_splits(tmp_path: Path) -> None:
         assert np.array_equal(again, image) and ";".join(types) == row["defect_types"]
 
     free = [r for r in rows if not r["defect_types"]]
-    assert len(free) == 8 == result["defect_free"] and result["defective"] == 32 and result["images"] == 40
+    assert len(free) == 16 == result["defect_free"] and result["defective"] == 24 and result["images"] == 40
     for split in synth.SPLITS:
         in_split = [r for r in rows if r["split"] == split]
         assert any(r["defect_types"] for r in in_split), split
