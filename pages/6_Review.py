@@ -190,8 +190,9 @@ if button_col.button("Tune and save", key="review_tune", type="primary"):
         bound_text = ("" if result["false_alarm_bound"] is None
                       else f" (95 % bound {result['false_alarm_bound']:.1%})")
         alarms = "not measured" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.1%}"
-        st.success(f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
-                   f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
-                   f"false alarms {alarms}{bound_text}.")
+        show = st.success if result["goal_met"] else st.warning
+        show(f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
+             f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
+             f"false alarms {alarms}{bound_text}.")
         for note in notes:
             st.warning(note)
