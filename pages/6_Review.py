@@ -79,12 +79,12 @@ with st.sidebar:
     split = st.selectbox("Split", ["all", "test", "val", "train"], key="review_split",
                          index=0 if folder_name == sample_dir.name else 1)
     try:
-        stored = load_recipe(run_folder).threshold
+        recipe_threshold = load_recipe(run_folder).threshold
     except EngineError as err:
         st.error(str(err))
         st.stop()
-    threshold = st.slider("Threshold", 0.0, 1.0, stored, 0.01, key=f"review_thr_{run_id}",
-                          help=f"The run's recipe threshold: {stored:.2f} (best validation Dice at "
+    threshold = st.slider("Threshold", 0.0, 1.0, recipe_threshold, 0.01, key=f"review_thr_{run_id}",
+                          help=f"The run's recipe threshold: {recipe_threshold:.2f} (best validation Dice at "
                                f"{float(info.get('threshold', 0.5)):.2f})")
 
 epochs = [picked[0]] if picked[0] == picked[1] else list(picked)
@@ -157,8 +157,9 @@ for epoch, result in results.items():
                                 mode="lines+markers"))
     figure.add_trace(go.Scatter(x=xs, y=[row["false_alarm_rate"] for row in sweep], mode="lines",
                                 name=f"false alarms ({epoch_label(epoch)})", line={"dash": "dot"}))
-figure.add_vline(x=stored, line_dash="dash", line_color="gray", annotation_text=f"recipe {stored:.2f}")
-if abs(threshold - stored) > 1e-9:
+figure.add_vline(x=recipe_threshold, line_dash="dash", line_color="gray",
+                 annotation_text=f"recipe {recipe_threshold:.2f}")
+if abs(threshold - recipe_threshold) > 1e-9:
     figure.add_vline(x=threshold, line_color="firebrick", annotation_text=f"now {threshold:.2f}",
                      annotation_position="bottom right")
 figure.update_layout(height=360, xaxis_title="threshold", yaxis_title="rate / score", yaxis_range=[0, 1.02],

@@ -33,6 +33,7 @@ from engine.imageio import (
 )
 from engine.inference import Predictor, PredictorCache, default_backend
 from engine.recipe import load_recipe, verdict_for
+from tests.servers import stop_process
 
 # ---------------------------------------------------------------- images
 
@@ -425,9 +426,4 @@ def test_real_uvicorn_server(trained_run: str, sample: np.ndarray) -> None:
             assert raw.recv(4096).startswith(b"HTTP/1.1 413")
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200  # still serving
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)

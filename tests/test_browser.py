@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import stop_process
+
 pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,11 +86,7 @@ def server(shown_run: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
             time.sleep(0.3)
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_process(process, timeout=15)
 
 
 @pytest.fixture(scope="module")

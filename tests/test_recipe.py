@@ -184,16 +184,22 @@ def test_tuning_finds_the_min_area_that_removes_glints() -> None:
     assert grid[(0.5, 100)]["detection_rate"] == 0.0
 
 
-def test_tuning_trades_detection_for_false_alarms() -> None:
-    """One clean part has a 10x10 blob at 0.6 that no area rule can tell from a defect."""
-    stats = TuneStats(thresholds=np.round(np.arange(0.05, 0.96, 0.05), 2), min_areas=[0, 10, 50, 200])
+def stats_with_one_blob(thresholds, min_areas, n_clean: int) -> TuneStats:
+    """Five defects scored 0.85 and five scored 0.55; of n_clean clean parts, one has a 10x10 blob at 0.6."""
+    stats = TuneStats(thresholds, min_areas)
     for probability in square_maps(5, 0.85) + square_maps(5, 0.55):
         stats.add(probability, truth_of(probability))
-    for i in range(10):
+    for i in range(n_clean):
         probability = blank()
         if i == 0:
             probability[30:40, 30:40] = 0.6
         stats.add(probability, np.zeros_like(probability, np.uint8))
+    return stats
+
+
+def test_tuning_trades_detection_for_false_alarms() -> None:
+    """One clean part has a 10x10 blob at 0.6 that no area rule can tell from a defect."""
+    stats = stats_with_one_blob(np.round(np.arange(0.05, 0.96, 0.05), 2), [0, 10, 50, 200], n_clean=10)
     strict = stats.best(max_false_alarm=0.0)
     assert strict["goal_met"] and strict["detection_rate"] == 0.5 and strict["false_alarm_rate"] == 0.0
     assert 0.6 < strict["threshold"] <= 0.85
@@ -215,14 +221,7 @@ def test_wilson_bound_of_a_rate() -> None:
 
 def test_tuning_on_the_confidence_bound_is_stricter_than_on_the_measured_rate() -> None:
     """One of 100 clean parts has a blob at 0.6: 1 % measured meets a 3 % goal, but its 95 % bound (4.6 %) does not."""
-    stats = TuneStats(thresholds=[0.5, 0.7], min_areas=[0])
-    for probability in square_maps(5, 0.85) + square_maps(5, 0.55):
-        stats.add(probability, truth_of(probability))
-    for i in range(100):
-        probability = blank()
-        if i == 0:
-            probability[30:40, 30:40] = 0.6
-        stats.add(probability, np.zeros_like(probability, np.uint8))
+    stats = stats_with_one_blob([0.5, 0.7], [0], n_clean=100)
     measured = stats.best(max_false_alarm=0.03)
     assert measured["threshold"] == 0.5 and measured["false_alarm_rate"] == 0.01 and measured["goal_on"] == "measured"
     assert measured["false_alarm_bound"] == pytest.approx(wilson_upper(1, 100), abs=1e-6)
