@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import traceback
@@ -31,15 +32,30 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     if not args.resume and not args.data:
         raise EngineError("train needs --data DIR (or --resume RUN)")
-    cfg = train.TrainConfig(
-        data=args.data or "", epochs=args.epochs, minutes=args.minutes, preset=args.preset, base=args.base,
-        depth=args.depth, batch_size=args.batch_size, crop=args.crop, scale=args.scale,
-        train_fraction=args.train_fraction, init=args.init, lr=args.lr, patience=args.patience,
-        device=args.device, precision=args.precision, threads=args.threads, workers=args.workers, seed=args.seed,
-        name=args.name, run_id=args.run_id,
-        resume=args.resume, steps_per_epoch=args.steps_per_epoch, channels_last=not args.no_channels_last,
-    )
+    names = {f.name for f in dataclasses.fields(train.TrainConfig)} - {"command"}
+    cfg = train.TrainConfig(**{name: getattr(args, name) for name in names})
     print(train.train(cfg))
+
+
+def add_train_options(p: argparse.ArgumentParser) -> None:
+    """The `train` options, one per TrainConfig field, with its default and help text."""
+    from typing import get_type_hints
+
+    from engine.train import TrainConfig
+
+    types = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("hidden") and f.name != "run_id":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = next((t for t in (bool, int, float) if t in getattr(types[f.name], "__args__", (types[f.name],))), str)
+        extra = {"help": argparse.SUPPRESS if f.metadata.get("hidden") else f.metadata.get("help", "")}
+        if kind is bool:  # every boolean option defaults to on and has a --no- flag
+            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", **extra)
+            continue
+        if "choices" in f.metadata:
+            extra["choices"] = f.metadata["choices"]
+        p.add_argument(flag, type=kind, default=f.default, **extra)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -249,30 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model (one run)")
-    p.add_argument("--data")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--minutes", type=float)
-    p.add_argument("--preset", default="fast", choices=["fast", "balanced", "accurate"])
-    p.add_argument("--base", type=int)
-    p.add_argument("--depth", type=int)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--crop", type=int, default=128)
-    p.add_argument("--scale", type=float, default=1.0, help="resize images by this factor (0.5 = 4x faster)")
-    p.add_argument("--train-fraction", type=float, default=1.0, help="train on a seeded subset of the train split")
-    p.add_argument("--init", metavar="RUN", help="start from the best weights of RUN (fine-tuning)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--steps-per-epoch", type=int)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision for training (auto: bf16 on CPUs with native bf16, fp16 on CUDA)")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--workers", type=int, help="data-loading processes (default: 0 on CPU, up to 8 on CUDA)")
-    p.add_argument("--no-channels-last", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name", default="run")
-    p.add_argument("--run-id", help=argparse.SUPPRESS)
-    p.add_argument("--resume", metavar="RUN", help="continue RUN from its last checkpoint up to --epochs")
+    add_train_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a run on a dataset split")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,12 @@ class Sample:
     mask_path: Path | None
     split: str
     defect_types: str = ""
+    has_defect: bool | None = None  # from the mask's pixels once decoded; None: not looked at yet
+
+    @property
+    def defective(self) -> bool:
+        """Whether the image holds a defect: by mask content when known, else by the mask file's presence."""
+        return self.mask_path is not None if self.has_defect is None else self.has_defect
 
 
 @dataclass
@@ -44,11 +51,27 @@ class DatasetReport:
         """Image counts overall, defective, defect-free and per split."""
         counts = {
             "images": len(self.samples),
-            "defective": sum(s.mask_path is not None for s in self.samples),
-            "defect_free": sum(s.mask_path is None for s in self.samples),
+            "defective": sum(s.defective for s in self.samples),
+            "defect_free": sum(not s.defective for s in self.samples),
         }
         counts.update({name: len(self.split(name)) for name in SPLITS})
         return counts
+
+    def training_splits(self, val_fraction: float = 0.15) -> tuple[list[Sample], list[Sample], bool]:
+        """(train, val, carved): the val split, or when the set has none, one carved out of train.
+
+        Carving is stratified (defective and defect-free images apart) and stable: images are ordered by a
+        hash of their id, so the same set always gives the same split, whatever the seed.
+        """
+        train, val = self.split("train"), self.split("val")
+        if val or len(train) < 2:
+            return train, val, False
+        carved: set[str] = set()
+        for group in ([s for s in train if s.defective], [s for s in train if not s.defective]):
+            n_val = round(len(group) * val_fraction) or (1 if len(group) >= 2 else 0)
+            ordered = sorted(group, key=lambda s: hashlib.sha1(s.id.encode()).hexdigest())
+            carved.update(s.id for s in ordered[:n_val])
+        return [s for s in train if s.id not in carved], [s for s in train if s.id in carved], True
 
 
 def split_for_id(sample_id: str) -> str:
@@ -91,12 +114,14 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
             problems.append(f"{path.name}: unknown split '{split}' in manifest; using {split_for_id(path.stem)}")
             split = split_for_id(path.stem)
         sample = Sample(path.stem, path, masks.get(path.stem), split, row.get("defect_types", "") or "")
+        if sample.mask_path is not None and (row.get("defect_fraction") or "").strip():
+            sample.has_defect = _listed_as_defective(row)  # the manifest knows; decoding below confirms it
         if sample.mask_path is None and _listed_as_defective(row):
             problems.append(f"{path.name}: manifest lists a defect but masks/{path.stem}.png is missing")
             continue
         if validate:
             try:
-                check_pair(sample)
+                sample.has_defect = check_pair(sample)
             except ImageError as err:
                 problems.append(str(err))
                 continue
@@ -108,8 +133,8 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
     return DatasetReport(root, samples, problems)
 
 
-def check_pair(sample: Sample) -> None:
-    """Raise ImageError if the image or its mask is unreadable or their sizes differ."""
+def check_pair(sample: Sample) -> bool:
+    """Whether the mask holds a defect pixel; ImageError if image or mask is unreadable or their sizes differ."""
     header = cv2.imread(str(sample.image_path), cv2.IMREAD_UNCHANGED)
     if header is None:
         raise ImageError(f"{sample.image_path.name}: unreadable or corrupt image")
@@ -122,6 +147,8 @@ def check_pair(sample: Sample) -> None:
                 f"{sample.image_path.name}: mask is {mask.shape[1]}x{mask.shape[0]} but image is "
                 f"{header.shape[1]}x{header.shape[0]}"
             )
+        return bool(mask.any())
+    return False
 
 
 def load_pair(sample: Sample) -> tuple[np.ndarray, np.ndarray]:
@@ -153,7 +180,11 @@ def image_stats(images: list[np.ndarray]) -> tuple[float, float]:
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Decoded images held in memory; training items are augmented square crops biased towards defects."""
+    """Decoded images held in memory; training items are augmented square crops, some centred on defects.
+
+    An item is asked for by index (a defect-centred crop with probability defect_crop_share) or, from
+    DefectBatchSampler, by (index, centred) so that every batch holds its share of defect crops.
+    """
 
     def __init__(
         self,
@@ -163,39 +194,115 @@ class SegmentationDataset(torch.utils.data.Dataset):
         defect_crop_share: float = 0.6,
         seed: int = 0,
         scale: float = 1.0,
+        pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
     ) -> None:
+        """`pairs` are the samples' decoded (image, mask) at full size when the caller has them already."""
         self.samples = samples
         # Decode (and rescale) once; training is then compute-bound.
-        self.pairs = [rescale_pair(*load_pair(s), scale) for s in samples]
+        pairs = pairs if pairs is not None else [load_pair(s) for s in samples]
+        self.pairs = [rescale_pair(image, mask, scale) for image, mask in pairs]
         self.crop, self.augment, self.defect_crop_share = crop, augment, defect_crop_share
         self.rng = np.random.default_rng(seed)
         # Defect pixel coordinates per image, to centre some crops on defects.
         self.defect_pixels = [np.argwhere(mask) for _, mask in self.pairs]
+        # Quarter turns only where the parts themselves are square; elsewhere orientation is fixed by the
+        # fixture (a long part is never seen sideways), so flips (180-degree turns included) are the geometry.
+        self.quarter_turns = all(image.shape[0] == image.shape[1] for image, _ in self.pairs)
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def defective(self) -> list[int]:
+        """Indices of the images that hold at least one defect pixel."""
+        return [i for i, pixels in enumerate(self.defect_pixels) if len(pixels)]
+
+    def __getitem__(self, item: int | tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
+        index, centred = item if isinstance(item, tuple) else (item, self.rng.random() < self.defect_crop_share)
         image, mask = self.pairs[index]
-        image, mask = self._random_crop(image, mask, self.defect_pixels[index])
+        image, mask = self._random_crop(image, mask, self.defect_pixels[index] if centred else None)
         if self.augment:
-            image, mask = augment_pair(image, mask, self.rng)
+            image, mask = augment_pair(image, mask, self.rng, self.quarter_turns)
         return torch.from_numpy(image[None].copy()), torch.from_numpy(mask[None].astype(np.float32))
 
-    def _random_crop(self, image: np.ndarray, mask: np.ndarray, defects: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _random_crop(self, image: np.ndarray, mask: np.ndarray,
+                     defects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         size = self.crop
         height, width = image.shape
         if height < size or width < size:  # pad small images up to the crop size
             pad = ((0, max(0, size - height)), (0, max(0, size - width)))
             image, mask = np.pad(image, pad, mode="reflect"), np.pad(mask, pad)
             height, width = image.shape
-        if len(defects) and self.rng.random() < self.defect_crop_share:
+        if defects is not None and len(defects):
             cy, cx = defects[self.rng.integers(len(defects))]
             y = int(np.clip(cy - self.rng.integers(size), 0, height - size))
             x = int(np.clip(cx - self.rng.integers(size), 0, width - size))
         else:
             y, x = int(self.rng.integers(height - size + 1)), int(self.rng.integers(width - size + 1))
         return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+
+
+class DefectBatchSampler(torch.utils.data.Sampler):
+    """Batches of (index, centred) where a fixed share of every batch is crops centred on a defect.
+
+    With a handful of defective images among many good ones, sampling by image leaves most batches without
+    a defect pixel; guaranteeing the share per batch keeps the loss informative. The other crops are drawn
+    at random from all images, so good surfaces are seen as often as they occur.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, batch_size: int, steps: int, defect_share: float = 0.5,
+                 seed: int = 0) -> None:
+        self.defective, self.n_images = dataset.defective, len(dataset)
+        self.batch_size, self.steps = batch_size, steps
+        self.n_centred = round(batch_size * defect_share) if self.defective else 0
+        self.rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            centred = [(int(i), True) for i in self.rng.choice(self.defective, self.n_centred)] if self.n_centred else []
+            rest = [(int(i), False) for i in self.rng.integers(self.n_images, size=self.batch_size - self.n_centred)]
+            yield centred + rest
+
+
+# Automatic training geometry: thin defects must stay visible, the image must keep enough context.
+MIN_DEFECT_WIDTH_PX = 5  # the thinnest defects (10th percentile of widths) stay at least this wide
+MIN_SHORT_SIDE_PX = 224  # images are not shrunk below this short side
+CROP_RANGE = (128, 192)  # crops follow the (scaled) short side within this range, in steps of 32
+
+
+def defect_widths(masks: list[np.ndarray]) -> np.ndarray:
+    """Width in px of every defect region (twice its largest inscribed radius)."""
+    widths = []
+    for mask in masks:
+        if not mask.any():
+            continue
+        binary = (mask > 0).astype(np.uint8)
+        count, labels = cv2.connectedComponents(binary, connectivity=8)
+        radius = cv2.distanceTransform(binary, cv2.DIST_L2, 3)
+        peaks = np.zeros(count, np.float32)
+        np.maximum.at(peaks, labels.ravel(), radius.ravel())
+        widths.extend(2 * peaks[1:])
+    return np.asarray(widths, np.float32)
+
+
+def auto_geometry(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
+    """Training scale and crop from the images' sizes and the defects' widths (the choice `train` makes alone).
+
+    Scale: as small as keeps the median short side >= MIN_SHORT_SIDE_PX and the thinnest defects >=
+    MIN_DEFECT_WIDTH_PX wide, in steps of 1/8, never above 1. Crop: the scaled short side, in steps of 32,
+    within CROP_RANGE.
+    """
+    short = float(np.median([min(image.shape) for image, _ in pairs]))
+    widths = defect_widths([mask for _, mask in pairs])
+    need = MIN_SHORT_SIDE_PX / short
+    if len(widths):
+        need = max(need, MIN_DEFECT_WIDTH_PX / max(float(np.percentile(widths, 10)), 1e-3))
+    scale = min(1.0, math.ceil(need * 8) / 8)
+    crop = int(np.clip(int(short * scale) // 32 * 32, *CROP_RANGE))
+    return scale, crop
 
 
 def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -208,13 +315,14 @@ def rescale_pair(image: np.ndarray, mask: np.ndarray, scale: float) -> tuple[np.
     return image, mask
 
 
-def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Random flips, 90-degree rotations, brightness/contrast and noise; geometry applied to both."""
+def augment_pair(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
+                 quarter_turns: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Random flips, quarter turns (square crops, when allowed), brightness/contrast and noise."""
     if rng.random() < 0.5:
         image, mask = image[:, ::-1], mask[:, ::-1]
     if rng.random() < 0.5:
         image, mask = image[::-1], mask[::-1]
-    if image.shape[0] == image.shape[1]:
+    if quarter_turns and image.shape[0] == image.shape[1]:
         k = int(rng.integers(4))
         image, mask = np.rot90(image, k), np.rot90(mask, k)
     contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(-0.1, 0.1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 EPS = 1e-9
@@ -115,3 +116,44 @@ def best_threshold(rows: list[dict[str, float]]) -> float:
     """Threshold with the highest Dice from a threshold_sweep (ties: the one closest to 0.5)."""
     best = max(rows, key=lambda r: (round(r["dice"], 4), -abs(r["threshold"] - 0.5)))
     return best["threshold"]
+
+
+def image_score(probability: np.ndarray, threshold: float = 0.5) -> float:
+    """How strongly an image looks defective, for ranking images (AP, AUROC): the area in px of its largest
+    region at the threshold, plus its maximum probability (which orders images without a region).
+
+    Verdicts count regions by area (the recipe's minimum area), so ranking by the largest region measures
+    what a recipe can separate; a lone bright pixel, which tops a plain maximum, weighs little here.
+    """
+    top = float(probability.max()) if probability.size else 0.0
+    if top < threshold:
+        return top
+    count, _, stats, _ = cv2.connectedComponentsWithStats((probability >= threshold).astype(np.uint8), connectivity=8)
+    return float(stats[1:, cv2.CC_STAT_AREA].max()) + top
+
+
+def average_precision(scores: list[float] | np.ndarray, labels: list[bool] | np.ndarray) -> float | None:
+    """Image-level average precision (area under the step precision-recall curve); None without a positive."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    n_pos = int(labels.sum())
+    if n_pos == 0:
+        return None
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    # One point per distinct score: tied images enter the ranking together.
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tp = np.cumsum(labels)[last_of_tie]
+    precision = tp / (last_of_tie + 1)
+    recall_gain = np.diff(np.r_[0, tp]) / n_pos
+    return float(np.sum(precision * recall_gain))
+
+
+def auroc(scores: list[float] | np.ndarray, labels: list[bool] | np.ndarray) -> float | None:
+    """Image-level area under the ROC curve (ties count half); None unless both classes are present."""
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
+    pos, neg = scores[labels], scores[~labels]
+    if not len(pos) or not len(neg):
+        return None
+    greater = (pos[:, None] > neg[None, :]).sum()
+    ties = (pos[:, None] == neg[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(pos) * len(neg)))

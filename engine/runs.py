@@ -15,7 +15,8 @@ from engine import config
 from engine.errors import RunNotFound
 from engine.imageio import atomic_write_json, atomic_write_text
 
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "lr", "seconds", "images_per_s"]
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
+                  "images_per_s"]
 _EPOCH_FILE = re.compile(r"model_epoch_(\d+)\.pth$")
 
 
@@ -225,3 +226,34 @@ def overview() -> list[dict[str, Any]]:
             "error": info.get("error"),
         })
     return rows
+
+
+# --------------------------------------------------------------------------------------- readiness
+# Training decides readiness once, at the end of a run, from its recipe on validation data, and stores it in
+# run.json as "ready" (true/false) and "ready_reason". Runs from before this rule carry neither: they count
+# as ready when completed, as they were served before.
+
+
+def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:
+    """(ready, reason) of a run from its run.json: only completed runs whose recipe met its goal are ready."""
+    status = info.get("status")
+    if status != "completed":
+        return False, f"run is {status or 'unknown'}, not completed"
+    if info.get("ready") is False:
+        return False, info.get("ready_reason") or "its recipe missed its goal on validation"
+    return True, None
+
+
+def next_steps(info: dict[str, Any]) -> list[str]:
+    """What a user can do about a run that is not ready (empty for a ready run)."""
+    ready, _ = readiness(info)
+    if ready:
+        return []
+    if info.get("status") != "completed":
+        return ["wait for the run to finish, or resume it with `python -m engine train --resume RUN`"]
+    counts = (info.get("dataset") or {}).get("counts") or {}
+    steps = [f"train longer: `python -m engine train --resume {info.get('run_id', 'RUN')} --minutes 30`"]
+    if counts.get("defective", 0) < 50:
+        steps.append(f"label more defective images (this set has {counts.get('defective', 0)})")
+    steps.append("tune the recipe on more labelled images: `python -m engine tune --run RUN --data DIR`")
+    return steps

@@ -7,6 +7,7 @@ background with engine.jobs.start_training.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import math
 import os
@@ -17,59 +18,94 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine import config, registry, runs
-from engine.data import SegmentationDataset, dataset_hash, image_stats, scan_dataset
+from engine.data import (
+    DefectBatchSampler,
+    SegmentationDataset,
+    auto_geometry,
+    dataset_hash,
+    image_stats,
+    load_pair,
+    scan_dataset,
+)
 from engine.errors import DatasetError, EngineError
-from engine.metrics import SetMetrics, best_threshold, threshold_sweep
+from engine.imageio import atomic_write_bytes
+from engine.metrics import SetMetrics, auroc, average_precision, best_threshold, image_score, threshold_sweep
 from engine.model import (
     PRESETS,
+    PRETRAINED_ARCH,
     UNetTiny,
     count_parameters,
     load_checkpoint,
+    load_pretrained,
     save_checkpoint,
 )
-from engine.recipe import TuneStats, load_recipe, save_recipe, tuned_recipe
+from engine.recipe import DEFAULT_THRESHOLDS, TuneStats, load_recipe, save_recipe, tuned_recipe
+
+
+DEFAULT_EPOCHS = 40  # when neither --epochs nor --minutes is given
+# An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
+# large images a pass is a few seconds, and validating that often would take a third of the budget.
+MIN_STEPS_PER_EPOCH = 50
+
+
+def option(default: Any, help: str, **extra: Any) -> Any:
+    """A TrainConfig field with its command-line help (the `train` options are built from these fields)."""
+    return field(default=default, metadata={"help": help, **extra})
 
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a training run; stored in run.json."""
+    """Everything that defines a training run; stored in run.json. The one place training defaults live."""
 
-    data: str
-    epochs: int = 40
-    minutes: float | None = None  # wall-time budget; the LR schedule anneals within it
-    preset: str = "fast"
-    base: int | None = None  # overrides the preset
-    depth: int | None = None
-    batch_size: int = 16
-    crop: int = 128
-    scale: float = 1.0  # images are resized by this factor for training and inference (< 1 is faster)
-    train_fraction: float = 1.0  # use a seeded subset of the training split (data-efficiency studies)
-    init: str | None = None  # start from the best weights of this run (fine-tuning) instead of random
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    patience: int = 10  # early stop after this many epochs without a better validation Dice
-    # The saved recipe's min region area keeps validation false alarms at or under this. A validation split
-    # holds a few dozen defect-free images, so 0.02 would mean "none" and cost many detections; `tune` on a
-    # large defect-free set sets a stricter recipe.
-    max_false_alarm: float = 0.05
-    steps_per_epoch: int | None = None  # default: one pass over the training images
-    device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast on CPUs with native bf16, fp16 on CUDA; or fp32/bf16/fp16
-    threads: int | None = None
-    workers: int | None = None  # data-loading processes; None: none on CPU, several on CUDA (see loader_workers)
-    channels_last: bool = True
-    seed: int = 0
-    name: str = "run"
-    run_id: str | None = None
-    resume: str | None = None
-    command: str = field(default_factory=lambda: " ".join(["python -m engine"] + sys.argv[1:]))
+    data: str = option("", "dataset folder (DIR/images, DIR/masks, optional manifest.csv)")
+    epochs: int | None = option(None, "most epochs (default: until --minutes, or 40 without a budget)")
+    minutes: float | None = option(None, "wall-time budget; the learning rate anneals within it")
+    preset: str = option("balanced", "UNetTiny size", choices=tuple(PRESETS))
+    base: int | None = option(None, "channels of the first level (overrides the preset)")
+    depth: int | None = option(None, "down-sampling levels (overrides the preset)")
+    batch_size: int = option(16, "crops per step")
+    crop: int | None = option(None, "training crop side in px (default: from the image and defect sizes)")
+    scale: float | None = option(None, "resize images for training and inference (default: from the image and "
+                                       "defect sizes; 0.5 is about 4x faster)")
+    train_fraction: float = option(1.0, "train on a seeded subset of the train split")
+    init: str = option("auto", "starting weights: auto (the shipped pre-trained ones where the architecture "
+                               "matches), pretrained, none, or a run id to fine-tune")
+    loss: str = option("bce-dice", "training loss", choices=("bce-dice", "focal-dice", "bce-tversky"))
+    defect_share: float = option(0.5, "share of every batch that is crops centred on a defect")
+    val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
+    lr: float = option(3e-3, "peak learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    patience: int = option(10, "stop after this many epochs without a better validation score, counted only "
+                               "in the annealed part of the schedule (see --patience-after)")
+    patience_after: float = option(0.75, "share of the budget after which patience counts")
+    max_false_alarm: float = option(0.05, "false-alarm goal of the saved recipe on validation; a run that "
+                                          "misses it is marked not ready")
+    steps_per_epoch: int | None = option(None, "steps per epoch (default: one pass over the training images, "
+                                               "at least 50)")
+    device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    precision: str = option("auto", "autocast precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)",
+                            choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int | None = option(None, "CPU threads (default: every core this process may use)")
+    workers: int | None = option(None, "data-loading processes (default: 0 on CPU, up to 8 on CUDA)")
+    channels_last: bool = option(True, "channels-last memory format")
+    seed: int = option(0, "random seed")
+    name: str = option("run", "run name (part of the run id)")
+    run_id: str | None = option(None, "", hidden=True)
+    resume: str | None = option(None, "continue RUN from its last checkpoint")
+    command: str = field(default_factory=lambda: " ".join(["python -m engine"] + sys.argv[1:]),
+                         metadata={"hidden": True})
+
+    @property
+    def epoch_limit(self) -> int | None:
+        """Most epochs to train: as asked, unlimited within a minutes budget, else DEFAULT_EPOCHS."""
+        return self.epochs if self.epochs else (None if self.minutes else DEFAULT_EPOCHS)
 
 
 def pick_device(device: str) -> torch.device:
@@ -104,13 +140,76 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE plus soft Dice (computed over the whole batch so defect-free crops do not dominate)."""
-    bce = F.binary_cross_entropy_with_logits(logits, target)
-    prob = torch.sigmoid(logits)
+def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - soft Dice over the whole batch, so that defect-free crops do not dominate."""
     intersection = (prob * target).sum()
-    dice = 1 - (2 * intersection + 1) / (prob.sum() + target.sum() + 1)
-    return bce + dice
+    return 1 - (2 * intersection + 1) / (prob.sum() + target.sum() + 1)
+
+
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE plus batch soft Dice (the default)."""
+    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(torch.sigmoid(logits), target)
+
+
+def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Focal loss (easy background pixels weigh little) plus batch soft Dice."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    prob = torch.sigmoid(logits)
+    p_true = torch.where(target > 0.5, prob, 1 - prob)
+    return ((1 - p_true) ** gamma * bce).mean() * 4 + soft_dice_loss(prob, target)
+
+
+def bce_tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
+    """BCE plus batch Tversky loss, which weighs missed defect pixels (beta) above false ones (alpha)."""
+    prob = torch.sigmoid(logits)
+    tp = (prob * target).sum()
+    tversky = (tp + 1) / (tp + alpha * (prob * (1 - target)).sum() + beta * ((1 - prob) * target).sum() + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + 1 - tversky
+
+
+LOSSES = {"bce-dice": seg_loss, "focal-dice": focal_dice_loss, "bce-tversky": bce_tversky_loss}
+
+
+def get_lr(step: int, progress: float, base_lr: float, warmup_steps: int = 30) -> float:
+    """Learning rate: linear warm-up over the first steps, then cosine from base_lr to 0 as progress goes 0 -> 1."""
+    warmup = min(1.0, (step + 1) / warmup_steps)
+    return base_lr * warmup * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class Patience:
+    """Early stopping that waits for the schedule: epochs without improvement count only once `after` of the
+    budget is spent, so a plateau at a high learning rate never ends a run that has minutes left."""
+
+    def __init__(self, patience: int, after: float) -> None:
+        self.patience, self.after, self.stale = patience, after, 0
+
+    def converged(self, improved: bool, progress: float) -> bool:
+        """Record one epoch; True once `patience` counted epochs in a row brought no improvement."""
+        self.stale = 0 if improved else self.stale + (progress >= self.after)
+        return self.stale >= self.patience
+
+
+class Budget:
+    """How far a run is through its epochs or minutes, whichever runs out first."""
+
+    def __init__(self, epoch_limit: int | None, start_epoch: int, steps_per_epoch: int, minutes: float | None) -> None:
+        self.total_steps = (epoch_limit - start_epoch) * steps_per_epoch if epoch_limit else None
+        self.seconds = minutes * 60 if minutes else None
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        """Seconds since training started."""
+        return time.monotonic() - self.started
+
+    def progress(self, step: int) -> float:
+        """Fraction of the budget used, 0..1 (what the LR schedule follows)."""
+        parts = [step / self.total_steps if self.total_steps else 0.0,
+                 self.elapsed() / self.seconds if self.seconds else 0.0]
+        return min(1.0, max(parts))
+
+    def time_up(self) -> bool:
+        """Whether the wall-time budget is spent."""
+        return self.seconds is not None and self.elapsed() > self.seconds
 
 
 def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]:
@@ -125,7 +224,12 @@ def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]
 @torch.no_grad()
 def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: float, device: torch.device,
              memory_format: torch.memory_format) -> tuple[float, dict, list[np.ndarray], list[np.ndarray]]:
-    """Loss and metrics on whole validation images (each at its own size); returns probabilities too."""
+    """Loss and metrics on whole validation images (each at its own size); returns probabilities too.
+
+    Besides pixel Dice/IoU at 0.5, the metrics hold the image-level average precision and AUROC of the
+    images' scores (metrics.image_score; None when the split lacks defective or defect-free images) and `score`,
+    the number the best epoch is chosen by: the mean of AP and Dice, or Dice alone without AP.
+    """
     model.eval()
     metrics, losses, probs, truths = SetMetrics(), [], [], []
     for image, mask in dataset.pairs:
@@ -139,7 +243,13 @@ def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: fl
         probs.append(prob)
         truths.append(mask)
     model.train()
-    return float(np.mean(losses)), metrics.result(), probs, truths
+    result = metrics.result()
+    scores, labels = [image_score(p) for p in probs], [bool(t.any()) for t in truths]
+    result["average_precision"] = average_precision(scores, labels) if not all(labels) else None
+    result["auroc"] = auroc(scores, labels)
+    ap = result["average_precision"]
+    result["score"] = result["dice"] if ap is None else (ap + result["dice"]) / 2
+    return float(np.mean(losses)), result, probs, truths
 
 
 def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.dtype | None,
@@ -193,8 +303,9 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict, int]:
     resumed = replace(TrainConfig(**saved), epochs=cfg.epochs, minutes=cfg.minutes, device=cfg.device,
                       resume=info["run_id"], run_id=info["run_id"], command=cfg.command)
     start_epoch = max(runs.epochs_saved(folder), default=0)
-    if start_epoch >= resumed.epochs:
-        raise EngineError(f"run {resumed.run_id} already has {start_epoch} epochs; pass --epochs above {start_epoch}")
+    if resumed.epoch_limit is not None and start_epoch >= resumed.epoch_limit:
+        raise EngineError(f"run {resumed.run_id} already has {start_epoch} epochs; pass --epochs above "
+                          f"{start_epoch} or --minutes")
     return resumed, folder, info, start_epoch
 
 
@@ -208,209 +319,310 @@ def train(cfg: TrainConfig) -> str:
         raise
 
 
-def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
-    """The training job proper: data, model, the loop, checkpoints, metrics, registry."""
-    # ---- setup -------------------------------------------------------------------------------
-    run_id = cfg.run_id
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    device = pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads or config.cpu_threads())
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    resume_state = None
+@dataclass
+class TrainData:
+    """The decoded training and validation sets of a run and what was learnt about them."""
 
+    train_set: SegmentationDataset
+    val_set: SegmentationDataset
+    mean: float
+    std: float
+    counts: dict
+    data_hash: str
+    val_carved: bool
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
+    """Scan and decode the dataset, carve val if needed, fill in automatic scale and crop; returns the config
+    with every automatic value resolved (what run.json stores) and the data."""
     report = scan_dataset(cfg.data)
     for problem in report.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    train_samples, val_samples = report.split("train"), report.split("val")
+    train_samples, val_samples, carved = report.training_splits(cfg.val_fraction)
+    if carved:
+        print(f"note: {cfg.data} has no val split; using {len(val_samples)} of its train images for validation "
+              f"({sum(s.defective for s in val_samples)} with a defect), chosen by id, the same every run",
+              flush=True)
     if cfg.train_fraction < 1.0:
         n_keep = max(1, round(len(train_samples) * cfg.train_fraction))
         keep = np.random.default_rng(cfg.seed).permutation(len(train_samples))[:n_keep]
         train_samples = [train_samples[i] for i in sorted(keep)]
     if not train_samples or not val_samples:
-        raise DatasetError(f"{cfg.data}: needs images in both train and val splits (found {report.counts()})")
-    folder.mkdir(parents=True, exist_ok=True)
-    train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed, scale=cfg.scale)
+        raise DatasetError(f"{cfg.data}: needs at least 2 training images (found {report.counts()})")
+    train_pairs = [load_pair(s) for s in train_samples]
+    if cfg.scale is None or cfg.crop is None:
+        scale, crop = auto_geometry(train_pairs)
+        cfg = replace(cfg, scale=cfg.scale or scale, crop=cfg.crop or crop)
+        print(f"training geometry: scale {cfg.scale:g}, crop {cfg.crop} px (from image and defect sizes)", flush=True)
+    train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed, scale=cfg.scale,
+                                    pairs=train_pairs)
     val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False, scale=cfg.scale)
     mean, std = image_stats([image for image, _ in train_set.pairs])
-    data_hash = dataset_hash(report.samples)
-    counts = report.counts()
-    registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data_hash, counts["images"],
-                            counts["defective"], counts["defect_free"], source="training")
+    return cfg, TrainData(train_set, val_set, mean, std, report.counts(), dataset_hash(report.samples), carved)
 
+
+def build_model(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[UNetTiny, dict, str]:
+    """The model to train: resumed, fine-tuned from a run, pre-trained or random; returns it, its architecture
+    and a note on where its weights came from."""
     arch = {**PRESETS[cfg.preset]}
     arch.update({k: v for k, v in {"base": cfg.base, "depth": cfg.depth}.items() if v})
     model = UNetTiny(in_channels=1, **arch)
-    if cfg.init and not start_epoch:
-        model, _ = load_checkpoint(runs.checkpoint_path(runs.resolve_run(cfg.init), "best"))
-        arch = {"base": model.base, "depth": model.depth}  # the initial run's architecture wins
     if start_epoch:
         model, _ = load_checkpoint(runs.checkpoint_path(folder, start_epoch))
-        resume_path = folder / "resume.pth"
-        if resume_path.is_file():
-            resume_state = torch.load(resume_path, weights_only=True)
+        return model, {"base": model.base, "depth": model.depth}, f"resumed from epoch {start_epoch}"
+    init = cfg.init or "auto"
+    if init == "none":
+        return model, arch, "random"
+    if init == "auto" and {"in_channels": 1, **arch} != PRETRAINED_ARCH:
+        return model, arch, "random (the pre-trained weights are for the balanced preset)"
+    if init in ("auto", "pretrained"):
+        meta = load_pretrained(model)
+        return model, arch, f"pre-trained on generated images ({meta.get('note') or 'engine/pretrained'})"
+    model, _ = load_checkpoint(runs.checkpoint_path(runs.resolve_run(init), "best"))
+    return model, {"base": model.base, "depth": model.depth}, f"fine-tuned from run {init}"
+
+
+def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
+    """The training job proper: data, model, the loop, checkpoints, metrics, registry."""
+    # ---- setup -------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    device = pick_device(cfg.device)
+    torch.set_num_threads(cfg.threads or config.cpu_threads())
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    cfg, data = prepare_data(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data.data_hash,
+                            data.counts["images"], data.counts["defective"], data.counts["defect_free"],
+                            source="training")
+    model, arch, init_note = build_model(cfg, folder, start_epoch)
     model = model.to(device).to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if resume_state and resume_state.get("epoch") == start_epoch:
-        optimizer.load_state_dict(resume_state["optimizer"])
+    resume_path = folder / "resume.pth"
+    if start_epoch and resume_path.is_file():
+        resume_state = torch.load(resume_path, weights_only=True)
+        if resume_state.get("epoch") == start_epoch:
+            optimizer.load_state_dict(resume_state["optimizer"])
     amp_dtype = autocast_dtype(device, cfg.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    steps_per_epoch = cfg.steps_per_epoch or max(MIN_STEPS_PER_EPOCH, len(data.train_set) // cfg.batch_size)
+    sampler = DefectBatchSampler(data.train_set, cfg.batch_size, steps_per_epoch, cfg.defect_share,
+                                 seed=cfg.seed + start_epoch)
     workers = loader_workers(device, cfg.workers)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device.type == "cuda", worker_init_fn=reseed_worker,
-                                         generator=torch.Generator().manual_seed(cfg.seed + start_epoch))
-    steps_per_epoch = cfg.steps_per_epoch or max(1, len(loader))
+    loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, num_workers=workers,
+                                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                         worker_init_fn=reseed_worker)
+    loss_fn = LOSSES[cfg.loss]
 
     # The ceiling: forward+backward speed on an in-memory batch, measured before training starts.
     probe = torch.randn(cfg.batch_size, 1, cfg.crop, cfg.crop, device=device).to(memory_format=memory_format)
     model_speed = measure_model_speed(model, probe, amp_dtype, seconds=3.0 if device.type == "cpu" else 1.0)
-
-    info.update({
-        "run_id": run_id, "name": cfg.name, "status": "running", "params": asdict(cfg),
-        "dataset": {"path": str(Path(cfg.data).resolve()), "hash": data_hash, "counts": counts},
-        "arch": {"in_channels": 1, **arch}, "parameters": count_parameters(model),
-        "normalisation": {"mean": mean, "std": std}, "device": str(device), "pid": os.getpid(),
-        "epochs_planned": cfg.epochs, "seed": cfg.seed, "command": cfg.command,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "machine": f"{platform.machine()}, {config.cpu_threads()} cpu threads",
-        "created_at": info.get("created_at", datetime.now(timezone.utc).isoformat()),
-        "started_at": datetime.now(timezone.utc).isoformat(), "finished_at": None, "error": None,
-        "model_images_per_s": round(model_speed, 1),
-    })
-    info.setdefault("threshold", 0.5)
-    runs.write_run_json(folder, info)
-    if registry.get_run(run_id) is None:
-        registry.create_run(run_id, name=cfg.name, dataset_path=info["dataset"]["path"], dataset_hash=data_hash,
-                            device=str(device), epochs_planned=cfg.epochs, params_json=json_dumps(asdict(cfg)))
-    registry.update_run(run_id, status="running", pid=os.getpid(), epochs_planned=cfg.epochs,
-                        started_at=datetime.now(timezone.utc), heartbeat=datetime.now(timezone.utc),
-                        cancel_requested=False, error=None, finished_at=None,
-                        # a run created by jobs.start_training has no parameters or hash yet
-                        dataset_path=info["dataset"]["path"], dataset_hash=data_hash, device=str(device),
-                        params_json=json_dumps(asdict(cfg)))
-    stopper = Stopper(run_id)
+    info = start_run_record(cfg, folder, info, data, arch, model, device, model_speed, init_note)
+    stopper = Stopper(cfg.run_id)
     history = [row for row in runs.read_metrics(folder) if row["epoch"] <= start_epoch]
-    best_dice = max((row["val_dice"] for row in history), default=-1.0)
-    best_epoch = info.get("best_epoch") if history else None
-    stale_epochs = 0
-    best_val_stats: TuneStats | None = None
-    print(f"run {run_id}: {count_parameters(model):,} parameters, {len(train_set)} train / {len(val_set)} val "
-          f"images, device {device}, model alone {model_speed:.1f} img/s", flush=True)
+    best = {"score": max((row.get("val_score", row["val_dice"]) for row in history), default=-1.0),
+            "epoch": info.get("best_epoch") if history else None, "probs": None, "truths": None}
+    print(f"run {cfg.run_id}: {count_parameters(model):,} parameters ({init_note}), {len(data.train_set)} train "
+          f"({len(data.train_set.defective)} with a defect) / {len(data.val_set)} val images, device {device}, "
+          f"model alone {model_speed:.1f} img/s", flush=True)
 
     # ---- the loop ------------------------------------------------------------------------------
-    budget_s = cfg.minutes * 60 if cfg.minutes else None
-    total_steps = (cfg.epochs - start_epoch) * steps_per_epoch
-    started = time.monotonic()
-    train_seconds, train_images, step, stop_reason = 0.0, 0, 0, "completed"
-    epoch = start_epoch
-    for epoch in range(start_epoch + 1, cfg.epochs + 1):
-        model.train()
-        epoch_start, epoch_images, losses = time.monotonic(), 0, []
-        batches = iter(loader)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, file=sys.stdout,
-                   mininterval=2.0, disable=None)
-        for _ in bar:
-            try:
-                images, masks = next(batches)
-            except StopIteration:
-                batches = iter(loader)
-                images, masks = next(batches)
-            # Cosine schedule over steps or wall time, whichever runs out first, after a short warm-up.
-            progress = step / total_steps
-            if budget_s:
-                progress = max(progress, (time.monotonic() - started) / budget_s)
-            warmup = min(1.0, (step + 1) / 30)
-            lr = cfg.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    budget = Budget(cfg.epoch_limit, start_epoch, steps_per_epoch, cfg.minutes)
+    patience = Patience(cfg.patience, cfg.patience_after)
+    step, stop_reason, epoch = 0, None, start_epoch
+    train_seconds, train_images = 0.0, 0
+    while stop_reason is None and (cfg.epoch_limit is None or epoch < cfg.epoch_limit):
+        epoch += 1
+        epoch_start = time.monotonic()
+        losses, lr, cancelled = [], cfg.lr, False
+        for images, masks in loader:
+            lr = get_lr(step, budget.progress(step), cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-            images = ((images - mean) / std).to(device, non_blocking=True).to(memory_format=memory_format)
-            masks = masks.to(device, non_blocking=True)
+            images = ((images - data.mean) / data.std).to(device, non_blocking=True).to(memory_format=memory_format)
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 logits = model(images)
-            loss = seg_loss(logits.float(), masks)
+            loss = loss_fn(logits.float(), masks.to(device, non_blocking=True))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
-
             losses.append(loss.item())
             step += 1
-            epoch_images += len(images)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+            train_images += len(images)
             if stopper.poll():
-                stop_reason = "cancelled"
+                cancelled = True
                 break
-            if budget_s and time.monotonic() - started > budget_s:
-                stop_reason = "budget"
+            if budget.time_up():
+                stop_reason = f"time budget of {cfg.minutes:g} min spent"
                 break
-        bar.close()
-        epoch_train_s = time.monotonic() - epoch_start
-        train_seconds += epoch_train_s
-        train_images += epoch_images
-        if stop_reason == "cancelled":
+        train_seconds += time.monotonic() - epoch_start
+        if cancelled:
             epoch -= 1  # the interrupted epoch is not saved
+            stop_reason = "cancelled"
             break
-
-        val_loss, val, val_probs, val_truths = validate(model, val_set, mean, std, device, memory_format)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": val_loss,
-               "val_dice": val["dice"], "val_iou": val["iou"], "lr": lr,
-               "seconds": time.monotonic() - epoch_start, "images_per_s": epoch_images / epoch_train_s}
-        history.append(row)
-        meta = {"run_id": run_id, "epoch": epoch, "normalisation": {"mean": mean, "std": std},
-                "threshold": info["threshold"], "train_crop": cfg.crop, "scale": cfg.scale,
-                "val_dice": val["dice"]}
-        save_checkpoint(folder / f"model_epoch_{epoch}.pth", model, meta)
-        torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, folder / "resume.pth.tmp")
-        os.replace(folder / "resume.pth.tmp", folder / "resume.pth")
-        if val["dice"] > best_dice:
-            best_dice, best_epoch, stale_epochs = val["dice"], epoch, 0
-            info["threshold"] = best_threshold(threshold_sweep(val_probs, val_truths))
-            save_checkpoint(folder / "best.pth", model, {**meta, "threshold": info["threshold"]})
-            best_val_stats = TuneStats([info["threshold"]])  # for the recipe's min region area, at the end
-            for probability, truth in zip(val_probs, val_truths):
-                best_val_stats.add(probability, truth)
-            info.update(best_epoch=epoch, best_dice=val["dice"], best_iou=val["iou"], best_val=val)
-        else:
-            stale_epochs += 1
-        runs.write_metrics(folder, history)
-        info.update(epochs_done=epoch, train_images_per_s=round(train_images / train_seconds, 1))
+        improved = end_of_epoch(cfg, folder, info, data, model, optimizer, epoch, losses, lr, epoch_start,
+                                history, best, device, memory_format)
+        info.update(epochs_done=epoch, train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1))
         runs.write_run_json(folder, info)
-        registry.record_epoch(run_id, epoch, **{k: v for k, v in row.items() if k != "epoch"})
-        registry.update_run(run_id, epochs_done=epoch, best_epoch=best_epoch, best_dice=info.get("best_dice"),
-                            best_iou=info.get("best_iou"), threshold=info["threshold"])
-        print(f"epoch {epoch}/{cfg.epochs}  loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  "
-              f"dice {val['dice']:.4f}  iou {val['iou']:.4f}  {row['images_per_s']:.1f} img/s  "
-              f"{row['seconds']:.1f}s", flush=True)
-        if stop_reason != "completed":
-            break
-        if stale_epochs >= cfg.patience:
-            stop_reason = "early stop"
-            break
-        if budget_s and time.monotonic() - started > budget_s:
-            stop_reason = "budget"
-            break
+        if patience.converged(improved, budget.progress(step)):
+            stop_reason = (f"converged: no better validation score for {cfg.patience} epochs in the annealed "
+                           f"part of the schedule")
+        elif budget.time_up():
+            stop_reason = f"time budget of {cfg.minutes:g} min spent"
+    stop_reason = stop_reason or f"all {epoch} epochs done"
 
     # ---- finish --------------------------------------------------------------------------------
-    if best_val_stats is not None:
-        # Threshold: best validation Dice (a higher one would cost Dice). Min region area: most detections
-        # within the false-alarm budget.
-        chosen = best_val_stats.best(cfg.max_false_alarm)
-        context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best_epoch, "by": "training"}
-        info["recipe"] = save_recipe_for(folder, chosen, context)
-        print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px "
-              f"(val detection {chosen['detection_rate']}, false alarms {chosen['false_alarm_rate']})", flush=True)
-    status = "cancelled" if stop_reason == "cancelled" else "completed"
-    info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
-                train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1),
-                wall_seconds=round(time.monotonic() - started, 1))
+    finish_run(cfg, folder, info, best, stop_reason, budget, model_speed)
+    return cfg.run_id
+
+
+def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, arch: dict, model: UNetTiny,
+                     device: torch.device, model_speed: float, init_note: str) -> dict:
+    """Write run.json and the registry row for a run that starts (or resumes) now; returns run.json's dict."""
+    now = datetime.now(timezone.utc)
+    info.update({
+        "run_id": cfg.run_id, "name": cfg.name, "status": "running", "params": asdict(cfg),
+        "dataset": {"path": str(Path(cfg.data).resolve()), "hash": data.data_hash, "counts": data.counts,
+                    "val_carved_from_train": data.val_carved},
+        "arch": {"in_channels": 1, **arch}, "parameters": count_parameters(model), "init": init_note,
+        "normalisation": {"mean": data.mean, "std": data.std}, "device": str(device), "pid": os.getpid(),
+        "epochs_planned": cfg.epoch_limit or 0, "seed": cfg.seed, "command": cfg.command,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "machine": f"{platform.machine()}, {config.cpu_threads()} cpu threads",
+        "created_at": info.get("created_at", now.isoformat()), "started_at": now.isoformat(),
+        "finished_at": None, "error": None, "ready": None, "ready_reason": None,
+        "model_images_per_s": round(model_speed, 1),
+    })
+    info.setdefault("threshold", 0.5)
     runs.write_run_json(folder, info)
-    registry.update_run(run_id, status=status, finished_at=datetime.now(timezone.utc), pid=None)
-    print(f"finished ({stop_reason}): best epoch {best_epoch}, val dice {info.get('best_dice') or 0:.4f}, "
-          f"threshold {info['threshold']:.2f}; training {info['train_images_per_s']} img/s vs model alone "
+    params = json_dumps(asdict(cfg))
+    if registry.get_run(cfg.run_id) is None:
+        registry.create_run(cfg.run_id, name=cfg.name, dataset_path=info["dataset"]["path"],
+                            dataset_hash=data.data_hash, device=str(device), epochs_planned=cfg.epoch_limit or 0,
+                            params_json=params)
+    registry.update_run(cfg.run_id, status="running", pid=os.getpid(), epochs_planned=cfg.epoch_limit or 0,
+                        started_at=now, heartbeat=now, cancel_requested=False, error=None, finished_at=None,
+                        # a run created by jobs.start_training has no parameters or hash yet
+                        dataset_path=info["dataset"]["path"], dataset_hash=data.data_hash, device=str(device),
+                        params_json=params, **_readiness_fields(None, None))
+    return info
+
+
+def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, model: UNetTiny,
+                 optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], lr: float, epoch_start: float,
+                 history: list[dict], best: dict, device: torch.device, memory_format: torch.memory_format) -> bool:
+    """Validate, checkpoint and record one epoch; keeps `best` up to date and returns whether it improved."""
+    epoch_train_s = time.monotonic() - epoch_start
+    val_loss, val, val_probs, val_truths = validate(model, data.val_set, data.mean, data.std, device, memory_format)
+    row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), "val_loss": val_loss,
+           "val_dice": val["dice"], "val_iou": val["iou"], "val_ap": val["average_precision"],
+           "val_score": val["score"], "lr": lr, "seconds": time.monotonic() - epoch_start,
+           "images_per_s": len(losses) * cfg.batch_size / max(epoch_train_s, 1e-9)}
+    history.append(row)
+    meta = {"run_id": cfg.run_id, "epoch": epoch, "normalisation": {"mean": data.mean, "std": data.std},
+            "threshold": info["threshold"], "train_crop": cfg.crop, "scale": cfg.scale, "val_dice": val["dice"]}
+    save_checkpoint(folder / f"model_epoch_{epoch}.pth", model, meta)
+    save_resume_state(folder, epoch, optimizer)
+    improved = val["score"] > best["score"]
+    if improved:
+        info["threshold"] = best_threshold(threshold_sweep(val_probs, val_truths))
+        save_checkpoint(folder / "best.pth", model, {**meta, "threshold": info["threshold"]})
+        best.update(score=val["score"], epoch=epoch, probs=val_probs, truths=val_truths)
+        info.update(best_epoch=epoch, best_dice=val["dice"], best_iou=val["iou"], best_score=val["score"],
+                    best_val=val)
+    runs.write_metrics(folder, history)
+    registry.record_epoch(cfg.run_id, epoch, **{k: v for k, v in row.items() if k in registry.METRIC_FIELDS})
+    registry.update_run(cfg.run_id, epochs_done=epoch, best_epoch=best["epoch"], best_dice=info.get("best_dice"),
+                        best_iou=info.get("best_iou"), threshold=info["threshold"])
+    ap = "n/a" if val["average_precision"] is None else f"{val['average_precision']:.4f}"
+    print(f"epoch {epoch}  loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  dice {val['dice']:.4f}  "
+          f"image AP {ap}  score {val['score']:.4f}{'  *' if improved else ''}  {row['images_per_s']:.1f} img/s  "
+          f"{row['seconds']:.1f}s", flush=True)
+    return improved
+
+
+def save_resume_state(folder: Path, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+    """Write the optimizer state for `train --resume` atomically."""
+    buffer = io.BytesIO()
+    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, buffer)
+    atomic_write_bytes(folder / "resume.pth", buffer.getvalue())
+
+
+def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, budget: Budget,
+               model_speed: float) -> None:
+    """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped."""
+    ready, reason = False, "no epoch finished"
+    if best["probs"] is not None:
+        chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm)
+        # Validation ran at the training scale; the recipe is applied to images at their own size.
+        chosen["min_region_px"] = int(round(chosen["min_region_px"] / cfg.scale**2))
+        context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
+        info["recipe"] = save_recipe_for(folder, chosen, context)
+        ready, reason = readiness_of(chosen, cfg.max_false_alarm)
+        detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
+        print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
+              f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}, goal <= {cfg.max_false_alarm:.0%})",
+              flush=True)
+    elif best["epoch"] is not None:  # a resumed run that did not improve keeps its recipe and readiness
+        ready, reason = info.get("ready") is not False, info.get("ready_reason")
+    status = "cancelled" if stop_reason == "cancelled" else "completed"
+    if status == "cancelled":
+        ready, reason = False, "training was cancelled"
+    info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
+                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason)
+    runs.write_run_json(folder, info)
+    registry.update_run(cfg.run_id, status=status, finished_at=datetime.now(timezone.utc), pid=None,
+                        **_readiness_fields(ready, info["ready_reason"]))
+    print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f}, "
+          f"threshold {info['threshold']:.2f}; training {info.get('train_images_per_s', 0)} img/s vs model alone "
           f"{model_speed:.1f} img/s", flush=True)
-    return run_id
+    if ready:
+        print(f"ready: {cfg.run_id}", flush=True)
+    else:
+        print(f"NOT READY: {info['ready_reason']}", flush=True)
+        for step in runs.next_steps(info):
+            print(f"  next: {step}", flush=True)
+
+
+def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,
+                    max_false_alarm: float) -> dict:
+    """The recipe training saves: on validation, the most detections with false alarms within the goal, over
+    thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms) and
+    minimum region areas; ties go to the higher Dice."""
+    thresholds = [t for t in DEFAULT_THRESHOLDS if t >= dice_threshold - 1e-9] or [dice_threshold]
+    stats = TuneStats(sorted({dice_threshold, *thresholds}))
+    for probability, truth in zip(probs, truths):
+        stats.add(probability, truth)
+    if not any(stats.has_defect):  # nothing to detect on validation: keep the Dice threshold, no area rule
+        return {"threshold": dice_threshold, "min_region_px": 0, "detection_rate": None, "false_alarm_rate": None,
+                "dice": None, "false_alarm_bound": None, "confidence": None, "goal_on": "measured",
+                "goal_met": False, "false_alarms_measured": False, "max_false_alarm": max_false_alarm,
+                "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
+    return stats.best(max_false_alarm)
+
+
+def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None]:
+    """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why."""
+    detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
+    if detection is None:
+        return False, "the validation images hold no defect, so detection could not be measured"
+    if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
+        return False, (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
+                       f"({chosen['n_defect_free']} defect-free images)")
+    if detection < 0.5:
+        return False, f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
+    return True, None
+
+
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _readiness_fields(ready: bool | None, reason: str | None) -> dict:
+    """Registry fields for readiness, where this registry has them."""
+    fields = {"ready": ready, "ready_reason": reason}
+    return {k: v for k, v in fields.items() if k in registry.RUN_FIELDS}
 
 
 def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
@@ -430,7 +642,8 @@ def mark_failed(run_id: str, error: str) -> None:
     folder = config.RUNS_DIR / run_id
     if (folder / "run.json").is_file():
         info = runs.read_run_json(folder)
-        info.update(status="failed", error=error, finished_at=datetime.now(timezone.utc).isoformat())
+        info.update(status="failed", error=error, finished_at=datetime.now(timezone.utc).isoformat(), ready=False,
+                    ready_reason=f"training failed: {error}")
         runs.write_run_json(folder, info)
     if registry.get_run(run_id) is not None:
         registry.update_run(run_id, status="failed", error=error, finished_at=datetime.now(timezone.utc), pid=None)

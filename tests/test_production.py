@@ -1,0 +1,176 @@
+"""Production-shaped data: budgets kept, defect-bearing batches, carved validation, automatic geometry,
+pre-trained starting weights, readiness."""
+
+import csv
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from engine import config, registry, runs
+from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
+from engine.errors import EngineError
+from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
+from engine.train import Patience, TrainConfig, get_lr, readiness_of, train
+
+
+def write_set(root, n_defective, n_clean, size=(48, 64), splits=("train", "test"), empty_masks=False):
+    """A dataset of bright-square defects on noise; every image gets a split from `splits` in turn."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rows = []
+    for i in range(n_defective + n_clean):
+        image = rng.integers(90, 140, size, dtype=np.uint8)
+        mask = np.zeros(size, np.uint8)
+        if i < n_defective:
+            y, x = 8 + i % 20, 10 + i % 30
+            image[y:y + 4, x:x + 12] = 250
+            mask[y:y + 4, x:x + 12] = 255
+        cv2.imwrite(str(root / "images" / f"im{i:03d}.png"), image)
+        if i < n_defective or empty_masks:
+            cv2.imwrite(str(root / "masks" / f"im{i:03d}.png"), mask)
+        rows.append({"id": f"im{i:03d}", "split": splits[i % len(splits)]})
+    with open(root / "manifest.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["id", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_val_is_carved_from_train_stratified_and_stable(tmp_path) -> None:
+    report = scan_dataset(write_set(tmp_path / "set", n_defective=20, n_clean=40, splits=("train",)))
+    train_a, val_a, carved = report.training_splits(0.15)
+    assert carved and report.split("val") == []
+    assert sum(s.defective for s in val_a) == 3 and sum(not s.defective for s in val_a) == 6
+    assert {s.id for s in train_a}.isdisjoint({s.id for s in val_a}) and len(train_a) + len(val_a) == 60
+    _, val_b, _ = scan_dataset(tmp_path / "set").training_splits(0.15)
+    assert [s.id for s in val_b] == [s.id for s in val_a]  # the same every time
+
+
+def test_empty_mask_files_count_as_defect_free(tmp_path) -> None:
+    report = scan_dataset(write_set(tmp_path / "set", n_defective=3, n_clean=5, empty_masks=True))
+    assert report.counts()["defective"] == 3 and report.counts()["defect_free"] == 5
+
+
+def test_every_batch_holds_its_share_of_defect_crops(tmp_path) -> None:
+    report = scan_dataset(write_set(tmp_path / "set", n_defective=2, n_clean=38, splits=("train",)))
+    dataset = SegmentationDataset(report.samples, crop=32, augment=True, seed=0)
+    sampler = DefectBatchSampler(dataset, batch_size=8, steps=25, defect_share=0.5, seed=0)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler)
+    batches = 0
+    for _, masks in loader:
+        with_defect = int((masks.flatten(1).sum(1) > 0).sum())
+        assert with_defect >= 4  # half of every batch, whatever the draw
+        batches += 1
+    assert batches == 25
+
+
+def test_sampler_without_defective_images_draws_plain_crops(tmp_path) -> None:
+    report = scan_dataset(write_set(tmp_path / "set", n_defective=0, n_clean=10, splits=("train",)))
+    dataset = SegmentationDataset(report.samples, crop=32, augment=False)
+    batch = next(iter(DefectBatchSampler(dataset, batch_size=4, steps=1, defect_share=0.5)))
+    assert len(batch) == 4 and not any(centred for _, centred in batch)
+
+
+def test_quarter_turns_only_for_square_parts(tmp_path) -> None:
+    report = scan_dataset(write_set(tmp_path / "set", n_defective=2, n_clean=2, size=(40, 80)))
+    assert not SegmentationDataset(report.samples, crop=32).quarter_turns
+    square = scan_dataset(write_set(tmp_path / "sq", n_defective=2, n_clean=2, size=(64, 64)))
+    assert SegmentationDataset(square.samples, crop=32).quarter_turns
+
+
+def test_auto_geometry_keeps_thin_defects_and_shrinks_large_images() -> None:
+    def pair(height, width, defect_width):
+        mask = np.zeros((height, width), np.uint8)
+        mask[100:100 + defect_width, 50:250] = 1
+        return np.zeros((height, width), np.float32), mask
+
+    assert auto_geometry([pair(1250, 500, 20)] * 3) == (0.5, 192)  # large image, wide defects: halve it
+    assert auto_geometry([pair(1250, 500, 3)] * 3) == (1.0, 192)  # thin defects: keep full resolution
+    assert auto_geometry([pair(200, 200, 20)] * 3) == (1.0, 192)  # small images are never shrunk
+    assert auto_geometry([pair(160, 300, 20)] * 3) == (1.0, 160)
+
+
+def test_patience_counts_only_in_the_annealed_part() -> None:
+    patience = Patience(patience=2, after=0.75)
+    assert not any(patience.converged(False, progress) for progress in (0.1, 0.2, 0.3, 0.5, 0.7))
+    assert not patience.converged(False, 0.8)
+    assert not patience.converged(True, 0.85)  # an improvement starts the count again
+    assert not patience.converged(False, 0.9)
+    assert patience.converged(False, 0.95)
+
+
+def test_lr_warms_up_then_anneals_to_zero() -> None:
+    assert get_lr(0, 0.0, 1.0, warmup_steps=10) == pytest.approx(0.1)
+    assert get_lr(100, 0.0, 1.0) == pytest.approx(1.0)
+    assert get_lr(100, 0.5, 1.0) == pytest.approx(0.5)
+    assert get_lr(100, 1.0, 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pretrained_weights_load_and_refuse_another_architecture() -> None:
+    assert PRETRAINED_PATH.is_file() and PRETRAINED_PATH.stat().st_size < 5_000_000
+    model = UNetTiny(1, base=16, depth=4)
+    before = model.head.weight.detach().clone()
+    load_pretrained(model)
+    assert not torch.equal(before, model.head.weight)
+    with pytest.raises(EngineError, match="pre-trained weights are for UNetTiny"):
+        load_pretrained(UNetTiny(1, base=8, depth=2))
+
+
+def test_explicit_pretrained_init_with_another_architecture_is_refused(tiny_dataset) -> None:
+    with pytest.raises(EngineError, match="--init none"):
+        train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=4,
+                          steps_per_epoch=1, init="pretrained", name="mismatch"))
+
+
+def test_default_run_starts_from_the_pretrained_weights(tiny_dataset) -> None:
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, crop=32, batch_size=4, steps_per_epoch=1,
+                               name="pretrained"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert info["init"].startswith("pre-trained") and info["params"]["preset"] == "balanced"
+
+
+def test_budget_is_kept_while_validation_stalls(tiny_dataset) -> None:
+    # lr ~ 0: validation never improves after epoch 1. The old rule stopped at epoch 1 + patience.
+    common = dict(data=str(tiny_dataset), base=8, depth=2, crop=32, batch_size=4, steps_per_epoch=2, lr=1e-12)
+    run_id = train(TrainConfig(**common, minutes=0.1, patience=100, name="plateau"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert info["stop_reason"].startswith("time budget") and info["wall_seconds"] >= 6.0
+
+    run_id = train(TrainConfig(**common, minutes=0.1, patience=1, name="plateau-converged"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    # patience only counts once 75 % of the budget is spent, so even patience 1 keeps most of the budget
+    assert info["wall_seconds"] >= 0.75 * 6.0
+    assert info["stop_reason"].startswith(("converged", "time budget"))
+
+
+def test_a_run_that_flags_every_good_part_is_not_ready(tmp_path) -> None:
+    chosen = {"detection_rate": 1.0, "false_alarm_rate": 1.0, "n_defect_free": 40, "n_defective": 5}
+    ready, reason = readiness_of(chosen, 0.05)
+    assert not ready and "false alarms 100%" in reason
+    ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.4}, 0.05)
+    assert not ready and "detection 40%" in reason
+    assert readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8}, 0.05) == (True, None)
+
+
+def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_path) -> None:
+    # Defective and defect-free images are pixel for pixel the same, so any recipe flags both or neither:
+    # false alarms 100 % or detection 0 %, never ready.
+    data = write_set(tmp_path / "set", n_defective=6, n_clean=14, splits=("train", "val", "train", "val"))
+    same = cv2.imread(str(data / "images" / "im010.png"))
+    for path in (data / "images").iterdir():
+        cv2.imwrite(str(path), same)
+    run_id = train(TrainConfig(data=str(data), epochs=1, base=8, depth=2, crop=32, batch_size=4,
+                               steps_per_epoch=1, name="not-ready"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert info["ready"] is False and info["ready_reason"]
+    assert runs.readiness(info) == (False, info["ready_reason"])
+    assert runs.next_steps(info)
+    row = registry.get_run(run_id)
+    if "ready" in registry.RUN_FIELDS:
+        assert row.ready is False and row.ready_reason == info["ready_reason"]
+        registry.rebuild()
+        row = registry.get_run(run_id)
+        assert row.ready is False and row.ready_reason == info["ready_reason"]
