@@ -84,8 +84,11 @@ class ServingState:
     def health(self) -> dict[str, Any]:
         """Liveness plus the default model, or why there is none."""
         if self.default is None:
-            return {"status": "no_model", "model": None, "detail": self.default_error}
-        return {"status": "ok", "model": self.default.describe(), "detail": None}
+            return {"status": "no_model", "model": None, "detail": self.default_error, "ready": False,
+                    "ready_reason": self.default_error}
+        model = self.default.describe()
+        return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
+                "ready_reason": model["ready_reason"]}
 
     def models(self) -> dict[str, Any]:
         """Default model, loaded models, and every run folder that can be served."""

@@ -20,6 +20,9 @@ class ModelInfo(BaseModel):
     epoch: int | None = None
     backend: Literal["torch", "onnx", "int8"]
     device: str = "cpu"
+    ready: bool = Field(True, description="false when training marked the run not ready (its recipe missed its "
+                                          "goal on validation), or the run has not completed")
+    ready_reason: str | None = Field(None, description="why the run is not ready")
 
 
 class ImageSize(BaseModel):
@@ -72,6 +75,8 @@ class HealthResponse(BaseModel):
     status: Literal["ok", "no_model"]
     model: ModelInfo | None = None
     detail: str | None = Field(None, description="why no model is loaded")
+    ready: bool = Field(False, description="whether the default model is ready to serve (see ModelInfo.ready)")
+    ready_reason: str | None = Field(None, description="why it is not")
     version: str
 
 
@@ -86,6 +91,8 @@ class CatalogEntry(BaseModel):
     threshold: float | None = None
     backends: list[str]
     default_backend: str | None = None
+    ready: bool = True
+    ready_reason: str | None = None
 
 
 class ModelsResponse(BaseModel):

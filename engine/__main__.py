@@ -72,9 +72,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(result))
     else:
-        for key in ("dice", "iou", "precision", "recall", "mean_image_dice", "detection_rate", "false_alarm_rate"):
+        counts = {"detection_rate": ("n_detected", "n_defective"), "false_alarm_rate": ("n_false_alarms", "n_defect_free")}
+        for key in ("dice", "iou", "precision", "recall", "mean_image_dice", "detection_rate", "false_alarm_rate",
+                    "auroc", "average_precision"):
             value = result[key]
-            print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}")
+            count = f"  ({result[counts[key][0]]} of {result[counts[key][1]]})" if key in counts else ""
+            print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}{count}")
         print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}, {result['model']})")
         for name, row in result["per_type"].items():
             print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  ({row['n_images']} images)")

@@ -12,8 +12,8 @@ import numpy as np
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
-from engine.metrics import SetMetrics, dice_score, iou_score, threshold_sweep
-from engine.recipe import Recipe, apply_recipe, load_recipe
+from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score, threshold_sweep
+from engine.recipe import Recipe, apply_recipe, load_recipe, regions_mask
 
 
 def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
@@ -30,8 +30,10 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
              recipe: Recipe | None = None) -> dict[str, Any]:
     """Metrics of a predictor over samples at each image's own resolution, plus one row per image.
 
-    Pixel metrics use the threshold; image-level verdicts (detection and false-alarm rates) use the
-    run's inspection recipe (threshold and minimum region area), as `predict` and the API do.
+    Everything follows the run's inspection recipe (threshold and minimum region area), as `predict` and
+    the API do: pixel metrics are computed on the mask of the regions that count, verdicts decide the
+    detection and false-alarm rates, and images are ranked for AUROC and average precision by
+    metrics.image_score at the recipe's threshold.
     """
     recipe = recipe or load_recipe(predictor.run_dir)
     if threshold is not None:
@@ -42,8 +44,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
         probability = predictor.predict_proba(image)
-        pred = probability >= recipe.threshold
-        verdict, _ = apply_recipe(probability, recipe)
+        verdict, regions = apply_recipe(probability, recipe)
+        pred = regions_mask(probability, recipe.threshold, regions).astype(bool)
         metrics.add(pred, truth, flagged=verdict == "defect")
         for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {"none"}:
             by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect")
@@ -52,14 +54,17 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
             "has_defect": bool(truth.any()), "flagged": verdict == "defect",
             "false_positive_px": int(np.logical_and(pred, truth == 0).sum()),
             "missed_px": int(np.logical_and(~pred, truth > 0).sum()),
-            "max_score": float(probability.max()), "defect_types": sample.defect_types,
+            "max_score": float(probability.max()), "score": image_score(probability, recipe.threshold),
+            "defect_types": sample.defect_types,
         })
         if keep_probabilities:
             probabilities.append(probability)
             truths.append(truth)
         if progress:
             progress(i + 1, len(samples))
-    result = {**metrics.result(), "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
+    scores, labels = [row["score"] for row in per_image], [row["has_defect"] for row in per_image]
+    result = {**metrics.result(), "auroc": auroc(scores, labels), "average_precision": average_precision(scores, labels),
+              "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
               "model": predictor.describe(), "per_image": per_image,
               "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())}}
     if keep_probabilities:
@@ -69,5 +74,6 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
 
 def _type_summary(metrics: SetMetrics) -> dict[str, Any]:
     result = metrics.result()
-    keys = ("dice", "iou", "mean_image_dice", "detection_rate", "false_alarm_rate", "n_images")
+    keys = ("dice", "iou", "mean_image_dice", "detection_rate", "false_alarm_rate", "n_images", "n_detected",
+            "n_false_alarms")
     return {key: result[key] for key in keys}

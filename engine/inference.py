@@ -106,7 +106,9 @@ class Predictor:
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda asked for, but no CUDA GPU is available; use cpu")
         self.run_dir, self.backend, self.device = run_dir, backend, device
-        self.run_id = runs.read_run_json(run_dir).get("run_id", run_dir.name)
+        info = runs.read_run_json(run_dir)
+        self.run_id = info.get("run_id", run_dir.name)
+        self.ready, self.ready_reason = runs.readiness(info)
         if backend == "torch":
             path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
             self.model, meta = load_checkpoint(path, device)
@@ -136,8 +138,9 @@ class Predictor:
         return cls(runs.resolve_run(run), epoch, backend, device)
 
     def describe(self) -> dict[str, Any]:
-        """Which model this is: run, epoch, backend."""
-        return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device}
+        """Which model this is: run, epoch, backend, and whether the run is ready to serve (and if not, why)."""
+        return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device,
+                "ready": self.ready, "ready_reason": self.ready_reason}
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride."""
@@ -392,11 +395,13 @@ def model_catalog() -> list[dict[str, Any]]:
         except RunNotFound:
             continue  # a folder being written right now; it shows up on the next call
         backends = available_backends(folder)
+        ready, reason = runs.readiness(info)
         catalog.append({
             "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
             "threshold": info.get("threshold"), "backends": backends,
             "default_backend": default_backend(folder) if backends else None,
+            "ready": ready, "ready_reason": reason,
         })
     return catalog
 

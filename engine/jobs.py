@@ -96,6 +96,11 @@ def progress(run_id: str) -> dict:
     if active and minutes and elapsed is not None:
         budget_left = max(0.0, float(minutes) * 60 - elapsed)
         eta = budget_left if eta is None else min(eta, budget_left)
+    # Share of the run done: by epochs when planned, else by the minutes budget.
+    fraction = run.epochs_done / run.epochs_planned if run.epochs_planned else None
+    if minutes and elapsed is not None:
+        fraction = max(fraction or 0.0, elapsed / (float(minutes) * 60)) if active else (fraction or 1.0)
     return {"run_id": run.id, "status": run.status, "error": run.error, "epochs_done": run.epochs_done,
+            "fraction": min(1.0, fraction) if fraction is not None else None,
             "epochs_planned": run.epochs_planned, "elapsed_s": elapsed, "eta_s": eta, "best_epoch": run.best_epoch,
             "best_dice": run.best_dice, "best_iou": run.best_iou, "metrics": rows, "active": active}

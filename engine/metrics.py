@@ -72,6 +72,8 @@ class SetMetrics:
             "n_images": len(self.per_image_dice),
             "n_defective": self.defective_total,
             "n_defect_free": self.clean_total,
+            "n_detected": self.defective_flagged,
+            "n_false_alarms": self.clean_flagged,
         }
 
 

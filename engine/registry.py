@@ -117,6 +117,8 @@ class Run(SQLModel, table=True):
     params_json: str = "{}"
     error: str | None = None
     cancel_requested: bool = False
+    ready: bool | None = None  # set when training finishes: its recipe met its goal on validation
+    ready_reason: str | None = None  # why a run is not ready
 
     @property
     def params(self) -> dict:
@@ -139,6 +141,8 @@ class EpochMetric(SQLModel, table=True):
     lr: float | None = None
     seconds: float | None = None  # wall time of this epoch
     images_per_s: float | None = None
+    val_ap: float | None = None  # image-level average precision on validation
+    val_score: float | None = None  # what the best epoch is chosen by
 
 
 class Artifact(SQLModel, table=True):
@@ -242,8 +246,26 @@ def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engin
             _configure(engine)
             writer = engine.execution_options(sqlite_begin="IMMEDIATE")
             _retry_locked(SQLModel.metadata.create_all)(writer, tables=TABLES)
+            _retry_locked(_add_missing_columns)(writer)
             _engines[key] = (engine, writer)
         return _engines[key]
+
+
+def _add_missing_columns(engine: sqlalchemy.Engine) -> None:
+    """Bring a registry made by an older version up to date: add the columns it lacks (all nullable)."""
+    inspector = sqlalchemy.inspect(engine)
+    for table in TABLES:
+        present = {column["name"] for column in inspector.get_columns(table.name)}
+        for column in table.columns:
+            if column.name in present:
+                continue
+            kind = column.type.compile(dialect=engine.dialect)
+            try:
+                with engine.begin() as connection:
+                    connection.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+            except OperationalError as err:
+                if "duplicate column" not in str(err).lower():  # another process added it first: fine
+                    raise
 
 
 def get_engine(path: Path | None = None) -> sqlalchemy.Engine:
@@ -612,6 +634,8 @@ def _run_from_folder(folder: Path, info: dict) -> Run:
         device=str(info.get("device") or ""),
         params_json=_dumps(info.get("params") if isinstance(info.get("params"), dict) else {}),
         error=info.get("error"),
+        ready=info.get("ready") if isinstance(info.get("ready"), bool) else None,
+        ready_reason=info.get("ready_reason"),
     )
 
 

@@ -202,6 +202,7 @@ def overview() -> list[dict[str, Any]]:
             "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
+            "ready": _ready_label(run.status, run.ready),
         })
     known = {row["run_id"] for row in rows}
     for folder in list_run_dirs():
@@ -223,7 +224,7 @@ def overview() -> list[dict[str, Any]]:
             "threshold": info.get("threshold"), "preset": params.get("preset"), "crop": params.get("crop"),
             "batch_size": params.get("batch_size"), "lr": params.get("lr"), "device": info.get("device", ""),
             "duration_s": info.get("wall_seconds"), "created_at": _when(info.get("created_at")),
-            "error": info.get("error"),
+            "error": info.get("error"), "ready": _ready_label(info.get("status"), info.get("ready")),
         })
     return rows
 
@@ -232,6 +233,13 @@ def overview() -> list[dict[str, Any]]:
 # Training decides readiness once, at the end of a run, from its recipe on validation data, and stores it in
 # run.json as "ready" (true/false) and "ready_reason". Runs from before this rule carry neither: they count
 # as ready when completed, as they were served before.
+
+
+def _ready_label(status: str | None, ready: bool | None) -> str:
+    """'yes', 'no' or '—' (not completed) for tables; runs from before the readiness rule count as ready."""
+    if status != "completed":
+        return "—"
+    return "no" if ready is False else "yes"
 
 
 def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:

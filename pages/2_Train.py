@@ -10,6 +10,10 @@ from plotly.subplots import make_subplots
 from engine import data, jobs, registry, runs
 from engine.errors import EngineError
 from engine.model import PRESETS
+from engine.train import TrainConfig
+from ui import readiness_notice
+
+DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 
 st.set_page_config(page_title="Train", page_icon=":material/model_training:", layout="wide")
 st.title(":material/model_training: Train")
@@ -63,22 +67,25 @@ with settings:
             st.caption(f"{counts['images']} images ({counts['defective']} with defects): "
                        f"{counts['train']} train / {counts['val']} val / {counts['test']} test")
     name = st.text_input("Run name", value=dataset or "run", key="train_name")
-    preset = st.selectbox("Model size", list(PRESETS), key="train_preset",
-                          format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
+    preset = st.selectbox("Model size", list(PRESETS), index=list(PRESETS).index(DEFAULTS.preset),
+                          key="train_preset", format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
     stop_by = st.radio("Stop after", ["epochs", "minutes"], horizontal=True, key="train_stop_by")
     if stop_by == "epochs":
         epochs, minutes = st.number_input("Epochs", 1, 500, 10, key="train_epochs"), None
     else:
         minutes = st.number_input("Minutes", 0.5, 600.0, 5.0, 0.5, key="train_minutes")
-        epochs = 1000  # the wall-time budget ends the run
+        epochs = None  # the wall-time budget ends the run
     device = st.radio("Device", DEVICES, horizontal=True, key="train_device",
                       help=None if len(DEVICES) > 1 else "No CUDA GPU found; training runs on the CPU.")
     with st.expander("Advanced"):
-        crop = st.select_slider("Crop (px)", [32, 64, 96, 128, 192, 256], value=128, key="train_crop")
-        batch_size = st.number_input("Batch size", 1, 256, 16, key="train_batch")
+        crop = st.select_slider("Crop (px)", ["auto", 64, 96, 128, 160, 192, 256], value="auto", key="train_crop",
+                                help="auto: chosen from the image and defect sizes")
+        batch_size = st.number_input("Batch size", 1, 256, DEFAULTS.batch_size, key="train_batch")
         steps = st.number_input("Steps per epoch (0 = one pass over the images)", 0, 10000, 0, key="train_steps")
-        lr = st.number_input("Learning rate", 1e-5, 1.0, 3e-3, format="%.4f", key="train_lr")
-        seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="train_seed")
+        lr = st.number_input("Learning rate", 1e-5, 1.0, DEFAULTS.lr, format="%.4f", key="train_lr")
+        seed = st.number_input("Seed", 0, 2**31 - 1, DEFAULTS.seed, key="train_seed")
+        init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
+                            help="auto: the shipped pre-trained weights (default model size); none: from scratch")
     allow_parallel = st.checkbox("Allow parallel runs", value=False, key="train_parallel")
     blocked = bool(active) and not allow_parallel
     if blocked:
@@ -86,11 +93,12 @@ with settings:
     if st.button("Start training", type="primary", disabled=blocked or not dataset or unusable, key="train_start"):
         try:
             report = data.scan_dataset(choices[dataset])
-            if not report.split("train") or not report.split("val"):
-                raise EngineError(f"{dataset} needs images in both the train and val splits "
-                                  f"(has {report.counts()}); generate more images")
-            run_id = jobs.start_training(str(choices[dataset]), name=name or dataset, epochs=int(epochs),
-                                         minutes=minutes, preset=preset, device=device, crop=int(crop),
+            if len(report.split("train")) < 2:
+                raise EngineError(f"{dataset} needs at least 2 training images (has {report.counts()}); "
+                                  "generate or import more images")
+            run_id = jobs.start_training(str(choices[dataset]), name=name or dataset,
+                                         epochs=int(epochs) if epochs else None, minutes=minutes, preset=preset,
+                                         device=device, crop=None if crop == "auto" else int(crop), init=init,
                                          batch_size=int(batch_size), steps_per_epoch=int(steps) or None,
                                          lr=float(lr), seed=int(seed))
         except EngineError as err:
@@ -129,8 +137,7 @@ with monitor_column:
         if was_active and not state["active"]:
             st.rerun()  # finished: redraw the whole page once (static view, resume offered)
         done, planned = state["epochs_done"], state["epochs_planned"]
-        st.progress(min(1.0, done / planned) if planned else 0.0,
-                    text=f"{state['status']}: epoch {done}/{planned if planned < 1000 else '∞'}")
+        st.progress(state["fraction"] or 0.0, text=f"{state['status']}: epoch {done}" + (f"/{planned}" if planned else ""))
         a, b, c, d = st.columns(4)
         a.metric("Elapsed", duration(state["elapsed_s"]))
         b.metric("Remaining (est.)", duration(state["eta_s"]) if state["active"] else "—")
@@ -144,6 +151,8 @@ with monitor_column:
             if st.button("Cancel run", key=f"cancel_{run_id}"):
                 jobs.cancel(run_id)
                 st.toast(f"Cancel requested for {run_id}")
+        if state["status"] == "completed":
+            readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
         if state["status"] == "failed":
             st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
             tail = jobs.log_tail(run_id)

@@ -27,6 +27,7 @@ from engine.inference import (
 )
 from engine.metrics import dice_score, iou_score
 from engine.recipe import apply_recipe, load_recipe
+from ui import readiness_notice
 
 st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -103,6 +104,7 @@ with st.sidebar:
     except EngineError as err:
         st.error(str(err))
         st.stop()
+    readiness_notice(info)
     saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
     best = info.get("best_epoch")
     default_epoch = best if best in saved else saved[-1]

@@ -8,6 +8,7 @@ import streamlit as st
 
 from engine import registry, runs
 from engine.errors import EngineError
+from ui import readiness_notice
 
 st.set_page_config(page_title="Runs", page_icon=":material/history:", layout="wide")
 st.title(":material/history: Runs")
@@ -23,7 +24,7 @@ if not rows:
 
 table = pd.DataFrame(rows)
 table["duration (min)"] = (table["duration_s"].astype(float) / 60).round(1)
-st.dataframe(table[["run_id", "status", "dataset", "epochs", "best_epoch", "best_dice", "best_iou", "threshold",
+st.dataframe(table[["run_id", "status", "ready", "dataset", "epochs", "best_epoch", "best_dice", "best_iou", "threshold",
                     "preset", "crop", "batch_size", "lr", "device", "duration (min)", "created_at", "error"]],
              hide_index=True, key="runs_table",
              column_config={"best_dice": st.column_config.NumberColumn(format="%.3f"),
@@ -58,6 +59,7 @@ try:
 except EngineError as err:
     st.warning(f"{picked}: {err}")
 else:
+    readiness_notice(info)
     dataset = info.get("dataset") or {}
     known = registry.find_dataset_by_hash(dataset.get("hash", "")) if dataset.get("hash") else None
     a, b = st.columns(2)

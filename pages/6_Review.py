@@ -15,6 +15,7 @@ from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor, overlay, to_display
 from engine.recipe import load_recipe, tune_run
+from ui import readiness_notice
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
 st.title(":material/fact_check: Review a folder")
@@ -66,6 +67,7 @@ with st.sidebar:
     except EngineError as err:
         st.error(str(err))
         st.stop()
+    readiness_notice(info)
     saved: list[int | str] = list(runs.epochs_saved(run_folder)) or ["best"]
     best = info.get("best_epoch")
     default_epoch = best if best in saved else saved[-1]

@@ -116,7 +116,8 @@ def post(client: TestClient, data: bytes, name: str = "image.png", **params: obj
 
 def test_health_reports_the_default_model(client: TestClient, trained_run: str) -> None:
     body = client.get("/health").json()
-    assert body["status"] == "ok"
+    ready, reason = runs.readiness(runs.read_run_json(runs.resolve_run(trained_run)))  # training's own verdict
+    assert body["status"] == "ok" and body["ready"] is ready and body["ready_reason"] == reason
     assert body["model"]["run"] == trained_run
     assert body["model"]["backend"] == default_backend(runs.resolve_run(trained_run))
 
@@ -128,6 +129,25 @@ def test_models_lists_runs_with_their_backends(client: TestClient, trained_run: 
     assert "torch" in entry["backends"]
     assert entry["default_backend"] in entry["backends"]
     assert any(m["run"] == trained_run for m in body["loaded"])
+
+
+def test_a_run_marked_not_ready_says_so_on_health_models_and_predict(make_client, trained_run: str,
+                                                                   sample: np.ndarray) -> None:
+    # The trained fixture run is real; this copy carries training's verdict that it is not ready.
+    run_id = copy_run(trained_run, "not-ready")
+    folder = config.RUNS_DIR / run_id
+    reason = "validation false alarms 100% above the 5% goal (40 defect-free images)"
+    runs.write_run_json(folder, {**runs.read_run_json(folder), "ready": False, "ready_reason": reason})
+    client = make_client(DEFECTS_API_RUN=run_id)
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["ready"] is False and health["ready_reason"] == reason
+    assert health["model"]["ready"] is False and health["model"]["ready_reason"] == reason
+    listed = client.get("/models").json()
+    entry = next(r for r in listed["runs"] if r["run"] == run_id)
+    assert entry["ready"] is False and entry["ready_reason"] == reason
+    assert next(r for r in listed["runs"] if r["run"] == "demo")["ready"] is True  # completed before the rule
+    answer = post(client, _png(sample))
+    assert answer.status_code == 200 and answer.json()["model"]["ready"] is False
 
 
 def test_predict_answers_the_contract_and_matches_the_predictor(client: TestClient, sample: np.ndarray,

@@ -402,3 +402,30 @@ def test_inspect_run_with_only_best_checkpoint(trained_run: str) -> None:
         assert metric(at, "Dice (best)") == f"{dice_score(pred, read_mask(sample.mask_path)):.4f}"
     finally:
         shutil.rmtree(folder)
+
+
+def test_a_not_ready_run_says_so_on_inspect_runs_and_review(trained_run: str) -> None:
+    """Training's verdict (run.json ready=false) is shown with its reason and the next steps."""
+    import shutil
+
+    run_id = "20200102-000000-apptest-not-ready-0000"
+    folder = config.RUNS_DIR / run_id
+    shutil.copytree(runs.run_dir(trained_run), folder, ignore=shutil.ignore_patterns("export"))
+    reason = "validation false alarms 100% above the 5% goal (20 defect-free images)"
+    runs.write_run_json(folder, {**runs.read_run_json(folder), "run_id": run_id, "status": "completed",
+                                 "ready": False, "ready_reason": reason})
+    registry.rebuild()
+    try:
+        for page, key in (("pages/4_Inspect.py", "inspect_run"), ("pages/6_Review.py", "review_run")):
+            at = open_page(page)
+            at.sidebar.selectbox(key=key).set_value(run_id).run()
+            assert not at.exception
+            warning = "\n".join(w.value for w in at.warning)
+            assert f"Not ready:** {reason}" in warning and "train longer" in warning, page
+        at = open_page("pages/5_Runs.py")
+        table = at.dataframe[0].value.set_index("run_id")
+        assert table.loc[run_id, "ready"] == "no"
+        at.selectbox(key="runs_lineage").set_value(run_id).run()
+        assert reason in "\n".join(w.value for w in at.warning)
+    finally:
+        runs.delete_run(run_id)

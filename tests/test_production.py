@@ -174,3 +174,28 @@ def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_p
         registry.rebuild()
         row = registry.get_run(run_id)
         assert row.ready is False and row.ready_reason == info["ready_reason"]
+
+
+def test_an_older_registry_gains_the_new_columns_and_keeps_its_rows(tmp_path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the run and epoch tables as the previous version created them
+        db.execute("CREATE TABLE run (id VARCHAR PRIMARY KEY, name VARCHAR, dataset_path VARCHAR, "
+                   "dataset_hash VARCHAR, status VARCHAR, pid INTEGER, heartbeat DATETIME, created_at DATETIME, "
+                   "started_at DATETIME, finished_at DATETIME, epochs_planned INTEGER, epochs_done INTEGER, "
+                   "best_epoch INTEGER, best_dice FLOAT, best_iou FLOAT, threshold FLOAT, device VARCHAR, "
+                   "params_json VARCHAR, error VARCHAR, cancel_requested BOOLEAN)")
+        db.execute("INSERT INTO run VALUES ('old-run', 'old', '', '', 'completed', NULL, NULL, "
+                   "'2026-11-26 10:00:00', NULL, NULL, 3, 3, 2, 0.8, 0.7, 0.5, 'cpu', '{}', NULL, 0)")
+        db.execute("CREATE TABLE epochmetric (id INTEGER PRIMARY KEY, run_id VARCHAR, epoch INTEGER, "
+                   "train_loss FLOAT, val_loss FLOAT, val_dice FLOAT, val_iou FLOAT, lr FLOAT, seconds FLOAT, "
+                   "images_per_s FLOAT)")
+    engine = registry.get_engine(path)
+    columns = {c["name"] for c in __import__("sqlalchemy").inspect(engine).get_columns("run")}
+    assert {"ready", "ready_reason"} <= columns
+    epoch_columns = {c["name"] for c in __import__("sqlalchemy").inspect(engine).get_columns("epochmetric")}
+    assert {"val_ap", "val_score"} <= epoch_columns
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql("SELECT id, status, ready FROM run").fetchall()
+    assert rows == [("old-run", "completed", None)]
