@@ -1,4 +1,4 @@
-"""evaluate(): pixel metrics at the threshold, verdicts from the run's recipe, per-type breakdown."""
+"""evaluate(): pixel metrics on the inspection mask, verdicts from the run's recipe, per-type breakdown."""
 
 import json
 
@@ -10,8 +10,8 @@ from engine.__main__ import main
 from engine.data import load_pair
 from engine.evaluate import evaluate, select_samples
 from engine.inference import Predictor
-from engine.metrics import SetMetrics
-from engine.recipe import Recipe, apply_recipe
+from engine.metrics import SetMetrics, auroc, average_precision, image_score
+from engine.recipe import Recipe, apply_recipe, regions_mask
 
 
 def test_evaluate_matches_direct_computation(trained_run: str, tiny_dataset) -> None:
@@ -20,15 +20,22 @@ def test_evaluate_matches_direct_computation(trained_run: str, tiny_dataset) -> 
     recipe = Recipe(threshold=0.5, min_region_px=10)
     result = evaluate(predictor, samples, recipe=recipe)
 
-    expected = SetMetrics()
+    expected, scores, labels = SetMetrics(), [], []
     for sample in samples:
         image, truth = load_pair(sample)
         probability = predictor.predict_proba(image)
-        verdict, _ = apply_recipe(probability, recipe)
-        expected.add(probability >= 0.5, truth, flagged=verdict == "defect")
+        verdict, regions = apply_recipe(probability, recipe)
+        # pixel metrics on the inspection's mask: the regions that count under the recipe
+        expected.add(regions_mask(probability, 0.5, regions), truth, flagged=verdict == "defect")
+        scores.append(image_score(probability, 0.5))
+        labels.append(bool(truth.any()))
     for key, value in expected.result().items():
         assert result[key] == pytest.approx(value), key
     assert result["min_region_px"] == 10 and len(result["per_image"]) == len(samples)
+    assert result["n_detected"] == round(result["detection_rate"] * result["n_defective"])
+    assert result["n_false_alarms"] == round(result["false_alarm_rate"] * result["n_defect_free"])
+    assert result["average_precision"] == pytest.approx(average_precision(scores, labels))
+    assert result["auroc"] == pytest.approx(auroc(scores, labels))
 
     types = {t for s in samples for t in s.defect_types.split(";") if t} | {"none"}
     assert set(result["per_type"]) <= types

@@ -64,3 +64,30 @@ def test_threshold_sweep_matches_direct_computation_and_picks_best() -> None:
     # Background scores are < 0.4 and defect scores >= 0.7: 0.5 and 0.75 separate, 0.2 does not.
     assert rows[0]["dice"] < 0.5 < rows[1]["dice"]
     assert best_threshold(rows) == 0.5
+
+
+def test_image_level_ap_and_auroc_on_hand_made_scores() -> None:
+    from engine.metrics import auroc, average_precision
+
+    # ranking: pos, neg, pos, neg -> precision 1 at recall 0.5, 2/3 at recall 1
+    assert average_precision([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(0.5 * 1 + 0.5 * 2 / 3)
+    assert auroc([0.9, 0.8, 0.7, 0.1], [1, 0, 1, 0]) == pytest.approx(3 / 4)  # 3 of 4 pos-neg pairs in order
+    assert average_precision([3, 2, 1], [1, 1, 0]) == 1.0 and auroc([3, 2, 1], [1, 1, 0]) == 1.0
+    # a tie between a positive and a negative counts half for AUROC and enters AP as one step
+    assert auroc([0.5, 0.5], [1, 0]) == 0.5 and average_precision([0.5, 0.5], [1, 0]) == 0.5
+    # AP weighs the top of the ranking, AUROC all pairs alike
+    scores, labels = [1, 0.9, 0.8, 0.7, 0.6], [0, 1, 1, 1, 1]
+    assert auroc(scores, labels) == 0.0 and average_precision(scores, labels) == pytest.approx(
+        (1 / 2 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
+    assert average_precision([0.2, 0.1], [0, 0]) is None and auroc([0.2, 0.1], [1, 1]) is None
+
+
+def test_image_score_ranks_by_largest_region_then_peak() -> None:
+    from engine.metrics import image_score
+
+    speck, blob, faint = (np.zeros((40, 40), np.float32) for _ in range(3))
+    speck[5, 5] = 0.99  # one bright pixel
+    blob[10:16, 10:16] = 0.7  # a 36 px region
+    faint[:] = 0.3  # no region at 0.5
+    assert image_score(blob) > image_score(speck) > image_score(faint)
+    assert image_score(blob) == pytest.approx(36.7, abs=1e-5) and image_score(faint) == pytest.approx(0.3)
