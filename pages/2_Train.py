@@ -78,7 +78,7 @@ with settings:
     device = st.radio("Device", DEVICES, horizontal=True, key="train_device",
                       help=None if len(DEVICES) > 1 else "No CUDA GPU found; training runs on the CPU.")
     with st.expander("Advanced"):
-        crop = st.select_slider("Crop (px)", ["auto", 64, 96, 128, 160, 192, 256], value="auto", key="train_crop",
+        crop = st.select_slider("Crop (px)", ["auto", 32, 64, 96, 128, 160, 192, 256], value="auto", key="train_crop",
                                 help="auto: chosen from the image and defect sizes")
         batch_size = st.number_input("Batch size", 1, 256, DEFAULTS.batch_size, key="train_batch")
         steps = st.number_input("Steps per epoch (0 = one pass over the images)", 0, 10000, 0, key="train_steps")
