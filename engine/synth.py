@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import multiprocessing
+import os
 import re
 import sys
 import threading
@@ -593,13 +594,23 @@ def _run_batch(batch: list[tuple[int, int, bool]]) -> list[tuple[int, str, float
 _IDLE_THREADS = frozenset({"tqdm_monitor"})
 
 
+def _os_threads() -> int:
+    """Threads of this process as the OS sees them (Python and native); -1 where /proc is missing."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return -1
+
+
 def _pool_context() -> multiprocessing.context.BaseContext:
     """fork when safe (starts in ms), else spawn (~0.5 s: each worker imports numpy and OpenCV)."""
     # Forking while other threads run (Streamlit sessions, servers) can deadlock the child on a lock
     # some thread held at the time of the fork.
+    # Native threads count too: once OpenCV or OpenMP have started their pools in this process (a test
+    # session, a page that trained or inspected), a forked worker hangs in cv2.setNumThreads.
     others = [t for t in threading.enumerate() if t is not threading.current_thread()]
     if (sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
-            and all(t.name in _IDLE_THREADS for t in others)):
+            and all(t.name in _IDLE_THREADS for t in others) and _os_threads() == len(others) + 1):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 

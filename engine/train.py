@@ -491,10 +491,11 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "machine": f"{platform.machine()}, {config.cpu_threads()} cpu threads",
         "created_at": info.get("created_at", now.isoformat()), "started_at": now.isoformat(),
-        "finished_at": None, "error": None, "ready": None, "ready_reason": None,
-        "model_images_per_s": round(model_speed, 1),
+        "finished_at": None, "error": None, "model_images_per_s": round(model_speed, 1),
     })
     info.setdefault("threshold", 0.5)
+    info.setdefault("ready", None)  # decided at the end; a resumed run keeps its verdict until then
+    info.setdefault("ready_reason", None)
     runs.write_run_json(folder, info)
     params = json_dumps(asdict(cfg))
     if registry.get_run(cfg.run_id) is None:
@@ -505,7 +506,7 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
                         started_at=now, heartbeat=now, cancel_requested=False, error=None, finished_at=None,
                         # a run created by jobs.start_training has no parameters or hash yet
                         dataset_path=info["dataset"]["path"], dataset_hash=data.data_hash, device=str(device),
-                        params_json=params, **_readiness_fields(None, None))
+                        params_json=params, **_readiness_fields(info["ready"], info["ready_reason"]))
     return info
 
 
