@@ -135,10 +135,11 @@ def image_score(probability: np.ndarray, threshold: float = 0.5) -> float:
 
 
 def average_precision(scores: list[float] | np.ndarray, labels: list[bool] | np.ndarray) -> float | None:
-    """Image-level average precision (area under the step precision-recall curve); None without a positive."""
+    """Image-level average precision (area under the step precision-recall curve); None unless both defective
+    and defect-free images are present (with no defect-free image every ranking is perfect)."""
     scores, labels = np.asarray(scores, np.float64), np.asarray(labels, bool)
     n_pos = int(labels.sum())
-    if n_pos == 0:
+    if n_pos == 0 or n_pos == len(labels):
         return None
     order = np.argsort(-scores, kind="mergesort")
     scores, labels = scores[order], labels[order]

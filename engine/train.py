@@ -245,7 +245,7 @@ def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: fl
     model.train()
     result = metrics.result()
     scores, labels = [image_score(p) for p in probs], [bool(t.any()) for t in truths]
-    result["average_precision"] = average_precision(scores, labels) if not all(labels) else None
+    result["average_precision"] = average_precision(scores, labels)
     result["auroc"] = auroc(scores, labels)
     ap = result["average_precision"]
     result["score"] = result["dice"] if ap is None else (ap + result["dice"]) / 2

@@ -80,6 +80,7 @@ def test_image_level_ap_and_auroc_on_hand_made_scores() -> None:
     assert auroc(scores, labels) == 0.0 and average_precision(scores, labels) == pytest.approx(
         (1 / 2 + 2 / 3 + 3 / 4 + 4 / 5) / 4)
     assert average_precision([0.2, 0.1], [0, 0]) is None and auroc([0.2, 0.1], [1, 1]) is None
+    assert average_precision([0.2, 0.1], [1, 1]) is None  # nothing to rank against
 
 
 def test_image_score_ranks_by_largest_region_then_peak() -> None:
