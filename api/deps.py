@@ -11,6 +11,7 @@ from fastapi import HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
 from api.settings import Settings
+from engine import runs
 from engine.errors import EngineError
 from engine.imageio import read_limited
 from engine.inference import Predictor, PredictorCache, model_catalog, predict_bytes
@@ -30,31 +31,34 @@ class ServingState:
         # keeps the cores from being oversubscribed, and always hands the model to the same threads, whose
         # OpenMP teams stay warm (a different pool thread per request pays for a fresh team each time).
         self.slots = ThreadPoolExecutor(settings.inference_slots, thread_name_prefix="inference")
-        self.default: Predictor | None = None
+        self.default: Predictor | None = None  # what answered the last request without ?run= (for /health)
         self.default_error: str | None = "not loaded yet"
 
     def load_default(self) -> Predictor | None:
-        """Load the default run (DEFECTS_API_RUN, `latest` falls back to `demo`); remember why if it fails."""
+        """Load the default model now (at start-up); remember why if there is none."""
         try:
-            self.default = self.cache.get(self.settings.default_run, backend=self.settings.default_backend)
-            self.default_error = None
-        except EngineError as err:
-            self.default, self.default_error = None, str(err)
-        return self.default
+            return self.predictor(None, None)
+        except EngineError:
+            return None
 
     def predictor(self, run: str | None, backend: str | None) -> Predictor:
-        """The Predictor for a request: the named run, else the default one (retried if it was missing)."""
+        """The Predictor for a request: the named run, else the default one, resolved again for each request.
+
+        The default is DEFECTS_API_RUN, by default `ready`: the newest ready run, so a run that completes
+        (or is exported) answers the next request without a restart. Requests in flight keep the Predictor
+        they started with.
+        """
         if run:
             return self.cache.get(run, backend=backend)
-        default = self.default
-        if default is None or not (default.run_dir / "run.json").is_file():
-            default = self.load_default()
-        if default is None:
-            raise ModelUnavailable(f"no model available ({self.default_error}); train one with "
-                                   "`python -m engine train --data DIR`, or name a run with ?run=")
-        predictor = self.cache.get_for_dir(default.run_dir, backend=backend or self.settings.default_backend)
+        try:
+            folder = runs.resolve_run(self.settings.default_run)
+            predictor = self.cache.get_for_dir(folder, backend=backend or self.settings.default_backend)
+        except EngineError as err:
+            self.default, self.default_error = None, str(err)
+            raise ModelUnavailable(f"no model available ({err}); train one with "
+                                   "`python -m engine train --data DIR`, or name a run with ?run=") from None
         if backend is None:
-            self.default = predictor  # may be a reloaded checkpoint or a newer export: /health shows what answers
+            self.default, self.default_error = predictor, None
         return predictor
 
     def predict(self, upload: BinaryIO, name: str, threshold: float | None, run: str | None,
@@ -82,13 +86,14 @@ class ServingState:
         old.shutdown(wait=True)
 
     def health(self) -> dict[str, Any]:
-        """Liveness plus the default model, or why there is none."""
-        if self.default is None:
+        """Liveness plus the model that answers requests without ?run= now, or why there is none."""
+        try:
+            model = self.predictor(None, None).describe()
+        except EngineError:
             return {"status": "no_model", "model": None, "detail": self.default_error, "ready": False,
-                    "ready_reason": self.default_error}
-        model = self.default.describe()
+                    "ready_reason": self.default_error, "default_run": self.settings.default_run}
         return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
-                "ready_reason": model["ready_reason"]}
+                "ready_reason": model["ready_reason"], "default_run": self.settings.default_run}
 
     def models(self) -> dict[str, Any]:
         """Default model, loaded models, and every run folder that can be served."""

@@ -26,7 +26,7 @@ def status_for(err: EngineError) -> int:
     return next(code for kind, code in STATUS_FOR_ERROR if isinstance(err, kind))
 
 
-def install(app: FastAPI, max_upload_mb: float) -> None:
+def install(app: FastAPI) -> None:
     """Register the handlers on app."""
 
     @app.exception_handler(EngineError)
@@ -44,9 +44,7 @@ def install(app: FastAPI, max_upload_mb: float) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         status, detail = exc.status_code, str(exc.detail)
-        if status == 413:  # raised by FastAPI's max_body_size while the body streams in
-            detail = f"request body larger than the upload limit of {max_upload_mb:g} MB (DEFECTS_MAX_UPLOAD_MB)"
-        elif status == 400:  # FastAPI could not parse the body; the contract answers bad input with 422
+        if status == 400:  # FastAPI could not parse the body; the contract answers bad input with 422
             status, detail = 422, f"{detail.rstrip('.')}: send the image as the multipart/form-data field `file`"
         return JSONResponse({"detail": detail}, status_code=status, headers=exc.headers)
 

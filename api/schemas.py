@@ -77,6 +77,8 @@ class HealthResponse(BaseModel):
     detail: str | None = Field(None, description="why no model is loaded")
     ready: bool = Field(False, description="whether the default model is ready to serve (see ModelInfo.ready)")
     ready_reason: str | None = Field(None, description="why it is not")
+    default_run: str = Field(description="DEFECTS_API_RUN: `ready` follows the newest ready run, `latest` the newest "
+                                         "run with a checkpoint; anything else is a pinned run")
     version: str
 
 

@@ -18,7 +18,9 @@ class Settings:
     api_key: str | None = None  # DEFECTS_API_KEY: required in X-API-Key on every route but /health when set
     max_upload_mb: float = 20.0  # DEFECTS_MAX_UPLOAD_MB
     max_image_pixels: int = 25_000_000  # DEFECTS_MAX_IMAGE_PIXELS: decoded size bound (memory per request)
-    default_run: str = "latest"  # DEFECTS_API_RUN: loaded at start-up; `latest` falls back to `demo`
+    # DEFECTS_API_RUN: what answers without ?run=, resolved for every request: `ready` (the newest ready run),
+    # `latest` (the newest run with a checkpoint), an id or `demo` (pinned); `ready`/`latest` fall back to `demo`.
+    default_run: str = "ready"
     default_backend: str | None = None  # DEFECTS_API_BACKEND: None = int8 > onnx > torch, whatever is exported
     # DEFECTS_API_SLOTS: images decoded and inferred at the same time. Two keep both cores busy while one
     # request is in HTTP parsing or decoding (measured: 102 % of the bare Predictor vs 75 % with one).

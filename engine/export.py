@@ -119,6 +119,10 @@ def run_folder(run: str | Path | None) -> Path:
     return runs.resolve_run(run)
 
 
+CHECK_FOLDER = "check"  # a small labelled set a shipped run carries for its own checks (the demo's)
+GENERATED_CHECK_IMAGES = 24
+
+
 def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
     """The dataset folder a run was trained on (or `data`); DatasetError with what to do if it is gone."""
     if data is None:
@@ -127,11 +131,39 @@ def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
         data = dataset.get("path") if isinstance(dataset, dict) else dataset
         if not data:
             raise DatasetError(f"run {folder.name} does not record its dataset; pass --data DIR")
-    data = Path(data)
+    data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
     if not (data / "images").is_dir():
         raise DatasetError(f"dataset {data} not found (needed for the parity and accuracy checks); restore it, "
                            "or point to a copy with --data DIR")
     return data
+
+
+@contextmanager
+def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[Path, str]]:
+    """Labelled images for export's parity and accuracy checks, and a sentence saying which they are.
+
+    `--data` if given, else the run's own dataset; if that has moved: the run's shipped check set, else
+    images generated for the purpose (deleted afterwards), so an export never fails for a missing folder.
+    """
+    if data is not None:
+        yield dataset_for_run(folder, data), f"checked on {data} (--data)"
+        return
+    try:
+        dataset = dataset_for_run(folder)
+        yield dataset, f"checked on the run's dataset {dataset}"
+        return
+    except DatasetError as err:
+        missing = str(err).split(" (needed")[0]
+    if (folder / CHECK_FOLDER / "images").is_dir():
+        yield folder / CHECK_FOLDER, (f"{missing}: checked on the {CHECK_FOLDER}/ images the run ships with; "
+                                      "pass --data DIR to check on your own labelled images")
+        return
+    from engine import synth
+
+    with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
+        synth.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
+        yield Path(tmp), (f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; "
+                          "pass --data DIR to check on your own labelled images")
 
 
 def pick_samples(data: Path, splits: tuple[str, ...], limit: int | None = None) -> list[Sample]:
@@ -284,19 +316,25 @@ def export_run(run: str | Path | None, epoch: int | str = "best", int8: bool = F
                max_dice_drop: float = MAX_DICE_DROP, calibration_images: int = CALIBRATION_IMAGES,
                progress: Progress | None = None) -> dict[str, Any]:
     """Export a run's checkpoint to ONNX (and INT8 behind the accuracy gate); returns the report also saved as JSON."""
-    from engine.evaluate import evaluate
-    from engine.model import load_checkpoint
-
-    progress = progress or _no_progress
     if calibration_images < 1:
         raise EngineError("--calibration-images must be at least 1")
     folder = run_folder(run)
+    checkpoint = runs.checkpoint_path(folder, epoch)  # RunNotFound for no checkpoints or an unknown epoch
+    with check_data(folder, data) as (dataset, dataset_note):
+        return _export(folder, checkpoint, int8, dataset, dataset_note, max_dice_drop, calibration_images,
+                       progress or _no_progress)
+
+
+def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_note: str, max_dice_drop: float,
+            calibration_images: int, progress: Progress) -> dict[str, Any]:
+    """export_run once the checkpoint and the labelled images for the checks are known."""
+    from engine.evaluate import evaluate
+    from engine.model import load_checkpoint
+
     info = runs.read_run_json(folder)
     run_id = str(info.get("run_id") or folder.name)
-    checkpoint = runs.checkpoint_path(folder, epoch)  # RunNotFound for no checkpoints or an unknown epoch
     model, meta = load_checkpoint(checkpoint)
     epoch_number = int(meta["epoch"]) if meta.get("epoch") is not None else None
-    dataset = dataset_for_run(folder, data)
     export_dir = folder / "export"
     final = {kind: export_dir / name for kind, name in ONNX_FILES.items()}
     with staged_file(final["onnx"]):
@@ -309,8 +347,8 @@ def export_run(run: str | Path | None, epoch: int | str = "best", int8: bool = F
     val_samples = pick_samples(dataset, ("val", "test"))
     report: dict[str, Any] = {
         "run_id": run_id, "epoch": epoch_number, "checkpoint": checkpoint.name, "dataset": str(dataset),
-        "opset": OPSET, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_description(), "artifacts": [], "messages": [],
+        "check_data": dataset_note, "opset": OPSET, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(), "artifacts": [], "messages": [dataset_note],
     }
     with ExitStack() as staged:
         # fp32: written to a hidden temp file, checked through the Predictor, renamed at the very end.
@@ -511,17 +549,28 @@ def bench_targets(folder: Path) -> list[tuple[str, str, str]]:
 def benchmark(run: str | Path | None, data: str | Path | None = None, split: str = "test", size: int = BENCH_SIZE,
               iterations: int = 50, warmup: int = 5, progress: Progress | None = None) -> dict[str, Any]:
     """Size, batch-1 latency p50/p95, throughput and test Dice of every available backend of a run."""
-    import onnxruntime
-    import torch
+    from engine.evaluate import select_samples
 
-    from engine.evaluate import evaluate, select_samples
-
-    progress = progress or _no_progress
     if iterations < 1 or size < 16:
         raise EngineError("bench needs --iterations of at least 1 and --size of at least 16")
     folder = run_folder(run)
-    dataset = dataset_for_run(folder, data)
-    samples = select_samples(dataset, split)
+    with check_data(folder, data) as (dataset, note):
+        try:
+            samples = select_samples(dataset, split)
+        except DatasetError:  # a shipped or generated check set is small: it may lack the split
+            samples, split = select_samples(dataset, "all"), "all"
+        result = _benchmark(folder, samples, size, iterations, warmup, progress or _no_progress)
+    return {**result, "split": split, "check_data": note}
+
+
+def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, warmup: int,
+               progress: Progress) -> dict[str, Any]:
+    """benchmark once the run folder and the labelled samples are known."""
+    import onnxruntime
+    import torch
+
+    from engine.evaluate import evaluate
+
     images = [_square(load_pair(s)[0], size) for s in samples[:16]]
     # The torch rows use the checkpoint the ONNX files were exported from, so every row is the same model.
     checkpoint = None
@@ -552,7 +601,7 @@ def benchmark(run: str | Path | None, data: str | Path | None = None, split: str
         row["latency_vs_torch"] = row["latency_p50_ms"] / reference["latency_p50_ms"]
         row["dice_drop"] = reference["dice"] - row["dice"]
     progress("done", 1.0)
-    return {"run_id": predictors[next(iter(predictors))].run_id, "split": split, "size": size,
+    return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
             "iterations": iterations, "threshold": threshold, "machine": machine_description(),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
             "rows": rows}
@@ -570,7 +619,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
     lines = [f"Run `{result['run_id']}`, {result['size']}x{result['size']} batch-1 latency over "
              f"{result['iterations']} interleaved iterations, throughput at batch {THROUGHPUT_BATCH}, Dice on the "
              f"{result['split']} split ({result['rows'][0]['n_images']} images). Machine: {result['machine']}; "
-             f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}.",
+             f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}. "
+             f"Images: {result.get('check_data', 'the run dataset')}.",
              "",
              "| backend | file | size (MB) | p50 (ms) | p95 (ms) | p50 vs torch | throughput (img/s) | Dice "
              "| Dice drop |",

@@ -8,6 +8,7 @@ import json
 import re
 import secrets
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,36 @@ def runs_with_models() -> dict[str, Path]:
             if (folder / "best.pth").is_file() or epochs_saved(folder)}
 
 
+def newest_ready_run() -> Path | None:
+    """The ready run (see `readiness`) that finished last, the shipped demo excluded; None if there is none."""
+    finished = []
+    for folder in list_run_dirs():
+        if folder == config.DEMO_RUN_DIR or not (folder / "best.pth").is_file():
+            continue
+        try:
+            info = _cached_run_json(folder / "run.json", (folder / "run.json").stat().st_mtime_ns)
+        except (OSError, RunNotFound):
+            continue  # deleted or being rewritten right now
+        if readiness(info)[0]:
+            finished.append((str(info.get("finished_at") or ""), folder))
+    return max(finished, key=lambda item: item[0])[1] if finished else None
+
+
+@lru_cache(maxsize=256)
+def _cached_run_json(path: Path, mtime_ns: int) -> dict[str, Any]:  # mtime in the key: a rewrite is re-read
+    return read_run_json(path.parent)
+
+
 def resolve_run(run: str | None) -> Path:
-    """Folder of `run`: an id, `demo`, or `latest` (newest run with a best.pth, else the demo)."""
+    """Folder of `run`: an id, `demo`, `latest` (newest run with a best.pth) or `ready` (newest ready run).
+
+    `latest` and `ready` fall back to the demo when no run qualifies.
+    """
     run = run or "latest"
+    if run == "ready":
+        run = newest_ready_run() or "demo"
+        if isinstance(run, Path):
+            return run
     if run == "latest":
         with_model = [p for p in list_run_dirs() if (p / "best.pth").is_file() and p != config.DEMO_RUN_DIR]
         if with_model:

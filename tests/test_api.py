@@ -5,14 +5,18 @@ from __future__ import annotations
 import base64
 import io
 import os
+import re
 import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -352,7 +356,7 @@ def test_no_model_is_503_and_health_says_why(monkeypatch: pytest.MonkeyPatch, tm
         health = client.get("/health").json()
         assert health["status"] == "no_model" and health["detail"]
         response = post(client, _png(sample))
-        assert response.status_code == 503
+        assert response.status_code == 503 and response.headers["content-type"] == "application/json"
         assert "no model available" in response.json()["detail"]
         assert client.get("/models").json() == {"default": None, "loaded": [], "runs": []}
 
@@ -364,6 +368,51 @@ def test_openapi_declares_every_error(client: TestClient) -> None:
     for code in ("404", "413", "415", "422", "503"):
         assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert client.get("/docs").status_code == 200
+
+
+def _error_cases(client_for, sample: np.ndarray) -> dict[str, tuple[int, httpx.Response]]:
+    """One real request per error status the API gives (413 three ways: header, stream, pixels)."""
+    small = client_for()
+    keyed = client_for(DEFECTS_API_KEY="k")
+    tiny_limit = client_for(DEFECTS_MAX_UPLOAD_MB="0.001")  # 1 kB + multipart slack
+
+    def stream():  # no Content-Length: the limit trips while the body is read
+        yield b"x" * 40_000
+        yield b"y" * 40_000
+
+    return {
+        "401 missing key": (401, keyed.get("/models")),
+        "404 unknown route": (404, small.get("/no-such-route")),
+        "404 unknown run": (404, post(small, _png(sample), run="no-such-run")),
+        "405 wrong method": (405, small.get("/predict")),
+        "413 content-length": (413, tiny_limit.post("/predict", content=b"z" * 200_000,
+                                                    headers={"content-type": "multipart/form-data; boundary=b"})),
+        "413 streamed": (413, tiny_limit.post("/predict", content=stream(),
+                                              headers={"content-type": "multipart/form-data; boundary=b"})),
+        "413 pixels": (413, post(small, png_bomb(30000, 30000))),
+        "415 not an image": (415, post(small, b"<svg/>", name="x.svg")),
+        "422 bad parameter": (422, post(small, _png(sample), threshold="2")),
+        "422 no file": (422, small.post("/predict")),
+    }
+
+
+def test_every_error_status_is_json_with_a_detail(make_client, sample: np.ndarray) -> None:
+    """503 (no model at all) is checked in test_no_model_is_503_and_health_says_why."""
+    for name, (status, response) in _error_cases(make_client, sample).items():
+        assert response.status_code == status, (name, response.status_code, response.text[:200])
+        assert response.headers["content-type"] == "application/json", (name, response.headers)
+        assert isinstance(response.json()["detail"], str) and response.json()["detail"], name
+
+
+def test_docs_pages_load_their_assets_from_the_server(client: TestClient) -> None:
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        scripts = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', html)
+        assert scripts, (page, html[:500])
+        for url in scripts:
+            assert url.startswith("/"), f"{page} loads {url} from outside the server; it would be blank offline"
+            asset = client.get(url)
+            assert asset.status_code == 200 and len(asset.content) > 10_000, url
 
 
 @pytest.mark.slow
@@ -413,25 +462,40 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_real_uvicorn_server(trained_run: str, sample: np.ndarray) -> None:
+@contextmanager
+def uvicorn_server(**env: str) -> Iterator[str]:
+    """A real `python -m engine serve` process with the given DEFECTS_* variables; yields its base URL."""
     port = _free_port()
-    env = {**os.environ, "DEFECTS_API_RUN": trained_run}
-    env.pop("DEFECTS_API_KEY", None)
+    full_env = {**os.environ, **env}
+    full_env.pop("DEFECTS_API_KEY", None)
+    for key in [k for k in ("DEFECTS_API_RUN",) if k not in env]:
+        full_env.pop(key, None)
+    # The log goes to a file: a pipe nobody reads fills up under load and blocks the server's access log.
+    log = tempfile.TemporaryFile("w+")
     server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(port)], cwd=config.ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
         while True:
-            assert server.poll() is None, server.stdout.read()
+            assert server.poll() is None, log.seek(0) or log.read()
             try:
-                if httpx.get(f"{base}/health", timeout=2).json()["status"] == "ok":
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "server did not come up"
             time.sleep(0.3)
+        yield base
+    finally:
+        stop_process(server)
+        log.close()
+
+
+@pytest.mark.slow
+def test_real_uvicorn_server(trained_run: str, sample: np.ndarray) -> None:
+    with uvicorn_server(DEFECTS_API_RUN=trained_run) as base:
+        port = int(base.rsplit(":", 1)[1])
         with httpx.Client(base_url=base, timeout=60) as http:
             bad = http.post("/predict", files={"file": ("x.svg", b"<svg/>")})
             assert bad.status_code == 415
@@ -443,7 +507,57 @@ def test_real_uvicorn_server(trained_run: str, sample: np.ndarray) -> None:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
             raw.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
                         b"Content-Type: multipart/form-data; boundary=b\r\n\r\n--b\r\n")
-            assert raw.recv(4096).startswith(b"HTTP/1.1 413")
+            reply = b""
+            while chunk := raw.recv(4096):  # the server closes the connection after refusing
+                reply += chunk
+            head, _, body = reply.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 413") and b"application/json" in head, head
+            assert b"upload limit" in body, body  # JSON with `detail`, like every other error
         assert httpx.get(f"{base}/health", timeout=10).status_code == 200  # still serving
-    finally:
-        stop_process(server)
+
+
+@pytest.mark.slow
+def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tiny_dataset: Path,
+                                                                           sample: np.ndarray) -> None:
+    """The bar of the first-hour issue: train and export while clients hammer /predict without ?run=."""
+    from engine.export import export_run
+    from engine.train import TrainConfig, train
+
+    with uvicorn_server() as base:  # DEFECTS_API_RUN unset: `ready`, the newest ready run
+        before = httpx.get(f"{base}/health", timeout=30).json()
+        assert before["default_run"] == "ready"
+        stop, answers = False, []
+
+        def hammer() -> None:
+            with httpx.Client(base_url=base, timeout=120) as http:
+                while not stop:
+                    response = http.post("/predict", files={"file": ("a.png", _png(sample))})
+                    answers.append((response.status_code, response.json()["model"] if response.is_success
+                                    else response.text))
+
+        with ThreadPoolExecutor(3) as pool:
+            clients = [pool.submit(hammer) for _ in range(3)]
+            # A real run that training itself finds ready (the shipped pre-trained start learns this set fast).
+            new_run = train(TrainConfig(data=str(tiny_dataset), epochs=3, init="pretrained", crop=64, batch_size=8,
+                                        steps_per_epoch=8, name="switch"))
+            assert runs.readiness(runs.read_run_json(runs.run_dir(new_run)))[0], "the new run must be ready"
+            export_run(new_run)
+            seen = len(answers)
+            deadline = time.monotonic() + 60
+            while len(answers) < seen + 6 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stop = True
+            for future in clients:
+                future.result()
+        failed = [a for a in answers if a[0] != 200]
+        assert not failed, failed[:3]
+        assert answers[0][1]["run"] != new_run
+        after = answers[seen + 3:]  # at most three requests were in flight when the export landed
+        assert after and all(model["run"] == new_run and model["backend"] == "onnx" for _, model in after), after
+        health = httpx.get(f"{base}/health", timeout=30).json()
+        assert health["model"]["run"] == new_run and health["model"]["backend"] == "onnx"
+        assert health["model"]["epoch"] == runs.read_run_json(runs.run_dir(new_run))["best_epoch"]
+        # Pinning stays possible.
+        pinned = httpx.post(f"{base}/predict", params={"run": "demo"}, files={"file": ("a.png", _png(sample))},
+                            timeout=60).json()
+        assert pinned["model"]["run"] == "demo"

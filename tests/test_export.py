@@ -252,12 +252,34 @@ def test_run_without_checkpoints_and_unknown_epoch(trained_run: str, copy_run: C
         export.export_run("no-such-run")
 
 
-def test_missing_dataset_names_the_fix(copy_run: CopyRun) -> None:
+def test_a_moved_dataset_still_exports_on_generated_images_and_says_so(copy_run: CopyRun) -> None:
     folder = copy_run("moved-dataset")
     info = runs.read_run_json(folder)
     runs.write_run_json(folder, {**info, "dataset": {**info["dataset"], "path": str(folder / "gone")}})
-    with pytest.raises(DatasetError, match="not found.*--data DIR"):
-        export.export_run("moved-dataset")
+    report = export.export_run("moved-dataset")
+    assert "gone not found" in report["check_data"] and "generated images, not on your data" in report["check_data"]
+    assert report["check_data"] in report["messages"]
+    assert (folder / "export" / "model.onnx").is_file()
+    assert not Path(report["dataset"]).exists()  # the generated images are gone again
+    with pytest.raises(DatasetError, match="not found.*--data DIR"):  # an explicit --data must exist
+        export.export_run("moved-dataset", data=folder / "nowhere")
+
+
+def test_the_shipped_demo_exports_int8_in_a_fresh_clone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repository's demo run, as cloned (its training set is not shipped), exports and is checked on its own images."""
+    shipped = config.ROOT / "runs" / "demo"
+    assert not Path(runs.read_run_json(shipped)["dataset"]["path"]).is_absolute()
+    demo = tmp_path / "demo"
+    shutil.copytree(shipped, demo, ignore=shutil.ignore_patterns("export", "*.log", "resume.pth"))
+    monkeypatch.setattr(config, "DEMO_RUN_DIR", demo)
+    monkeypatch.setattr(config, "ROOT", tmp_path)  # no data/demo-train here, as in a fresh clone
+    report = export.export_run("demo", int8=True)
+    assert "checked on the check/ images the run ships with" in report["check_data"]
+    kinds = {a["kind"]: a for a in report["artifacts"]}
+    assert kinds["onnx"]["metrics"]["n_val_images"] == 12
+    assert kinds["onnx"]["metrics"]["parity"]["max_abs_diff"] < export.PARITY_TOLERANCE
+    assert "int8" in kinds and report["gate"]["accepted"] == kinds["int8"]["accepted"]
+    assert (demo / "export" / "model.onnx").is_file()
 
 
 @pytest.mark.parametrize("failing_write", [1, 3], ids=["fp32-model", "report-after-both-models"])

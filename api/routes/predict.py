@@ -11,7 +11,7 @@ from api.schemas import PredictResponse, error_responses
 
 router = APIRouter(tags=["inference"])
 
-RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids, `demo`, `latest`; no path separators
+RUN_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # ids, `demo`, `latest`, `ready`; no path separators
 IMAGE_TYPES = "image/png, image/jpeg, image/bmp, image/tiff"
 # Documents which files the multipart field takes (clients and Schemathesis read it from the spec).
 FILE_ENCODING = {"requestBody": {"content": {"multipart/form-data": {"encoding": {"file": {"contentType": IMAGE_TYPES}}}}}}
@@ -23,8 +23,8 @@ def predict(
     serving: Annotated[ServingState, Depends(get_serving)],
     file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF; the format is read from the content")],
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="default: the run's own threshold")] = None,
-    run: Annotated[str | None, Query(pattern=RUN_PATTERN, description="run id, `demo` or `latest`; "
-                                     "default: the model loaded at start-up")] = None,
+    run: Annotated[str | None, Query(pattern=RUN_PATTERN, description="run id, `demo`, `latest` or `ready`; "
+                                     "default: DEFECTS_API_RUN (the newest ready run)")] = None,
     backend: Annotated[Literal["torch", "onnx", "int8"] | None,
                        Query(description="default: int8 if exported, else onnx if exported, else torch")] = None,
     return_mask: Annotated[bool, Query(description="add the binary mask as a base64 PNG")] = False,
