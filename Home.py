@@ -28,14 +28,14 @@ except EngineError as err:
 
 datasets = registry.list_datasets()
 run_rows = runs.overview()
-artifacts = registry.list_artifacts()
+exports = registry.list_exports()
 active = jobs.active_runs()
 
 left, mid, right, far = st.columns(4)
 left.metric("Datasets", len(datasets))
 mid.metric("Runs", len(run_rows))
 right.metric("Training now", len(active))
-far.metric("Exports", len(artifacts))
+far.metric("Exports", len(exports))
 
 # ---- what to do next ---------------------------------------------------------------------------
 st.subheader("Next step")
@@ -91,10 +91,10 @@ else:
     st.caption("No runs yet: train one on the Train page.")
 
 st.subheader("Exports")
-if artifacts:
+if exports:
     st.dataframe(pd.DataFrame([{
         "run": a.run_id, "kind": a.kind, "epoch": a.epoch, "size (MB)": round(a.size_bytes / 1e6, 2),
-        "accepted": a.accepted, "created": a.created_at,
-    } for a in artifacts]), hide_index=True)
+        "created": a.created_at,
+    } for a in exports]), hide_index=True)
 else:
     st.caption("No exported models yet.")

@@ -38,7 +38,8 @@ class ServingState:
         """Load the default model now (at start-up); remember why if there is none."""
         try:
             return self.predictor(None, None)
-        except EngineError:
+        except EngineError as err:
+            self.default_error = str(err)
             return None
 
     def predictor(self, run: str | None, backend: str | None) -> Predictor:
@@ -52,11 +53,11 @@ class ServingState:
             return self.cache.get(run, backend=backend)
         try:
             folder = runs.resolve_run(self.settings.default_run)
-            predictor = self.cache.get_for_dir(folder, backend=backend or self.settings.default_backend)
         except EngineError as err:
             self.default, self.default_error = None, str(err)
             raise ModelUnavailable(f"no model available ({err}); train one with "
                                    "`python -m engine train --data DIR`, or name a run with ?run=") from None
+        predictor = self.cache.get_for_dir(folder, backend=backend or self.settings.default_backend)
         if backend is None:
             self.default, self.default_error = predictor, None
         return predictor
@@ -89,11 +90,14 @@ class ServingState:
         """Liveness plus the model that answers requests without ?run= now, or why there is none."""
         try:
             model = self.predictor(None, None).describe()
-        except EngineError:
+        except EngineError as err:
+            self.default_error = str(err)
             return {"status": "no_model", "model": None, "detail": self.default_error, "ready": False,
-                    "ready_reason": self.default_error, "default_run": self.settings.default_run}
+                    "ready_reason": self.default_error, "not_ready_reason": self.default_error,
+                    "default_run": self.settings.default_run}
         return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
-                "ready_reason": model["ready_reason"], "default_run": self.settings.default_run}
+                "ready_reason": model["ready_reason"], "not_ready_reason": model["ready_reason"],
+                "default_run": self.settings.default_run}
 
     def models(self) -> dict[str, Any]:
         """Default model, loaded models, and every run folder that can be served."""

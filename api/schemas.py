@@ -23,6 +23,7 @@ class ModelInfo(BaseModel):
     ready: bool = Field(True, description="false when training marked the run not ready (its recipe missed its "
                                           "goal on validation), or the run has not completed")
     ready_reason: str | None = Field(None, description="why the run is not ready")
+    not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
 
 
 class ImageSize(BaseModel):
@@ -77,6 +78,7 @@ class HealthResponse(BaseModel):
     detail: str | None = Field(None, description="why no model is loaded")
     ready: bool = Field(False, description="whether the default model is ready to serve (see ModelInfo.ready)")
     ready_reason: str | None = Field(None, description="why it is not")
+    not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
     default_run: str = Field(description="DEFECTS_API_RUN: `ready` follows the newest ready run, `latest` the newest "
                                          "run with a checkpoint; anything else is a pinned run")
     version: str
@@ -95,6 +97,7 @@ class CatalogEntry(BaseModel):
     default_backend: str | None = None
     ready: bool = True
     ready_reason: str | None = None
+    not_ready_reason: str | None = None
 
 
 class ModelsResponse(BaseModel):

@@ -201,11 +201,11 @@ class _stage_printer:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from engine import registry
+    from engine import runs
 
-    for run in registry.list_runs():
-        best = f"dice {run.best_dice:.4f} @ epoch {run.best_epoch}" if run.best_dice is not None else "no epochs yet"
-        print(f"{run.id:<44} {run.status:<10} {run.epochs_done}/{run.epochs_planned} epochs  {best}")
+    for row in runs.overview():
+        best = f"dice {row['best_dice']:.4f} @ epoch {row['best_epoch']}" if row["best_dice"] is not None else "no epochs yet"
+        print(f"{row['run_id']:<44} {row['status']:<10} {row['ready']:<10} {row['epochs']:>7} epochs  {best}")
 
 
 def cmd_registry(args: argparse.Namespace) -> None:
@@ -379,8 +379,8 @@ def _positive_float(text: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command; user errors print one line and return 2."""
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # inside: the parser imports TrainConfig, which needs numpy
         args.func(args)
     except EngineError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -388,6 +388,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:  # run outside the venv: say how to fix it instead of a traceback
+        print(f"error: package '{err.name}' is not installed for {sys.executable}; run the command in the "
+              f"project's venv (`source .venv/bin/activate`, created by ./run.sh or ./test.sh)", file=sys.stderr)
+        return 2
     except Exception:  # a bug, not the user's fault: keep the traceback
         traceback.print_exc()
         return 1

@@ -64,7 +64,11 @@ def _no_progress(stage: str, fraction: float) -> None:
 
 @contextmanager
 def staged_file(final: Path) -> Iterator[Path]:
-    """A hidden temp path next to `final`, removed on exit unless it was renamed onto `final` with commit()."""
+    """A hidden temp path next to `final`, removed on exit unless it was renamed onto `final` with commit().
+
+    A folder it had to create is removed again if it ends empty (an export stopped half-way leaves nothing).
+    """
+    created = not final.parent.is_dir()
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=f"{final.suffix}.tmp")
@@ -76,6 +80,8 @@ def staged_file(final: Path) -> Iterator[Path]:
         yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+        if created and not any(final.parent.iterdir()):
+            final.parent.rmdir()
 
 
 def commit(tmp: Path, final: Path) -> None:
@@ -347,7 +353,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     val_samples = pick_samples(dataset, ("val", "test"))
     report: dict[str, Any] = {
         "run_id": run_id, "epoch": epoch_number, "checkpoint": checkpoint.name, "dataset": str(dataset),
-        "check_data": dataset_note, "opset": OPSET, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "check_data": dataset_note, "check_data_is_fallback": "not found" in dataset_note, "opset": OPSET, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(), "artifacts": [], "messages": [dataset_note],
     }
     with ExitStack() as staged:

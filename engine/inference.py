@@ -140,7 +140,7 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """Which model this is: run, epoch, backend, and whether the run is ready to serve (and if not, why)."""
         return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device,
-                "ready": self.ready, "ready_reason": self.ready_reason}
+                "ready": self.ready, "ready_reason": self.ready_reason, "not_ready_reason": self.ready_reason}
 
     def _forward(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride."""
@@ -156,8 +156,11 @@ class Predictor:
         height, width = image.shape
         return self._forward(pad_to_multiple(image, self.stride)[None, None])[0, 0, :height, :width]
 
-    def predict_proba(self, image: np.ndarray) -> np.ndarray:
-        """Defect probability per pixel for an image of any size (large images in blended tiles)."""
+    def predict_proba(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Defect probability per pixel for an image of any size (large images in blended tiles).
+
+        progress(done, total) is called after each tile of a large image (pages show it).
+        """
         gray = image if image.ndim == 2 and image.dtype == np.float32 else to_gray_float(image)
         height, width = gray.shape
         if self.scale != 1.0:
@@ -167,7 +170,7 @@ class Predictor:
         if max(x.shape) <= TILE_ABOVE:
             probability = self._whole(x)
         else:
-            probability = predict_tiled(self._whole, x, TILE, TILE_OVERLAP, self.stride)
+            probability = predict_tiled(self._whole, x, TILE, TILE_OVERLAP, self.stride, progress)
         if probability.shape != (height, width):
             probability = cv2.resize(probability, (width, height), interpolation=cv2.INTER_LINEAR)
         return probability
@@ -230,7 +233,8 @@ def tile_starts(length: int, tile: int, overlap: int, stride: int = 1) -> list[i
 
 
 def predict_tiled(run_whole: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile: int = TILE,
-                  overlap: int = TILE_OVERLAP, stride: int = 1) -> np.ndarray:
+                  overlap: int = TILE_OVERLAP, stride: int = 1,
+                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Probabilities from overlapping, stride-aligned tiles blended with edge weights.
 
     run_whole maps a 2-D patch to its probabilities; it only ever sees patches of at most tile x tile,
@@ -240,13 +244,16 @@ def predict_tiled(run_whole: Callable[[np.ndarray], np.ndarray], image: np.ndarr
     total = np.zeros((height, width), np.float32)
     weight_sum = np.zeros((height, width), np.float32)
     tile_h, tile_w = tile_size(height, tile, overlap, stride), tile_size(width, tile, overlap, stride)
-    for y in tile_starts(height, tile_h, overlap, stride):
-        for x in tile_starts(width, tile_w, overlap, stride):
-            patch = image[y : y + tile_h, x : x + tile_w]
-            rows, cols = patch.shape
-            weights = np.outer(tile_weights(y, rows, height, overlap), tile_weights(x, cols, width, overlap))
-            total[y : y + rows, x : x + cols] += run_whole(patch) * weights
-            weight_sum[y : y + rows, x : x + cols] += weights
+    starts = [(y, x) for y in tile_starts(height, tile_h, overlap, stride)
+              for x in tile_starts(width, tile_w, overlap, stride)]
+    for done, (y, x) in enumerate(starts, 1):
+        patch = image[y : y + tile_h, x : x + tile_w]
+        rows, cols = patch.shape
+        weights = np.outer(tile_weights(y, rows, height, overlap), tile_weights(x, cols, width, overlap))
+        total[y : y + rows, x : x + cols] += run_whole(patch) * weights
+        weight_sum[y : y + rows, x : x + cols] += weights
+        if progress is not None:
+            progress(done, len(starts))
     return np.divide(total, np.maximum(weight_sum, 1e-6, out=weight_sum), out=total)
 
 
@@ -401,7 +408,7 @@ def model_catalog() -> list[dict[str, Any]]:
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
             "threshold": info.get("threshold"), "backends": backends,
             "default_backend": default_backend(folder) if backends else None,
-            "ready": ready, "ready_reason": reason,
+            "ready": ready, "ready_reason": reason, "not_ready_reason": reason,
         })
     return catalog
 

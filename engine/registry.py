@@ -581,6 +581,14 @@ def list_artifacts(run_id: str | None = None) -> list[Artifact]:
         return list(s.exec(query.order_by(col(Artifact.created_at), col(Artifact.id))).all())
 
 
+MODEL_KINDS = ("onnx", "int8")  # artifacts that are model files; recipes are artifacts too, but not exports
+
+
+def list_exports(run_id: str | None = None) -> list[Artifact]:
+    """Exported model files that were kept and are still on disk (no recipes, rejected or replaced files)."""
+    return [a for a in list_artifacts(run_id) if a.kind in MODEL_KINDS and a.accepted and Path(a.path).is_file()]
+
+
 # --------------------------------------------------------------------------------------- rebuild
 
 

@@ -123,7 +123,8 @@ with monitor_column:
     if st.session_state.get("train_watch") not in ids:
         st.session_state["train_watch"] = default
     statuses = {run.id: run.status for run in all_runs}
-    watched = st.selectbox("Run", ids, key="train_watch", format_func=lambda r: f"{r}  [{statuses[r]}]")
+    # No status in the label: it would stay as it was when the page last ran while the fragment below updates.
+    watched = st.selectbox("Run", ids, key="train_watch")
     st.query_params["run"] = watched
     was_active = statuses[watched] in registry.ACTIVE_STATUSES
 

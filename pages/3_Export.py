@@ -49,7 +49,8 @@ if export_clicked or bench_clicked:
     try:
         if export_clicked:
             report = export.export_run(folder, epoch, int8=int8, max_dice_drop=max_drop, progress=fill(bar, 0.0, 0.6))
-            st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"))
+            st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"),
+                                                   report["check_data"] if report["check_data_is_fallback"] else None)
         start = 0.6 if export_clicked else 0.0
         result = export.benchmark(folder, iterations=int(iterations),
                                   progress=fill(bar, start, 1 - start, "benchmark: "))
@@ -61,9 +62,9 @@ if export_clicked or bench_clicked:
 
 messages = st.session_state.get("export_messages")
 if messages and messages[0] == run_id:
-    _, lines, gate = messages
+    _, lines, gate, fallback = messages
     for line in lines:
-        if gate and line == gate["message"] and not gate["accepted"]:
+        if (gate and line == gate["message"] and not gate["accepted"]) or line == fallback:
             st.warning(line)
         else:
             st.success(line)

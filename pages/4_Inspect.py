@@ -27,7 +27,7 @@ from engine.inference import (
 )
 from engine.metrics import dice_score, iou_score
 from engine.recipe import apply_recipe, load_recipe
-from ui import readiness_notice
+from ui import for_display, probability_cache, readiness_notice
 
 st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -47,11 +47,22 @@ def load_predictor(run_dir: str, epoch: int | str, backend: str, device: str, mt
     return Predictor(Path(run_dir), epoch, backend, device)
 
 
-@st.cache_data(max_entries=64, show_spinner="Running the model…")
-def probability(run_dir: str, epoch: int | str, backend: str, device: str, mtime: float, image_sha1: str,
-                _image: np.ndarray) -> np.ndarray:
-    """Defect probabilities of an image (keyed by model and image hash): a new threshold reuses them."""
-    return load_predictor(run_dir, epoch, backend, device, mtime).predict_proba(_image)
+def probability(predictor: Predictor, image: np.ndarray, key: tuple, label: str) -> np.ndarray:
+    """Defect probabilities of an image, computed once per (model file, image) and kept in a bounded cache.
+
+    A large image shows a progress bar with the tiles done; a threshold move reuses the stored map.
+    """
+    cache = probability_cache()
+    stored = cache.get(key)
+    if stored is not None:
+        return stored
+    bar = st.progress(0.0, text=f"Running {label}…")
+    proba = predictor.predict_proba(image, progress=lambda done, total: bar.progress(
+        done / total, text=f"Running {label}: tile {done} of {total}"))
+    bar.empty()
+    proba = proba.astype(np.float16)  # half the memory; the threshold slider moves in steps of 0.01
+    cache.put(key, proba)
+    return proba
 
 
 def model_file(folder: Path, epoch: int | str, backend: str) -> Path:
@@ -179,11 +190,15 @@ image_sha1 = hashlib.sha1(raw).hexdigest()
 
 # ---- predictions ---------------------------------------------------------------------------------
 predictions: dict[int | str, Prediction] = {}
+labels: dict[int | str, str] = {}  # what each prediction is called on the page
 try:
     for epoch in epochs:
-        path = model_file(folder, epoch, backend)
-        proba = probability(str(folder), epoch, backend, device, path.stat().st_mtime, image_sha1, image)
-        predictions[epoch] = Prediction(proba, threshold)
+        mtime = model_file(folder, epoch, backend).stat().st_mtime
+        predictor = load_predictor(str(folder), epoch, backend, device, mtime)
+        # An export holds one model: name it by the epoch it was exported from, not by the slider.
+        labels[epoch] = epoch_label(epoch) if backend == "torch" else f"{backend} export of epoch {predictor.epoch}"
+        key = (str(folder), epoch, backend, device, mtime, image_sha1)
+        predictions[epoch] = Prediction(probability(predictor, image, key, labels[epoch]), threshold)
 except (EngineError, OSError) as err:
     st.error(f"Cannot load the model: {err}")
     st.stop()
@@ -194,21 +209,21 @@ with st.sidebar:
     if truth is not None:
         for epoch, prediction in predictions.items():
             left, right = st.columns(2)
-            left.metric(f"Dice ({epoch_label(epoch)})", f"{dice_score(prediction.mask, truth):.4f}")
-            right.metric(f"IoU ({epoch_label(epoch)})", f"{iou_score(prediction.mask, truth):.4f}")
+            left.metric(f"Dice ({labels[epoch]})", f"{dice_score(prediction.mask, truth):.4f}")
+            right.metric(f"IoU ({labels[epoch]})", f"{iou_score(prediction.mask, truth):.4f}")
     elif sample is not None:
         st.info("This sample has no mask file, so it is defect-free: every flagged pixel is a false alarm.")
         for epoch, prediction in predictions.items():
-            st.metric(f"Flagged pixels ({epoch_label(epoch)})", int(prediction.mask.sum()))
+            st.metric(f"Flagged pixels ({labels[epoch]})", int(prediction.mask.sum()))
     else:
         st.info("Uploaded images have no ground-truth mask; Dice and IoU need a sample with a mask.")
 
 # ---- views ---------------------------------------------------------------------------------------
 shown_truth = truth if truth is not None else (np.zeros(image.shape, np.uint8) if sample is not None else None)
 top = st.columns(3)
-top[0].image(to_display(image), caption=f"Input: {name}", width="stretch")
+top[0].image(for_display(to_display(image)), caption=f"Input: {name}", width="stretch")
 if shown_truth is not None:
-    top[1].image(overlay(image, shown_truth, color=(40, 200, 80)), width="stretch",
+    top[1].image(for_display(overlay(image, shown_truth, color=(40, 200, 80))), width="stretch",
                  caption="Ground truth" if has_mask_file else "Ground truth (no mask file: defect-free)")
 with top[2]:
     height, width = image.shape
@@ -216,10 +231,10 @@ with top[2]:
     if sample is not None:
         st.caption(f"Defect types: {sample.defect_types or 'none'} · split {sample.split}")
 for epoch, prediction in predictions.items():
-    st.markdown(f"**{epoch_label(epoch)}** — threshold {threshold:.2f}")
+    st.markdown(f"**{labels[epoch]}** — threshold {threshold:.2f}")
     heat, over, facts = st.columns(3)
-    heat.image(create_heatmap(prediction.probability), caption="Defect probability", width="stretch")
-    over.image(overlay(image, prediction.mask), caption="Detected defects", width="stretch")
+    heat.image(for_display(create_heatmap(prediction.probability)), caption="Defect probability", width="stretch")
+    over.image(for_display(overlay(image, prediction.mask)), caption="Detected defects", width="stretch")
     with facts:
         verdict, regions = apply_recipe(prediction.probability, run_recipe)
         if verdict == "defect":
@@ -232,15 +247,16 @@ for epoch, prediction in predictions.items():
             if len(regions) > MAX_REGIONS_SHOWN:
                 st.caption(f"… and {len(regions) - MAX_REGIONS_SHOWN} smaller regions")
         else:
-            st.markdown(f":green-background[**Verdict: ok**] no region of {run_recipe.min_region_px} px or more "
-                        f"at or above {threshold:.2f} (max score {prediction.max_score:.2f})")
+            size = f" of {run_recipe.min_region_px} px or more" if run_recipe.min_region_px > 1 else ""
+            st.markdown(f":green-background[**Verdict: ok**] no region{size} at or above {threshold:.2f} "
+                        f"(max score {prediction.max_score:.2f})")
 
 if len(predictions) == 2:
     (epoch_a, a), (epoch_b, b) = predictions.items()
     counts = mask_difference(a.mask, b.mask)
     st.subheader(f"Difference: {epoch_label(epoch_a)} vs {epoch_label(epoch_b)}")
     diff, legend = st.columns([1, 2])
-    diff.image(difference_image(image, a.mask, b.mask), width="stretch",
+    diff.image(for_display(difference_image(image, a.mask, b.mask)), width="stretch",
                caption=f"orange: only {epoch_label(epoch_a)} · blue: only {epoch_label(epoch_b)} · white: both")
     rows = [{"pixels flagged": f"only {epoch_label(epoch_a)}", "count": counts["only_a"]},
             {"pixels flagged": f"only {epoch_label(epoch_b)}", "count": counts["only_b"]},

@@ -14,7 +14,7 @@ from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor, overlay, to_display
-from engine.recipe import load_recipe, tune_run
+from engine.recipe import RECIPE_FILE, load_recipe, tune_run
 from ui import readiness_notice
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
@@ -35,10 +35,12 @@ def load_predictor(run_dir: str, epoch: int | str, mtime: float) -> Predictor:
     return Predictor(Path(run_dir), epoch)
 
 
-@st.cache_data(max_entries=16, show_spinner="Evaluating every image…")
+# Each entry keeps every image's probability map (for the sweep and the thumbnails): few entries, or a large
+# folder's maps pile up in the app's memory.
+@st.cache_data(max_entries=3, ttl=1800, show_spinner="Evaluating every image…")
 def evaluation(run_dir: str, epoch: int | str, mtime: float, folder: str, split: str, threshold: float,
-               folder_mtimes: tuple) -> dict:
-    """engine.evaluate over a folder split, with the threshold sweep (cached per model, folder state, threshold)."""
+               folder_mtimes: tuple, recipe_mtime: float) -> dict:
+    """engine.evaluate over a folder split, with the threshold sweep (cached per model, folder, threshold, recipe)."""
     predictor = load_predictor(run_dir, epoch, mtime)
     return evaluate(predictor, select_samples(folder, split), threshold, keep_probabilities=True)
 
@@ -85,6 +87,9 @@ with st.sidebar:
     except EngineError as err:
         st.error(str(err))
         st.stop()
+    if st.session_state.pop("review_retune", None) == run_id:  # a recipe was just saved: start at its threshold
+        st.session_state[f"review_thr_{run_id}"] = recipe_threshold
+        st.session_state.pop(f"inspect_thr_{run_id}", None)
     threshold = st.slider("Threshold", 0.0, 1.0, recipe_threshold, 0.01, key=f"review_thr_{run_id}",
                           help=f"The run's recipe threshold: {recipe_threshold:.2f} (best validation Dice at "
                                f"{float(info.get('threshold', 0.5)):.2f})")
@@ -96,7 +101,9 @@ results: dict[int | str, dict] = {}
 try:
     for epoch in epochs:
         mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
-        results[epoch] = evaluation(str(run_folder), epoch, mtime, str(folder), split, threshold, state)
+        recipe_file = run_folder / RECIPE_FILE
+        recipe_mtime = recipe_file.stat().st_mtime if recipe_file.is_file() else 0.0
+        results[epoch] = evaluation(str(run_folder), epoch, mtime, str(folder), split, threshold, state, recipe_mtime)
 except (EngineError, OSError) as err:
     st.error(f"Cannot review this folder: {err}")
     st.stop()
@@ -193,9 +200,16 @@ if button_col.button("Tune and save", key="review_tune", type="primary"):
         bound_text = ("" if result["false_alarm_bound"] is None
                       else f" (95 % bound {result['false_alarm_bound']:.1%})")
         alarms = "not measured" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.1%}"
-        show = st.success if result["goal_met"] else st.warning
-        show(f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
-             f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
-             f"false alarms {alarms}{bound_text}.")
-        for note in notes:
-            st.warning(note)
+        # Shown after the rerun that moves the threshold sliders (here and on Inspect) to the saved recipe.
+        st.session_state["review_saved"] = (result["goal_met"], [
+            f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
+            f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
+            f"false alarms {alarms}{bound_text}.", *notes])
+        st.session_state["review_retune"] = run_id
+        st.rerun()
+saved_message = st.session_state.pop("review_saved", None)
+if saved_message:
+    goal_met, (summary, *notes) = saved_message
+    (st.success if goal_met else st.warning)(summary)
+    for note in notes:
+        st.warning(note)

@@ -146,6 +146,7 @@ def test_a_run_marked_not_ready_says_so_on_health_models_and_predict(make_client
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["ready"] is False and health["ready_reason"] == reason
     assert health["model"]["ready"] is False and health["model"]["ready_reason"] == reason
+    assert health["not_ready_reason"] == health["model"]["not_ready_reason"] == reason  # DESIGN.md's name
     listed = client.get("/models").json()
     entry = next(r for r in listed["runs"] if r["run"] == run_id)
     assert entry["ready"] is False and entry["ready_reason"] == reason

@@ -304,6 +304,23 @@ def test_full_disk_leaves_the_previous_export_intact(copy_run: CopyRun, exported
     assert hidden_leftovers(folder / "export") == []
 
 
+def test_an_export_stopped_half_way_leaves_no_empty_folder(copy_run: CopyRun) -> None:
+    """Leaving the Export page mid-export stops the script from inside the progress callback."""
+    folder = copy_run("stopped-export")
+    shutil.rmtree(folder / "export", ignore_errors=True)
+
+    class PageLeft(Exception):
+        pass
+
+    def leave(stage: str, fraction: float) -> None:
+        if fraction >= 0.2:
+            raise PageLeft(stage)
+
+    with pytest.raises(PageLeft):
+        export.export_run("stopped-export", progress=leave)
+    assert not (folder / "export").exists()
+
+
 def test_unwritable_export_folder_is_a_clear_error(copy_run: CopyRun) -> None:
     folder = copy_run("blocked-export")
     shutil.rmtree(folder / "export", ignore_errors=True)

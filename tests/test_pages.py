@@ -70,6 +70,10 @@ def test_home_creates_sample_folder_and_lists_runs(trained_run: str) -> None:
     assert any(d.name == "procedural_images" for d in registry.list_datasets())
     assert int(metric(at, "Runs")) == len(runs.overview()) >= 1
     assert int(metric(at, "Datasets")) == len(registry.list_datasets())
+    # Recipes are registry artifacts too (training saves one), but they are not exports.
+    assert any(a.kind == "recipe" for a in registry.list_artifacts())
+    assert int(metric(at, "Exports")) == len(registry.list_exports())
+    assert all(a.kind in ("onnx", "int8") and Path(a.path).is_file() for a in registry.list_exports())
     run_table = at.dataframe[1].value
     assert trained_run in set(run_table["run_id"])
     links = {link.proto.page for link in at.get("page_link")}
@@ -155,6 +159,9 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     at.run()
     assert not at.exception
     assert "completed: epoch 1/1" in at.get("progress")[0].proto.text
+    # The run selector names runs only: a status in its label went stale while the run progressed.
+    assert run.id in at.selectbox(key="train_watch").options
+    assert not any("[" in option for option in at.selectbox(key="train_watch").options)
     assert [b for b in at.button if b.key == f"resume_{run.id}"]  # resume is offered
 
 
@@ -207,7 +214,8 @@ def test_inspect_threshold_reuses_probabilities(trained_run: str, monkeypatch: p
     calls = []
     original = Predictor.predict_proba
     # A spy around the real method: counts network runs, changes nothing.
-    monkeypatch.setattr(Predictor, "predict_proba", lambda self, image: calls.append(1) or original(self, image))
+    monkeypatch.setattr(Predictor, "predict_proba",
+                        lambda self, image, **kw: calls.append(1) or original(self, image, **kw))
     for value in (0.2, 0.6):
         at.sidebar.slider[0].set_value(value).run()
         assert not at.exception
@@ -302,6 +310,7 @@ def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, re
     assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
     assert f"threshold {expected.threshold:.2f}, minimum region {expected.min_region_px} px" in texts(at)
     assert f"detection {result['detection_rate']:.1%}" in texts(at)
+    assert at.sidebar.slider(key=f"review_thr_{trained_run}").value == pytest.approx(saved.threshold)
 
 
 # ---------------------------------------------------------------------------------------- Runs
@@ -322,7 +331,10 @@ def test_runs_table_curves_lineage_and_delete(trained_run: str) -> None:
     at = open_page("pages/5_Runs.py")
     table = at.dataframe[0].value
     assert {trained_run, victim} <= set(table["run_id"])
-    assert trained_run in at.multiselect(key="runs_curves").value
+    curves = at.multiselect(key="runs_curves")
+    assert curves.value and curves.value == curves.options[:len(curves.value)]  # the newest runs by default
+    curves.set_value([trained_run]).run()
+    assert not at.exception
     at.selectbox(key="runs_lineage").set_value(trained_run).run()
     assert runs.read_run_json(runs.run_dir(trained_run))["dataset"]["hash"] in texts(at)
     at.selectbox(key="runs_delete").set_value(victim).run()
@@ -429,3 +441,22 @@ def test_a_not_ready_run_says_so_on_inspect_runs_and_review(trained_run: str) ->
         assert reason in "\n".join(w.value for w in at.warning)
     finally:
         runs.delete_run(run_id)
+
+
+def test_inspect_names_an_export_by_its_epoch_and_a_zero_area_rule_plainly(trained_run: str,
+                                                                          restore_recipe: Path) -> None:
+    from engine.export import export_run
+
+    report = export_run(trained_run)
+    # Nothing reaches a threshold of 1.0, and a tuned minimum area of 0 px is no area rule at all.
+    save_recipe(restore_recipe, load_recipe(restore_recipe).with_overrides(threshold=1.0, min_region_px=0))
+    at = open_page("pages/4_Inspect.py")
+    at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
+    if len(at.sidebar.select_slider):
+        first = at.sidebar.select_slider[0].options[0]
+        at.sidebar.select_slider[0].set_value((first, first)).run()  # the slider says epoch 1 ...
+    at.sidebar.radio(key="inspect_backend").set_value("onnx").run()
+    assert not at.exception, [e.value for e in at.exception]
+    shown = texts(at)
+    assert f"onnx export of epoch {report['epoch']}" in shown  # ... the answer names the exported epoch
+    assert "no region at or above 1.00" in shown and "0 px" not in shown
