@@ -81,8 +81,8 @@ def visit(page, url: str, title: str) -> None:
     settle(page)
 
 
-def session(page, url: str, sampler: MemorySampler, upload: Path, train_minutes: float) -> str:
-    """Every page once, as a user would; returns the trained run id."""
+def session(page, url: str, sampler: MemorySampler, upload: Path, train_minutes: float) -> tuple[str, bool]:
+    """Every page once, as a user would; returns the trained run id and whether two epochs were compared."""
     from engine import registry
 
     sampler.stage = "home"
@@ -123,7 +123,8 @@ def session(page, url: str, sampler: MemorySampler, upload: Path, train_minutes:
     page.wait_for_selector("text=Verdict", timeout=600_000)
     settle(page)
     epochs = page.locator('[data-testid="stSlider"]').filter(has_text="Epochs").get_by_role("slider")
-    if epochs.count() == 2:
+    compared = epochs.count() == 2  # a run that saved one epoch has nothing to compare
+    if compared:
         epochs.nth(0).press("Home")
         settle(page)
         epochs.nth(1).press("End")
@@ -141,7 +142,7 @@ def session(page, url: str, sampler: MemorySampler, upload: Path, train_minutes:
     settle(page)
     sampler.stage = "runs"
     visit(page, f"{url}/Runs", "Runs")
-    return run.id
+    return run.id, compared
 
 
 def make_upload(folder: Path) -> Path:
@@ -187,7 +188,7 @@ def main() -> int:
                                                  args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_context(viewport={"width": 1400, "height": 1800}).new_page()
             page.set_default_timeout(180_000)
-            run_id = session(page, url, sampler, upload, args.train_minutes)
+            run_id, compared = session(page, url, sampler, upload, args.train_minutes)
             browser.close()
     finally:
         sampler.done.set()
@@ -199,7 +200,7 @@ def main() -> int:
     result = {
         "command": "python benchmarks/memory_session.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU threads, {psutil.virtual_memory().total / gb:.0f} GiB",
-        "run": run_id, "train_minutes": args.train_minutes, "seconds": round(time.monotonic() - started),
+        "run": run_id, "two_epochs_compared": compared, "train_minutes": args.train_minutes, "seconds": round(time.monotonic() - started),
         "peak_app_gb": round(peak_app, 3), "peak_app_and_children_gb": round(peak_total, 3),
         "bars_gb": {"app": APP_BAR_GB, "app_and_children": TOTAL_BAR_GB},
         "per_stage_gb": {stage: {k: round(v / gb, 3) for k, v in peak.items()} for stage, peak in sampler.peaks.items()},

@@ -1,17 +1,23 @@
-"""Background training jobs: start as a separate process, cancel, find running ones, read their log."""
+"""Background work: training jobs (start, cancel, find, read their log) and one-off work in a fresh process."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
+import traceback
+from collections.abc import Callable
 from pathlib import Path
+from queue import Empty
+from typing import Any, TypeVar
 
 from engine import config, registry, runs
 from engine.errors import EngineError
 
 LOG_NAME = "train.log"
+T = TypeVar("T")
 
 
 def train_command(**options: object) -> list[str]:
@@ -104,3 +110,58 @@ def progress(run_id: str) -> dict:
             "fraction": min(1.0, fraction) if fraction is not None else None,
             "epochs_planned": run.epochs_planned, "elapsed_s": elapsed, "eta_s": eta, "best_epoch": run.best_epoch,
             "best_dice": run.best_dice, "best_iou": run.best_iou, "metrics": rows, "active": active}
+
+
+# --------------------------------------------------------------------------------------- isolated work
+
+def run_isolated(target: Callable[..., T], *args: Any, progress: Callable[[str, float], None] | None = None,
+                 **kwargs: Any) -> T:
+    """target(*args, progress=..., **kwargs) in a fresh process; returns its result.
+
+    For heavy one-off work started from the app (export, benchmark): the models, ONNX Runtime sessions and
+    allocator caches it needs go back to the OS when it ends, so the long-lived app process stays small
+    (measured: export + benchmark added 0.4 GB to the Streamlit process that never came back). progress calls
+    are relayed from the child; an EngineError there is raised here with its message. If the caller is
+    interrupted (a user leaves the page), the child gets SIGINT, so its clean-up code runs.
+    """
+    context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
+    queue = context.Queue()
+    process = context.Process(target=_isolated_main, args=(queue, target, args, kwargs), daemon=True)
+    process.start()
+    try:
+        while True:
+            try:
+                kind, payload = queue.get(timeout=0.5)
+            except Empty:
+                if not process.is_alive():
+                    raise EngineError(f"the worker process ended without an answer (exit code {process.exitcode})")
+                continue
+            if kind == "progress" and progress is not None:
+                progress(*payload)
+            elif kind == "result":
+                return payload
+            elif kind == "error":
+                raise EngineError(payload)
+            elif kind == "crash":
+                raise RuntimeError(payload)
+    finally:
+        if process.is_alive():
+            os.kill(process.pid, signal.SIGINT)
+            process.join(30)
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _isolated_main(queue: Any, target: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+    """The child's side of run_isolated: run, and send progress, then the result or the error."""
+    try:
+        result = target(*args, progress=lambda stage, fraction: queue.put(("progress", (stage, fraction))), **kwargs)
+        queue.put(("result", result))
+    except EngineError as err:
+        queue.put(("error", str(err)))
+    except KeyboardInterrupt:
+        pass  # the caller went away; finally-blocks in target have run
+    except Exception as err:  # a bug: the caller shows it, the log keeps the traceback
+        traceback.print_exc()
+        queue.put(("crash", f"{type(err).__name__}: {err}"))

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import export, runs
+from engine import export, jobs, runs
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 
@@ -48,12 +48,14 @@ if export_clicked or bench_clicked:
     bar = st.progress(0.0, text="starting…")
     try:
         if export_clicked:
-            report = export.export_run(folder, epoch, int8=int8, max_dice_drop=max_drop, progress=fill(bar, 0.0, 0.6))
+            # In a fresh process: the app keeps none of the memory export and benchmark need.
+            report = jobs.run_isolated(export.export_run, folder, epoch, int8=int8, max_dice_drop=max_drop,
+                                       progress=fill(bar, 0.0, 0.6))
             st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"),
                                                    report["check_data"] if report["check_data_is_fallback"] else None)
         start = 0.6 if export_clicked else 0.0
-        result = export.benchmark(folder, iterations=int(iterations),
-                                  progress=fill(bar, start, 1 - start, "benchmark: "))
+        result = jobs.run_isolated(export.benchmark, folder, iterations=int(iterations),
+                                   progress=fill(bar, start, 1 - start, "benchmark: "))
         st.session_state["export_bench"] = (run_id, result)
     except EngineError as err:
         st.error(str(err))

@@ -14,7 +14,7 @@ from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor, overlay, to_display
-from engine.recipe import RECIPE_FILE, load_recipe, tune_run
+from engine.recipe import RECIPE_FILE, apply_recipe, load_recipe, tune_run
 from ui import readiness_notice
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
@@ -149,8 +149,8 @@ if rows:
     for view, epoch in zip(views[2:], epochs):
         mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
         prediction = load_predictor(str(run_folder), epoch, mtime).predict(image, threshold)
-        view.image(overlay(image, prediction.mask), caption=f"{epoch_label(epoch)}: {prediction.verdict}",
-                   width="stretch")
+        verdict, _ = apply_recipe(prediction.probability, load_recipe(run_folder).with_overrides(threshold=threshold))
+        view.image(overlay(image, prediction.mask), caption=f"{epoch_label(epoch)}: {verdict}", width="stretch")
     if st.button("Open in Inspect", key="review_open"):
         st.session_state["inspect_request"] = {"run": run_id, "sample": sample_id, "folder": folder_name,
                                                "epochs": [epochs[0], epochs[-1]]}
