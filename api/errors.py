@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from api.deps import ModelUnavailable
+from api.serving import ModelUnavailable
 from engine.errors import EngineError, ImageError, RunNotFound
 from engine.imageio import ImageTooLarge
 

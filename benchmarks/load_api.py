@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import config, runs  # noqa: E402
 from engine.imageio import decode_image, encode_png  # noqa: E402
-from engine.inference import Predictor, default_backend, run_reference  # noqa: E402
+from engine.inference import Predictor  # noqa: E402
+from engine.serving import default_backend, run_reference  # noqa: E402
 from engine.synth import SynthParams, render_sample  # noqa: E402
 
 BAR = 0.80  # the API must deliver at least this share of the Predictor's throughput

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -223,13 +224,10 @@ def cmd_cancel(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    import uvicorn
-
-    from api.settings import Settings
-
-    Settings.from_env()  # a bad DEFECTS_* value is a one-line error here, not a traceback inside uvicorn
-    uvicorn.run("api.main:app", host=args.host, port=args.port, app_dir=str(config.ROOT),
-                access_log=not args.no_access_log, log_level=args.log_level)
+    # The engine imports no front end: the API package has its own entry point, which this process becomes.
+    command = [sys.executable, "-m", "api", "--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(config.ROOT), os.environ.get("PYTHONPATH")]))}
+    os.execve(sys.executable, command + (["--no-access-log"] if args.no_access_log else []), env)
 
 
 class _progress_bar:
@@ -389,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except ModuleNotFoundError as err:  # run outside the venv: say how to fix it instead of a traceback
+        if (err.name or "").split(".")[0] in ("engine", "api"):
+            raise  # a module of this project is missing: a bug or a broken checkout, keep the traceback
         print(f"error: package '{err.name}' is not installed for {sys.executable}; run the command in the "
               f"project's venv (`source .venv/bin/activate`, created by ./run.sh or ./test.sh)", file=sys.stderr)
         return 2

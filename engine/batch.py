@@ -38,8 +38,10 @@ from engine.imageio import (
     read_image,
     write_png,
 )
-from engine.inference import Predictor, overlay
-from engine.recipe import Recipe, apply_recipe, regions_mask, verdict_summary
+from engine.drawing import overlay
+from engine.inference import Predictor
+from engine.inspection import inspect
+from engine.recipe import Recipe
 
 RESULTS_FILE = "results.jsonl"
 THUMB_SIDE = 160
@@ -182,13 +184,13 @@ def inspect_image(predictor: Predictor, item: BatchItem, recipe: Recipe, out: Pa
     read_ms = (time.perf_counter() - start) * 1000
     prediction = predictor.predict(image, recipe.threshold)
     post_start = time.perf_counter()
-    verdict, regions = apply_recipe(prediction.probability, recipe)
-    result = {"file": str(item.path), "name": item.name, **verdict_summary(prediction, recipe, verdict, regions)}
+    inspection = inspect(prediction.probability, recipe)
+    result = {"file": str(item.path), "name": item.name, **inspection.as_dict(prediction.timings_ms)}
     post_ms = (time.perf_counter() - post_start) * 1000
     write_ms = 0.0
     if out is not None:
         write_start = time.perf_counter()
-        mask = regions_mask(prediction.probability, recipe.threshold, regions)
+        mask = inspection.mask
         shown = overlay(image, mask)[:, :, ::-1]  # RGB -> BGR for OpenCV
         result["mask"] = f"masks/{item.name}.png"
         result["overlay"] = f"overlays/{item.name}.png"

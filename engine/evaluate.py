@@ -12,8 +12,11 @@ import numpy as np
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
-from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score, threshold_sweep
-from engine.recipe import Recipe, apply_recipe, load_recipe, regions_mask
+from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score
+from engine.inspection import inspect
+from engine.recipe import Recipe, TuneStats, load_recipe
+
+SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
 def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
@@ -26,7 +29,7 @@ def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
 
 
 def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | None = None,
-             progress: Callable[[int, int], None] | None = None, keep_probabilities: bool = False,
+             progress: Callable[[int, int], None] | None = None, sweep: bool = False,
              recipe: Recipe | None = None) -> dict[str, Any]:
     """Metrics of a predictor over samples at each image's own resolution, plus one row per image.
 
@@ -40,12 +43,15 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
         recipe = recipe.with_overrides(threshold=threshold)
     metrics = SetMetrics()
     by_type: dict[str, SetMetrics] = {}  # an image counts for every defect type it holds
-    per_image, probabilities, truths = [], [], []
+    per_image = []
+    # The sweep (Review's chart) uses tuning's grid at the recipe's minimum area: the rates it shows are the
+    # verdicts inspect would give at each threshold, gathered per image, so no probability map is kept.
+    stats = TuneStats(SWEEP_THRESHOLDS, [recipe.min_region_px]) if sweep else None
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
         probability = predictor.predict_proba(image)
-        verdict, regions = apply_recipe(probability, recipe)
-        pred = regions_mask(probability, recipe.threshold, regions).astype(bool)
+        inspection = inspect(probability, recipe)
+        verdict, pred = inspection.verdict, inspection.mask.astype(bool)
         metrics.add(pred, truth, flagged=verdict == "defect")
         for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {"none"}:
             by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect")
@@ -57,9 +63,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
             "max_score": float(probability.max()), "score": image_score(probability, recipe.threshold),
             "defect_types": sample.defect_types,
         })
-        if keep_probabilities:
-            probabilities.append(probability)
-            truths.append(truth)
+        if stats is not None:
+            stats.add(probability, truth)
         if progress:
             progress(i + 1, len(samples))
     scores, labels = [row["score"] for row in per_image], [row["has_defect"] for row in per_image]
@@ -67,8 +72,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
               "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
               "model": predictor.describe(), "per_image": per_image,
               "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())}}
-    if keep_probabilities:
-        result["sweep"] = threshold_sweep(probabilities, truths)
+    if stats is not None:
+        result["sweep"] = stats.table()
     return result
 
 

@@ -34,11 +34,11 @@ import numpy as np
 from engine import config, registry, runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError, EngineError
+from engine.serving import available_backends
 from engine.inference import (
     ONNX_FILES,
     TILE,
     Predictor,
-    available_backends,
     preprocess_image,
 )
 

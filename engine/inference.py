@@ -1,12 +1,9 @@
-"""Inference: one Predictor for torch and ONNX Runtime models, tiling, heatmaps, overlays, regions, verdicts."""
+"""Inference: one Predictor for torch and ONNX Runtime models, and tiling for large images."""
 
 from __future__ import annotations
 
-import base64
 import json
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -19,7 +16,7 @@ import torch
 
 from engine import config, runs
 from engine.errors import EngineError, RunNotFound
-from engine.imageio import MAX_PIXELS, decode_upload, encode_png, to_gray_float
+from engine.imageio import to_gray_float
 from engine.model import load_checkpoint
 
 BACKENDS = ("torch", "onnx", "int8")
@@ -27,33 +24,11 @@ ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
 TILE = 512  # images with a side above TILE_ABOVE are processed in overlapping tiles of this size
 TILE_OVERLAP = 96  # measured: 64 leaves seams up to 0.16 in probability, 96 under 0.06
 TILE_ABOVE = 1024
-SCRATCH_ELONGATION = 4.0
-
-
-@dataclass
-class Region:
-    """One connected defect region."""
-
-    bbox: list[int]  # x, y, w, h
-    area_px: int
-    mean_score: float
-    max_score: float
-    elongation: float  # long side / short side of the minimum-area rectangle
-    shape: str  # "scratch-like" or "spot-like"
-    area_mm2: float | None = None  # set when the pixel size is known (recipe px_per_mm)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (area_mm2 only when known)."""
-        result = {"bbox": self.bbox, "area_px": self.area_px, "mean_score": round(self.mean_score, 4),
-                  "max_score": round(self.max_score, 4), "elongation": round(self.elongation, 2), "shape": self.shape}
-        if self.area_mm2 is not None:
-            result["area_mm2"] = round(self.area_mm2, 6)
-        return result
 
 
 @dataclass
 class Prediction:
-    """The model's output for one image; the verdict and its regions come from recipe.apply_recipe alone."""
+    """The model's output for one image; the verdict and its regions come from inspection.inspect alone."""
 
     probability: np.ndarray  # float32 HxW in [0, 1]
     threshold: float
@@ -270,58 +245,6 @@ def onnx_session(path: str, mtime: float):  # mtime in the key: a re-export load
         raise EngineError(f"{path}: not a loadable ONNX model ({str(err).splitlines()[0][:200]}); export it again") from err
 
 
-def region_shape(elongation: float) -> str:
-    """'scratch-like' for long thin regions (elongation >= 4), else 'spot-like'."""
-    return "scratch-like" if elongation >= SCRATCH_ELONGATION else "spot-like"
-
-
-def find_regions(probability: np.ndarray, threshold: float, min_region_px: int = 0) -> list[Region]:
-    """Connected components of probability >= threshold with bbox, area, scores and shape, largest first."""
-    mask = (probability >= threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    regions = []
-    for label in range(1, count):
-        x, y, w, h, area = (int(v) for v in stats[label])
-        if area < max(1, min_region_px):
-            continue
-        inside = labels[y : y + h, x : x + w] == label
-        scores = probability[y : y + h, x : x + w][inside]
-        if area >= 3:
-            # minAreaRect spans pixel centres; +1 gives the extent in pixels (a 5x40 bar is 5 by 40, not 4 by 39).
-            (_, _), (rw, rh), _ = cv2.minAreaRect(np.argwhere(inside)[:, ::-1].astype(np.float32))
-            rw, rh = rw + 1, rh + 1
-        else:
-            rw, rh = w, h
-        elongation = max(rw, rh) / max(min(rw, rh), 1.0)
-        regions.append(Region([x, y, w, h], area, float(scores.mean()), float(scores.max()), elongation,
-                              region_shape(elongation)))
-    return sorted(regions, key=lambda r: (-r.area_px, r.bbox[1], r.bbox[0]))
-
-
-def create_heatmap(probability: np.ndarray) -> np.ndarray:
-    """RGB uint8 heatmap of a probability map (inferno colour map)."""
-    scaled = np.clip(probability * 255, 0, 255).astype(np.uint8)
-    return cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
-
-
-def to_display(image: np.ndarray) -> np.ndarray:
-    """RGB uint8 version of any input image for display."""
-    gray = to_gray_float(image) if not (image.ndim == 2 and image.dtype == np.float32) else image
-    return cv2.cvtColor(np.clip(gray * 255, 0, 255).astype(np.uint8), cv2.COLOR_GRAY2RGB)
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int] = (255, 40, 40),
-            alpha: float = 0.45) -> np.ndarray:
-    """RGB image with the mask tinted and outlined in `color`."""
-    rgb = to_display(image)
-    mask = mask.astype(bool)
-    tinted = rgb.copy()
-    tinted[mask] = (1 - alpha) * rgb[mask] + alpha * np.array(color)
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(tinted, contours, -1, color, 1)
-    return tinted
-
-
 def pad_to_multiple(image: np.ndarray, stride: int) -> np.ndarray:
     """Mirror-pad a 2-D float32 image at the bottom and right so both sides are multiples of stride."""
     pad_h, pad_w = (-image.shape[0]) % stride, (-image.shape[1]) % stride
@@ -334,139 +257,3 @@ def preprocess_image(image: np.ndarray, mean: float, std: float, stride: int) ->
     """Gray, normalise and pad one image to the 1x1xHxW float32 batch the network accepts."""
     gray = to_gray_float(image) if not (image.ndim == 2 and image.dtype == np.float32) else image
     return pad_to_multiple((gray - mean) / std, stride)[None, None]
-
-
-DIFF_COLORS = {"only_a": (255, 140, 0), "only_b": (0, 160, 255), "both": (230, 230, 230)}
-
-
-def difference_image(image: np.ndarray, mask_a: np.ndarray, mask_b: np.ndarray, alpha: float = 0.75) -> np.ndarray:
-    """RGB image coding where only mask A (orange), only mask B (blue) or both (white) flag a defect."""
-    a, b = mask_a.astype(bool), mask_b.astype(bool)
-    if a.shape != b.shape:
-        raise EngineError(f"masks differ in size: {a.shape} vs {b.shape}")
-    rgb = (to_display(image) * 0.5).astype(np.uint8)  # dim the surface so the coded pixels stand out
-    for key, where in (("only_a", a & ~b), ("only_b", b & ~a), ("both", a & b)):
-        rgb[where] = (1 - alpha) * rgb[where] + alpha * np.array(DIFF_COLORS[key])
-    return rgb
-
-
-def mask_difference(mask_a: np.ndarray, mask_b: np.ndarray) -> dict[str, int]:
-    """Pixel counts flagged only by A, only by B, and by both."""
-    a, b = mask_a.astype(bool), mask_b.astype(bool)
-    return {"only_a": int((a & ~b).sum()), "only_b": int((b & ~a).sum()), "both": int((a & b).sum())}
-
-
-# --- Serving: default backend per run, a thread-safe Predictor cache, and the catalogue of servable models ---
-
-def available_backends(run_dir: Path) -> list[str]:
-    """Backends a run can be served with right now: torch if it has a checkpoint, onnx/int8 if exported."""
-    found = ["torch"] if (run_dir / "best.pth").is_file() or runs.epochs_saved(run_dir) else []
-    return found + [name for name, file in ONNX_FILES.items() if (run_dir / "export" / file).is_file()]
-
-
-def default_backend(run_dir: Path) -> str:
-    """The fastest exported backend of a run: 'int8' if exported, else 'onnx' if exported, else 'torch'."""
-    for name in ("int8", "onnx"):
-        if (run_dir / "export" / ONNX_FILES[name]).is_file():
-            return name
-    return "torch"
-
-
-def run_reference(run_dir: Path) -> str:
-    """The name that resolves back to this run folder: 'demo' for the shipped demo, else the folder name."""
-    return "demo" if run_dir.resolve() == config.DEMO_RUN_DIR.resolve() else run_dir.name
-
-
-def model_catalog() -> list[dict[str, Any]]:
-    """Every run folder with what it can serve: run, name, status, best epoch and Dice, threshold, backends."""
-    catalog = []
-    for folder in runs.list_run_dirs():
-        try:
-            info = runs.read_run_json(folder)
-        except RunNotFound:
-            continue  # a folder being written right now; it shows up on the next call
-        backends = available_backends(folder)
-        ready, reason = runs.readiness(info)
-        catalog.append({
-            "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
-            "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
-            "threshold": info.get("threshold"), "backends": backends,
-            "default_backend": default_backend(folder) if backends else None,
-            "ready": ready, "ready_reason": reason, "not_ready_reason": reason,
-        })
-    return catalog
-
-
-class PredictorCache:
-    """Thread-safe LRU cache of Predictors keyed by (run folder, epoch, backend, model file mtime).
-
-    Each model loads once even when many threads ask for it at the same moment; a checkpoint or export
-    rewritten on disk (retraining, re-export) is picked up on the next request.
-    """
-
-    def __init__(self, max_items: int = 4, device: str = "cpu") -> None:
-        self.max_items, self.device = max_items, device
-        self._items: OrderedDict[tuple, Predictor] = OrderedDict()
-        self._lock = threading.Lock()
-        self._loading: dict[tuple, threading.Lock] = {}
-
-    def get(self, run: str | None = "latest", epoch: int | str = "best", backend: str | None = None) -> Predictor:
-        """Predictor for a run id, `demo` or `latest`; backend None picks default_backend(run)."""
-        return self.get_for_dir(runs.resolve_run(run), epoch, backend)
-
-    def get_for_dir(self, run_dir: Path, epoch: int | str = "best", backend: str | None = None) -> Predictor:
-        """Predictor for a run folder, loaded at most once per (folder, epoch, backend, file version)."""
-        backend = backend or default_backend(run_dir)
-        if backend not in BACKENDS:
-            raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-        model_file = runs.checkpoint_path(run_dir, epoch) if backend == "torch" else run_dir / "export" / ONNX_FILES[backend]
-        mtime = model_file.stat().st_mtime_ns if model_file.is_file() else 0
-        key = (str(run_dir.resolve()), str(epoch), backend, mtime)
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            key_lock = self._loading.setdefault(key, threading.Lock())
-        with key_lock:  # one loader per key; other keys and cache hits are not blocked meanwhile
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            try:
-                predictor = Predictor(run_dir, epoch, backend, self.device)
-            finally:
-                with self._lock:
-                    self._loading.pop(key, None)
-            with self._lock:
-                stale = [k for k in self._items if k[:3] == key[:3]]  # older versions of the same model
-                for old in stale:
-                    del self._items[old]
-                self._items[key] = predictor
-                while len(self._items) > self.max_items:
-                    self._items.popitem(last=False)
-            return predictor
-
-    def loaded(self) -> list[dict[str, Any]]:
-        """describe() of every cached Predictor, most recently used last."""
-        with self._lock:
-            return [p.describe() for p in self._items.values()]
-
-
-def predict_bytes(predictor: Predictor, data: bytes, name: str = "upload", threshold: float | None = None,
-                  return_mask: bool = False, max_pixels: int = MAX_PIXELS) -> dict[str, Any]:
-    """Check and decode untrusted image bytes, predict at full resolution, and return the JSON-ready answer."""
-    start = time.perf_counter()
-    image, _ = decode_upload(data, name, max_pixels)
-    decoded = time.perf_counter()
-    from engine.recipe import load_recipe, verdict_for  # recipe builds on this module
-
-    recipe = load_recipe(predictor.run_dir)  # re-read each time: `tune` may have saved a new one
-    if threshold is not None:
-        recipe = recipe.with_overrides(threshold=threshold)
-    prediction = predictor.predict(image, recipe.threshold)
-    answer: dict[str, Any] = {"model": predictor.describe(), **verdict_for(prediction, recipe)}
-    if return_mask:
-        answer["mask_png_base64"] = base64.b64encode(encode_png(prediction.mask * 255)).decode("ascii")
-    answer["timings_ms"] = {"decode": round((decoded - start) * 1000, 2),
-                            "inference": prediction.timings_ms["inference"],
-                            "total": round((time.perf_counter() - start) * 1000, 2)}
-    return answer

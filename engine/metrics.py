@@ -38,8 +38,9 @@ class SetMetrics:
     clean_flagged: int = 0
     clean_total: int = 0
 
-    def add(self, pred: np.ndarray, truth: np.ndarray, flagged: bool | None = None) -> None:
-        """Add one image's binary prediction and ground truth; flagged defaults to 'any pixel predicted'."""
+    def add(self, pred: np.ndarray, truth: np.ndarray, flagged: bool) -> None:
+        """Add one image's binary prediction, its ground truth, and whether the image was flagged (the verdict
+        of inspection.inspect, which alone decides it)."""
         pred, truth = pred.astype(bool), truth.astype(bool)
         tp = int(np.logical_and(pred, truth).sum())
         n_pred, n_true = int(pred.sum()), int(truth.sum())
@@ -49,7 +50,6 @@ class SetMetrics:
         self.per_image_dice.append(1.0 if n_pred + n_true == 0 else 2 * tp / (n_pred + n_true))
         union = n_pred + n_true - tp
         self.per_image_iou.append(1.0 if union == 0 else tp / union)
-        flagged = n_pred > 0 if flagged is None else flagged
         if n_true > 0:
             self.defective_total += 1
             self.defective_flagged += flagged
@@ -80,19 +80,17 @@ class SetMetrics:
 def threshold_sweep(
     probabilities: list[np.ndarray], truths: list[np.ndarray], thresholds: np.ndarray | None = None
 ) -> list[dict[str, float]]:
-    """Set-level Dice, IoU and image false-alarm/detection rates at each threshold."""
+    """Set-level pixel Dice and IoU at each threshold (no verdicts: those are inspection.inspect's)."""
     if thresholds is None:
         thresholds = np.round(np.arange(0.05, 0.96, 0.05), 2)
     # Histogram each image's scores once for positive and negative pixels, then read off every threshold.
     bins = np.linspace(0.0, 1.0, 1001)
     pos_hist = np.zeros(1000, np.int64)
     neg_hist = np.zeros(1000, np.int64)
-    image_max = []
     for prob, truth in zip(probabilities, truths):
         truth = truth.astype(bool)
         pos_hist += np.histogram(prob[truth], bins=bins)[0]
         neg_hist += np.histogram(prob[~truth], bins=bins)[0]
-        image_max.append((float(prob.max()) if prob.size else 0.0, bool(truth.any())))
     pos_above = np.cumsum(pos_hist[::-1])[::-1]  # pixels with score >= bin start
     neg_above = np.cumsum(neg_hist[::-1])[::-1]
     n_pos = int(pos_hist.sum())
@@ -102,14 +100,10 @@ def threshold_sweep(
         tp, fp = int(pos_above[k]), int(neg_above[k])
         fn = n_pos - tp
         denominator = 2 * tp + fp + fn
-        defective = [m for m, d in image_max if d]
-        clean = [m for m, d in image_max if not d]
         rows.append({
             "threshold": float(t),
             "dice": 1.0 if denominator == 0 else 2 * tp / denominator,
             "iou": 1.0 if denominator == 0 else tp / (tp + fp + fn),
-            "detection_rate": float(np.mean([m >= t for m in defective])) if defective else float("nan"),
-            "false_alarm_rate": float(np.mean([m >= t for m in clean])) if clean else float("nan"),
         })
     return rows
 

@@ -29,7 +29,6 @@ import numpy as np
 from engine import runs
 from engine.errors import EngineError
 from engine.imageio import atomic_write_json
-from engine.inference import Prediction, Region, find_regions
 
 RECIPE_FILE = "recipe.json"
 SHAPES = ("scratch-like", "spot-like")
@@ -155,67 +154,6 @@ def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
     run_id = runs.read_run_json(run_dir).get("run_id", run_dir.name)
     registry.add_artifact(run_id, "recipe", str(path), path.stat().st_size, accepted=True, metrics=recipe.as_dict())
     return path
-
-
-# --------------------------------------------------------------------------------------- verdicts
-
-
-def apply_recipe(probability: np.ndarray, recipe: Recipe) -> tuple[str, list[Region]]:
-    """Verdict ("ok"/"defect") and the regions that count under the recipe (with area_mm2 when px_per_mm is set)."""
-    floor = min([recipe.min_region_px, *recipe.min_region_px_by_shape.values()])
-    regions = [r for r in find_regions(probability, recipe.threshold, floor)
-               if r.area_px >= max(1, recipe.min_area_for(r.shape))]
-    if recipe.px_per_mm:
-        for region in regions:
-            region.area_mm2 = region.area_px / recipe.px_per_mm**2
-    if not regions:
-        return "ok", regions
-    if recipe.max_total_defect_fraction is not None:
-        if counted_fraction(regions, probability.size) <= recipe.max_total_defect_fraction:
-            return "ok", regions
-    return "defect", regions
-
-
-def counted_fraction(regions: list[Region], image_pixels: int) -> float:
-    """Share of the image covered by the counted regions."""
-    return sum(r.area_px for r in regions) / max(image_pixels, 1)
-
-
-def verdict_for(prediction: Prediction, recipe: Recipe) -> dict[str, Any]:
-    """JSON-friendly result of one prediction under a recipe (the keys of Prediction.summary() plus the rules)."""
-    verdict, regions = apply_recipe(prediction.probability, recipe)
-    return verdict_summary(prediction, recipe, verdict, regions)
-
-
-def verdict_summary(prediction: Prediction, recipe: Recipe, verdict: str, regions: list[Region]) -> dict[str, Any]:
-    """The verdict_for dict from an apply_recipe result that is already at hand."""
-    probability = prediction.probability
-    height, width = probability.shape
-    result = {
-        "image": {"width": width, "height": height},
-        "threshold": recipe.threshold,
-        "verdict": verdict,
-        "defect_fraction": round(float((probability >= recipe.threshold).mean()), 6),
-        "counted_fraction": round(counted_fraction(regions, probability.size), 6),
-        "max_score": round(float(probability.max()), 4),
-        "regions": [r.as_dict() for r in regions],
-        "timings_ms": dict(prediction.timings_ms),
-        "recipe": recipe.rules(),
-    }
-    if recipe.px_per_mm:
-        result["defect_area_mm2"] = round(sum(r.area_mm2 or 0.0 for r in regions), 6)
-    return result
-
-
-def regions_mask(probability: np.ndarray, threshold: float, regions: list[Region]) -> np.ndarray:
-    """uint8 0/1 mask of exactly the given regions (found by find_regions at this threshold)."""
-    mask = (probability >= threshold).astype(np.uint8)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    wanted = {(*r.bbox, r.area_px) for r in regions}
-    keep = np.zeros(count, np.uint8)
-    for label in range(1, count):
-        keep[label] = tuple(int(v) for v in stats[label]) in wanted
-    return keep[labels]
 
 
 # --------------------------------------------------------------------------------------- tuning

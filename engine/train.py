@@ -36,6 +36,7 @@ from engine.data import (
 )
 from engine.errors import DatasetError, EngineError
 from engine.imageio import atomic_write_bytes
+from engine.inspection import inspect
 from engine.metrics import SetMetrics, auroc, average_precision, best_threshold, image_score, threshold_sweep
 from engine.model import (
     PRESETS,
@@ -46,7 +47,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
-from engine.recipe import DEFAULT_THRESHOLDS, TuneStats, load_recipe, save_recipe, tuned_recipe
+from engine.recipe import DEFAULT_THRESHOLDS, Recipe, TuneStats, load_recipe, save_recipe, tuned_recipe
 
 
 DEFAULT_EPOCHS = 40  # when neither --epochs nor --minutes is given
@@ -239,7 +240,9 @@ def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: fl
         target = torch.from_numpy(mask[None, None].astype(np.float32)).to(device)
         losses.append(float(seg_loss(logits.float(), target)))
         prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
-        metrics.add(prob >= 0.5, mask)
+        # Before a recipe is tuned, the default one decides: any region at 0.5 flags the image.
+        inspection = inspect(prob, Recipe())
+        metrics.add(inspection.mask, mask, flagged=inspection.flagged)
         probs.append(prob)
         truths.append(mask)
     model.train()

@@ -6,7 +6,7 @@ import streamlit as st
 
 from engine import config, importer, synth
 from engine.errors import EngineError
-from engine.inference import overlay
+from engine.drawing import overlay
 
 st.set_page_config(page_title="Generate data", page_icon=":material/science:", layout="wide")
 st.title(":material/science: Generate data")

@@ -14,19 +14,11 @@ from engine import config, data, runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
-from engine.inference import (
-    BACKENDS,
-    ONNX_FILES,
-    Prediction,
-    Predictor,
-    create_heatmap,
-    difference_image,
-    mask_difference,
-    overlay,
-    to_display,
-)
+from engine.drawing import create_heatmap, difference_image, mask_difference, overlay, to_display
+from engine.inference import BACKENDS, ONNX_FILES, Predictor
+from engine.inspection import Inspection, inspect
 from engine.metrics import dice_score, iou_score
-from engine.recipe import apply_recipe, load_recipe
+from engine.recipe import load_recipe
 from ui import for_display, probability_cache, readiness_notice
 
 st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
@@ -189,8 +181,8 @@ except EngineError as err:
 image_sha1 = hashlib.sha1(raw).hexdigest()
 
 # ---- predictions ---------------------------------------------------------------------------------
-predictions: dict[int | str, Prediction] = {}
-labels: dict[int | str, str] = {}  # what each prediction is called on the page
+inspections: dict[int | str, Inspection] = {}  # the verdict, regions and mask under the run's recipe, per epoch
+labels: dict[int | str, str] = {}  # what each one is called on the page
 try:
     for epoch in epochs:
         mtime = model_file(folder, epoch, backend).stat().st_mtime
@@ -198,7 +190,7 @@ try:
         # An export holds one model: name it by the epoch it was exported from, not by the slider.
         labels[epoch] = epoch_label(epoch) if backend == "torch" else f"{backend} export of epoch {predictor.epoch}"
         key = (str(folder), epoch, backend, device, mtime, image_sha1)
-        predictions[epoch] = Prediction(probability(predictor, image, key, labels[epoch]), threshold)
+        inspections[epoch] = inspect(probability(predictor, image, key, labels[epoch]), run_recipe)
 except (EngineError, OSError) as err:
     st.error(f"Cannot load the model: {err}")
     st.stop()
@@ -207,14 +199,14 @@ except (EngineError, OSError) as err:
 with st.sidebar:
     st.subheader("Scores")
     if truth is not None:
-        for epoch, prediction in predictions.items():
+        for epoch, inspection in inspections.items():
             left, right = st.columns(2)
-            left.metric(f"Dice ({labels[epoch]})", f"{dice_score(prediction.mask, truth):.4f}")
-            right.metric(f"IoU ({labels[epoch]})", f"{iou_score(prediction.mask, truth):.4f}")
+            left.metric(f"Dice ({labels[epoch]})", f"{dice_score(inspection.mask, truth):.4f}")
+            right.metric(f"IoU ({labels[epoch]})", f"{iou_score(inspection.mask, truth):.4f}")
     elif sample is not None:
         st.info("This sample has no mask file, so it is defect-free: every flagged pixel is a false alarm.")
-        for epoch, prediction in predictions.items():
-            st.metric(f"Flagged pixels ({labels[epoch]})", int(prediction.mask.sum()))
+        for epoch, inspection in inspections.items():
+            st.metric(f"Flagged pixels ({labels[epoch]})", int(inspection.mask.sum()))
     else:
         st.info("Uploaded images have no ground-truth mask; Dice and IoU need a sample with a mask.")
 
@@ -230,16 +222,16 @@ with top[2]:
     st.markdown(f"**{name}** · {width}×{height} px · run **{run_id}**")
     if sample is not None:
         st.caption(f"Defect types: {sample.defect_types or 'none'} · split {sample.split}")
-for epoch, prediction in predictions.items():
+for epoch, inspection in inspections.items():
     st.markdown(f"**{labels[epoch]}** — threshold {threshold:.2f}")
     heat, over, facts = st.columns(3)
-    heat.image(for_display(create_heatmap(prediction.probability)), caption="Defect probability", width="stretch")
-    over.image(for_display(overlay(image, prediction.mask)), caption="Detected defects", width="stretch")
+    heat.image(for_display(create_heatmap(inspection.probability)), caption="Defect probability", width="stretch")
+    over.image(for_display(overlay(image, inspection.mask)), caption="Detected defects (the regions that count)",
+               width="stretch")
+    regions, max_score = inspection.regions, float(inspection.probability.max())
     with facts:
-        verdict, regions = apply_recipe(prediction.probability, run_recipe)
-        if verdict == "defect":
-            st.markdown(f":red-background[**Verdict: defect**] {len(regions)} region(s), "
-                        f"max score {prediction.max_score:.2f}")
+        if inspection.flagged:
+            st.markdown(f":red-background[**Verdict: defect**] {len(regions)} region(s), max score {max_score:.2f}")
             # A static table: much lighter for the browser than a data grid on every threshold move.
             st.table(pd.DataFrame([{"bbox x,y,w,h": ",".join(map(str, r.bbox)), "area px": r.area_px,
                                     "max score": f"{r.max_score:.2f}", "shape": r.shape}
@@ -249,10 +241,10 @@ for epoch, prediction in predictions.items():
         else:
             size = f" of {run_recipe.min_region_px} px or more" if run_recipe.min_region_px > 1 else ""
             st.markdown(f":green-background[**Verdict: ok**] no region{size} at or above {threshold:.2f} "
-                        f"(max score {prediction.max_score:.2f})")
+                        f"(max score {max_score:.2f})")
 
-if len(predictions) == 2:
-    (epoch_a, a), (epoch_b, b) = predictions.items()
+if len(inspections) == 2:
+    (epoch_a, a), (epoch_b, b) = inspections.items()
     counts = mask_difference(a.mask, b.mask)
     st.subheader(f"Difference: {epoch_label(epoch_a)} vs {epoch_label(epoch_b)}")
     diff, legend = st.columns([1, 2])

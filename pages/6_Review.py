@@ -13,8 +13,10 @@ from engine import config, data, runs, synth
 from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
-from engine.inference import Predictor, overlay, to_display
-from engine.recipe import RECIPE_FILE, apply_recipe, load_recipe, tune_run
+from engine.drawing import overlay, to_display
+from engine.inference import Predictor
+from engine.inspection import inspect
+from engine.recipe import RECIPE_FILE, load_recipe, tune_run
 from ui import readiness_notice
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
@@ -35,14 +37,12 @@ def load_predictor(run_dir: str, epoch: int | str, mtime: float) -> Predictor:
     return Predictor(Path(run_dir), epoch)
 
 
-# Each entry keeps every image's probability map (for the sweep and the thumbnails): few entries, or a large
-# folder's maps pile up in the app's memory.
-@st.cache_data(max_entries=3, ttl=1800, show_spinner="Evaluating every image…")
+@st.cache_data(max_entries=8, ttl=1800, show_spinner="Evaluating every image…")
 def evaluation(run_dir: str, epoch: int | str, mtime: float, folder: str, split: str, threshold: float,
                folder_mtimes: tuple, recipe_mtime: float) -> dict:
     """engine.evaluate over a folder split, with the threshold sweep (cached per model, folder, threshold, recipe)."""
     predictor = load_predictor(run_dir, epoch, mtime)
-    return evaluate(predictor, select_samples(folder, split), threshold, keep_probabilities=True)
+    return evaluate(predictor, select_samples(folder, split), threshold, sweep=True)
 
 
 def epoch_label(epoch: int | str) -> str:
@@ -149,8 +149,9 @@ if rows:
     for view, epoch in zip(views[2:], epochs):
         mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
         prediction = load_predictor(str(run_folder), epoch, mtime).predict(image, threshold)
-        verdict, _ = apply_recipe(prediction.probability, load_recipe(run_folder).with_overrides(threshold=threshold))
-        view.image(overlay(image, prediction.mask), caption=f"{epoch_label(epoch)}: {verdict}", width="stretch")
+        inspection = inspect(prediction.probability, load_recipe(run_folder).with_overrides(threshold=threshold))
+        view.image(overlay(image, inspection.mask), caption=f"{epoch_label(epoch)}: {inspection.verdict}",
+                   width="stretch")
     if st.button("Open in Inspect", key="review_open"):
         st.session_state["inspect_request"] = {"run": run_id, "sample": sample_id, "folder": folder_name,
                                                "epochs": [epochs[0], epochs[-1]]}

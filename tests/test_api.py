@@ -35,8 +35,10 @@ from engine.imageio import (
     decode_upload,
     probe_image,
 )
-from engine.inference import Predictor, PredictorCache, default_backend
-from engine.recipe import load_recipe, verdict_for
+from engine.inference import Predictor
+from engine.inspection import inspect
+from engine.recipe import load_recipe
+from engine.serving import PredictorCache, default_backend
 from tests.servers import stop_process
 
 # ---------------------------------------------------------------- images
@@ -170,7 +172,7 @@ def test_predict_answers_the_contract_and_matches_the_predictor(client: TestClie
     assert sum(r["area_px"] for r in body["regions"]) == int((mask > 0).sum())
     # The same backend run directly on the same pixels gives the same answer.
     predictor = Predictor.from_run(trained_run, backend=body["model"]["backend"])
-    direct = verdict_for(predictor.predict(decode_image(_png(sample))), load_recipe(runs.run_dir(trained_run)))
+    direct = inspect(predictor.predict_proba(decode_image(_png(sample))), load_recipe(runs.run_dir(trained_run))).as_dict()
     assert body["threshold"] == pytest.approx(direct["threshold"])
     assert body["max_score"] == pytest.approx(direct["max_score"], abs=1e-4)
     assert body["verdict"] == direct["verdict"]

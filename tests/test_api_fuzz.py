@@ -11,7 +11,7 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from api.deps import ServingState
+from api.serving import ServingState
 from api.main import create_app
 from api.settings import Settings
 

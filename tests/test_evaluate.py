@@ -11,7 +11,8 @@ from engine.data import load_pair
 from engine.evaluate import evaluate, select_samples
 from engine.inference import Predictor
 from engine.metrics import SetMetrics, auroc, average_precision, image_score
-from engine.recipe import Recipe, apply_recipe, regions_mask
+from engine.inspection import inspect
+from engine.recipe import Recipe
 
 
 def test_evaluate_matches_direct_computation(trained_run: str, tiny_dataset) -> None:
@@ -24,9 +25,9 @@ def test_evaluate_matches_direct_computation(trained_run: str, tiny_dataset) -> 
     for sample in samples:
         image, truth = load_pair(sample)
         probability = predictor.predict_proba(image)
-        verdict, regions = apply_recipe(probability, recipe)
+        inspection = inspect(probability, recipe)
         # pixel metrics on the inspection's mask: the regions that count under the recipe
-        expected.add(regions_mask(probability, 0.5, regions), truth, flagged=verdict == "defect")
+        expected.add(inspection.mask, truth, flagged=inspection.flagged)
         scores.append(image_score(probability, 0.5))
         labels.append(bool(truth.any()))
     for key, value in expected.result().items():

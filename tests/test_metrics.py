@@ -34,10 +34,10 @@ def test_empty_cases() -> None:
 
 def test_set_metrics_pixel_totals_and_rates() -> None:
     metrics = SetMetrics()
-    metrics.add(square(10, 0, 0, 4), square(10, 0, 0, 4))  # perfect, defective, flagged
-    metrics.add(np.zeros((10, 10)), square(10, 5, 5, 2))  # missed defect: 4 fn
-    metrics.add(square(10, 0, 0, 1), np.zeros((10, 10)))  # false alarm: 1 fp
-    metrics.add(np.zeros((10, 10)), np.zeros((10, 10)))  # clean, correct
+    metrics.add(square(10, 0, 0, 4), square(10, 0, 0, 4), flagged=True)  # perfect, defective, flagged
+    metrics.add(np.zeros((10, 10)), square(10, 5, 5, 2), flagged=False)  # missed defect: 4 fn
+    metrics.add(square(10, 0, 0, 1), np.zeros((10, 10)), flagged=True)  # false alarm: 1 fp
+    metrics.add(np.zeros((10, 10)), np.zeros((10, 10)), flagged=False)  # clean, correct
     result = metrics.result()
     assert (metrics.tp, metrics.fp, metrics.fn) == (16, 1, 4)
     assert result["dice"] == pytest.approx(32 / 37)
@@ -58,9 +58,9 @@ def test_threshold_sweep_matches_direct_computation_and_picks_best() -> None:
     for row in rows:
         metrics = SetMetrics()
         for p, t in zip(probs, truths):
-            metrics.add(p >= row["threshold"], t)
+            metrics.add(p >= row["threshold"], t, flagged=bool((p >= row["threshold"]).any()))
         assert row["dice"] == pytest.approx(metrics.result()["dice"], abs=2e-3)
-        assert row["false_alarm_rate"] == metrics.result()["false_alarm_rate"]
+        assert row["iou"] == pytest.approx(metrics.result()["iou"], abs=2e-3)
     # Background scores are < 0.4 and defect scores >= 0.7: 0.5 and 0.75 separate, 0.2 does not.
     assert rows[0]["dice"] < 0.5 < rows[1]["dice"]
     assert best_threshold(rows) == 0.5

@@ -13,7 +13,8 @@ from engine import config, data, jobs, registry, runs, synth
 from engine.errors import EngineError, RunNotFound
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import encode_png, read_image, read_mask
-from engine.inference import Predictor, mask_difference
+from engine.drawing import mask_difference
+from engine.inference import Predictor
 from engine.metrics import dice_score, iou_score
 from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run
 
@@ -360,7 +361,7 @@ def test_delete_run_refuses_demo_active_and_unknown_runs() -> None:
 
 
 def test_difference_image_codes_only_a_only_b_and_both() -> None:
-    from engine.inference import DIFF_COLORS, difference_image
+    from engine.drawing import DIFF_COLORS, difference_image
 
     image = np.full((4, 4), 0.5, np.float32)
     a = np.zeros((4, 4), np.uint8)

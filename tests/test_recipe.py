@@ -10,8 +10,8 @@ import pytest
 
 from engine import config, recipe, registry
 from engine.__main__ import main
-from engine.inference import Prediction, find_regions
-from engine.recipe import Recipe, RecipeError, TuneStats, apply_recipe, regions_mask, wilson_upper
+from engine.inspection import find_regions, inspect
+from engine.recipe import Recipe, RecipeError, TuneStats, wilson_upper
 
 
 def blank(height: int = 64, width: int = 64, value: float = 0.02) -> np.ndarray:
@@ -65,46 +65,46 @@ def test_recipe_validation_gives_clear_errors() -> None:
     assert Recipe.from_dict({"threshold": 0.3, "future_field": 1}).threshold == 0.3
 
 
-def test_apply_recipe_rules() -> None:
+def test_inspect_rules() -> None:
     probability = blank(100, 100)
     probability[10:12, 10:50] = 0.9  # 80 px scratch
     probability[60:66, 60:66] = 0.8  # 36 px spot
-    verdict, regions = apply_recipe(probability, Recipe(threshold=0.5))
-    assert verdict == "defect" and [r.area_px for r in regions] == [80, 36]
-    assert apply_recipe(probability, Recipe(threshold=0.95)) == ("ok", [])
-    verdict, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px=50))
-    assert verdict == "defect" and [r.area_px for r in regions] == [80]
-    verdict, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px=100))
-    assert verdict == "ok" and regions == []
+
+    def verdict_and_areas(**rules: object) -> tuple[str, list[int]]:
+        result = inspect(probability, Recipe(**rules))
+        return result.verdict, [r.area_px for r in result.regions]
+
+    assert verdict_and_areas(threshold=0.5) == ("defect", [80, 36])
+    assert verdict_and_areas(threshold=0.95) == ("ok", [])
+    assert verdict_and_areas(threshold=0.5, min_region_px=50) == ("defect", [80])
+    assert verdict_and_areas(threshold=0.5, min_region_px=100) == ("ok", [])
     # Per-shape minimum: spots need 40 px, scratches keep the global 0.
-    _, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px_by_shape={"spot-like": 40}))
+    regions = inspect(probability, Recipe(threshold=0.5, min_region_px_by_shape={"spot-like": 40})).regions
     assert [r.shape for r in regions] == ["scratch-like"]
-    _, regions = apply_recipe(probability, Recipe(threshold=0.5, min_region_px=100,
-                                                  min_region_px_by_shape={"spot-like": 10}))
-    assert [r.area_px for r in regions] == [36]
+    assert verdict_and_areas(threshold=0.5, min_region_px=100, min_region_px_by_shape={"spot-like": 10})[1] == [36]
     # Tolerance: 116 px of 10000 is 1.16% of the image.
-    assert apply_recipe(probability, Recipe(threshold=0.5, max_total_defect_fraction=0.02))[0] == "ok"
-    assert apply_recipe(probability, Recipe(threshold=0.5, max_total_defect_fraction=0.01))[0] == "defect"
-    _, regions = apply_recipe(probability, Recipe(threshold=0.5, px_per_mm=4.0))
+    assert verdict_and_areas(threshold=0.5, max_total_defect_fraction=0.02)[0] == "ok"
+    assert verdict_and_areas(threshold=0.5, max_total_defect_fraction=0.01)[0] == "defect"
+    regions = inspect(probability, Recipe(threshold=0.5, px_per_mm=4.0)).regions
     assert [r.area_mm2 for r in regions] == [pytest.approx(5.0), pytest.approx(2.25)]
     assert regions[0].as_dict()["area_mm2"] == 5.0
-    assert "area_mm2" not in apply_recipe(probability, Recipe(threshold=0.5))[1][0].as_dict()
+    assert "area_mm2" not in inspect(probability, Recipe(threshold=0.5)).regions[0].as_dict()
 
 
-def test_verdict_for_and_regions_mask() -> None:
+def test_inspection_answer_and_mask() -> None:
     probability = blank(50, 50)
     probability[5:15, 5:15] = 0.9
     probability[40, 40] = 0.9  # 1 px, filtered out by min_region_px
     rules = Recipe(threshold=0.5, min_region_px=5, px_per_mm=10.0)
-    result = recipe.verdict_for(Prediction(probability, 0.3, 0, {"inference": 1.0}), rules)
+    inspection = inspect(probability, rules)
+    result = inspection.as_dict({"inference": 1.0})
     assert result["verdict"] == "defect" and result["threshold"] == 0.5
     assert len(result["regions"]) == 1 and result["regions"][0]["area_mm2"] == 1.0
     assert result["defect_fraction"] == round(101 / 2500, 6) and result["counted_fraction"] == round(100 / 2500, 6)
     assert result["defect_area_mm2"] == 1.0 and result["recipe"]["min_region_px"] == 5
     assert result["image"] == {"width": 50, "height": 50} and result["timings_ms"] == {"inference": 1.0}
-    _, regions = apply_recipe(probability, rules)
-    mask = regions_mask(probability, 0.5, regions)
-    assert mask.sum() == 100 and mask[40, 40] == 0 and mask[10, 10] == 1
+    # The mask holds exactly the counted regions: the 1 px blob below the minimum area is left out.
+    assert inspection.mask.sum() == 100 and inspection.mask[40, 40] == 0 and inspection.mask[10, 10] == 1
 
 
 # --------------------------------------------------------------------------------------- storage
@@ -232,8 +232,8 @@ def test_tuning_on_the_confidence_bound_is_stricter_than_on_the_measured_rate() 
         stats.best(0.03, confidence=1.0)
 
 
-def test_tuning_grid_matches_apply_recipe_cell_by_cell() -> None:
-    """The vectorised grid equals running apply_recipe for every (threshold, min area) on every image."""
+def test_tuning_grid_matches_inspect_cell_by_cell() -> None:
+    """The vectorised grid equals running inspect for every (threshold, min area) on every image."""
     rng = np.random.default_rng(7)
     maps, truths = [], []
     for i in range(12):
@@ -254,9 +254,9 @@ def test_tuning_grid_matches_apply_recipe_cell_by_cell() -> None:
         for a in min_areas:
             flagged, tp, predicted = [], 0, 0
             for probability, truth in zip(maps, truths):
-                verdict, regions = apply_recipe(probability, Recipe(threshold=t, min_region_px=a))
-                flagged.append(verdict == "defect")
-                mask = regions_mask(probability, t, regions)
+                inspection = inspect(probability, Recipe(threshold=t, min_region_px=a))
+                flagged.append(inspection.flagged)
+                mask = inspection.mask
                 tp += int((mask & truth).sum())
                 predicted += int(mask.sum())
             flagged, defective = np.array(flagged), np.array([bool(t_.any()) for t_ in truths])

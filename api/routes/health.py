@@ -7,7 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 import engine
-from api.deps import ServingState, get_serving
+from api.deps import get_serving
+from api.serving import ServingState
 from api.schemas import HealthResponse
 
 router = APIRouter(tags=["service"])

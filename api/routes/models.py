@@ -6,7 +6,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 
-from api.deps import ServingState, get_serving
+from api.deps import get_serving
+from api.serving import ServingState
 from api.schemas import ModelsResponse
 
 router = APIRouter(tags=["service"])

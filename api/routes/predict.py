@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
-from api.deps import ServingState, get_serving
+from api.deps import get_serving
+from api.serving import ServingState
 from api.schemas import PredictResponse, error_responses
 
 router = APIRouter(tags=["inference"])

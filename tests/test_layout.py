@@ -1,0 +1,54 @@
+"""The package layout: engine imports no front end, and its modules import each other without cycles."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from engine import config
+
+ENGINE = config.ROOT / "engine"
+FRONT_ENDS = ("streamlit", "fastapi", "starlette", "uvicorn", "api", "ui")
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at the top or inside functions (a lazy import is still a dependency)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            if node.module == "engine":  # `from engine import runs` imports engine.runs
+                found.update(f"engine.{alias.name}" for alias in node.names)
+    return found
+
+
+def engine_graph() -> dict[str, set[str]]:
+    """engine module -> the engine modules it imports."""
+    modules = {f"engine.{p.stem}": p for p in ENGINE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
+
+
+def test_engine_imports_no_front_end() -> None:
+    for path in sorted(ENGINE.rglob("*.py")):
+        bad = sorted(m for m in imports_of(path) if m.split(".")[0] in FRONT_ENDS)
+        assert not bad, f"{path.relative_to(config.ROOT)} imports {bad}: engine must not depend on a front end"
+
+
+def test_engine_modules_import_each_other_without_cycles() -> None:
+    graph = engine_graph()
+    assert {"engine.inference", "engine.recipe", "engine.train"} <= set(graph)  # the walk sees the package
+    state: dict[str, str] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", "import cycle: " + " -> ".join(path + [target])
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
