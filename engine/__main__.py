@@ -177,12 +177,12 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from engine import export
+    from engine import bench
 
     with _stage_printer() as progress:
-        result = export.benchmark(args.run, data=args.data, split=args.split, size=args.size,
-                                  iterations=args.iterations, warmup=args.warmup, progress=progress)
-    print(json.dumps(result) if args.json else export.bench_markdown(result))
+        result = bench.benchmark(args.run, data=args.data, split=args.split, size=args.size,
+                                 iterations=args.iterations, warmup=args.warmup, progress=progress)
+    print(json.dumps(result) if args.json else bench.bench_markdown(result))
 
 
 class _stage_printer:

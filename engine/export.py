@@ -9,8 +9,7 @@
    more than `max_dice_drop` against the fp32 ONNX model.
 Every file is first written as a hidden temp file in the export folder, checked through the same
 Predictor the app uses, and renamed into place only at the end, so a failure leaves nothing behind.
-
-`benchmark` measures every available backend in one process, interleaved, on the same images.
+The backends are timed with engine.bench; the labelled images for the checks come from engine.checkdata.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import platform
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -28,19 +25,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
-from engine import config, registry, runs
-from engine.data import Sample, load_pair, scan_dataset
-from engine.errors import DatasetError, EngineError
-from engine.serving import available_backends
-from engine.inference import (
-    ONNX_FILES,
-    TILE,
-    Predictor,
-    preprocess_image,
-)
+from engine import registry, runs
+from engine.bench import BENCH_SIZE, machine_description, square_image, time_backends
+from engine.checkdata import check_data, pick_samples, run_folder
+from engine.data import load_pair
+from engine.errors import EngineError
+from engine.inference import ONNX_FILES, TILE, Predictor, preprocess_image
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -49,8 +41,6 @@ MAX_DICE_DROP = 0.01  # default INT8 accuracy gate (validation Dice, fp32 ONNX m
 PARITY_IMAGES = 8
 CALIBRATION_IMAGES = 32
 REPORT_FILE = "report.json"
-BENCH_SIZE = 256
-THROUGHPUT_BATCH = 8
 
 Progress = Callable[[str, float], None]  # (what is happening, fraction done of the whole job)
 
@@ -112,76 +102,6 @@ def _write_error(folder: Path, err: OSError) -> EngineError:
     else:
         hint = "check that the folder exists, is writable and has free space"
     return EngineError(f"cannot write the export into {folder} ({err.strerror or err}); {hint}")
-
-
-# --------------------------------------------------------------------------------------- data
-
-
-def run_folder(run: str | Path | None) -> Path:
-    """A run's folder from its id, `demo`/`latest`, or the folder itself (pages pass the folder they listed)."""
-    if isinstance(run, Path):
-        runs.read_run_json(run)  # RunNotFound if it is not a run folder
-        return run
-    return runs.resolve_run(run)
-
-
-CHECK_FOLDER = "check"  # a small labelled set a shipped run carries for its own checks (the demo's)
-GENERATED_CHECK_IMAGES = 24
-
-
-def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
-    """The dataset folder a run was trained on (or `data`); DatasetError with what to do if it is gone."""
-    if data is None:
-        info = runs.read_run_json(folder)
-        dataset = info.get("dataset") or {}
-        data = dataset.get("path") if isinstance(dataset, dict) else dataset
-        if not data:
-            raise DatasetError(f"run {folder.name} does not record its dataset; pass --data DIR")
-    data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
-    if not (data / "images").is_dir():
-        raise DatasetError(f"dataset {data} not found (needed for the parity and accuracy checks); restore it, "
-                           "or point to a copy with --data DIR")
-    return data
-
-
-@contextmanager
-def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[Path, str]]:
-    """Labelled images for export's parity and accuracy checks, and a sentence saying which they are.
-
-    `--data` if given, else the run's own dataset; if that has moved: the run's shipped check set, else
-    images generated for the purpose (deleted afterwards), so an export never fails for a missing folder.
-    """
-    if data is not None:
-        yield dataset_for_run(folder, data), f"checked on {data} (--data)"
-        return
-    try:
-        dataset = dataset_for_run(folder)
-        yield dataset, f"checked on the run's dataset {dataset}"
-        return
-    except DatasetError as err:
-        missing = str(err).split(" (needed")[0]
-    if (folder / CHECK_FOLDER / "images").is_dir():
-        yield folder / CHECK_FOLDER, (f"{missing}: checked on the {CHECK_FOLDER}/ images the run ships with; "
-                                      "pass --data DIR to check on your own labelled images")
-        return
-    from engine import synth
-
-    with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
-        synth.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
-        yield Path(tmp), (f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; "
-                          "pass --data DIR to check on your own labelled images")
-
-
-def pick_samples(data: Path, splits: tuple[str, ...], limit: int | None = None) -> list[Sample]:
-    """Samples of the first split (in order) that has any, evenly spread over it and at most `limit`."""
-    report = scan_dataset(data, validate=False)
-    for split in splits:
-        samples = report.split(split)
-        if samples:
-            if limit and len(samples) > limit:
-                samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
-            return samples
-    raise DatasetError(f"{data}: no images in split(s) {', '.join(splits)} (found {report.counts()})")
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -396,7 +316,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
                 "quantization": settings}}
 
         progress("timing the backends", 0.8)
-        timing = time_backends(timed, [_square(image, BENCH_SIZE) for image in check_images], iterations=20, warmup=3)
+        timing = time_backends(timed, [square_image(image, BENCH_SIZE) for image in check_images], iterations=20, warmup=3)
         for kind, entry in entries.items():
             entry["metrics"].update(timing[kind], torch_latency_p50_ms=timing["torch"]["latency_p50_ms"])
             entry["size_bytes"] = staging[kind].stat().st_size
@@ -477,162 +397,4 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {entry['kind']:<5} {'kept    ' if entry['accepted'] else 'rejected'} "
                      f"{entry['size_bytes'] / 1e6:6.2f} MB  val Dice {m.get('val_dice', float('nan')):.4f}  "
                      f"{parity_text}  {latency}")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------- benchmark
-
-
-def machine_description() -> str:
-    """CPU model and thread count (and GPU, if any) of this machine, for benchmark records."""
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {config.cpu_threads()} threads"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
-
-
-def time_backends(predictors: dict[str, Predictor], images: list[np.ndarray], iterations: int = 50,
-                  warmup: int = 5, batch: int = THROUGHPUT_BATCH,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, float]]:
-    """Batch-1 latency p50/p95 (ms) and batch throughput (images/s) of each predictor on same-size images, interleaved.
-
-    Each iteration runs every backend once on the same image, rotating which backend goes first, so
-    load from other processes and cache or frequency effects hit all backends alike.
-    """
-    names = list(predictors)
-    for i in range(warmup):
-        for name in names:
-            predictors[name].predict_proba(images[i % len(images)])
-    latencies: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(iterations):
-        image = images[i % len(images)]
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            start = time.perf_counter()
-            predictors[name].predict_proba(image)
-            latencies[name].append((time.perf_counter() - start) * 1000)
-        if progress:
-            progress(i + 1, iterations)
-    # Throughput: one call on a batch of images (the network's own batching), preprocessed per model.
-    chosen = [images[i % len(images)] for i in range(batch)]
-    stacks = {name: np.concatenate([preprocess_image(im, p.mean, p.std, p.stride) for im in chosen])
-              for name, p in predictors.items()}
-    batch_seconds: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(max(3, iterations // 10)):
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            start = time.perf_counter()
-            predictors[name]._forward(stacks[name])  # the Predictor's batched forward pass
-            batch_seconds[name].append(time.perf_counter() - start)
-    return {name: {"latency_p50_ms": float(np.percentile(latencies[name], 50)),
-                   "latency_p95_ms": float(np.percentile(latencies[name], 95)),
-                   "throughput_ips": batch / float(np.median(batch_seconds[name]))} for name in names}
-
-
-def bench_targets(folder: Path) -> list[tuple[str, str, str]]:
-    """(label, backend, device) of every backend this run and machine can serve."""
-    import torch
-
-    targets = []
-    for backend in available_backends(folder):
-        if backend != "torch":
-            targets.append((backend, backend, "cpu"))
-            continue
-        targets.append(("torch-cpu", "torch", "cpu"))
-        if torch.cuda.is_available():
-            targets.append(("torch-cuda", "torch", "cuda"))
-    return targets
-
-
-def benchmark(run: str | Path | None, data: str | Path | None = None, split: str = "test", size: int = BENCH_SIZE,
-              iterations: int = 50, warmup: int = 5, progress: Progress | None = None) -> dict[str, Any]:
-    """Size, batch-1 latency p50/p95, throughput and test Dice of every available backend of a run."""
-    from engine.evaluate import select_samples
-
-    if iterations < 1 or size < 16:
-        raise EngineError("bench needs --iterations of at least 1 and --size of at least 16")
-    folder = run_folder(run)
-    with check_data(folder, data) as (dataset, note):
-        try:
-            samples = select_samples(dataset, split)
-        except DatasetError:  # a shipped or generated check set is small: it may lack the split
-            samples, split = select_samples(dataset, "all"), "all"
-        result = _benchmark(folder, samples, size, iterations, warmup, progress or _no_progress)
-    return {**result, "split": split, "check_data": note}
-
-
-def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, warmup: int,
-               progress: Progress) -> dict[str, Any]:
-    """benchmark once the run folder and the labelled samples are known."""
-    import onnxruntime
-    import torch
-
-    from engine.evaluate import evaluate
-
-    images = [_square(load_pair(s)[0], size) for s in samples[:16]]
-    # The torch rows use the checkpoint the ONNX files were exported from, so every row is the same model.
-    checkpoint = None
-    if (folder / "export" / ONNX_FILES["onnx"]).is_file():
-        name = Predictor(folder, backend="onnx").meta.get("checkpoint")
-        checkpoint = folder / name if name and (folder / name).is_file() else None
-    predictors = {label: Predictor(folder, backend=backend, device=device,
-                                   path=checkpoint if backend == "torch" else None)
-                  for label, backend, device in bench_targets(folder)}
-    threshold = next(iter(predictors.values())).threshold  # one threshold, so Dice differences are the models'
-    stage = f"timing {len(predictors)} backends at {size}x{size}"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.cpu_threads())  # the same number of threads as ONNX Runtime sessions use
-    try:
-        timing = time_backends(predictors, images, iterations, warmup,
-                               progress=lambda done, total: progress(stage, 0.05 + 0.55 * done / total))
-    finally:
-        torch.set_num_threads(threads)
-    rows = []
-    for i, (label, predictor) in enumerate(predictors.items()):
-        progress(f"test Dice of {label}", 0.6 + 0.4 * i / len(predictors))
-        result = evaluate(predictor, samples, threshold)
-        rows.append({"backend": label, "file": predictor.path.name, "epoch": predictor.epoch,
-                     "size_bytes": predictor.path.stat().st_size, **timing[label], "dice": result["dice"],
-                     "n_images": result["n_images"]})
-    reference = next((r for r in rows if r["backend"] == "torch-cpu"), rows[0])
-    for row in rows:
-        row["latency_vs_torch"] = row["latency_p50_ms"] / reference["latency_p50_ms"]
-        row["dice_drop"] = reference["dice"] - row["dice"]
-    progress("done", 1.0)
-    return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
-            "iterations": iterations, "threshold": threshold, "machine": machine_description(),
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
-            "rows": rows}
-
-
-def _square(image: np.ndarray, size: int) -> np.ndarray:
-    """The image resized to size x size (benchmark timings use one fixed input size)."""
-    if image.shape == (size, size):
-        return image
-    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
-
-
-def bench_markdown(result: dict[str, Any]) -> str:
-    """The benchmark as a markdown table, with the machine and settings above it."""
-    lines = [f"Run `{result['run_id']}`, {result['size']}x{result['size']} batch-1 latency over "
-             f"{result['iterations']} interleaved iterations, throughput at batch {THROUGHPUT_BATCH}, Dice on the "
-             f"{result['split']} split ({result['rows'][0]['n_images']} images). Machine: {result['machine']}; "
-             f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}. "
-             f"Images: {result.get('check_data', 'the run dataset')}.",
-             "",
-             "| backend | file | size (MB) | p50 (ms) | p95 (ms) | p50 vs torch | throughput (img/s) | Dice "
-             "| Dice drop |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for r in result["rows"]:
-        lines.append(f"| {r['backend']} | {r['file']} | {r['size_bytes'] / 1e6:.2f} | {r['latency_p50_ms']:.1f} | "
-                     f"{r['latency_p95_ms']:.1f} | {r['latency_vs_torch']:.2f}x | {r['throughput_ips']:.1f} | "
-                     f"{r['dice']:.4f} | {r['dice_drop']:+.4f} |")
     return "\n".join(lines)

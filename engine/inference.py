@@ -98,8 +98,9 @@ class Predictor:
         return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device,
                 "ready": self.ready, "ready_reason": self.ready_reason, "not_ready_reason": self.ready_reason}
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
-        """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride."""
+    def forward_batch(self, batch: np.ndarray) -> np.ndarray:
+        """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride
+        (preprocess_image makes one image's); benchmarks time the network's own batching with it."""
         if self._session is not None:
             (logits,) = self._session.run(None, {self._session.get_inputs()[0].name: batch})
             return 1.0 / (1.0 + np.exp(-logits))
@@ -110,7 +111,7 @@ class Predictor:
     def _whole(self, image: np.ndarray) -> np.ndarray:
         """Probabilities for one normalised image: pad to the stride, run, crop back."""
         height, width = image.shape
-        return self._forward(pad_to_multiple(image, self.stride)[None, None])[0, 0, :height, :width]
+        return self.forward_batch(pad_to_multiple(image, self.stride)[None, None])[0, 0, :height, :width]
 
     def predict_proba(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Defect probability per pixel for an image of any size (large images in blended tiles).

@@ -9,7 +9,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import export, jobs, runs
+from engine import bench, export, jobs, runs
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 
@@ -54,7 +54,7 @@ if export_clicked or bench_clicked:
             st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"),
                                                    report["check_data"] if report["check_data_is_fallback"] else None)
         start = 0.6 if export_clicked else 0.0
-        result = jobs.run_isolated(export.benchmark, folder, iterations=int(iterations),
+        result = jobs.run_isolated(bench.benchmark, folder, iterations=int(iterations),
                                    progress=fill(bar, start, 1 - start, "benchmark: "))
         st.session_state["export_bench"] = (run_id, result)
     except EngineError as err:
@@ -72,9 +72,9 @@ if messages and messages[0] == run_id:
             st.success(line)
 
 # ---- benchmark table and chart -------------------------------------------------------------------
-bench = st.session_state.get("export_bench")
-if bench and bench[0] == run_id:
-    result = bench[1]
+shown_bench = st.session_state.get("export_bench")
+if shown_bench and shown_bench[0] == run_id:
+    result = shown_bench[1]
     st.subheader("Backends side by side")
     table = pd.DataFrame(result["rows"])
     table["size (MB)"] = table["size_bytes"] / 1e6
@@ -97,7 +97,7 @@ if bench and bench[0] == run_id:
     st.plotly_chart(figure, key="export_figure")
     st.caption(f"{result['machine']} · {result['iterations']} interleaved rounds · Dice on the {result['split']} "
                f"split at threshold {result['threshold']:.2f}. Markdown for the records:")
-    st.code(export.bench_markdown(result), language="markdown")
+    st.code(bench.bench_markdown(result), language="markdown")
 
 # ---- what is exported now ------------------------------------------------------------------------
 st.subheader("Exported files")

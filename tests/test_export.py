@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from engine import config, export, registry, runs
+from engine import bench, config, export, registry, runs
 from engine.__main__ import main
 from engine.data import load_pair, scan_dataset
 from engine.errors import DatasetError, EngineError, RunNotFound
@@ -201,7 +201,7 @@ def test_bench_prints_a_table_of_every_backend(trained_run: str, exported: dict,
     rows = {line.split("|")[1].strip(): line for line in table[2:]}
     assert {"torch-cpu", "onnx", "int8"} <= set(rows)
 
-    result = export.benchmark(trained_run, size=64, iterations=3, warmup=1)
+    result = bench.benchmark(trained_run, size=64, iterations=3, warmup=1)
     by_backend = {row["backend"]: row for row in result["rows"]}
     assert by_backend["onnx"]["dice"] == pytest.approx(by_backend["torch-cpu"]["dice"], abs=1e-4)
     assert by_backend["torch-cpu"]["file"] == "best.pth"  # the checkpoint the ONNX files came from

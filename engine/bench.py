@@ -1,0 +1,182 @@
+"""Benchmark a run's backends side by side: size, batch-1 latency, batch throughput and Dice, on one machine."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from engine import config
+from engine.checkdata import check_data, run_folder
+from engine.data import Sample, load_pair
+from engine.errors import DatasetError, EngineError
+from engine.inference import ONNX_FILES, Predictor, preprocess_image
+from engine.serving import available_backends
+
+BENCH_SIZE = 256
+THROUGHPUT_BATCH = 8
+Progress = Callable[[str, float], None]  # (what is happening, fraction done of the whole job)
+
+
+def _no_progress(stage: str, fraction: float) -> None:
+    """Default progress callback: do nothing."""
+
+
+def machine_description() -> str:
+    """CPU model and thread count (and GPU, if any) of this machine, for benchmark records."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    text = f"{cpu}, {config.cpu_threads()} threads"
+    if torch.cuda.is_available():
+        text += f", GPU {torch.cuda.get_device_name(0)}"
+    return text
+
+
+def time_backends(predictors: dict[str, Predictor], images: list[np.ndarray], iterations: int = 50,
+                  warmup: int = 5, batch: int = THROUGHPUT_BATCH,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, float]]:
+    """Batch-1 latency p50/p95 (ms) and batch throughput (images/s) of each predictor on same-size images, interleaved.
+
+    Each iteration runs every backend once on the same image, rotating which backend goes first, so
+    load from other processes and cache or frequency effects hit all backends alike.
+    """
+    names = list(predictors)
+    for i in range(warmup):
+        for name in names:
+            predictors[name].predict_proba(images[i % len(images)])
+    latencies: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(iterations):
+        image = images[i % len(images)]
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            predictors[name].predict_proba(image)
+            latencies[name].append((time.perf_counter() - start) * 1000)
+        if progress:
+            progress(i + 1, iterations)
+    # Throughput: one call on a batch of images (the network's own batching), preprocessed per model.
+    chosen = [images[i % len(images)] for i in range(batch)]
+    stacks = {name: np.concatenate([preprocess_image(im, p.mean, p.std, p.stride) for im in chosen])
+              for name, p in predictors.items()}
+    batch_seconds: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(max(3, iterations // 10)):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            predictors[name].forward_batch(stacks[name])
+            batch_seconds[name].append(time.perf_counter() - start)
+    return {name: {"latency_p50_ms": float(np.percentile(latencies[name], 50)),
+                   "latency_p95_ms": float(np.percentile(latencies[name], 95)),
+                   "throughput_ips": batch / float(np.median(batch_seconds[name]))} for name in names}
+
+
+def bench_targets(folder: Path) -> list[tuple[str, str, str]]:
+    """(label, backend, device) of every backend this run and machine can serve."""
+    import torch
+
+    targets = []
+    for backend in available_backends(folder):
+        if backend != "torch":
+            targets.append((backend, backend, "cpu"))
+            continue
+        targets.append(("torch-cpu", "torch", "cpu"))
+        if torch.cuda.is_available():
+            targets.append(("torch-cuda", "torch", "cuda"))
+    return targets
+
+
+def benchmark(run: str | Path | None, data: str | Path | None = None, split: str = "test", size: int = BENCH_SIZE,
+              iterations: int = 50, warmup: int = 5, progress: Progress | None = None) -> dict[str, Any]:
+    """Size, batch-1 latency p50/p95, throughput and test Dice of every available backend of a run."""
+    from engine.evaluate import select_samples
+
+    if iterations < 1 or size < 16:
+        raise EngineError("bench needs --iterations of at least 1 and --size of at least 16")
+    folder = run_folder(run)
+    with check_data(folder, data) as (dataset, note):
+        try:
+            samples = select_samples(dataset, split)
+        except DatasetError:  # a shipped or generated check set is small: it may lack the split
+            samples, split = select_samples(dataset, "all"), "all"
+        result = _benchmark(folder, samples, size, iterations, warmup, progress or _no_progress)
+    return {**result, "split": split, "check_data": note}
+
+
+def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, warmup: int,
+               progress: Progress) -> dict[str, Any]:
+    """benchmark once the run folder and the labelled samples are known."""
+    import onnxruntime
+    import torch
+
+    from engine.evaluate import evaluate
+
+    images = [square_image(load_pair(s)[0], size) for s in samples[:16]]
+    # The torch rows use the checkpoint the ONNX files were exported from, so every row is the same model.
+    checkpoint = None
+    if (folder / "export" / ONNX_FILES["onnx"]).is_file():
+        name = Predictor(folder, backend="onnx").meta.get("checkpoint")
+        checkpoint = folder / name if name and (folder / name).is_file() else None
+    predictors = {label: Predictor(folder, backend=backend, device=device,
+                                   path=checkpoint if backend == "torch" else None)
+                  for label, backend, device in bench_targets(folder)}
+    threshold = next(iter(predictors.values())).threshold  # one threshold, so Dice differences are the models'
+    stage = f"timing {len(predictors)} backends at {size}x{size}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.cpu_threads())  # the same number of threads as ONNX Runtime sessions use
+    try:
+        timing = time_backends(predictors, images, iterations, warmup,
+                               progress=lambda done, total: progress(stage, 0.05 + 0.55 * done / total))
+    finally:
+        torch.set_num_threads(threads)
+    rows = []
+    for i, (label, predictor) in enumerate(predictors.items()):
+        progress(f"test Dice of {label}", 0.6 + 0.4 * i / len(predictors))
+        result = evaluate(predictor, samples, threshold)
+        rows.append({"backend": label, "file": predictor.path.name, "epoch": predictor.epoch,
+                     "size_bytes": predictor.path.stat().st_size, **timing[label], "dice": result["dice"],
+                     "n_images": result["n_images"]})
+    reference = next((r for r in rows if r["backend"] == "torch-cpu"), rows[0])
+    for row in rows:
+        row["latency_vs_torch"] = row["latency_p50_ms"] / reference["latency_p50_ms"]
+        row["dice_drop"] = reference["dice"] - row["dice"]
+    progress("done", 1.0)
+    return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
+            "iterations": iterations, "threshold": threshold, "machine": machine_description(),
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+            "rows": rows}
+
+
+def square_image(image: np.ndarray, size: int) -> np.ndarray:
+    """The image resized to size x size (benchmark timings use one fixed input size)."""
+    if image.shape == (size, size):
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+
+
+def bench_markdown(result: dict[str, Any]) -> str:
+    """The benchmark as a markdown table, with the machine and settings above it."""
+    lines = [f"Run `{result['run_id']}`, {result['size']}x{result['size']} batch-1 latency over "
+             f"{result['iterations']} interleaved iterations, throughput at batch {THROUGHPUT_BATCH}, Dice on the "
+             f"{result['split']} split ({result['rows'][0]['n_images']} images). Machine: {result['machine']}; "
+             f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}. "
+             f"Images: {result.get('check_data', 'the run dataset')}.",
+             "",
+             "| backend | file | size (MB) | p50 (ms) | p95 (ms) | p50 vs torch | throughput (img/s) | Dice "
+             "| Dice drop |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['backend']} | {r['file']} | {r['size_bytes'] / 1e6:.2f} | {r['latency_p50_ms']:.1f} | "
+                     f"{r['latency_p95_ms']:.1f} | {r['latency_vs_torch']:.2f}x | {r['throughput_ips']:.1f} | "
+                     f"{r['dice']:.4f} | {r['dice_drop']:+.4f} |")
+    return "\n".join(lines)

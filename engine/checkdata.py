@@ -1,0 +1,81 @@
+"""Labelled images for a run's checks (export parity, the INT8 gate, the benchmark's Dice), and which they are."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from engine import config, runs
+from engine.data import Sample, scan_dataset
+from engine.errors import DatasetError
+
+
+def run_folder(run: str | Path | None) -> Path:
+    """A run's folder from its id, `demo`/`latest`, or the folder itself (pages pass the folder they listed)."""
+    if isinstance(run, Path):
+        runs.read_run_json(run)  # RunNotFound if it is not a run folder
+        return run
+    return runs.resolve_run(run)
+
+
+CHECK_FOLDER = "check"  # a small labelled set a shipped run carries for its own checks (the demo's)
+GENERATED_CHECK_IMAGES = 24
+
+
+def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
+    """The dataset folder a run was trained on (or `data`); DatasetError with what to do if it is gone."""
+    if data is None:
+        info = runs.read_run_json(folder)
+        dataset = info.get("dataset") or {}
+        data = dataset.get("path") if isinstance(dataset, dict) else dataset
+        if not data:
+            raise DatasetError(f"run {folder.name} does not record its dataset; pass --data DIR")
+    data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
+    if not (data / "images").is_dir():
+        raise DatasetError(f"dataset {data} not found (needed for the parity and accuracy checks); restore it, "
+                           "or point to a copy with --data DIR")
+    return data
+
+
+@contextmanager
+def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[Path, str]]:
+    """Labelled images for export's parity and accuracy checks, and a sentence saying which they are.
+
+    `--data` if given, else the run's own dataset; if that has moved: the run's shipped check set, else
+    images generated for the purpose (deleted afterwards), so an export never fails for a missing folder.
+    """
+    if data is not None:
+        yield dataset_for_run(folder, data), f"checked on {data} (--data)"
+        return
+    try:
+        dataset = dataset_for_run(folder)
+        yield dataset, f"checked on the run's dataset {dataset}"
+        return
+    except DatasetError as err:
+        missing = str(err).split(" (needed")[0]
+    if (folder / CHECK_FOLDER / "images").is_dir():
+        yield folder / CHECK_FOLDER, (f"{missing}: checked on the {CHECK_FOLDER}/ images the run ships with; "
+                                      "pass --data DIR to check on your own labelled images")
+        return
+    from engine import synth
+
+    with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
+        synth.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
+        yield Path(tmp), (f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; "
+                          "pass --data DIR to check on your own labelled images")
+
+
+def pick_samples(data: Path, splits: tuple[str, ...], limit: int | None = None) -> list[Sample]:
+    """Samples of the first split (in order) that has any, evenly spread over it and at most `limit`."""
+    report = scan_dataset(data, validate=False)
+    for split in splits:
+        samples = report.split(split)
+        if samples:
+            if limit and len(samples) > limit:
+                samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
+            return samples
+    raise DatasetError(f"{data}: no images in split(s) {', '.join(splits)} (found {report.counts()})")
