@@ -385,9 +385,25 @@ def build_model(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[UNetT
     return model, {"base": model.base, "depth": model.depth}, f"fine-tuned from run {init}"
 
 
-def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
-    """The training job proper: data, model, the loop, checkpoints, metrics, registry."""
-    # ---- setup -------------------------------------------------------------------------------
+@dataclass
+class Trainer:
+    """What one epoch of training needs, built once by `setup`."""
+
+    model: UNetTiny
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loader: torch.utils.data.DataLoader
+    loss_fn: Any
+    data: TrainData
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    memory_format: torch.memory_format
+    steps_per_epoch: int
+
+
+def setup(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[TrainConfig, Trainer, dict, str]:
+    """Seeds, data, model (resumed optimizer state included) and the loader; returns the config with every
+    automatic value resolved, the trainer, the model's architecture and where its weights came from."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = pick_device(cfg.device)
@@ -407,7 +423,6 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
         if resume_state.get("epoch") == start_epoch:
             optimizer.load_state_dict(resume_state["optimizer"])
     amp_dtype = autocast_dtype(device, cfg.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     steps_per_epoch = cfg.steps_per_epoch or max(MIN_STEPS_PER_EPOCH, len(data.train_set) // cfg.batch_size)
     sampler = DefectBatchSampler(data.train_set, cfg.batch_size, steps_per_epoch, cfg.defect_share,
                                  seed=cfg.seed + start_epoch)
@@ -415,68 +430,72 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
     loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, num_workers=workers,
                                          persistent_workers=workers > 0, pin_memory=device.type == "cuda",
                                          worker_init_fn=reseed_worker)
-    loss_fn = LOSSES[cfg.loss]
+    trainer = Trainer(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
+                      loader, LOSSES[cfg.loss], data, device, amp_dtype, memory_format, steps_per_epoch)
+    return cfg, trainer, arch, init_note
 
+
+def train_epoch(cfg: TrainConfig, t: Trainer, budget: Budget, stopper: Stopper, step: int
+                ) -> tuple[list[float], float, int, str | None]:
+    """One pass of the loader: (losses, last learning rate, step reached, why it stopped early or None)."""
+    losses, lr = [], cfg.lr
+    for images, masks in t.loader:
+        lr = get_lr(step, budget.progress(step), cfg.lr)
+        for group in t.optimizer.param_groups:
+            group["lr"] = lr
+        images = ((images - t.data.mean) / t.data.std).to(t.device, non_blocking=True).to(memory_format=t.memory_format)
+        with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
+            logits = t.model(images)
+        loss = t.loss_fn(logits.float(), masks.to(t.device, non_blocking=True))
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+        losses.append(loss.item())
+        step += 1
+        if stopper.poll():
+            return losses, lr, step, "cancelled"
+        if budget.time_up():
+            return losses, lr, step, f"time budget of {cfg.minutes:g} min spent"
+    return losses, lr, step, None
+
+
+def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
+    """The training job proper: set up, then epochs until the budget, patience or a cancel ends it."""
+    cfg, t, arch, init_note = setup(cfg, folder, start_epoch)
     # The ceiling: forward+backward speed on an in-memory batch, measured before training starts.
-    probe = torch.randn(cfg.batch_size, 1, cfg.crop, cfg.crop, device=device).to(memory_format=memory_format)
-    model_speed = measure_model_speed(model, probe, amp_dtype, seconds=3.0 if device.type == "cpu" else 1.0)
-    info = start_run_record(cfg, folder, info, data, arch, model, device, model_speed, init_note)
-    stopper = Stopper(cfg.run_id)
+    probe = torch.randn(cfg.batch_size, 1, cfg.crop, cfg.crop, device=t.device).to(memory_format=t.memory_format)
+    model_speed = measure_model_speed(t.model, probe, t.amp_dtype, seconds=3.0 if t.device.type == "cpu" else 1.0)
+    info = start_run_record(cfg, folder, info, t.data, arch, t.model, t.device, model_speed, init_note)
     history = [row for row in runs.read_metrics(folder) if row["epoch"] <= start_epoch]
     best = {"score": max((row.get("val_score", row["val_dice"]) for row in history), default=-1.0),
             "epoch": info.get("best_epoch") if history else None, "probs": None, "truths": None}
-    print(f"run {cfg.run_id}: {count_parameters(model):,} parameters ({init_note}), {len(data.train_set)} train "
-          f"({len(data.train_set.defective)} with a defect) / {len(data.val_set)} val images, device {device}, "
-          f"model alone {model_speed:.1f} img/s", flush=True)
+    print(f"run {cfg.run_id}: {count_parameters(t.model):,} parameters ({init_note}), {len(t.data.train_set)} train "
+          f"({len(t.data.train_set.defective)} with a defect) / {len(t.data.val_set)} val images, device "
+          f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
 
-    # ---- the loop ------------------------------------------------------------------------------
-    budget = Budget(cfg.epoch_limit, start_epoch, steps_per_epoch, cfg.minutes)
-    patience = Patience(cfg.patience, cfg.patience_after)
-    step, stop_reason, epoch = 0, None, start_epoch
-    train_seconds, train_images = 0.0, 0
+    budget = Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes)
+    patience, stopper = Patience(cfg.patience, cfg.patience_after), Stopper(cfg.run_id)
+    step, stop_reason, epoch, train_seconds, train_images = 0, None, start_epoch, 0.0, 0
     while stop_reason is None and (cfg.epoch_limit is None or epoch < cfg.epoch_limit):
         epoch += 1
         epoch_start = time.monotonic()
-        losses, lr, cancelled = [], cfg.lr, False
-        for images, masks in loader:
-            lr = get_lr(step, budget.progress(step), cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            images = ((images - data.mean) / data.std).to(device, non_blocking=True).to(memory_format=memory_format)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(images)
-            loss = loss_fn(logits.float(), masks.to(device, non_blocking=True))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(loss.item())
-            step += 1
-            train_images += len(images)
-            if stopper.poll():
-                cancelled = True
-                break
-            if budget.time_up():
-                stop_reason = f"time budget of {cfg.minutes:g} min spent"
-                break
+        losses, lr, step, stop_reason = train_epoch(cfg, t, budget, stopper, step)
         train_seconds += time.monotonic() - epoch_start
-        if cancelled:
+        train_images += len(losses) * cfg.batch_size
+        if stop_reason == "cancelled":
             epoch -= 1  # the interrupted epoch is not saved
-            stop_reason = "cancelled"
             break
-        improved = end_of_epoch(cfg, folder, info, data, model, optimizer, epoch, losses, lr, epoch_start,
-                                history, best, device, memory_format)
+        improved = end_of_epoch(cfg, folder, info, t.data, t.model, t.optimizer, epoch, losses, lr, epoch_start,
+                                history, best, t.device, t.memory_format)
         info.update(epochs_done=epoch, train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1))
         runs.write_run_json(folder, info)
-        if patience.converged(improved, budget.progress(step)):
+        if stop_reason is None and patience.converged(improved, budget.progress(step)):
             stop_reason = (f"converged: no better validation score for {cfg.patience} epochs in the annealed "
                            f"part of the schedule")
-        elif budget.time_up():
+        elif stop_reason is None and budget.time_up():
             stop_reason = f"time budget of {cfg.minutes:g} min spent"
-    stop_reason = stop_reason or f"all {epoch} epochs done"
-
-    # ---- finish --------------------------------------------------------------------------------
-    finish_run(cfg, folder, info, best, stop_reason, budget, model_speed)
+    finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", budget, model_speed)
     return cfg.run_id
 
 
