@@ -564,3 +564,14 @@ def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tiny
         pinned = httpx.post(f"{base}/predict", params={"run": "demo"}, files={"file": ("a.png", _png(sample))},
                             timeout=60).json()
         assert pinned["model"]["run"] == "demo"
+
+
+@pytest.mark.parametrize("variable, value", [("DEFECTS_API_SLOTS", "0"), ("DEFECTS_MAX_UPLOAD_MB", "abc"),
+                                             ("DEFECTS_MAX_IMAGE_PIXELS", str(10**12))])
+def test_a_bad_setting_stops_serve_with_one_line_naming_it(variable: str, value: str) -> None:
+    env = {**os.environ, variable: value}
+    result = subprocess.run([sys.executable, "-m", "engine", "serve", "--port", str(_free_port())], cwd=config.ROOT,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and variable in lines[0] and lines[0].startswith("error: bad DEFECTS_* API setting"), lines

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -44,7 +43,7 @@ for media_type, extension in {"image/png": ".png", "image/jpeg": ".jpg", "image/
 def serve_trained_run(trained_run: str) -> None:
     """Make the tiny trained run the app's default model, so /predict exercises real inference."""
     if app.state.serving.settings.default_run != trained_run:
-        app.state.serving = ServingState(replace(SETTINGS, default_run=trained_run))
+        app.state.serving = ServingState(SETTINGS.model_copy(update={"default_run": trained_run}))
         assert app.state.serving.load_default() is not None, app.state.serving.default_error
 
 
