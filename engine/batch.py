@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import csv
 import hashlib
-import html
 import io
 import json
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from jinja2 import Environment, PackageLoader, select_autoescape
 
 from engine.errors import EngineError
 from engine.imageio import (
@@ -45,6 +45,9 @@ from engine.recipe import Recipe
 
 RESULTS_FILE = "results.jsonl"
 THUMB_SIDE = 160
+# The HTML report is a Jinja2 template with autoescaping: file names and errors are never markup.
+_TEMPLATES = Environment(loader=PackageLoader("engine", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                         trim_blocks=True, lstrip_blocks=True)
 CSV_COLUMNS = ["name", "file", "verdict", "regions", "max_score", "defect_fraction", "counted_fraction",
                "largest_region_px", "defect_area_mm2", "width", "height", "inference_ms", "total_ms", "mask",
                "overlay", "error"]
@@ -291,13 +294,6 @@ def _csv(batch: BatchResult) -> str:
     return buffer.getvalue()
 
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
-table{border-collapse:collapse;font-size:14px}td,th{border-bottom:1px solid #ddd;padding:4px 8px;text-align:left;
-vertical-align:middle}th{background:#f3f3f3;position:sticky;top:0}.defect{color:#b00020;font-weight:600}
-.ok{color:#1b6e20;font-weight:600}.error{color:#8a6d00}img{display:block;max-width:160px;max-height:160px}
-.summary span{margin-right:1.5em}"""
-
-
 def _rules_text(rules: dict[str, Any]) -> str:
     parts = [f"threshold {rules.get('threshold')}", f"min region {rules.get('min_region_px')} px"]
     if rules.get("min_region_px_by_shape"):
@@ -310,39 +306,21 @@ def _rules_text(rules: dict[str, Any]) -> str:
 
 
 def _html(batch: BatchResult, out: Path) -> str:
-    counts = batch.counts()
-    millimetres = bool(batch.recipe.get("px_per_mm"))
+    """report.html: the summary, the model and recipe, and one row per image with its thumbnail inlined."""
     rows = []
     for r in batch.results:
-        name = html.escape(r["name"])
         if "error" in r:
-            rows.append(f"<tr><td></td><td>{name}</td><td class='error'>error</td>"
-                        f"<td colspan='{5 + millimetres}'>{html.escape(r['error'])}</td></tr>")
+            rows.append({"name": r["name"], "error": r["error"]})
             continue
         thumb = out / r["thumb"] if r.get("thumb") else None
-        img = ""
-        if thumb is not None and thumb.is_file():
-            data = base64.b64encode(thumb.read_bytes()).decode("ascii")
-            img = f"<a href='{html.escape(r['overlay'])}'><img src='data:image/jpeg;base64,{data}' alt='{name}'></a>"
         regions = r.get("regions", [])
-        shapes = ", ".join(sorted({g["shape"] for g in regions}))
-        largest = max((g["area_px"] for g in regions), default=0)
-        area = f"<td>{r.get('defect_area_mm2', 0):.3f}</td>" if millimetres else ""
-        rows.append(
-            f"<tr><td>{img}</td><td title='{html.escape(r['file'])}'>{name}</td>"
-            f"<td class='{r['verdict']}'>{r['verdict']}</td><td>{len(regions)}{f' ({shapes})' if shapes else ''}</td>"
-            f"<td>{largest}</td>{area}<td>{r['max_score']:.3f}</td><td>{r['timings_ms'].get('total', 0):.0f}</td></tr>")
-    model = batch.model
-    area_header = "<th>defect area (mm&sup2;)</th>" if millimetres else ""
-    return f"""<!doctype html><html><head><meta charset='utf-8'><title>Inspection report</title>
-<style>{_STYLE}</style></head><body><h1>Inspection report</h1>
-<p class='summary'><span><b>{counts['images']}</b> images</span><span class='defect'>{counts['defect']} defect</span>
-<span class='ok'>{counts['ok']} ok</span><span class='error'>{counts['errors']} errors</span></p>
-<p>Model: run <code>{html.escape(str(model.get('run')))}</code>, epoch {html.escape(str(model.get('epoch')))},
-backend {html.escape(str(model.get('backend')))}.
-Recipe ({html.escape(str(batch.recipe.get('source')))}): {html.escape(_rules_text(batch.recipe))}.</p>
-<table><thead><tr><th>overlay</th><th>image</th><th>verdict</th><th>regions</th><th>largest (px)</th>{area_header}
-<th>max score</th><th>time (ms)</th></tr></thead><tbody>
-{''.join(rows)}
-</tbody></table></body></html>
-"""
+        rows.append({
+            "name": r["name"], "file": r["file"], "verdict": r["verdict"], "overlay": r.get("overlay"),
+            "thumb": base64.b64encode(thumb.read_bytes()).decode("ascii") if thumb and thumb.is_file() else None,
+            "regions": len(regions), "shapes": ", ".join(sorted({g["shape"] for g in regions})),
+            "largest": max((g["area_px"] for g in regions), default=0), "area_mm2": r.get("defect_area_mm2", 0),
+            "max_score": r["max_score"], "total_ms": r["timings_ms"].get("total", 0),
+        })
+    return _TEMPLATES.get_template("report.html.j2").render(
+        counts=batch.counts(), model=batch.model, recipe=batch.recipe, rules=_rules_text(batch.recipe),
+        millimetres=bool(batch.recipe.get("px_per_mm")), rows=rows)

@@ -132,3 +132,14 @@ def test_predict_cli_errors_are_one_line(trained_run: str, tmp_path: Path, capsy
     assert errors == [f"error: {tmp_path / 'nothing.png'}: no such file or folder",
                       "error: no image could be read",
                       "error: unknown run 'no-such-run'; list runs with `python -m engine runs`"]
+
+
+def test_html_report_escapes_file_names_and_errors(predictor: Predictor, tiny_dataset: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(sorted((tiny_dataset / "images").glob("*.png"))[0], folder / "<b>part&1.png")
+    (folder / "<script>x.png").write_bytes(b"<script>alert(1)</script>")  # unreadable: its error row names it
+    batch.run_batch(predictor, [folder], tmp_path / "out", recipe.Recipe(threshold=predictor.threshold))
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<script>" not in page and "<b>part" not in page
+    assert "&lt;script&gt;x" in page and "&lt;b&gt;part&amp;1" in page
