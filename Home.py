@@ -5,16 +5,11 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from engine import config, jobs, registry, runs, synth
+from engine import config, jobs, registry, runs
+from ui import sample_folder
 from engine.errors import EngineError
 
 st.set_page_config(page_title="Defect inspection", page_icon=":material/precision_manufacturing:", layout="wide")
-
-
-@st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
-def sample_folder() -> str:
-    """Create and register data/procedural_images once per server process."""
-    return str(synth.ensure_sample_dataset())
 
 
 st.title(":material/precision_manufacturing: Metal-surface defect inspection")

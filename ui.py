@@ -5,13 +5,16 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 import streamlit as st
 
-from engine import runs
+from engine import runs, synth
+from engine.errors import EngineError
+from engine.inference import Predictor
 
 DISPLAY_MAX_SIDE = 1600  # images are sent to the browser at most this large: a page column is narrower anyway
 PROBABILITY_CACHE_BYTES = 256 * 2**20  # probability maps kept for threshold moves, all sessions together
@@ -68,3 +71,39 @@ class ArrayCache:
 def probability_cache() -> ArrayCache:
     """The process-wide cache of probability maps (float16) of the Inspect page."""
     return ArrayCache(PROBABILITY_CACHE_BYTES)
+
+
+@st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
+def sample_folder() -> str:
+    """Create and register data/procedural_images once per server process (Home, Inspect and Review use it)."""
+    return str(synth.ensure_sample_dataset())
+
+
+@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
+def load_predictor(run_dir: str, epoch: int | str, mtime: float, backend: str = "torch",
+                   device: str = "cpu") -> Predictor:
+    """One Predictor per (run, epoch, backend, device) for all sessions; mtime reloads a rewritten model file."""
+    return Predictor(Path(run_dir), epoch, backend, device)
+
+
+def epoch_label(epoch: int | str) -> str:
+    """'epoch 3' or 'best'."""
+    return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
+
+
+def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, dict[str, Any], list[int | str], int | None]:
+    """The sidebar's run selector and the run's readiness notice.
+
+    Returns the run id, its folder, its run.json, its saved epochs (["best"] when only best.pth is there)
+    and its best epoch; stops the page with a message when run.json cannot be read.
+    """
+    run_id = st.selectbox("Run", list(folders), key=key)
+    folder = folders[run_id]
+    try:
+        info = runs.read_run_json(folder)
+    except EngineError as err:
+        st.error(str(err))
+        st.stop()
+    readiness_notice(info)
+    saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
+    return run_id, folder, info, saved, info.get("best_epoch")

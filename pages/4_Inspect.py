@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 import torch
 
-from engine import config, data, runs, synth
+from engine import config, data, runs
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
@@ -19,24 +19,12 @@ from engine.inference import BACKENDS, ONNX_FILES, Predictor
 from engine.inspection import Inspection, inspect
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
-from ui import for_display, probability_cache, readiness_notice
+from ui import epoch_label, for_display, load_predictor, pick_run, probability_cache, sample_folder
 
 st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
 MAX_REGIONS_SHOWN = 8
-
-
-@st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
-def sample_folder() -> str:
-    """Create and register data/procedural_images once per server process."""
-    return str(synth.ensure_sample_dataset())
-
-
-@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
-def load_predictor(run_dir: str, epoch: int | str, backend: str, device: str, mtime: float) -> Predictor:
-    """One Predictor per (run, epoch, backend, device); mtime makes a rewritten checkpoint load again."""
-    return Predictor(Path(run_dir), epoch, backend, device)
 
 
 def probability(predictor: Predictor, image: np.ndarray, key: tuple, label: str) -> np.ndarray:
@@ -60,11 +48,6 @@ def probability(predictor: Predictor, image: np.ndarray, key: tuple, label: str)
 def model_file(folder: Path, epoch: int | str, backend: str) -> Path:
     """The file a model is loaded from (its mtime is part of the cache key)."""
     return runs.checkpoint_path(folder, epoch) if backend == "torch" else folder / "export" / ONNX_FILES[backend]
-
-
-def epoch_label(epoch: int | str) -> str:
-    """'epoch 3' or 'best'."""
-    return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
 
 
 st.title(":material/search: Inspect")
@@ -100,16 +83,7 @@ if st.session_state.get("inspect_run") not in folders:
     st.session_state["inspect_run"] = default_run
 
 with st.sidebar:
-    run_id = st.selectbox("Run", list(folders), key="inspect_run")
-    folder = folders[run_id]
-    try:
-        info = runs.read_run_json(folder)
-    except EngineError as err:
-        st.error(str(err))
-        st.stop()
-    readiness_notice(info)
-    saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
-    best = info.get("best_epoch")
+    run_id, folder, info, saved, best = pick_run(folders, key="inspect_run")
     default_epoch = best if best in saved else saved[-1]
     requested = st.session_state.get("inspect_epochs_request") or ()
     value = tuple(requested) if len(requested) == 2 and all(e in saved for e in requested) else (default_epoch,) * 2
@@ -186,7 +160,7 @@ labels: dict[int | str, str] = {}  # what each one is called on the page
 try:
     for epoch in epochs:
         mtime = model_file(folder, epoch, backend).stat().st_mtime
-        predictor = load_predictor(str(folder), epoch, backend, device, mtime)
+        predictor = load_predictor(str(folder), epoch, mtime, backend, device)
         # An export holds one model: name it by the epoch it was exported from, not by the slider.
         labels[epoch] = epoch_label(epoch) if backend == "torch" else f"{backend} export of epoch {predictor.epoch}"
         key = (str(folder), epoch, backend, device, mtime, image_sha1)

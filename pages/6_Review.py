@@ -9,32 +9,19 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import config, data, runs, synth
+from engine import config, data, runs
 from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.drawing import overlay, to_display
-from engine.inference import Predictor
 from engine.inspection import inspect
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
-from ui import readiness_notice
+from ui import epoch_label, load_predictor, pick_run, sample_folder
 
 st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
            "and how Dice and false alarms move with the threshold. Click a row to look at the image.")
-
-
-@st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
-def sample_folder() -> str:
-    """Create and register data/procedural_images once per server process."""
-    return str(synth.ensure_sample_dataset())
-
-
-@st.cache_resource(max_entries=8, show_spinner="Loading the model…")
-def load_predictor(run_dir: str, epoch: int | str, mtime: float) -> Predictor:
-    """One torch/cpu Predictor per run epoch (mtime: a rewritten checkpoint loads again)."""
-    return Predictor(Path(run_dir), epoch)
 
 
 @st.cache_data(max_entries=8, ttl=1800, show_spinner="Evaluating every image…")
@@ -43,11 +30,6 @@ def evaluation(run_dir: str, epoch: int | str, mtime: float, folder: str, split:
     """engine.evaluate over a folder split, with the threshold sweep (cached per model, folder, threshold, recipe)."""
     predictor = load_predictor(run_dir, epoch, mtime)
     return evaluate(predictor, select_samples(folder, split), threshold, sweep=True)
-
-
-def epoch_label(epoch: int | str) -> str:
-    """'epoch 3' or 'best'."""
-    return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
 
 
 try:
@@ -62,16 +44,7 @@ if not folders:
     st.stop()
 
 with st.sidebar:
-    run_id = st.selectbox("Run", list(folders), key="review_run")
-    run_folder = folders[run_id]
-    try:
-        info = runs.read_run_json(run_folder)
-    except EngineError as err:
-        st.error(str(err))
-        st.stop()
-    readiness_notice(info)
-    saved: list[int | str] = list(runs.epochs_saved(run_folder)) or ["best"]
-    best = info.get("best_epoch")
+    run_id, run_folder, info, saved, best = pick_run(folders, key="review_run")
     default_epoch = best if best in saved else saved[-1]
     if len(saved) > 1:
         picked = st.select_slider("Epochs (one, or two to compare)", options=saved, value=(default_epoch,) * 2,
