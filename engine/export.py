@@ -254,7 +254,8 @@ def export_run(run: str | Path | None, epoch: int | str = "best", int8: bool = F
 def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_note: str, max_dice_drop: float,
             calibration_images: int, progress: Progress) -> dict[str, Any]:
     """export_run once the checkpoint and the labelled images for the checks are known."""
-    from engine.evaluate import evaluate
+    # Over 60 lines on purpose: the ExitStack of staged files has to span every step up to the renames, so
+    # that a failure anywhere leaves the previous export as it was; the steps themselves are helpers.
     from engine.model import load_checkpoint
 
     info = runs.read_run_json(folder)
@@ -273,50 +274,30 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     val_samples = pick_samples(dataset, ("val", "test"))
     report: dict[str, Any] = {
         "run_id": run_id, "epoch": epoch_number, "checkpoint": checkpoint.name, "dataset": str(dataset),
-        "check_data": dataset_note, "check_data_is_fallback": "not found" in dataset_note, "opset": OPSET, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "check_data": dataset_note, "check_data_is_fallback": "not found" in dataset_note, "opset": OPSET,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(), "artifacts": [], "messages": [dataset_note],
     }
     with ExitStack() as staged:
         # fp32: written to a hidden temp file, checked through the Predictor, renamed at the very end.
         staging = {"onnx": staged.enter_context(staged_file(final["onnx"]))}
         _write_bytes(staging["onnx"], onnx_bytes)
-        progress("checking ONNX against PyTorch", 0.2)
-        fp32 = Predictor(folder, backend="onnx", path=staging["onnx"])
-        fp32_parity = parity(reference, fp32, check_images)
-        if fp32_parity["max_abs_diff"] > PARITY_TOLERANCE:
-            raise EngineError(f"ONNX export of run {run_id} differs from PyTorch (max |dp| "
-                              f"{fp32_parity['max_abs_diff']:.2e} > {PARITY_TOLERANCE}); nothing was written")
-        progress("evaluating fp32 ONNX on the validation split", 0.3)
-        fp32_eval = evaluate(fp32, val_samples)
-        entries = {"onnx": {"kind": "onnx", "accepted": True, "metrics": {
-            "parity": fp32_parity, "val_dice": fp32_eval["dice"], "val_iou": fp32_eval["iou"],
-            "n_val_images": fp32_eval["n_images"]}}}
+        entries: dict[str, dict[str, Any]] = {}
+        fp32, fp32_eval, entries["onnx"] = _check_fp32(folder, staging["onnx"], reference, check_images, val_samples,
+                                                       run_id, progress)
+        fp32_parity = entries["onnx"]["metrics"]["parity"]
         timed = {"torch": reference, "onnx": fp32}
 
         if int8:  # quantize, then the same checks plus the accuracy gate against the fp32 ONNX model
             staging["int8"] = staged.enter_context(staged_file(final["int8"]))
-            progress("quantizing to INT8 (calibrating on training images)", 0.4)
-            calibration = [load_pair(s)[0] for s in pick_samples(dataset, ("train", "val"), calibration_images)]
-            settings = quantize_int8(staging["onnx"], staging["int8"], calibration, fp32.mean, fp32.std, fp32.stride,
-                                     metadata)
-            timed["int8"] = quantized = Predictor(folder, backend="int8", path=staging["int8"])
-            progress("checking INT8 against PyTorch", 0.6)
-            int8_parity = parity(reference, quantized, check_images)
-            progress("evaluating INT8 on the validation split (accuracy gate)", 0.65)
-            int8_eval = evaluate(quantized, val_samples)
-            accepted, message = int8_gate(fp32_eval["dice"], int8_eval["dice"], max_dice_drop)
-            drop = fp32_eval["dice"] - int8_eval["dice"]
-            report["gate"] = {"max_dice_drop": max_dice_drop, "fp32_dice": fp32_eval["dice"],
-                              "int8_dice": int8_eval["dice"], "dice_drop": drop, "accepted": accepted,
-                              "message": message}
-            report["messages"].append(message)
-            entries["int8"] = {"kind": "int8", "accepted": accepted, "metrics": {
-                "parity": int8_parity, "val_dice": int8_eval["dice"], "val_iou": int8_eval["iou"],
-                "n_val_images": int8_eval["n_images"], "dice_drop": drop, "max_dice_drop": max_dice_drop,
-                "quantization": settings}}
+            entries["int8"], report["gate"], timed["int8"] = _quantize_and_gate(
+                folder, staging, reference, fp32, fp32_eval, check_images, val_samples, dataset, calibration_images,
+                metadata, max_dice_drop, progress)
+            report["messages"].append(report["gate"]["message"])
 
         progress("timing the backends", 0.8)
-        timing = time_backends(timed, [square_image(image, BENCH_SIZE) for image in check_images], iterations=20, warmup=3)
+        timing = time_backends(timed, [square_image(image, BENCH_SIZE) for image in check_images], iterations=20,
+                               warmup=3)
         for kind, entry in entries.items():
             entry["metrics"].update(timing[kind], torch_latency_p50_ms=timing["torch"]["latency_p50_ms"])
             entry["size_bytes"] = staging[kind].stat().st_size
@@ -341,14 +322,72 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
             final["int8"].unlink(missing_ok=True)
         commit(staging["report"], export_dir / REPORT_FILE)
 
+    _record_artifacts(run_id, folder, report, final["int8"], old_int8_epoch, epoch_number)
+    progress("done", 1.0)
+    return report
+
+
+def _check_fp32(folder: Path, staged_onnx: Path, reference: Predictor, check_images: list[np.ndarray],
+                val_samples: list[Any], run_id: str, progress: Progress
+                ) -> tuple[Predictor, dict[str, Any], dict[str, Any]]:
+    """The staged fp32 ONNX model through the Predictor: parity with PyTorch (or EngineError), validation Dice.
+
+    Returns its Predictor, its evaluation and its artifact entry.
+    """
+    from engine.evaluate import evaluate
+
+    progress("checking ONNX against PyTorch", 0.2)
+    fp32 = Predictor(folder, backend="onnx", path=staged_onnx)
+    fp32_parity = parity(reference, fp32, check_images)
+    if fp32_parity["max_abs_diff"] > PARITY_TOLERANCE:
+        raise EngineError(f"ONNX export of run {run_id} differs from PyTorch (max |dp| "
+                          f"{fp32_parity['max_abs_diff']:.2e} > {PARITY_TOLERANCE}); nothing was written")
+    progress("evaluating fp32 ONNX on the validation split", 0.3)
+    fp32_eval = evaluate(fp32, val_samples)
+    entry = {"kind": "onnx", "accepted": True, "metrics": {
+        "parity": fp32_parity, "val_dice": fp32_eval["dice"], "val_iou": fp32_eval["iou"],
+        "n_val_images": fp32_eval["n_images"]}}
+    return fp32, fp32_eval, entry
+
+
+def _quantize_and_gate(folder: Path, staging: dict[str, Path], reference: Predictor, fp32: Predictor,
+                       fp32_eval: dict[str, Any], check_images: list[np.ndarray], val_samples: list[Any],
+                       dataset: Path, calibration_images: int, metadata: dict[str, Any], max_dice_drop: float,
+                       progress: Progress) -> tuple[dict[str, Any], dict[str, Any], Predictor]:
+    """INT8 from the staged fp32 file: quantize, check parity, and gate on validation Dice against fp32.
+
+    Returns the artifact entry, the gate's verdict and the INT8 Predictor (for timing).
+    """
+    from engine.evaluate import evaluate
+
+    progress("quantizing to INT8 (calibrating on training images)", 0.4)
+    calibration = [load_pair(s)[0] for s in pick_samples(dataset, ("train", "val"), calibration_images)]
+    settings = quantize_int8(staging["onnx"], staging["int8"], calibration, fp32.mean, fp32.std, fp32.stride, metadata)
+    quantized = Predictor(folder, backend="int8", path=staging["int8"])
+    progress("checking INT8 against PyTorch", 0.6)
+    int8_parity = parity(reference, quantized, check_images)
+    progress("evaluating INT8 on the validation split (accuracy gate)", 0.65)
+    int8_eval = evaluate(quantized, val_samples)
+    accepted, message = int8_gate(fp32_eval["dice"], int8_eval["dice"], max_dice_drop)
+    drop = fp32_eval["dice"] - int8_eval["dice"]
+    gate = {"max_dice_drop": max_dice_drop, "fp32_dice": fp32_eval["dice"], "int8_dice": int8_eval["dice"],
+            "dice_drop": drop, "accepted": accepted, "message": message}
+    entry = {"kind": "int8", "accepted": accepted, "metrics": {
+        "parity": int8_parity, "val_dice": int8_eval["dice"], "val_iou": int8_eval["iou"],
+        "n_val_images": int8_eval["n_images"], "dice_drop": drop, "max_dice_drop": max_dice_drop,
+        "quantization": settings}}
+    return entry, gate, quantized
+
+
+def _record_artifacts(run_id: str, folder: Path, report: dict[str, Any], int8_file: Path,
+                      old_int8_epoch: int | str | None, epoch_number: int | None) -> None:
+    """Mirror the export's files in the registry, and mark an INT8 file this export removed as such."""
     if old_int8_epoch not in ("none", epoch_number):  # the registry row of the removed file must not say "kept"
-        registry.add_artifact(run_id, "int8", str(final["int8"]), 0, False, old_int8_epoch,
+        registry.add_artifact(run_id, "int8", str(int8_file), 0, False, old_int8_epoch,
                               {"removed": f"replaced by the export of epoch {epoch_number}"})
     for entry in report["artifacts"]:
         registry.add_artifact(run_id, entry["kind"], str(folder / entry["path"]), entry["size_bytes"],
                               entry["accepted"], entry["epoch"], entry["metrics"])
-    progress("done", 1.0)
-    return report
 
 
 def _file_epoch(path: Path) -> int | None:
