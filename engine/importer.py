@@ -318,12 +318,18 @@ def _class_name(classes: list[str], class_id: int) -> str:
     return classes[class_id - 1] if class_id <= len(classes) else f"class_{class_id}"
 
 
-def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bool, report: ImportReport,
-           progress: Callable[[int, int], None] | None) -> None:
-    """Check every image and mask, then write images, binary masks and the manifest into out."""
-    (out / "images").mkdir()
-    (out / "masks").mkdir()
-    # Pass 1: the label values of every mask (decides binary vs class map); masks are not kept in memory.
+def _write_manifest(path: Path, rows: list[dict[str, str]]) -> None:
+    """The imported set's manifest.csv, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _label_values(entries: list[_Entry], report: ImportReport) -> tuple[list[_Entry], set[int]]:
+    """Pass 1 of _write: the entries whose mask (if any) is readable, and every label value their masks hold
+    (which decides binary masks or class maps); masks are not kept in memory."""
     values: set[int] = set()
     kept: list[_Entry] = []
     for entry in entries:
@@ -334,6 +340,15 @@ def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bo
                 continue
             values.update(int(v) for v in np.unique(mask) if v)
         kept.append(entry)
+    return kept, values
+
+
+def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bool, report: ImportReport,
+           progress: Callable[[int, int], None] | None) -> None:
+    """Check every image and mask, then write images, binary masks and the manifest into out."""
+    (out / "images").mkdir()
+    (out / "masks").mkdir()
+    kept, values = _label_values(entries, report)
     report.class_map = classes is not None or (len(values) > 1 and max(values) <= MAX_CLASS_ID)
     top = max(values, default=0)
     if report.class_map:
@@ -383,11 +398,7 @@ def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bo
     if not rows:
         raise DatasetError(f"{report.source}: no usable images found"
                            + (f" ({len(report.problems)} problems: {report.problems[0]})" if report.problems else ""))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "manifest.csv", buffer.getvalue())
+    _write_manifest(out / "manifest.csv", rows)
     report.sizes = dict(sizes)
     report.per_type = dict(per_type)
     report.defect_fraction = round(float(np.mean(fractions)), 6) if fractions else None

@@ -626,6 +626,35 @@ def _remove_stale(out: Path, count: int) -> None:
                 path.unlink(missing_ok=True)
 
 
+def _render_all(out: Path, params: SynthParams, width: int, tasks: list[tuple[int, int, bool]],
+                workers: int | None, progress: Callable[[int, int], None] | None) -> list[tuple[int, str, float]]:
+    """Render and write every (index, seed, defect-free) task, in a process pool when there are enough;
+    returns (index, defect types, defect fraction) per image."""
+    count = len(tasks)
+    workers = max(1, int(workers if workers is not None else config.cpu_threads()))
+    workers = min(workers, max(1, count // 16))
+    chunk = int(min(32, max(4, count // (workers * 8))))
+    batches = [tasks[i : i + chunk] for i in range(0, count, chunk)]
+    results: list[tuple[int, str, float]] = []
+
+    def collect(done_batches: Iterable[list[tuple[int, str, float]]]) -> None:
+        for done in done_batches:
+            results.extend(done)
+            if progress:
+                progress(len(results), count)
+
+    if workers > 1 and count >= POOL_MIN_COUNT:
+        with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(out), params, width)) as pool:
+            collect(pool.imap(_run_batch, batches))
+    else:
+        renderer = _BatchRenderer(out, params, width)
+        try:
+            collect(map(renderer.run, batches))
+        finally:
+            renderer.close()
+    return results
+
+
 def generate_dataset(
     out: str | Path,
     count: int,
@@ -651,33 +680,12 @@ def generate_dataset(
     seeds = [_image_seed(seed, i) for i in range(count)]
     tasks = [(i, seeds[i], bool(free[i])) for i in range(count)]
     width = _id_width(count)
-    workers = max(1, int(workers if workers is not None else config.cpu_threads()))
-    workers = min(workers, max(1, count // 16))
-    chunk = int(min(32, max(4, count // (workers * 8))))
-
-    batches = [tasks[i : i + chunk] for i in range(0, count, chunk)]
-    results: list[tuple[int, str, float]] = []
-
-    def collect(done_batches: Iterable[list[tuple[int, str, float]]]) -> None:
-        for done in done_batches:
-            results.extend(done)
-            if progress:
-                progress(len(results), count)
-
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(MANIFEST_COLUMNS)
     try:
-        if workers > 1 and count >= POOL_MIN_COUNT:
-            with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(out), params, width)) as pool:
-                collect(pool.imap(_run_batch, batches))
-        else:
-            renderer = _BatchRenderer(out, params, width)
-            try:
-                collect(map(renderer.run, batches))
-            finally:
-                renderer.close()
+        results = _render_all(out, params, width, tasks, workers, progress)
         _remove_stale(out, count)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
         for index, types, fraction in results:
             writer.writerow([f"{index:0{width}d}", splits[index], types, f"{fraction:.5f}", seeds[index]])
         atomic_write_text(out / "manifest.csv", buffer.getvalue())

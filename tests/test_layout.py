@@ -52,3 +52,17 @@ def test_engine_modules_import_each_other_without_cycles() -> None:
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_engine_functions_fit_on_a_screen_or_say_why() -> None:
+    """No function in engine/ over 60 lines, unless a comment at its top says why (`Over 60 lines on purpose`)."""
+    long = []
+    for path in sorted(ENGINE.rglob("*.py")):
+        source = path.read_text()
+        lines = source.splitlines()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60:
+                head = "\n".join(lines[node.lineno - 1 : node.lineno + 6])
+                if "Over 60 lines on purpose" not in head:
+                    long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long
