@@ -284,6 +284,7 @@ def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_datase
     from engine import runs
 
     run_dir = runs.resolve_run(trained_run)
+    before = (run_dir / "recipe.json").read_bytes() if (run_dir / "recipe.json").is_file() else None
     (run_dir / "recipe.json").unlink(missing_ok=True)
     try:
         code = main(["tune", "--run", trained_run, "--data", str(tiny_dataset), "--split", "all",
@@ -300,8 +301,10 @@ def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_datase
         assert result["recipe"]["source"] == "tuned" and result["threshold"] == saved.threshold
         assert main(["predict", "--run", trained_run, str(image), "--json", "--threshold", "0.99"]) == 0
         assert json.loads(capsys.readouterr().out)["results"][0]["recipe"]["source"] == "manual"
-    finally:
-        (run_dir / "recipe.json").unlink(missing_ok=True)  # other tests expect the default recipe
+    finally:  # other tests expect the recipe training saved
+        (run_dir / "recipe.json").unlink(missing_ok=True)
+        if before is not None:
+            (run_dir / "recipe.json").write_bytes(before)
 
 
 def test_tune_cli_errors_are_one_line(trained_run: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
