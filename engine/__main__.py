@@ -31,10 +31,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from engine import train
 
-    if not args.resume and not args.data:
+    if args.config:  # written by jobs.start_training (the app); it holds every option
+        cfg = train.TrainConfig.from_file(args.config)
+    else:
+        names = {f.name for f in dataclasses.fields(train.TrainConfig)} - {"command"}
+        cfg = train.TrainConfig(**{name: getattr(args, name) for name in names})
+    if not cfg.resume and not cfg.data:
         raise EngineError("train needs --data DIR (or --resume RUN)")
-    names = {f.name for f in dataclasses.fields(train.TrainConfig)} - {"command"}
-    cfg = train.TrainConfig(**{name: getattr(args, name) for name in names})
     print(train.train(cfg))
 
 
@@ -57,6 +60,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
         if "choices" in f.metadata:
             extra["choices"] = f.metadata["choices"]
         p.add_argument(flag, type=kind, default=f.default, **extra)
+    p.add_argument("--config", help="a JSON file of these options (what the app writes); other options are ignored")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -9,14 +9,20 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 from queue import Empty
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:  # engine.train imports torch; a config is all this module needs of it
+    from engine.train import TrainConfig
 
 from engine import config, registry, runs
 from engine.errors import EngineError
+from engine.imageio import atomic_write_json
 
 LOG_NAME = "train.log"
+CONFIG_NAME = "train_config.json"  # the TrainConfig a background run was started with
 T = TypeVar("T")
 
 
@@ -31,26 +37,30 @@ def train_command(**options: object) -> list[str]:
     return command
 
 
-def start_training(data: str, name: str = "run", resume: str | None = None, **options: object) -> str:
-    """Start a training run in its own process (survives the caller); returns the run id at once."""
-    if resume:
-        run_id = runs.resolve_run(resume).name
-        command = train_command(resume=run_id, **options)
-    else:
-        run_id = runs.new_run_id(name)
-        command = train_command(data=data, run_id=run_id, name=name, **options)
+def start_training(cfg: TrainConfig) -> str:
+    """Start a training run in its own process (survives the caller); returns the run id at once.
+
+    The config goes to the process as a file (runs/<id>/train_config.json), so every TrainConfig field reaches
+    it as it is; run.json records the equivalent command line.
+    """
+    run_id = runs.resolve_run(cfg.resume).name if cfg.resume else (cfg.run_id or runs.new_run_id(cfg.name))
+    shown = train_command(**{k: v for k, v in cfg.options().items() if k != "run_id"})
+    cfg = replace(cfg, resume=run_id if cfg.resume else None, run_id=None if cfg.resume else run_id,
+                  command=" ".join(["python -m engine"] + shown[3:]))
     folder = config.RUNS_DIR / run_id
     folder.mkdir(parents=True, exist_ok=True)
+    config_file = atomic_write_json(folder / CONFIG_NAME, {k: v for k, v in asdict(cfg).items()})
     if registry.get_run(run_id) is None:
-        registry.create_run(run_id, name=name, dataset_path=str(data), status="queued",
-                            epochs_planned=int(options.get("epochs") or 0))
+        registry.create_run(run_id, name=cfg.name, dataset_path=cfg.data, status="queued",
+                            epochs_planned=int(cfg.epochs or 0))
     else:
         registry.update_run(run_id, status="queued", error=None, cancel_requested=False)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEFECTS_RUNS_DIR": str(config.RUNS_DIR),
            "DEFECTS_DATA_DIR": str(config.DATA_DIR)}
     with (folder / LOG_NAME).open("ab") as log:
-        process = subprocess.Popen(command, cwd=config.ROOT, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        process = subprocess.Popen(train_command(config=config_file), cwd=config.ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                   start_new_session=True)
     registry.update_run(run_id, pid=process.pid)
     return run_id
 

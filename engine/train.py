@@ -15,7 +15,7 @@ import platform
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,21 @@ class TrainConfig:
     resume: str | None = option(None, "continue RUN from its last checkpoint")
     command: str = field(default_factory=lambda: " ".join(["python -m engine"] + sys.argv[1:]),
                          metadata={"hidden": True})
+
+    def options(self) -> dict[str, Any]:
+        """The fields that differ from the defaults (what a command line would have to say), command excluded."""
+        default = TrainConfig()
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name != "command" and getattr(self, f.name) != getattr(default, f.name)}
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainConfig:
+        """A config written by `jobs.start_training` (JSON of the fields); EngineError if unreadable or unknown."""
+        try:
+            values = json.loads(Path(path).read_text())
+            return cls(**values)
+        except (OSError, ValueError, TypeError) as err:
+            raise EngineError(f"{path}: not a training config ({err})") from None
 
     @property
     def epoch_limit(self) -> int | None:

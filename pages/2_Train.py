@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import plotly.graph_objects as go
 import streamlit as st
 import torch
@@ -96,11 +98,10 @@ with settings:
             if len(report.split("train")) < 2:
                 raise EngineError(f"{dataset} needs at least 2 training images (has {report.counts()}); "
                                   "generate or import more images")
-            run_id = jobs.start_training(str(choices[dataset]), name=name or dataset,
-                                         epochs=int(epochs) if epochs else None, minutes=minutes, preset=preset,
-                                         device=device, crop=None if crop == "auto" else int(crop), init=init,
-                                         batch_size=int(batch_size), steps_per_epoch=int(steps) or None,
-                                         lr=float(lr), seed=int(seed))
+            run_id = jobs.start_training(replace(
+                DEFAULTS, data=str(choices[dataset]), name=name or dataset, epochs=int(epochs) if epochs else None,
+                minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
+                batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed)))
         except EngineError as err:
             st.error(str(err))
         else:
@@ -172,7 +173,8 @@ with monitor_column:
                                    run.epochs_done + 5, key=f"resume_to_{watched}")
             if st.button("Resume", key=f"resume_{watched}", disabled=blocked):
                 try:
-                    jobs.start_training("", name=run.name, resume=watched, epochs=int(more), device=device)
+                    jobs.start_training(replace(DEFAULTS, name=run.name, resume=watched, epochs=int(more),
+                                                device=device))
                 except EngineError as err:
                     st.error(str(err))
                 else:

@@ -87,8 +87,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 
 
 def test_killed_training_leaves_a_loadable_checkpoint_and_is_not_running(tiny_dataset) -> None:
-    run_id = jobs.start_training(str(tiny_dataset), name="killed", epochs=200, base=8, depth=2, crop=32,
-                                 batch_size=4, steps_per_epoch=3)
+    run_id = jobs.start_training(TrainConfig(data=str(tiny_dataset), name="killed", epochs=200, base=8, depth=2,
+                                             crop=32, batch_size=4, steps_per_epoch=3))
     folder = config.RUNS_DIR / run_id
     _wait_for(lambda: len(runs.epochs_saved(folder)) >= 2, 120, "two epochs")
     pid = registry.get_run(run_id).pid
@@ -100,13 +100,19 @@ def test_killed_training_leaves_a_loadable_checkpoint_and_is_not_running(tiny_da
 
 
 def test_cancel_from_the_registry_ends_cleanly(tiny_dataset) -> None:
-    run_id = jobs.start_training(str(tiny_dataset), name="cancel", epochs=200, base=8, depth=2, crop=32,
-                                 batch_size=4, steps_per_epoch=3)
+    run_id = jobs.start_training(TrainConfig(data=str(tiny_dataset), name="cancel", epochs=200, base=8, depth=2,
+                                             crop=32, batch_size=4, steps_per_epoch=3))
     folder = config.RUNS_DIR / run_id
     _wait_for(lambda: len(runs.epochs_saved(folder)) >= 1, 120, "one epoch")
     jobs.cancel(run_id)
     _wait_for(lambda: runs.read_run_json(folder).get("status") == "cancelled", 30, "cancelled status")
     assert registry.get_run(run_id).status == "cancelled"
+    # The process got every option through its config file; run.json records the equivalent command line.
+    started = TrainConfig.from_file(folder / jobs.CONFIG_NAME)
+    assert (started.crop, started.steps_per_epoch, started.epochs, started.base) == (32, 3, 200, 8)
+    info = runs.read_run_json(folder)
+    assert info["params"]["crop"] == 32 and info["params"]["steps_per_epoch"] == 3
+    assert "--crop 32" in info["command"] and "--steps-per-epoch 3" in info["command"]
     assert "cancelled" in jobs.log_tail(run_id) or "finished" in jobs.log_tail(run_id)
 
 
