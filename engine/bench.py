@@ -104,7 +104,7 @@ def benchmark(run: str | Path | None, data: str | Path | None = None, split: str
     if iterations < 1 or size < 16:
         raise EngineError("bench needs --iterations of at least 1 and --size of at least 16")
     folder = run_folder(run)
-    with check_data(folder, data) as (dataset, note):
+    with check_data(folder, data) as (dataset, note, _):
         try:
             samples = select_samples(dataset, split)
         except DatasetError:  # a shipped or generated check set is small: it may lack the split

@@ -33,40 +33,48 @@ def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
         dataset = info.get("dataset") or {}
         data = dataset.get("path") if isinstance(dataset, dict) else dataset
         if not data:
-            raise DatasetError(f"run {folder.name} does not record its dataset; pass --data DIR")
+            raise _missing(f"run {folder.name} does not record its dataset", "; pass --data DIR")
     data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
     if not (data / "images").is_dir():
-        raise DatasetError(f"dataset {data} not found (needed for the parity and accuracy checks); restore it, "
-                           "or point to a copy with --data DIR")
+        raise _missing(f"dataset {data} not found", " (needed for the parity and accuracy checks); restore it, "
+                                                     "or point to a copy with --data DIR")
     return data
 
 
+def _missing(what: str, advice: str) -> DatasetError:
+    """A DatasetError that also carries what is missing alone (check_data's notes start with it)."""
+    err = DatasetError(what + advice)
+    err.missing = what
+    return err
+
+
 @contextmanager
-def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[Path, str]]:
-    """Labelled images for export's parity and accuracy checks, and a sentence saying which they are.
+def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[Path, str, bool]]:
+    """Labelled images for export's parity and accuracy checks: (folder, a sentence saying which, whether they
+    stand in for a dataset that is gone).
 
     `--data` if given, else the run's own dataset; if that has moved: the run's shipped check set, else
     images generated for the purpose (deleted afterwards), so an export never fails for a missing folder.
     """
     if data is not None:
-        yield dataset_for_run(folder, data), f"checked on {data} (--data)"
+        yield dataset_for_run(folder, data), f"checked on {data} (--data)", False
         return
     try:
         dataset = dataset_for_run(folder)
-        yield dataset, f"checked on the run's dataset {dataset}"
-        return
     except DatasetError as err:
-        missing = str(err).split(" (needed")[0]
+        dataset, missing = None, err.missing
+    if dataset is not None:  # outside the try: an error of the caller's body must not land in that except
+        yield dataset, f"checked on the run's dataset {dataset}", False
+        return
+    ask = "pass --data DIR to check on your own labelled images"
     if (folder / CHECK_FOLDER / "images").is_dir():
-        yield folder / CHECK_FOLDER, (f"{missing}: checked on the {CHECK_FOLDER}/ images the run ships with; "
-                                      "pass --data DIR to check on your own labelled images")
+        yield folder / CHECK_FOLDER, f"{missing}: checked on the {CHECK_FOLDER}/ images the run ships with; {ask}", True
         return
     from engine import synth
 
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
         synth.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
-        yield Path(tmp), (f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; "
-                          "pass --data DIR to check on your own labelled images")
+        yield Path(tmp), f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; {ask}", True
 
 
 def pick_samples(data: Path, splits: tuple[str, ...], limit: int | None = None) -> list[Sample]:

@@ -246,13 +246,13 @@ def export_run(run: str | Path | None, epoch: int | str = "best", int8: bool = F
         raise EngineError("--calibration-images must be at least 1")
     folder = run_folder(run)
     checkpoint = runs.checkpoint_path(folder, epoch)  # RunNotFound for no checkpoints or an unknown epoch
-    with check_data(folder, data) as (dataset, dataset_note):
-        return _export(folder, checkpoint, int8, dataset, dataset_note, max_dice_drop, calibration_images,
+    with check_data(folder, data) as (dataset, dataset_note, fallback):
+        return _export(folder, checkpoint, int8, dataset, dataset_note, fallback, max_dice_drop, calibration_images,
                        progress or _no_progress)
 
 
-def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_note: str, max_dice_drop: float,
-            calibration_images: int, progress: Progress) -> dict[str, Any]:
+def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_note: str, fallback: bool,
+            max_dice_drop: float, calibration_images: int, progress: Progress) -> dict[str, Any]:
     """export_run once the checkpoint and the labelled images for the checks are known."""
     # Over 60 lines on purpose: the ExitStack of staged files has to span every step up to the renames, so
     # that a failure anywhere leaves the previous export as it was; the steps themselves are helpers.
@@ -274,7 +274,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     val_samples = pick_samples(dataset, ("val", "test"))
     report: dict[str, Any] = {
         "run_id": run_id, "epoch": epoch_number, "checkpoint": checkpoint.name, "dataset": str(dataset),
-        "check_data": dataset_note, "check_data_is_fallback": "not found" in dataset_note, "opset": OPSET,
+        "check_data": dataset_note, "check_data_is_fallback": fallback, "opset": OPSET,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_description(), "artifacts": [], "messages": [dataset_note],
     }

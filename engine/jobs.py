@@ -49,7 +49,7 @@ def start_training(cfg: TrainConfig) -> str:
                   command=" ".join(["python -m engine"] + shown[3:]))
     folder = config.RUNS_DIR / run_id
     folder.mkdir(parents=True, exist_ok=True)
-    config_file = atomic_write_json(folder / CONFIG_NAME, {k: v for k, v in asdict(cfg).items()})
+    config_file = atomic_write_json(folder / CONFIG_NAME, asdict(cfg))
     if registry.get_run(run_id) is None:
         registry.create_run(run_id, name=cfg.name, dataset_path=cfg.data, status="queued",
                             epochs_planned=int(cfg.epochs or 0))

@@ -83,9 +83,10 @@ def resolve_run(run: str | None) -> Path:
     """
     run = run or "latest"
     if run == "ready":
-        run = newest_ready_run() or "demo"
-        if isinstance(run, Path):
-            return run
+        ready = newest_ready_run()
+        if ready is not None:
+            return ready
+        run = "demo"
     if run == "latest":
         with_model = [p for p in list_run_dirs() if (p / "best.pth").is_file() and p != config.DEMO_RUN_DIR]
         if with_model:
