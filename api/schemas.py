@@ -113,7 +113,7 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {401: "Missing or wrong X-API-Key (only when DEFECTS_API_KEY is set)",
             404: "Unknown run, or the requested backend is not exported for it",
             413: "Upload larger than DEFECTS_MAX_UPLOAD_MB, or an image larger than DEFECTS_MAX_IMAGE_PIXELS",
-            415: "Not a PNG, JPEG, BMP or TIFF image, or a corrupt/truncated one",
+            415: "Not a PNG, JPEG, BMP or TIFF image, or an empty, corrupt or truncated one",
             422: "A parameter is missing or out of range",
             503: "No model is available (nothing trained and no demo run)"}
     return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -244,6 +245,52 @@ def test_header_probe_matches_the_decoded_size(sample: np.ndarray, rgb: Image.Im
 
 # ---------------------------------------------------------------- client errors
 
+def _cli_results(trained_run: str, paths: list[Path], capsys: pytest.CaptureFixture) -> dict[str, dict]:
+    """`python -m engine predict --json` on files: file name -> its result."""
+    from engine.__main__ import main
+
+    capsys.readouterr()
+    assert main(["predict", *map(str, paths), "--run", trained_run, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    return {Path(r["file"]).name: r for r in report["results"]}
+
+
+def test_12_bit_data_in_a_16_bit_png_reads_like_its_8_bit_original(client: TestClient, sample: np.ndarray,
+                                                                   trained_run: str, tmp_path: Path, capsys) -> None:
+    gray = sample if sample.ndim == 2 else cv2.cvtColor(sample, cv2.COLOR_BGR2GRAY)
+    twelve = np.round(gray.astype(np.float64) * 4095 / 255).astype(np.uint16)  # a 12-bit camera's 16-bit file
+    assert np.abs(decode_image(_png(twelve)) - gray / 255.0).max() < 1e-3  # scaled by 4095, not by 65535
+    files = {"eight.png": _png(gray), "twelve.png": _png(twelve)}
+    api = {name: post(client, data, name=name, backend="torch").json() for name, data in files.items()}
+    assert api["twelve.png"]["verdict"] == api["eight.png"]["verdict"]
+    assert api["twelve.png"]["max_score"] == pytest.approx(api["eight.png"]["max_score"], abs=0.01)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    cli = _cli_results(trained_run, [tmp_path / name for name in files], capsys)
+    for name in files:
+        assert cli[name]["verdict"] == api[name]["verdict"]
+        assert cli[name]["max_score"] == pytest.approx(api[name]["max_score"], abs=1e-4)
+
+
+def test_exif_orientation_is_ignored_alike_on_the_api_and_the_cli(client: TestClient, sample: np.ndarray,
+                                                                  trained_run: str, tmp_path: Path, capsys) -> None:
+    gray = sample if sample.ndim == 2 else cv2.cvtColor(sample, cv2.COLOR_BGR2GRAY)
+    wide = Image.fromarray(np.ascontiguousarray(gray[:, : gray.shape[1] // 2 * 2][:40]))  # not square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    files = {"plain.jpg": _pil(wide, "JPEG", quality=95), "rotated.jpg": _pil(wide, "JPEG", quality=95, exif=exif)}
+    assert Image.open(io.BytesIO(files["rotated.jpg"])).getexif()[0x0112] == 6
+    api = {name: post(client, data, name=name, backend="torch").json() for name, data in files.items()}
+    for result in api.values():  # the pixels as stored: width x height of the file, not of its rotated view
+        assert (result["image"]["width"], result["image"]["height"]) == wide.size
+    assert api["rotated.jpg"]["max_score"] == api["plain.jpg"]["max_score"]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    cli = _cli_results(trained_run, [tmp_path / name for name in files], capsys)
+    assert cli["rotated.jpg"]["max_score"] == pytest.approx(api["rotated.jpg"]["max_score"], abs=1e-4)
+    assert cli["rotated.jpg"]["max_score"] == cli["plain.jpg"]["max_score"]
+
+
 def test_svg_pdf_garbage_empty_and_truncated_files_are_415(client: TestClient, sample: np.ndarray,
                                                            rgb: Image.Image) -> None:
     png, jpeg = _png(sample), _pil(rgb, "JPEG")
@@ -370,6 +417,10 @@ def test_openapi_declares_every_error(client: TestClient) -> None:
     assert {"200", "404", "413", "415", "422", "503"} <= set(responses)
     for code in ("404", "413", "415", "422", "503"):
         assert responses[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    file_field = spec["components"]["schemas"][body.rsplit("/", 1)[1]]["properties"]["file"]
+    assert file_field["minLength"] == 1  # an empty file is answered 415: the schema must not call it valid
+    assert post(client, b"").status_code == 415
     assert client.get("/docs").status_code == 200
 
 

@@ -7,8 +7,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from api.deps import get_serving
-from api.serving import ServingState
 from api.schemas import PredictResponse, error_responses
+from api.serving import ServingState
 
 router = APIRouter(tags=["inference"])
 
@@ -22,7 +22,8 @@ FILE_ENCODING = {"requestBody": {"content": {"multipart/form-data": {"encoding":
              openapi_extra=FILE_ENCODING)
 def predict(
     serving: Annotated[ServingState, Depends(get_serving)],
-    file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF; the format is read from the content")],
+    file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF; the format is read from the content",
+                                     json_schema_extra={"minLength": 1})],  # an empty file is a 415, so say so
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="default: the run's own threshold")] = None,
     run: Annotated[str | None, Query(pattern=RUN_PATTERN, description="run id, `demo`, `latest` or `ready`; "
                                      "default: DEFECTS_API_RUN (the newest ready run)")] = None,
