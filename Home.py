@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from engine import config, jobs, registry, runs
-from ui import sample_folder
+from engine import config, jobs, registry, runstore
 from engine.errors import EngineError
+from ui import sample_folder
 
 st.set_page_config(page_title="Defect inspection", page_icon=":material/precision_manufacturing:", layout="wide")
 
@@ -22,7 +22,7 @@ except EngineError as err:
     st.error(f"The sample folder could not be created: {err}")
 
 datasets = registry.list_datasets()
-run_rows = runs.overview()
+run_rows = runstore.overview()
 exports = registry.list_exports()
 active = jobs.active_runs()
 

@@ -12,10 +12,10 @@ from starlette.concurrency import run_in_threadpool
 import engine
 from api import errors
 from api.deps import require_api_key
-from api.serving import ServingState
 from api.limits import BodyLimit
 from api.routes import health, models, predict
 from api.schemas import error_responses
+from api.serving import ServingState
 from api.settings import MULTIPART_SLACK, Settings
 
 DESCRIPTION = """Metal-surface defect segmentation. `POST /predict` takes one image (multipart field `file`)

@@ -206,18 +206,18 @@ class _stage_printer:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from engine import runs
+    from engine import runstore
 
-    for row in runs.overview():
+    for row in runstore.overview():
         best = f"dice {row['best_dice']:.4f} @ epoch {row['best_epoch']}" if row["best_dice"] is not None else "no epochs yet"
         print(f"{row['run_id']:<44} {row['status']:<10} {row['ready']:<10} {row['epochs']:>7} epochs  {best}")
 
 
 def cmd_registry(args: argparse.Namespace) -> None:
-    from engine import registry
+    from engine import runstore
 
-    count = registry.rebuild()
-    print(f"registry rebuilt from {count} run folders in {config.RUNS_DIR}")
+    count, datasets = runstore.rebuild()
+    print(f"registry rebuilt from {count} run folders in {config.RUNS_DIR} and {datasets} dataset folders")
 
 
 def cmd_cancel(args: argparse.Namespace) -> None:
@@ -391,6 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # the machine, not the code: a full disk, a read-only or vanished folder
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"error: {(err.strerror or str(err)).lower()}{where}; check the disk and the folder's permissions",
+              file=sys.stderr)
+        return 1
     except ModuleNotFoundError as err:  # run outside the venv: say how to fix it instead of a traceback
         if (err.name or "").split(".")[0] in ("engine", "api"):
             raise  # a module of this project is missing: a bug or a broken checkout, keep the traceback

@@ -29,19 +29,13 @@ import cv2
 import numpy as np
 from jinja2 import Environment, PackageLoader, select_autoescape
 
-from engine.errors import EngineError
-from engine.imageio import (
-    IMAGE_EXTENSIONS,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    read_image,
-    write_png,
-)
 from engine.drawing import overlay
+from engine.errors import EngineError
+from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
 from engine.inference import Predictor
 from engine.inspection import inspect
 from engine.recipe import Recipe
+from engine.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 RESULTS_FILE = "results.jsonl"
 THUMB_SIDE = 160

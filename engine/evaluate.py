@@ -12,8 +12,8 @@ import numpy as np
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
-from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score
 from engine.inspection import inspect
+from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score
 from engine.recipe import Recipe, TuneStats, load_recipe
 
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))

@@ -14,25 +14,24 @@ The backends are timed with engine.bench; the labelled images for the checks com
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from engine import registry, runs
+from engine import runs, runstore
 from engine.bench import BENCH_SIZE, machine_description, square_image, time_backends
 from engine.checkdata import check_data, pick_samples, run_folder
 from engine.data import load_pair
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES, TILE, Predictor, preprocess_image
+from engine.storage import commit, staged_file, write_staged
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
@@ -47,61 +46,6 @@ Progress = Callable[[str, float], None]  # (what is happening, fraction done of 
 
 def _no_progress(stage: str, fraction: float) -> None:
     """Default progress callback: do nothing."""
-
-
-# --------------------------------------------------------------------------------------- files
-
-
-@contextmanager
-def staged_file(final: Path) -> Iterator[Path]:
-    """A hidden temp path next to `final`, removed on exit unless it was renamed onto `final` with commit().
-
-    A folder it had to create is removed again if it ends empty (an export stopped half-way leaves nothing).
-    """
-    created = not final.parent.is_dir()
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.", suffix=f"{final.suffix}.tmp")
-        os.close(fd)
-    except OSError as err:
-        raise _write_error(final.parent, err) from err
-    tmp = Path(name)
-    try:
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-        if created and not any(final.parent.iterdir()):
-            final.parent.rmdir()
-
-
-def commit(tmp: Path, final: Path) -> None:
-    """Rename a staged (written and synced) file onto its final path (atomic on one file system)."""
-    try:
-        os.replace(tmp, final)
-    except OSError as err:
-        raise _write_error(final.parent, err) from err
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    """Write and sync bytes to an (already created) temp path; OSError becomes a clear EngineError."""
-    try:
-        with open(path, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    except OSError as err:
-        raise _write_error(path.parent, err) from err
-
-
-def _write_error(folder: Path, err: OSError) -> EngineError:
-    """The user-facing message for a failed write into the export folder."""
-    if err.errno == errno.ENOSPC:
-        hint = "the disk is full; free some space and export again"
-    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        hint = "the folder is read-only; make it writable or copy the run somewhere writable"
-    else:
-        hint = "check that the folder exists, is writable and has free space"
-    return EngineError(f"cannot write the export into {folder} ({err.strerror or err}); {hint}")
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -224,7 +168,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
                         calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
         proto = onnx.load(str(quantized))
     set_metadata(proto, {**metadata, "format": "int8", "quantization": settings})
-    _write_bytes(out_path, proto.SerializeToString())
+    write_staged(out_path, proto.SerializeToString(), out_path)
     return settings
 
 
@@ -281,7 +225,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     with ExitStack() as staged:
         # fp32: written to a hidden temp file, checked through the Predictor, renamed at the very end.
         staging = {"onnx": staged.enter_context(staged_file(final["onnx"]))}
-        _write_bytes(staging["onnx"], onnx_bytes)
+        write_staged(staging["onnx"], onnx_bytes, final["onnx"])
         entries: dict[str, dict[str, Any]] = {}
         fp32, fp32_eval, entries["onnx"] = _check_fp32(folder, staging["onnx"], reference, check_images, val_samples,
                                                        run_id, progress)
@@ -309,12 +253,17 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
         report["messages"].insert(0, f"ONNX fp32 written: {final['onnx']} ({entries['onnx']['size_bytes'] / 1e6:.2f} "
                                      f"MB, max |dp| vs PyTorch {fp32_parity['max_abs_diff']:.1e}, mask agreement "
                                      f"{fp32_parity['mask_agreement']:.5f})")
-        progress("writing files", 0.95)
-        staging["report"] = staged.enter_context(staged_file(export_dir / REPORT_FILE))
-        _write_bytes(staging["report"], (json.dumps(report, indent=2, default=str) + "\n").encode())
-        # Everything is written and synced; only renames are left, so a failure above changed nothing.
         # An INT8 file of another epoch is outdated now; a rejected INT8 must not be served either.
         old_int8_epoch = _file_epoch(final["int8"]) if final["int8"].is_file() else "none"
+        if old_int8_epoch not in ("none", epoch_number):  # the record says what happened to it
+            report["retired"] = [{"kind": "int8", "path": f"export/{final['int8'].name}", "epoch": old_int8_epoch,
+                                  "size_bytes": 0, "accepted": False,
+                                  "metrics": {"removed": f"replaced by the export of epoch {epoch_number}"}}]
+        progress("writing files", 0.95)
+        staging["report"] = staged.enter_context(staged_file(export_dir / REPORT_FILE))
+        write_staged(staging["report"], (json.dumps(report, indent=2, default=str) + "\n").encode(),
+                     export_dir / REPORT_FILE)
+        # Everything is written and synced; only renames are left, so a failure above changed nothing.
         commit(staging["onnx"], final["onnx"])
         if int8 and entries["int8"]["accepted"]:
             commit(staging["int8"], final["int8"])
@@ -322,7 +271,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
             final["int8"].unlink(missing_ok=True)
         commit(staging["report"], export_dir / REPORT_FILE)
 
-    _record_artifacts(run_id, folder, report, final["int8"], old_int8_epoch, epoch_number)
+    runstore.mirror(folder)
     progress("done", 1.0)
     return report
 
@@ -377,17 +326,6 @@ def _quantize_and_gate(folder: Path, staging: dict[str, Path], reference: Predic
         "n_val_images": int8_eval["n_images"], "dice_drop": drop, "max_dice_drop": max_dice_drop,
         "quantization": settings}}
     return entry, gate, quantized
-
-
-def _record_artifacts(run_id: str, folder: Path, report: dict[str, Any], int8_file: Path,
-                      old_int8_epoch: int | str | None, epoch_number: int | None) -> None:
-    """Mirror the export's files in the registry, and mark an INT8 file this export removed as such."""
-    if old_int8_epoch not in ("none", epoch_number):  # the registry row of the removed file must not say "kept"
-        registry.add_artifact(run_id, "int8", str(int8_file), 0, False, old_int8_epoch,
-                              {"removed": f"replaced by the export of epoch {epoch_number}"})
-    for entry in report["artifacts"]:
-        registry.add_artifact(run_id, entry["kind"], str(folder / entry["path"]), entry["size_bytes"],
-                              entry["accepted"], entry["epoch"], entry["metrics"])
 
 
 def _file_epoch(path: Path) -> int | None:

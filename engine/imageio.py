@@ -1,22 +1,31 @@
-"""Reading images of any common format and depth, and writing files atomically."""
+"""Reading images of any common format and depth.
+
+Two decisions hold everywhere (training, CLI, app, API) because every image passes `decode_raw` and
+`to_gray_float`:
+- EXIF orientation is ignored: pixels are used as stored, the way line cameras write them and masks are drawn.
+- 16-bit data is scaled by the bit depth it uses, the smallest of 10, 12, 14 or 16 bits that holds its largest
+  value (machine-vision cameras store 10- and 12-bit pixels in 16-bit files), so a 12-bit image is not read
+  as a nearly black 16-bit one.
+"""
 
 from __future__ import annotations
 
-import json
-import os
-import struct
-import tempfile
+import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import cv2
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from engine.errors import ImageError
+from engine.storage import atomic_write_bytes
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # refuse decompression bombs before decoding
+SIXTEEN_BIT_DEPTHS = (10, 12, 14, 16)
 
 
 def to_gray_float(image: np.ndarray) -> np.ndarray:
@@ -31,10 +40,16 @@ def to_gray_float(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.uint8:
         return image.astype(np.float32) / 255.0
     if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0
+        return image.astype(np.float32) / float(2 ** bits_used(image) - 1)
     image = image.astype(np.float32)
     lo, hi = float(image.min()), float(image.max())
     return (image - lo) / (hi - lo) if hi > lo else np.zeros_like(image)
+
+
+def bits_used(image: np.ndarray) -> int:
+    """The bit depth a 16-bit image uses: the smallest of 10, 12, 14 or 16 bits that holds its largest value."""
+    top = int(image.max()) if image.size else 0
+    return next(bits for bits in SIXTEEN_BIT_DEPTHS if top < 2**bits)
 
 
 def decode_image(data: bytes, name: str = "image") -> np.ndarray:
@@ -89,39 +104,6 @@ def encode_png(image: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, durable: bool = True) -> Path:
-    """Write bytes to path via a temp file in the same folder and an atomic rename.
-
-    durable=False skips the fsync: still never a half-written file, but a power cut may lose it. Bulk
-    writers (the generator) use it and write their manifest, durably, last.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write text atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> Path:
-    """Write an object as indented JSON atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
-
-
 def write_png(path: str | Path, image: np.ndarray, durable: bool = True) -> Path:
     """Write an array as a PNG file atomically."""
     return atomic_write_bytes(path, encode_png(image), durable)
@@ -130,10 +112,12 @@ def write_png(path: str | Path, image: np.ndarray, durable: bool = True) -> Path
 # --- Untrusted uploads (the API): format by content, dimensions from the header, limits before decoding ---
 
 UPLOAD_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+# Pillow only reads headers here (OpenCV decodes the pixels), so its decompression-bomb guard, which refuses
+# without saying the size, gives way to ours: MAX_PIXELS checked against the declared width x height.
+Image.MAX_IMAGE_PIXELS = None
 _OTHER_SIGNATURES = {b"%PDF": "a PDF document", b"<svg": "an SVG image", b"<?xml": "an XML/SVG document",
                      b"GIF8": "a GIF image", b"RIFF": "a RIFF (WebP/AVI) file", b"PK\x03\x04": "a ZIP archive",
                      b"II+\x00": "a BigTIFF image", b"MM\x00+": "a BigTIFF image", b"\x00\x00\x00\x0cjP": "a JPEG 2000 image"}
-_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 without DHT, JPG, DAC
 
 
 class UnsupportedImage(ImageError):
@@ -181,58 +165,15 @@ def probe_image(data: bytes, name: str = "upload") -> ImageHeader:
         what = next((text for magic, text in _OTHER_SIGNATURES.items() if head.startswith(magic)), "not an image")
         raise UnsupportedImage(f"{name}: {what}; send a {', '.join(UPLOAD_FORMATS[:-1])} or {UPLOAD_FORMATS[-1]} image")
     try:
-        width, height = {"PNG": _png_size, "JPEG": _jpeg_size, "BMP": _bmp_size, "TIFF": _tiff_size}[kind](data)
-    except (struct.error, IndexError, KeyError, ValueError):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's warnings about odd but readable headers
+            with Image.open(io.BytesIO(data), formats=[kind]) as image:  # lazy: reads the header, no pixel
+                width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, IndexError, KeyError):
         width = height = 0
     if width <= 0 or height <= 0:
         raise UnsupportedImage(f"{name}: corrupt or truncated {kind} header")
     return ImageHeader(kind, width, height)
-
-
-def _png_size(data: bytes) -> tuple[int, int]:
-    if data[12:16] != b"IHDR":
-        raise ValueError("first chunk is not IHDR")
-    return struct.unpack(">II", data[16:24])
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    i = 2
-    while i + 4 <= len(data):
-        if data[i] != 0xFF:
-            raise ValueError("marker expected")
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            i += 2
-        elif marker in (0xD9, 0xDA):  # end of image / start of scan before any frame header
-            break
-        elif marker in _JPEG_FRAME_MARKERS:
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return width, height
-        else:
-            i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
-    raise ValueError("no frame header")
-
-
-def _bmp_size(data: bytes) -> tuple[int, int]:
-    if struct.unpack("<I", data[14:18])[0] == 12:  # OS/2 BITMAPCOREHEADER
-        return struct.unpack("<HH", data[18:22])
-    width, height = struct.unpack("<ii", data[18:26])
-    return width, abs(height)  # negative height: rows stored top-down
-
-
-def _tiff_size(data: bytes) -> tuple[int, int]:
-    order = "<" if data[:2] == b"II" else ">"
-    offset = struct.unpack(order + "I", data[4:8])[0]
-    (count,) = struct.unpack(order + "H", data[offset : offset + 2])
-    size: dict[int, int] = {}
-    for k in range(count):
-        entry = data[offset + 2 + 12 * k : offset + 14 + 12 * k]
-        tag, kind = struct.unpack(order + "HH", entry[:4])
-        if tag in (256, 257):  # ImageWidth, ImageLength: SHORT or LONG
-            size[tag] = struct.unpack(order + ("H" if kind == 3 else "I"), entry[8 : 10 if kind == 3 else 12])[0]
-    return size[256], size[257]
 
 
 def read_limited(stream: BinaryIO, limit_bytes: int, name: str = "upload", chunk_size: int = 1 << 20) -> bytes:

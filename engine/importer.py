@@ -36,7 +36,8 @@ import numpy as np
 from engine import config
 from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id
 from engine.errors import DatasetError
-from engine.imageio import IMAGE_EXTENSIONS, atomic_write_text, encode_png
+from engine.imageio import IMAGE_EXTENSIONS, encode_png
+from engine.storage import atomic_write_text
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "source_path")
 MAX_CLASS_ID = 32  # without classes.txt, masks whose values stay within 1..32 (and vary) are class maps

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 if TYPE_CHECKING:  # engine.train imports torch; a config is all this module needs of it
     from engine.train import TrainConfig
 
-from engine import config, registry, runs
+from engine import config, registry, runs, runstore
 from engine.errors import EngineError
-from engine.imageio import atomic_write_json
+from engine.storage import atomic_write_json
 
 LOG_NAME = "train.log"
 CONFIG_NAME = "train_config.json"  # the TrainConfig a background run was started with
@@ -50,18 +50,18 @@ def start_training(cfg: TrainConfig) -> str:
     folder = config.RUNS_DIR / run_id
     folder.mkdir(parents=True, exist_ok=True)
     config_file = atomic_write_json(folder / CONFIG_NAME, asdict(cfg))
-    if registry.get_run(run_id) is None:
-        registry.create_run(run_id, name=cfg.name, dataset_path=cfg.data, status="queued",
-                            epochs_planned=int(cfg.epochs or 0))
-    else:
-        registry.update_run(run_id, status="queued", error=None, cancel_requested=False)
+    queued = {"name": cfg.name, "command": cfg.command, "pid": None}
+    if not cfg.resume:  # a resumed run keeps what it has; a new one is listed with what is known so far
+        queued.update(dataset={"path": str(Path(cfg.data).resolve())}, epochs_planned=int(cfg.epochs or 0),
+                      params=asdict(cfg))
+    runstore.queue(folder, **queued)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "DEFECTS_RUNS_DIR": str(config.RUNS_DIR),
            "DEFECTS_DATA_DIR": str(config.DATA_DIR)}
     with (folder / LOG_NAME).open("ab") as log:
         process = subprocess.Popen(train_command(config=config_file), cwd=config.ROOT, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True)
-    registry.update_run(run_id, pid=process.pid)
+    runstore.update(folder, pid=process.pid)
     return run_id
 
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.errors import EngineError, RunNotFound
-from engine.imageio import atomic_write_bytes
+from engine.storage import atomic_write_bytes
 
 # Named sizes offered in the CLI and the app. "balanced" is the default: on CPUs with bf16 it trains
 # as fast as "fast" (the fifth level works on 1/256 of the pixels) and sees twice as far.

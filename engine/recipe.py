@@ -28,7 +28,7 @@ import numpy as np
 
 from engine import runs
 from engine.errors import EngineError
-from engine.imageio import atomic_write_json
+from engine.storage import atomic_write_json
 
 RECIPE_FILE = "recipe.json"
 SHAPES = ("scratch-like", "spot-like")
@@ -145,14 +145,16 @@ def load_recipe(run_dir: str | Path) -> Recipe:
 
 
 def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
-    """Write runs/<run>/recipe.json atomically and record it in the registry (Artifact kind "recipe")."""
-    from engine import registry
+    """Write runs/<run>/recipe.json atomically and mirror the run into the registry (Artifact kind "recipe")."""
+    from engine import (
+        runstore,  # runstore imports the registry, which the inspection-only paths do not need
+    )
 
     run_dir = Path(run_dir)
     recipe.validate()
     path = atomic_write_json(run_dir / RECIPE_FILE, recipe.as_dict())
-    run_id = runs.read_run_json(run_dir).get("run_id", run_dir.name)
-    registry.add_artifact(run_id, "recipe", str(path), path.stat().st_size, accepted=True, metrics=recipe.as_dict())
+    if (run_dir / "run.json").is_file():
+        runstore.mirror(run_dir)
     return path
 
 

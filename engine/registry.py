@@ -183,7 +183,7 @@ def _dumps(value: Any) -> str:
 
 # --------------------------------------------------------------------------------------- engine
 
-_engines: dict[tuple[int, str], tuple[sqlalchemy.Engine, sqlalchemy.Engine]] = {}
+_engines: dict[tuple[int, str], tuple[sqlalchemy.Engine, sqlalchemy.Engine, tuple[int, int] | None]] = {}
 _engines_lock = threading.Lock()
 
 
@@ -232,13 +232,35 @@ def _retry_locked(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engine]:
-    """(reader, writer) engines for a db path; the writer starts transactions with BEGIN IMMEDIATE."""
+    """(reader, writer) engines for a db path; the writer starts transactions with BEGIN IMMEDIATE.
+
+    A registry file deleted or replaced under a running process is noticed here (one stat per session): the old
+    engine is dropped and the file reopened with its schema, so later writes reach the file others read.
+    """
     path = Path(path if path is not None else config.registry_path()).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
     key = (os.getpid(), str(path.resolve()))
     with _engines_lock:
-        if key not in _engines:
+        cached = _engines.get(key)
+        identity = _identity(path)
+        if cached is not None and (identity is None or identity != cached[2]):
+            log.warning("%s was deleted or replaced; reopening it", path)
+            cached[0].dispose()
+            del _engines[key]
+            cached = None
+        if cached is None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if identity is None:  # a write-ahead log left by a deleted file must not be replayed into a new one
+                for suffix in ("-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
             engine = sqlalchemy.create_engine(
                 f"sqlite:///{key[1]}",
                 connect_args={"timeout": 30, "check_same_thread": False},
@@ -247,8 +269,8 @@ def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engin
             writer = engine.execution_options(sqlite_begin="IMMEDIATE")
             _retry_locked(SQLModel.metadata.create_all)(writer, tables=TABLES)
             _retry_locked(_add_missing_columns)(writer)
-            _engines[key] = (engine, writer)
-        return _engines[key]
+            cached = _engines[key] = (engine, writer, _identity(path))
+        return cached[0], cached[1]
 
 
 def _add_missing_columns(engine: sqlalchemy.Engine) -> None:
@@ -276,7 +298,7 @@ def get_engine(path: Path | None = None) -> sqlalchemy.Engine:
 def dispose_engines() -> None:
     """Close every cached engine of this process (tests; after changing config.RUNS_DIR)."""
     with _engines_lock:
-        for engine, _writer in _engines.values():
+        for engine, _writer, _file in _engines.values():
             engine.dispose()
         _engines.clear()
 
@@ -356,7 +378,7 @@ def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists on this host (a zombie counts as gone)."""
     if pid <= 0:
         return False
@@ -385,7 +407,7 @@ def stale_reason(run: Run, now: datetime | None = None) -> str | None:
         return None
     now = as_utc(now) or utcnow()
     last = as_utc(run.heartbeat) or as_utc(run.started_at) or as_utc(run.created_at)
-    if run.pid is not None and not _pid_alive(run.pid):
+    if run.pid is not None and not pid_alive(run.pid):
         return f"{STALE_ERROR} (no heartbeat since {_fmt(last)}; process {run.pid} is gone)"
     # A running run must beat every STALE_AFTER_S; a queued one (or one that never beat) gets longer.
     limit = STALE_AFTER_S if run.status == "running" and run.heartbeat is not None else QUEUED_STALE_AFTER_S
@@ -456,15 +478,15 @@ def list_runs() -> list[Run]:
 
 
 @_retry_locked
-def heartbeat(run_id: str) -> bool:
-    """Set the run's heartbeat to now and return whether a cancel was requested (False if the run is unknown)."""
+def heartbeat(run_id: str) -> bool | None:
+    """Set the run's heartbeat to now and return whether a cancel was requested (None if the run is unknown)."""
     with _write() as s:
         statement = (
             update(Run).where(col(Run.id) == run_id).values(heartbeat=utcnow()).returning(Run.cancel_requested)
         )
         flag = s.execute(statement).scalar_one_or_none()
         s.commit()
-        return bool(flag)
+        return None if flag is None else bool(flag)
 
 
 @_retry_locked
@@ -681,7 +703,7 @@ def _artifacts_from_report(path: Path, run_id: str) -> list[Artifact]:
         return []
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-        entries = report.get("artifacts") or []
+        entries = [*(report.get("artifacts") or []), *(report.get("retired") or [])]
     except (OSError, ValueError, AttributeError) as err:
         log.warning("%s: unreadable report (%s); artifacts skipped", path, err)
         return []
@@ -721,16 +743,43 @@ def _recipe_artifact(path: Path, run_id: str) -> list[Artifact]:
 
 
 @_retry_locked
-def _replace_run_rows(run: Run, epochs: list[EpochMetric], artifacts: list[Artifact]) -> None:
+def _replace_run_rows(run: Run, epochs: list[EpochMetric], artifacts: list[Artifact], keep_cancel: bool) -> None:
     with _write() as s:
+        old = s.get(Run, run.id)
+        run = Run(**run.model_dump())  # a fresh copy, so a retry starts from a clean object
+        if run.status in ACTIVE_STATUSES:  # the heartbeat lives only here; a new active row starts beating now
+            run.heartbeat = (old.heartbeat if old is not None else None) or utcnow()
+        run.cancel_requested = bool(keep_cancel and old is not None and old.cancel_requested)
         _delete_run_rows(s, run.id)
         s.flush()
         latest: dict[tuple[str, int | None], Artifact] = {}
         for artifact in artifacts:  # keep the last of duplicate (kind, epoch)
             latest[(artifact.kind, artifact.epoch)] = artifact
-        rows = [run, *epochs, *latest.values()]  # fresh copies, so a retry starts from clean objects
-        s.add_all([type(row)(**row.model_dump()) for row in rows])
+        s.add_all([run, *(type(row)(**row.model_dump()) for row in [*epochs, *latest.values()])])
         s.commit()
+
+
+def read_run_folder(folder: Path, info: dict | None = None) -> tuple[Run, list[EpochMetric], list[Artifact]]:
+    """The registry rows a run folder stands for (run.json, or `info` in its place, metrics.csv,
+    export/report.json, recipe.json); ValueError if run.json is missing or unreadable."""
+    try:
+        if info is None:
+            info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        if not isinstance(info, dict):
+            raise ValueError("not a JSON object")
+        run = _run_from_folder(folder, info)
+    except (OSError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"{folder}: run.json is unreadable ({err})") from err
+    epochs = _epochs_from_csv(folder / "metrics.csv", run.id)
+    artifacts = _artifacts_from_report(folder / "export" / "report.json", run.id)
+    artifacts += _recipe_artifact(folder / "recipe.json", run.id)
+    return run, epochs, artifacts
+
+
+def sync_run(folder: Path, keep_cancel: bool = True, info: dict | None = None) -> None:
+    """Make the registry rows of one run exactly what its folder says (the heartbeat, which lives only here, and
+    a pending cancel request unless keep_cancel=False, are kept); `info` stands in for an unwritable run.json."""
+    _replace_run_rows(*read_run_folder(folder, info), keep_cancel=keep_cancel)
 
 
 def rebuild(runs_dir: Path | None = None) -> int:
@@ -741,16 +790,9 @@ def rebuild(runs_dir: Path | None = None) -> int:
     count = 0
     for folder in sorted(p for p in runs_dir.iterdir() if (p / "run.json").is_file()):
         try:
-            info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-            if not isinstance(info, dict):
-                raise ValueError("not a JSON object")
-            run = _run_from_folder(folder, info)
-        except (OSError, ValueError, TypeError, AttributeError) as err:
-            log.warning("%s: skipping run folder, run.json is unreadable (%s)", folder, err)
+            sync_run(folder, keep_cancel=False)
+        except ValueError as err:
+            log.warning("skipping run folder: %s", err)
             continue
-        epochs = _epochs_from_csv(folder / "metrics.csv", run.id)
-        artifacts = _artifacts_from_report(folder / "export" / "report.json", run.id)
-        artifacts += _recipe_artifact(folder / "recipe.json", run.id)
-        _replace_run_rows(run, epochs, artifacts)
         count += 1
     return count

@@ -14,7 +14,7 @@ from typing import Any
 
 from engine import config
 from engine.errors import RunNotFound
-from engine.imageio import atomic_write_json, atomic_write_text
+from engine.storage import atomic_write_json, atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
                   "images_per_s"]
@@ -182,89 +182,13 @@ def delete_run(run_id: str) -> None:
     registry.delete_run(run_id)
 
 
-def _duration_s(started: Any, finished: Any) -> float | None:
-    """Seconds between two ISO timestamps or datetimes (finished missing: until now)."""
-    def parse(value: Any) -> datetime | None:
-        if value in (None, ""):
-            return None
-        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-        return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-    try:
-        start, end = parse(started), parse(finished) or datetime.now(timezone.utc)
-    except ValueError:
-        return None
-    return round((end - start).total_seconds(), 1) if start else None
-
-
-def _run_duration(run: Any) -> float | None:
-    """Wall time of a registry run: until now while active, until finished_at otherwise (None if unknown)."""
-    if run.started_at is None:
-        return None
-    if run.status in ("queued", "running"):
-        return _duration_s(run.started_at, None)
-    return _duration_s(run.started_at, run.finished_at) if run.finished_at else None
-
-
-def _when(value: Any) -> str:
-    """A timestamp (datetime or ISO text) as 'YYYY-MM-DD HH:MM' UTC, '' when missing or unreadable."""
-    try:
-        moment = value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
-    except (TypeError, ValueError):
-        return ""
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
-
-
-def overview() -> list[dict[str, Any]]:
-    """One row per run for tables, newest first: registry rows (effective status) plus run folders it lacks (the demo)."""
-    from engine import registry
-
-    rows: list[dict[str, Any]] = []
-    for run in registry.list_runs():
-        params = run.params
-        rows.append({
-            "run_id": run.id, "name": run.name, "status": run.status,
-            "dataset": Path(run.dataset_path).name if run.dataset_path else "", "dataset_hash": run.dataset_hash,
-            "epochs": f"{run.epochs_done}/{run.epochs_planned}", "best_epoch": run.best_epoch,
-            "best_dice": run.best_dice, "best_iou": run.best_iou, "threshold": run.threshold,
-            "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
-            "lr": params.get("lr"), "device": run.device,
-            "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
-            "ready": _ready_label(run.status, run.ready),
-        })
-    known = {row["run_id"] for row in rows}
-    for folder in list_run_dirs():
-        try:
-            info = read_run_json(folder)
-        except RunNotFound:
-            continue
-        run_id = info.get("run_id", folder.name)
-        if folder == config.DEMO_RUN_DIR:
-            run_id = "demo"
-        if run_id in known:
-            continue
-        params, dataset = info.get("params") or {}, info.get("dataset") or {}
-        rows.append({
-            "run_id": run_id, "name": info.get("name", run_id), "status": info.get("status", "unknown"),
-            "dataset": Path(dataset.get("path", "")).name, "dataset_hash": dataset.get("hash", ""),
-            "epochs": f"{info.get('epochs_done', 0)}/{info.get('epochs_planned', 0)}",
-            "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"), "best_iou": info.get("best_iou"),
-            "threshold": info.get("threshold"), "preset": params.get("preset"), "crop": params.get("crop"),
-            "batch_size": params.get("batch_size"), "lr": params.get("lr"), "device": info.get("device", ""),
-            "duration_s": info.get("wall_seconds"), "created_at": _when(info.get("created_at")),
-            "error": info.get("error"), "ready": _ready_label(info.get("status"), info.get("ready")),
-        })
-    return rows
-
-
 # --------------------------------------------------------------------------------------- readiness
 # Training decides readiness once, at the end of a run, from its recipe on validation data, and stores it in
 # run.json as "ready" (true/false) and "ready_reason". Runs from before this rule carry neither: they count
 # as ready when completed, as they were served before.
 
 
-def _ready_label(status: str | None, ready: bool | None) -> str:
+def ready_label(status: str | None, ready: bool | None) -> str:
     """'yes', 'no' or '—' (not completed) for tables; runs from before the readiness rule count as ready."""
     if status != "completed":
         return "—"

@@ -23,7 +23,8 @@ import numpy as np
 
 from engine import config
 from engine.errors import EngineError
-from engine.imageio import IMAGE_EXTENSIONS, atomic_write_text, write_png
+from engine.imageio import IMAGE_EXTENSIONS, write_png
+from engine.storage import atomic_write_text
 
 DEFECT_TYPES = ("scratch", "crack", "pit", "dent", "inclusion", "patch")
 SURFACES = ("brushed", "rolled", "ground", "cast", "polished")

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sqlalchemy.exc import SQLAlchemyError
 
-from engine import config, registry, runs
+from engine import config, registry, runs, runstore, storage
 from engine.data import (
     DefectBatchSampler,
     SegmentationDataset,
@@ -35,7 +36,6 @@ from engine.data import (
     scan_dataset,
 )
 from engine.errors import DatasetError, EngineError
-from engine.imageio import atomic_write_bytes
 from engine.inspection import inspect
 from engine.metrics import SetMetrics, auroc, average_precision, best_threshold, image_score, threshold_sweep
 from engine.model import (
@@ -48,12 +48,13 @@ from engine.model import (
     save_checkpoint,
 )
 from engine.recipe import DEFAULT_THRESHOLDS, Recipe, TuneStats, load_recipe, save_recipe, tuned_recipe
-
+from engine.storage import atomic_write_bytes
 
 DEFAULT_EPOCHS = 40  # when neither --epochs nor --minutes is given
 # An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
 # large images a pass is a few seconds, and validating that often would take a third of the budget.
 MIN_STEPS_PER_EPOCH = 50
+RESUME_FILE = "resume.pth"  # the one checkpoint a run resumes from: weights, optimizer state, epoch
 
 
 def option(default: Any, help: str, **extra: Any) -> Any:
@@ -293,8 +294,8 @@ def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.d
 class Stopper:
     """Turns SIGTERM/SIGINT and registry cancel requests into a flag checked after each step."""
 
-    def __init__(self, run_id: str) -> None:
-        self.run_id, self.cancelled, self._last_poll = run_id, False, 0.0
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.cancelled, self._last_poll = folder, False, 0.0
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -305,7 +306,13 @@ class Stopper:
         """Send a heartbeat at most every 2 s and return whether the run should stop."""
         if time.monotonic() - self._last_poll > 2.0:
             self._last_poll = time.monotonic()
-            self.cancelled |= registry.heartbeat(self.run_id)
+            try:
+                cancel = registry.heartbeat(self.folder.name)
+            except SQLAlchemyError:  # an unwritable registry must not stop training; run.json keeps the record
+                cancel = False
+            if cancel is None:  # the registry lost the run (deleted or replaced): register it again
+                runstore.mirror(self.folder)
+            self.cancelled |= bool(cancel)
         return self.cancelled
 
 
@@ -313,27 +320,45 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict, int]:
     """The config, folder, run.json and first epoch of this job; a resume keeps the run's own settings."""
     if not cfg.resume:
         run_id = cfg.run_id or runs.new_run_id(cfg.name)
-        return replace(cfg, run_id=run_id), config.RUNS_DIR / run_id, {}, 0
+        folder = config.RUNS_DIR / run_id
+        info = runs.read_run_json(folder) if (folder / "run.json").is_file() else {}
+        if info and info.get("status") != "queued":  # only a run queued by jobs.start_training is taken over
+            raise EngineError(f"run {run_id} already exists; resume it with --resume {run_id} or pick another id")
+        return replace(cfg, run_id=run_id), folder, info, 0
     folder = runs.resolve_run(cfg.resume)
     info = runs.read_run_json(folder)
     saved = {k: v for k, v in info["params"].items() if k in TrainConfig.__dataclass_fields__}
     # Keep the architecture and data of the run; take the new epoch/minute budget and device.
     resumed = replace(TrainConfig(**saved), epochs=cfg.epochs, minutes=cfg.minutes, device=cfg.device,
                       resume=info["run_id"], run_id=info["run_id"], command=cfg.command)
-    start_epoch = max(runs.epochs_saved(folder), default=0)
+    start_epoch = int(load_resume(folder)["epoch"])
     if resumed.epoch_limit is not None and start_epoch >= resumed.epoch_limit:
         raise EngineError(f"run {resumed.run_id} already has {start_epoch} epochs; pass --epochs above "
                           f"{start_epoch} or --minutes")
+    info = runstore.queue(folder)  # remembers the state it leaves, for a resume that fails before an epoch
     return resumed, folder, info, start_epoch
 
 
 def train(cfg: TrainConfig) -> str:
-    """Run one training job to the end (or budget, early stop, cancel); returns the run id."""
+    """Run one training job to the end (or budget, early stop, cancel); returns the run id.
+
+    A failure is recorded with its cause in run.json and the registry before it is raised (a resume that failed
+    before its first new epoch leaves the run as it was); a full disk gives the record its reserved space first.
+    """
     cfg, folder, info, start_epoch = resolve_config(cfg)
     try:
-        return fit(cfg, folder, info, start_epoch)
+        with storage.Reserve(folder) as reserve:
+            try:
+                return fit(cfg, folder, info, start_epoch)
+            except BaseException:
+                reserve.release()  # the failure record must fit on a full disk
+                raise
     except BaseException as err:
-        mark_failed(cfg.run_id, f"{type(err).__name__}: {err}")
+        cause = str(err) if isinstance(err, EngineError) else f"{type(err).__name__}: {err}".rstrip(": ")
+        try:
+            runstore.fail(folder, cause)
+        except EngineError as record_err:  # run.json unwritable: the registry alone has the record
+            raise EngineError(f"{cause} (recorded in the registry only: {record_err})") from err
         raise
 
 
@@ -386,7 +411,9 @@ def build_model(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[UNetT
     arch.update({k: v for k, v in {"base": cfg.base, "depth": cfg.depth}.items() if v})
     model = UNetTiny(in_channels=1, **arch)
     if start_epoch:
-        model, _ = load_checkpoint(runs.checkpoint_path(folder, start_epoch))
+        state = load_resume(folder)
+        model = UNetTiny(**state["arch"])
+        model.load_state_dict(state["state_dict"])
         return model, {"base": model.base, "depth": model.depth}, f"resumed from epoch {start_epoch}"
     init = cfg.init or "auto"
     if init == "none":
@@ -426,17 +453,17 @@ def setup(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[TrainConfig
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     cfg, data = prepare_data(cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data.data_hash,
-                            data.counts["images"], data.counts["defective"], data.counts["defect_free"],
-                            source="training")
+    try:
+        registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data.data_hash,
+                                data.counts["images"], data.counts["defective"], data.counts["defect_free"],
+                                source="training")
+    except SQLAlchemyError as err:  # the run's own record is run.json; `registry rebuild` restores the row
+        print(f"warning: dataset not registered ({err.__class__.__name__})", file=sys.stderr)
     model, arch, init_note = build_model(cfg, folder, start_epoch)
     model = model.to(device).to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    resume_path = folder / "resume.pth"
-    if start_epoch and resume_path.is_file():
-        resume_state = torch.load(resume_path, weights_only=True)
-        if resume_state.get("epoch") == start_epoch:
-            optimizer.load_state_dict(resume_state["optimizer"])
+    if start_epoch:
+        optimizer.load_state_dict(load_resume(folder)["optimizer"])
     amp_dtype = autocast_dtype(device, cfg.precision)
     steps_per_epoch = cfg.steps_per_epoch or max(MIN_STEPS_PER_EPOCH, len(data.train_set) // cfg.batch_size)
     sampler = DefectBatchSampler(data.train_set, cfg.batch_size, steps_per_epoch, cfg.defect_share,
@@ -490,7 +517,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
           f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
 
     budget = Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes)
-    patience, stopper = Patience(cfg.patience, cfg.patience_after), Stopper(cfg.run_id)
+    patience, stopper = Patience(cfg.patience, cfg.patience_after), Stopper(folder)
     step, stop_reason, epoch, train_seconds, train_images = 0, None, start_epoch, 0.0, 0
     while stop_reason is None and (cfg.epoch_limit is None or epoch < cfg.epoch_limit):
         epoch += 1
@@ -504,7 +531,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
         improved = end_of_epoch(cfg, folder, info, t.data, t.model, t.optimizer, epoch, losses, lr, epoch_start,
                                 history, best, t.device, t.memory_format)
         info.update(epochs_done=epoch, train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1))
-        runs.write_run_json(folder, info)
+        runstore.save(folder, info, history)
         if stop_reason is None and patience.converged(improved, budget.progress(step)):
             stop_reason = (f"converged: no better validation score for {cfg.patience} epochs in the annealed "
                            f"part of the schedule")
@@ -533,18 +560,7 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
     info.setdefault("threshold", 0.5)
     info.setdefault("ready", None)  # decided at the end; a resumed run keeps its verdict until then
     info.setdefault("ready_reason", None)
-    runs.write_run_json(folder, info)
-    params = json_dumps(asdict(cfg))
-    if registry.get_run(cfg.run_id) is None:
-        registry.create_run(cfg.run_id, name=cfg.name, dataset_path=info["dataset"]["path"],
-                            dataset_hash=data.data_hash, device=str(device), epochs_planned=cfg.epoch_limit or 0,
-                            params_json=params)
-    registry.update_run(cfg.run_id, status="running", pid=os.getpid(), epochs_planned=cfg.epoch_limit or 0,
-                        started_at=now, heartbeat=now, cancel_requested=False, error=None, finished_at=None,
-                        # a run created by jobs.start_training has no parameters or hash yet
-                        dataset_path=info["dataset"]["path"], dataset_hash=data.data_hash, device=str(device),
-                        params_json=params, **_readiness_fields(info["ready"], info["ready_reason"]))
-    return info
+    return runstore.save(folder, info)
 
 
 def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, model: UNetTiny,
@@ -561,7 +577,7 @@ def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, mo
     meta = {"run_id": cfg.run_id, "epoch": epoch, "normalisation": {"mean": data.mean, "std": data.std},
             "threshold": info["threshold"], "train_crop": cfg.crop, "scale": cfg.scale, "val_dice": val["dice"]}
     save_checkpoint(folder / f"model_epoch_{epoch}.pth", model, meta)
-    save_resume_state(folder, epoch, optimizer)
+    save_resume(folder, epoch, model, optimizer, meta)
     improved = val["score"] > best["score"]
     if improved:
         info["threshold"] = best_threshold(threshold_sweep(val_probs, val_truths))
@@ -569,10 +585,6 @@ def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, mo
         best.update(score=val["score"], epoch=epoch, probs=val_probs, truths=val_truths)
         info.update(best_epoch=epoch, best_dice=val["dice"], best_iou=val["iou"], best_score=val["score"],
                     best_val=val)
-    runs.write_metrics(folder, history)
-    registry.record_epoch(cfg.run_id, epoch, **{k: v for k, v in row.items() if k in registry.METRIC_FIELDS})
-    registry.update_run(cfg.run_id, epochs_done=epoch, best_epoch=best["epoch"], best_dice=info.get("best_dice"),
-                        best_iou=info.get("best_iou"), threshold=info["threshold"])
     ap = "n/a" if val["average_precision"] is None else f"{val['average_precision']:.4f}"
     print(f"epoch {epoch}  loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  dice {val['dice']:.4f}  "
           f"image AP {ap}  score {val['score']:.4f}{'  *' if improved else ''}  {row['images_per_s']:.1f} img/s  "
@@ -580,11 +592,29 @@ def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, mo
     return improved
 
 
-def save_resume_state(folder: Path, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-    """Write the optimizer state for `train --resume` atomically."""
+def save_resume(folder: Path, epoch: int, model: UNetTiny, optimizer: torch.optim.Optimizer, meta: dict) -> None:
+    """Write the one checkpoint `train --resume` starts from (weights, optimizer state, epoch) atomically."""
     buffer = io.BytesIO()
-    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict()}, buffer)
-    atomic_write_bytes(folder / "resume.pth", buffer.getvalue())
+    torch.save({"epoch": epoch, "arch": {"in_channels": model.in_channels, "base": model.base, "depth": model.depth},
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(), "meta": meta}, buffer)
+    atomic_write_bytes(folder / RESUME_FILE, buffer.getvalue())
+
+
+def load_resume(folder: Path) -> dict:
+    """The resume checkpoint of a run folder; a one-line EngineError if it is missing or unreadable."""
+    path = folder / RESUME_FILE
+    if not path.is_file():
+        raise EngineError(f"run {folder.name} has no {RESUME_FILE} (no finished epoch, or made by an older "
+                          f"version); start a new run, or fine-tune from it with --init {folder.name}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not {"epoch", "arch", "state_dict", "optimizer"} <= set(state):
+            raise ValueError("not a resume checkpoint")
+    except Exception as err:  # a truncated, corrupt or foreign file
+        raise EngineError(f"{path} is unreadable ({type(err).__name__}); the run cannot be resumed, but its "
+                          f"epochs can still be used: start a new run with --init {folder.name}") from err
+    return state
 
 
 def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, budget: Budget,
@@ -607,11 +637,10 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     status = "cancelled" if stop_reason == "cancelled" else "completed"
     if status == "cancelled":
         ready, reason = False, "training was cancelled"
+    info.pop("before_resume", None)
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
-                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason)
-    runs.write_run_json(folder, info)
-    registry.update_run(cfg.run_id, status=status, finished_at=datetime.now(timezone.utc), pid=None,
-                        **_readiness_fields(ready, info["ready_reason"]))
+                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None)
+    runstore.save(folder, info)
     print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f}, "
           f"threshold {info['threshold']:.2f}; training {info.get('train_images_per_s', 0)} img/s vs model alone "
           f"{model_speed:.1f} img/s", flush=True)
@@ -657,12 +686,6 @@ def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def _readiness_fields(ready: bool | None, reason: str | None) -> dict:
-    """Registry fields for readiness, where this registry has them."""
-    fields = {"ready": ready, "ready_reason": reason}
-    return {k: v for k, v in fields.items() if k in registry.RUN_FIELDS}
-
-
 def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
     """Save the inspection recipe picked on validation data; returns it as a dict."""
     recipe = tuned_recipe(chosen, load_recipe(folder), context)
@@ -670,18 +693,3 @@ def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
     return recipe.as_dict()
 
 
-def json_dumps(obj: object) -> str:
-    """Compact JSON for registry columns."""
-    return json.dumps(obj, default=str)
-
-
-def mark_failed(run_id: str, error: str) -> None:
-    """Record a crash in run.json and the registry so it is not shown as running."""
-    folder = config.RUNS_DIR / run_id
-    if (folder / "run.json").is_file():
-        info = runs.read_run_json(folder)
-        info.update(status="failed", error=error, finished_at=datetime.now(timezone.utc).isoformat(), ready=False,
-                    ready_reason=f"training failed: {error}")
-        runs.write_run_json(folder, info)
-    if registry.get_run(run_id) is not None:
-        registry.update_run(run_id, status="failed", error=error, finished_at=datetime.now(timezone.utc), pid=None)

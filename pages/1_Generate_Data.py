@@ -5,8 +5,8 @@ from __future__ import annotations
 import streamlit as st
 
 from engine import config, importer, synth
-from engine.errors import EngineError
 from engine.drawing import overlay
+from engine.errors import EngineError
 
 st.set_page_config(page_title="Generate data", page_icon=":material/science:", layout="wide")
 st.title(":material/science: Generate data")

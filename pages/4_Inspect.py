@@ -12,9 +12,9 @@ import torch
 
 from engine import config, data, runs
 from engine.data import scan_dataset
+from engine.drawing import create_heatmap, difference_image, mask_difference, overlay, to_display
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
-from engine.drawing import create_heatmap, difference_image, mask_difference, overlay, to_display
 from engine.inference import BACKENDS, ONNX_FILES, Predictor
 from engine.inspection import Inspection, inspect
 from engine.metrics import dice_score, iou_score

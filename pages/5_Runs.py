@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import registry, runs
+from engine import registry, runs, runstore
 from engine.errors import EngineError
 from ui import readiness_notice
 
@@ -17,7 +17,7 @@ flash = st.session_state.pop("runs_flash", None)
 if flash:
     st.success(flash)
 
-rows = runs.overview()
+rows = runstore.overview()
 if not rows:
     st.info("No runs yet. Train one on the Train page.")
     st.stop()

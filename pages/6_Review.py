@@ -10,10 +10,10 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from engine import config, data, runs
+from engine.drawing import overlay, to_display
 from engine.errors import EngineError
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
-from engine.drawing import overlay, to_display
 from engine.inspection import inspect
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
 from ui import epoch_label, load_predictor, pick_run, sample_folder

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import config, data, jobs, registry, runs, synth
+from engine import config, data, jobs, registry, runs, runstore, synth
 from engine.errors import EngineError, RunNotFound
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import encode_png, read_image, read_mask
@@ -69,7 +69,7 @@ def test_home_creates_sample_folder_and_lists_runs(trained_run: str) -> None:
     at = open_page()
     assert (config.SAMPLE_DIR / "images").is_dir() and any((config.SAMPLE_DIR / "images").iterdir())
     assert any(d.name == "procedural_images" for d in registry.list_datasets())
-    assert int(metric(at, "Runs")) == len(runs.overview()) >= 1
+    assert int(metric(at, "Runs")) == len(runstore.overview()) >= 1
     assert int(metric(at, "Datasets")) == len(registry.list_datasets())
     # Recipes are registry artifacts too (training saves one), but they are not exports.
     assert any(a.kind == "recipe" for a in registry.list_artifacts())

@@ -131,7 +131,7 @@ def test_heartbeat_returns_cancel_request() -> None:
     assert registry.get_run("r1").heartbeat is not None
     registry.request_cancel("r1")
     assert registry.heartbeat("r1") is True
-    assert registry.heartbeat("missing") is False
+    assert registry.heartbeat("missing") is None
     with pytest.raises(RunNotFound):
         registry.request_cancel("missing")
 

@@ -8,8 +8,8 @@ from fastapi import APIRouter, Depends
 
 import engine
 from api.deps import get_serving
-from api.serving import ServingState
 from api.schemas import HealthResponse
+from api.serving import ServingState
 
 router = APIRouter(tags=["service"])
 

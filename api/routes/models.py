@@ -7,8 +7,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends
 
 from api.deps import get_serving
-from api.serving import ServingState
 from api.schemas import ModelsResponse
+from api.serving import ServingState
 
 router = APIRouter(tags=["service"])
 
