@@ -1,95 +1,11 @@
-"""Home: what exists (datasets, runs, exports), what to do next, and links to every page."""
+"""The app's entry point: the page list, declared once in ui.PAGES, as the navigation (`streamlit run Home.py`)."""
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
-from engine import config, jobs, registry, runstore
-from engine.errors import EngineError
-from ui import sample_folder
+from ui import PAGES
 
 st.set_page_config(page_title="Defect inspection", page_icon=":material/precision_manufacturing:", layout="wide")
-
-
-st.title(":material/precision_manufacturing: Metal-surface defect inspection")
-st.caption("Generate synthetic metal-surface images, train a small U-Net to segment defects, "
-           "inspect and compare its predictions, and export it.")
-
-try:
-    sample_folder()
-except EngineError as err:
-    st.error(f"The sample folder could not be created: {err}")
-
-datasets = registry.list_datasets()
-run_rows = runstore.overview()
-exports = registry.list_exports()
-active = jobs.active_runs()
-
-left, mid, right, far = st.columns(4)
-left.metric("Datasets", len(datasets))
-mid.metric("Runs", len(run_rows))
-right.metric("Training now", len(active))
-far.metric("Exports", len(exports))
-
-# ---- what to do next ---------------------------------------------------------------------------
-st.subheader("Next step")
-own_runs = [row for row in run_rows if row["run_id"] != "demo"]
-if active:
-    run = active[0]
-    st.info(f"Run **{run.id}** is {run.status} (epoch {run.epochs_done}/{run.epochs_planned}). Watch it live:")
-    st.page_link("pages/2_Train.py", label="Training progress", icon=":material/model_training:")
-elif not own_runs:
-    if any(row["run_id"] == "demo" for row in run_rows):
-        st.info("Start with the demo model on the sample images, then generate a dataset and train your own.")
-    else:
-        st.info("No trained model yet: generate a dataset, then train a model on it.")
-else:
-    latest = own_runs[0]
-    dice = f"{latest['best_dice']:.3f}" if latest["best_dice"] is not None else "n/a"
-    st.info(f"Latest run **{latest['run_id']}** is {latest['status']} with best validation Dice {dice}. "
-            "Inspect it image by image, review the sample folder, or compare runs.")
-
-# ---- pages ---------------------------------------------------------------------------------------
-PAGES = [
-    ("pages/1_Generate_Data.py", "Generate data", ":material/science:", "procedural images with exact masks"),
-    ("pages/2_Train.py", "Train", ":material/model_training:", "background training with live curves"),
-    ("pages/3_Export.py", "Export", ":material/inventory_2:", "ONNX and INT8 models with checks"),
-    ("pages/4_Inspect.py", "Inspect", ":material/search:", "one image, one or two epochs, any threshold"),
-    ("pages/5_Runs.py", "Runs", ":material/history:", "all runs, curves, lineage, delete"),
-    ("pages/6_Review.py", "Review", ":material/fact_check:", "metrics over a whole folder, worst first"),
-]
-columns = st.columns(3)
-shown = [page for page in PAGES if (config.ROOT / page[0]).is_file()]
-for index, (path, label, icon, text) in enumerate(shown):
-    with columns[index % 3]:
-        st.page_link(path, label=label, icon=icon)
-        st.caption(text)
-
-# ---- what exists ---------------------------------------------------------------------------------
-st.subheader("Datasets")
-if datasets:
-    st.dataframe(pd.DataFrame([{
-        "name": d.name, "images": d.n_images, "defective": d.n_defective, "defect-free": d.n_defect_free,
-        "source": d.source, "hash": d.content_hash, "path": d.path,
-    } for d in datasets]), hide_index=True)
-else:
-    st.caption("No datasets registered yet.")
-
-st.subheader("Runs")
-if run_rows:
-    st.dataframe(pd.DataFrame(run_rows)[["run_id", "status", "dataset", "epochs", "best_epoch", "best_dice",
-                                         "best_iou", "created_at"]],
-                 hide_index=True, column_config={"best_dice": st.column_config.NumberColumn(format="%.3f"),
-                                                 "best_iou": st.column_config.NumberColumn(format="%.3f")})
-else:
-    st.caption("No runs yet: train one on the Train page.")
-
-st.subheader("Exports")
-if exports:
-    st.dataframe(pd.DataFrame([{
-        "run": a.run_id, "kind": a.kind, "epoch": a.epoch, "size (MB)": round(a.size_bytes / 1e6, 2),
-        "created": a.created_at,
-    } for a in exports]), hide_index=True)
-else:
-    st.caption("No exported models yet.")
+st.navigation([st.Page(page.path, title=page.title, icon=page.icon, url_path=page.url, default=page is PAGES[0])
+               for page in PAGES]).run()

@@ -1,10 +1,11 @@
-"""Widgets the Streamlit pages share (kept out of pages/ so Streamlit does not list it as a page)."""
+"""The app's page list and the widgets its pages share."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,50 @@ import streamlit as st
 from engine import runs, synth
 from engine.errors import EngineError
 from engine.inference import Predictor
+from engine.progress import Progress, describe
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """One page of the app: its file, title, icon, URL path and a line saying what it is for."""
+
+    path: str
+    title: str
+    icon: str
+    url: str  # the page's address after the app's (the browser tests open /Inspect, ...); "" for Home
+    blurb: str
+
+
+# The page list, declared once: Home.py builds the navigation from it, the Home page its links.
+PAGES = [page for page in (
+    PageInfo("app_pages/0_Home.py", "Home", ":material/precision_manufacturing:", "",
+             "what exists and what to do next"),
+    PageInfo("app_pages/1_Generate_Data.py", "Generate data", ":material/science:", "Generate_Data",
+             "procedural images with exact masks"),
+    PageInfo("app_pages/2_Train.py", "Train", ":material/model_training:", "Train",
+             "background training with live curves"),
+    PageInfo("app_pages/3_Export.py", "Export", ":material/inventory_2:", "Export",
+             "ONNX and INT8 models with checks"),
+    PageInfo("app_pages/4_Inspect.py", "Inspect", ":material/search:", "Inspect",
+             "one image, one or two epochs, any threshold"),
+    PageInfo("app_pages/5_Runs.py", "Runs", ":material/history:", "Runs", "all runs, curves, lineage, delete"),
+    PageInfo("app_pages/6_Review.py", "Review", ":material/fact_check:", "Review",
+             "metrics over a whole folder, worst first"),
+) if (Path(__file__).resolve().parent / page.path).is_file()]  # a deployment may leave a page out (Export)
 
 DISPLAY_MAX_SIDE = 1600  # images are sent to the browser at most this large: a page column is narrower anyway
 PROBABILITY_CACHE_BYTES = 256 * 2**20  # probability maps kept for threshold moves, all sessions together
+
+
+def progress_bar(label: str) -> tuple[Any, Progress]:
+    """An st.progress bar and the engine.progress callback that moves it: (bar, progress)."""
+    bar = st.progress(0.0, text=label)
+
+    def update(done: float, total: float, what: str = "") -> None:
+        fraction, text = describe(done, total, what)
+        bar.progress(fraction, text=f"{label} {text}".strip())
+
+    return bar, update
 
 
 def readiness_notice(info: dict[str, Any]) -> None:

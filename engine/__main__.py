@@ -21,7 +21,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                                tint=args.tint)
     if args.types:
         params.defect_weights = {t: w for t, w in params.defect_weights.items() if t in args.types.split(",")}
-    with _progress_bar(args.count, "generating") as progress:
+    with _progress_bar("generating") as progress:
         result = synth.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
     rate = result["images"] / max(result["seconds"], 1e-9)
     print(f"{args.out}: {result['images']} images ({result['defective']} defective, {result['defect_free']} "
@@ -69,7 +69,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
-    with _progress_bar(len(samples), "evaluating") as progress:
+    with _progress_bar("evaluating") as progress:
         result = evaluate(predictor, samples, args.threshold, progress=progress)
     per_image = result.pop("per_image")
     if args.per_image:
@@ -105,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             print(f"{result['file']}: {result['verdict']}  regions {len(result['regions'])}  "
                   f"max score {result['max_score']:.3f}")
 
-    with _progress_bar(len(items), "inspecting") as progress:
+    with _progress_bar("inspecting") as progress:
         result = batch.run_batch(predictor, items, args.out, rules, progress=progress, on_result=show)
     counts = result.counts()
     if args.json:
@@ -122,12 +122,9 @@ def cmd_import(args: argparse.Namespace) -> None:
     """Import a dataset folder or MVTec-AD category into the data folder and register it."""
     from engine.importer import import_dataset
 
-    with _progress_bar(0, "importing") as progress:
-        def update(done: int, total: int) -> None:
-            progress.bar.total = total
-            progress(done, total)
-
-        report = import_dataset(args.src, args.name or Path(args.src).resolve().name, link=args.link, progress=update)
+    with _progress_bar("importing") as progress:
+        report = import_dataset(args.src, args.name or Path(args.src).resolve().name, link=args.link,
+                                progress=progress)
     for line in report.lines():
         print(line)
 
@@ -143,7 +140,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
     context = {"data": str(Path(args.data).resolve()), "split": args.split}
-    with _progress_bar(len(samples), "predicting") as progress:
+    with _progress_bar("predicting") as progress:
         _, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
                                          min_areas, context, save=not args.no_save, progress=progress)
     for note in notes:
@@ -173,7 +170,7 @@ def _number_list(text: str, kind: type) -> list:
 def cmd_export(args: argparse.Namespace) -> None:
     from engine import export
 
-    with _stage_printer() as progress:
+    with _progress_bar("exporting") as progress:
         report = export.export_run(args.run, args.epoch, int8=args.int8, data=args.data,
                                    max_dice_drop=args.max_dice_drop, calibration_images=args.calibration_images,
                                    progress=progress)
@@ -183,26 +180,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from engine import bench
 
-    with _stage_printer() as progress:
+    with _progress_bar("benchmarking") as progress:
         result = bench.benchmark(args.run, data=args.data, split=args.split, size=args.size,
                                  iterations=args.iterations, warmup=args.warmup, progress=progress)
     print(json.dumps(result) if args.json else bench.bench_markdown(result))
-
-
-class _stage_printer:
-    """A `progress(stage, fraction)` callback that prints each new stage on stderr."""
-
-    def __enter__(self):
-        self.stage = None
-        return self
-
-    def __call__(self, stage: str, fraction: float) -> None:
-        if stage != self.stage:
-            self.stage = stage
-            print(f"[{fraction:4.0%}] {stage}", file=sys.stderr, flush=True)
-
-    def __exit__(self, *exc: object) -> None:
-        pass
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
@@ -235,19 +216,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 class _progress_bar:
-    """A tqdm bar on stderr usable as `progress(done, total)` callback."""
+    """A tqdm bar on stderr that is an engine.progress callback: progress(done, total, what)."""
 
-    def __init__(self, total: int, desc: str) -> None:
-        self.total, self.desc = total, desc
+    def __init__(self, desc: str) -> None:
+        self.desc = desc
 
     def __enter__(self):
         from tqdm import tqdm
 
-        self.bar = tqdm(total=self.total, desc=self.desc, file=sys.stderr, disable=None, leave=False)
+        self.bar = tqdm(total=0, desc=self.desc, file=sys.stderr, disable=None, leave=False)
         return self
 
-    def __call__(self, done: int, total: int) -> None:
-        self.bar.update(done - self.bar.n)
+    def __call__(self, done: float, total: float, what: str = "") -> None:
+        from engine.progress import describe
+
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.n = done
+        self.bar.set_description(f"{self.desc}: {describe(done, total, what)[1]}" if what else self.desc,
+                                 refresh=False)
+        self.bar.refresh()
 
     def __exit__(self, *exc: object) -> None:
         self.bar.close()

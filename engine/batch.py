@@ -34,6 +34,7 @@ from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
 from engine.inference import Predictor
 from engine.inspection import inspect
+from engine.progress import Progress
 from engine.recipe import Recipe
 from engine.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -214,7 +215,7 @@ def _thumbnail(bgr: np.ndarray) -> bytes:
 
 
 def run_batch(predictor: Predictor, inputs: Sequence[str | Path | BatchItem], out: str | Path | None,
-              recipe: Recipe, progress: Callable[[int, int], None] | None = None,
+              recipe: Recipe, progress: Progress | None = None,
               on_result: Callable[[dict[str, Any], bool], None] | None = None) -> BatchResult:
     """Inspect every input image; with `out`, write outputs and reports and resume an earlier interrupted batch.
 
@@ -249,7 +250,7 @@ def run_batch(predictor: Predictor, inputs: Sequence[str | Path | BatchItem], ou
         if on_result:
             on_result(_public(result), reused)
         if progress:
-            progress(index + 1, len(items))
+            progress(index + 1, len(items), "images")
     batch.seconds = time.perf_counter() - start
     if out_dir is not None:
         batch.reports = write_reports(batch, out_dir)

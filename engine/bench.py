@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,11 @@ from engine.checkdata import check_data, run_folder
 from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
 from engine.inference import ONNX_FILES, Predictor, preprocess_image
+from engine.progress import Progress, part, silent
 from engine.serving import available_backends
 
 BENCH_SIZE = 256
 THROUGHPUT_BATCH = 8
-Progress = Callable[[str, float], None]  # (what is happening, fraction done of the whole job)
-
-
-def _no_progress(stage: str, fraction: float) -> None:
-    """Default progress callback: do nothing."""
 
 
 def machine_description() -> str:
@@ -47,7 +42,7 @@ def machine_description() -> str:
 
 def time_backends(predictors: dict[str, Predictor], images: list[np.ndarray], iterations: int = 50,
                   warmup: int = 5, batch: int = THROUGHPUT_BATCH,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, dict[str, float]]:
+                  progress: Progress | None = None) -> dict[str, dict[str, float]]:
     """Batch-1 latency p50/p95 (ms) and batch throughput (images/s) of each predictor on same-size images, interleaved.
 
     Each iteration runs every backend once on the same image, rotating which backend goes first, so
@@ -65,7 +60,7 @@ def time_backends(predictors: dict[str, Predictor], images: list[np.ndarray], it
             predictors[name].predict_proba(image)
             latencies[name].append((time.perf_counter() - start) * 1000)
         if progress:
-            progress(i + 1, iterations)
+            progress(i + 1, iterations, "rounds")
     # Throughput: one call on a batch of images (the network's own batching), preprocessed per model.
     chosen = [images[i % len(images)] for i in range(batch)]
     stacks = {name: np.concatenate([preprocess_image(im, p.mean, p.std, p.stride) for im in chosen])
@@ -109,7 +104,7 @@ def benchmark(run: str | Path | None, data: str | Path | None = None, split: str
             samples = select_samples(dataset, split)
         except DatasetError:  # a shipped or generated check set is small: it may lack the split
             samples, split = select_samples(dataset, "all"), "all"
-        result = _benchmark(folder, samples, size, iterations, warmup, progress or _no_progress)
+        result = _benchmark(folder, samples, size, iterations, warmup, progress or silent)
     return {**result, "split": split, "check_data": note}
 
 
@@ -136,12 +131,12 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     torch.set_num_threads(config.cpu_threads())  # the same number of threads as ONNX Runtime sessions use
     try:
         timing = time_backends(predictors, images, iterations, warmup,
-                               progress=lambda done, total: progress(stage, 0.05 + 0.55 * done / total))
+                               progress=part(progress, 0.05, 0.55, f"{stage}: "))
     finally:
         torch.set_num_threads(threads)
     rows = []
     for i, (label, predictor) in enumerate(predictors.items()):
-        progress(f"test Dice of {label}", 0.6 + 0.4 * i / len(predictors))
+        progress(0.6 + 0.4 * i / len(predictors), 1.0, f"test Dice of {label}")
         result = evaluate(predictor, samples, threshold)
         rows.append({"backend": label, "file": predictor.path.name, "epoch": predictor.epoch,
                      "size_bytes": predictor.path.stat().st_size, **timing[label], "dice": result["dice"],
@@ -150,7 +145,7 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     for row in rows:
         row["latency_vs_torch"] = row["latency_p50_ms"] / reference["latency_p50_ms"]
         row["dice_drop"] = reference["dice"] - row["dice"]
-    progress("done", 1.0)
+    progress(1.0, 1.0, "done")
     return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
             "iterations": iterations, "threshold": threshold, "machine": machine_description(),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},

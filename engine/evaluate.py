@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from engine.errors import DatasetError
 from engine.inference import Predictor
 from engine.inspection import inspect
 from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score
+from engine.progress import Progress
 from engine.recipe import Recipe, TuneStats, load_recipe
 
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -29,7 +29,7 @@ def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
 
 
 def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | None = None,
-             progress: Callable[[int, int], None] | None = None, sweep: bool = False,
+             progress: Progress | None = None, sweep: bool = False,
              recipe: Recipe | None = None) -> dict[str, Any]:
     """Metrics of a predictor over samples at each image's own resolution, plus one row per image.
 
@@ -66,7 +66,7 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
         if stats is not None:
             stats.add(probability, truth)
         if progress:
-            progress(i + 1, len(samples))
+            progress(i + 1, len(samples), "images")
     scores, labels = [row["score"] for row in per_image], [row["has_defect"] for row in per_image]
     result = {**metrics.result(), "auroc": auroc(scores, labels), "average_precision": average_precision(scores, labels),
               "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,

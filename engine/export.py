@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import tempfile
 import warnings
-from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +30,7 @@ from engine.checkdata import check_data, pick_samples, run_folder
 from engine.data import load_pair
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES, TILE, Predictor, preprocess_image
+from engine.progress import Progress, silent
 from engine.storage import commit, staged_file, write_staged
 
 OPSET = 17
@@ -41,11 +41,6 @@ PARITY_IMAGES = 8
 CALIBRATION_IMAGES = 32
 REPORT_FILE = "report.json"
 
-Progress = Callable[[str, float], None]  # (what is happening, fraction done of the whole job)
-
-
-def _no_progress(stage: str, fraction: float) -> None:
-    """Default progress callback: do nothing."""
 
 
 def _fit(image: np.ndarray, size: int) -> np.ndarray:
@@ -192,7 +187,7 @@ def export_run(run: str | Path | None, epoch: int | str = "best", int8: bool = F
     checkpoint = runs.checkpoint_path(folder, epoch)  # RunNotFound for no checkpoints or an unknown epoch
     with check_data(folder, data) as (dataset, dataset_note, fallback):
         return _export(folder, checkpoint, int8, dataset, dataset_note, fallback, max_dice_drop, calibration_images,
-                       progress or _no_progress)
+                       progress or silent)
 
 
 def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_note: str, fallback: bool,
@@ -210,7 +205,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     final = {kind: export_dir / name for kind, name in ONNX_FILES.items()}
     with staged_file(final["onnx"]):
         pass  # fail now, not after the work, when the folder cannot take a file
-    progress("exporting to ONNX", 0.05)
+    progress(0.05, 1.0, "exporting to ONNX")
     metadata = onnx_metadata(run_id, epoch_number, meta, model, info, checkpoint.name)
     onnx_bytes = torch_to_onnx(model, metadata)
     reference = Predictor(folder, backend="torch", path=checkpoint)
@@ -239,7 +234,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
                 metadata, max_dice_drop, progress)
             report["messages"].append(report["gate"]["message"])
 
-        progress("timing the backends", 0.8)
+        progress(0.8, 1.0, "timing the backends")
         timing = time_backends(timed, [square_image(image, BENCH_SIZE) for image in check_images], iterations=20,
                                warmup=3)
         for kind, entry in entries.items():
@@ -259,7 +254,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
             report["retired"] = [{"kind": "int8", "path": f"export/{final['int8'].name}", "epoch": old_int8_epoch,
                                   "size_bytes": 0, "accepted": False,
                                   "metrics": {"removed": f"replaced by the export of epoch {epoch_number}"}}]
-        progress("writing files", 0.95)
+        progress(0.95, 1.0, "writing files")
         staging["report"] = staged.enter_context(staged_file(export_dir / REPORT_FILE))
         write_staged(staging["report"], (json.dumps(report, indent=2, default=str) + "\n").encode(),
                      export_dir / REPORT_FILE)
@@ -272,7 +267,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
         commit(staging["report"], export_dir / REPORT_FILE)
 
     runstore.mirror(folder)
-    progress("done", 1.0)
+    progress(1.0, 1.0, "done")
     return report
 
 
@@ -285,13 +280,13 @@ def _check_fp32(folder: Path, staged_onnx: Path, reference: Predictor, check_ima
     """
     from engine.evaluate import evaluate
 
-    progress("checking ONNX against PyTorch", 0.2)
+    progress(0.2, 1.0, "checking ONNX against PyTorch")
     fp32 = Predictor(folder, backend="onnx", path=staged_onnx)
     fp32_parity = parity(reference, fp32, check_images)
     if fp32_parity["max_abs_diff"] > PARITY_TOLERANCE:
         raise EngineError(f"ONNX export of run {run_id} differs from PyTorch (max |dp| "
                           f"{fp32_parity['max_abs_diff']:.2e} > {PARITY_TOLERANCE}); nothing was written")
-    progress("evaluating fp32 ONNX on the validation split", 0.3)
+    progress(0.3, 1.0, "evaluating fp32 ONNX on the validation split")
     fp32_eval = evaluate(fp32, val_samples)
     entry = {"kind": "onnx", "accepted": True, "metrics": {
         "parity": fp32_parity, "val_dice": fp32_eval["dice"], "val_iou": fp32_eval["iou"],
@@ -309,13 +304,13 @@ def _quantize_and_gate(folder: Path, staging: dict[str, Path], reference: Predic
     """
     from engine.evaluate import evaluate
 
-    progress("quantizing to INT8 (calibrating on training images)", 0.4)
+    progress(0.4, 1.0, "quantizing to INT8 (calibrating on training images)")
     calibration = [load_pair(s)[0] for s in pick_samples(dataset, ("train", "val"), calibration_images)]
     settings = quantize_int8(staging["onnx"], staging["int8"], calibration, fp32.mean, fp32.std, fp32.stride, metadata)
     quantized = Predictor(folder, backend="int8", path=staging["int8"])
-    progress("checking INT8 against PyTorch", 0.6)
+    progress(0.6, 1.0, "checking INT8 against PyTorch")
     int8_parity = parity(reference, quantized, check_images)
-    progress("evaluating INT8 on the validation split (accuracy gate)", 0.65)
+    progress(0.65, 1.0, "evaluating INT8 on the validation split (accuracy gate)")
     int8_eval = evaluate(quantized, val_samples)
     accepted, message = int8_gate(fp32_eval["dice"], int8_eval["dice"], max_dice_drop)
     drop = fp32_eval["dice"] - int8_eval["dice"]

@@ -25,7 +25,6 @@ import shutil
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,7 @@ from engine import config
 from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id
 from engine.errors import DatasetError
 from engine.imageio import IMAGE_EXTENSIONS, encode_png
+from engine.progress import Progress
 from engine.storage import atomic_write_text
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "source_path")
@@ -107,7 +107,7 @@ class _Entry:
 
 
 def import_dataset(src: str | Path, name: str, link: bool = False,
-                   progress: Callable[[int, int], None] | None = None) -> ImportReport:
+                   progress: Progress | None = None) -> ImportReport:
     """Import SRC as config.DATA_DIR/NAME (copy, or symlink images with link), validate and register it."""
     from engine import registry
 
@@ -345,7 +345,7 @@ def _label_values(entries: list[_Entry], report: ImportReport) -> tuple[list[_En
 
 
 def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bool, report: ImportReport,
-           progress: Callable[[int, int], None] | None) -> None:
+           progress: Progress | None) -> None:
     """Check every image and mask, then write images, binary masks and the manifest into out."""
     (out / "images").mkdir()
     (out / "masks").mkdir()
@@ -393,7 +393,7 @@ def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bo
             rows.append({"id": entry.id, "split": entry.split, "defect_types": defect_types,
                          "defect_fraction": f"{fraction:.6f}", "source_path": str(entry.image.resolve())})
         if progress:
-            progress(index + 1, len(kept))
+            progress(index + 1, len(kept), "images")
     if empty:
         report.problems.append(f"{empty} empty mask(s): those images were imported as defect-free")
     if not rows:

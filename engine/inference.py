@@ -18,6 +18,7 @@ from engine import config, runs
 from engine.errors import EngineError, RunNotFound
 from engine.imageio import to_gray_float
 from engine.model import load_checkpoint
+from engine.progress import Progress
 
 BACKENDS = ("torch", "onnx", "int8")
 ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}
@@ -113,10 +114,10 @@ class Predictor:
         height, width = image.shape
         return self.forward_batch(pad_to_multiple(image, self.stride)[None, None])[0, 0, :height, :width]
 
-    def predict_proba(self, image: np.ndarray, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    def predict_proba(self, image: np.ndarray, progress: Progress | None = None) -> np.ndarray:
         """Defect probability per pixel for an image of any size (large images in blended tiles).
 
-        progress(done, total) is called after each tile of a large image (pages show it).
+        progress(done, total, "tiles") is called after each tile of a large image (pages show it).
         """
         gray = image if image.ndim == 2 and image.dtype == np.float32 else to_gray_float(image)
         height, width = gray.shape
@@ -191,7 +192,7 @@ def tile_starts(length: int, tile: int, overlap: int, stride: int = 1) -> list[i
 
 def predict_tiled(run_whole: Callable[[np.ndarray], np.ndarray], image: np.ndarray, tile: int = TILE,
                   overlap: int = TILE_OVERLAP, stride: int = 1,
-                  progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                  progress: Progress | None = None) -> np.ndarray:
     """Probabilities from overlapping, stride-aligned tiles blended with edge weights.
 
     run_whole maps a 2-D patch to its probabilities; it only ever sees patches of at most tile x tile,
@@ -210,7 +211,7 @@ def predict_tiled(run_whole: Callable[[np.ndarray], np.ndarray], image: np.ndarr
         total[y : y + rows, x : x + cols] += run_whole(patch) * weights
         weight_sum[y : y + rows, x : x + cols] += weights
         if progress is not None:
-            progress(done, len(starts))
+            progress(done, len(starts), "tiles")
     return np.divide(total, np.maximum(weight_sum, 1e-6, out=weight_sum), out=total)
 
 

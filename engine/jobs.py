@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # engine.train imports torch; a config is all this module nee
 
 from engine import config, registry, runs, runstore
 from engine.errors import EngineError
+from engine.progress import Progress
 from engine.storage import atomic_write_json
 
 LOG_NAME = "train.log"
@@ -124,7 +125,7 @@ def progress(run_id: str) -> dict:
 
 # --------------------------------------------------------------------------------------- isolated work
 
-def run_isolated(target: Callable[..., T], *args: Any, progress: Callable[[str, float], None] | None = None,
+def run_isolated(target: Callable[..., T], *args: Any, progress: Progress | None = None,
                  **kwargs: Any) -> T:
     """target(*args, progress=..., **kwargs) in a fresh process; returns its result.
 
@@ -166,7 +167,8 @@ def run_isolated(target: Callable[..., T], *args: Any, progress: Callable[[str, 
 def _isolated_main(queue: Any, target: Callable[..., Any], args: tuple, kwargs: dict) -> None:
     """The child's side of run_isolated: run, and send progress, then the result or the error."""
     try:
-        result = target(*args, progress=lambda stage, fraction: queue.put(("progress", (stage, fraction))), **kwargs)
+        result = target(*args, progress=lambda done, total, what="": queue.put(("progress", (done, total, what))),
+                        **kwargs)
         queue.put(("result", result))
     except EngineError as err:
         queue.put(("error", str(err)))

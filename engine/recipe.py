@@ -17,7 +17,7 @@ import dataclasses
 import json
 import math
 import statistics
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,6 +28,7 @@ import numpy as np
 
 from engine import runs
 from engine.errors import EngineError
+from engine.progress import Progress
 from engine.storage import atomic_write_json
 
 RECIPE_FILE = "recipe.json"
@@ -296,7 +297,7 @@ def _clean(value: float) -> float | None:
 
 def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
                   min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
-                  progress: Callable[[int, int], None] | None = None) -> TuneStats:
+                  progress: Progress | None = None) -> TuneStats:
     """Predict each sample once and gather the tuning statistics (the grid is then evaluated without the model)."""
     from engine.data import load_pair
 
@@ -305,7 +306,7 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
         image, truth = load_pair(sample)
         stats.add(predictor.predict_proba(image), truth)
         if progress:
-            progress(index + 1, len(samples))
+            progress(index + 1, len(samples), "images")
     return stats
 
 
@@ -339,7 +340,7 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
 def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, confidence: float | None = None,
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
              context: dict[str, Any] | None = None, save: bool = True,
-             progress: Callable[[int, int], None] | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
+             progress: Progress | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
     """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings."""
     stats = collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
     best = stats.best(max_false_alarm, confidence)

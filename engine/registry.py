@@ -645,7 +645,7 @@ def _run_from_folder(folder: Path, info: dict) -> Run:
     status = info.get("status") if info.get("status") in STATUSES else "failed"
     threshold = _number(info.get("threshold"))
     return Run(
-        id=str(info.get("run_id") or folder.name),
+        id=folder.name,  # the folder is the run: a copied folder is a run of its own
         name=str(info.get("name") or info.get("run_id") or folder.name),
         dataset_path=str(dataset.get("path") or info.get("dataset_path") or ""),
         dataset_hash=str(dataset.get("hash") or info.get("dataset_hash") or ""),

@@ -114,7 +114,7 @@ def reconcile(folder: Path) -> bool:
     pid = info.get("pid")
     if info.get("status") not in ACTIVE or pid is None or registry.pid_alive(int(pid)):
         return False
-    row = registry.get_run(str(info.get("run_id") or folder.name))
+    row = registry.get_run(folder.name)
     recorded = row is not None and row.status == "failed" and row.error and not row.error.startswith(
         registry.STALE_ERROR)
     fail(folder, row.error if recorded else f"{registry.STALE_ERROR} (process {pid} is gone)")
@@ -194,21 +194,30 @@ def _when(value: Any) -> str:
 
 
 def refresh() -> None:
-    """Bring the registry up to the run folders: mirror a folder it lacks, record a run whose process died."""
+    """Bring the registry up to the run folders: mirror a folder it lacks, drop a row whose folder is gone, and
+    record a run whose process died."""
     rows = {run.id: run for run in registry.list_runs()}
-    for folder in runs.list_run_dirs():
-        run = rows.get("demo" if folder == config.DEMO_RUN_DIR else folder.name)
+    folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in runs.list_run_dirs()}
+    for run_id in rows.keys() - folders.keys():  # the folder is the record: deleted by hand, the run is gone
+        registry.delete_run(run_id)
+    for run_id, folder in folders.items():
+        run = rows.get(run_id)
         if run is None:
             mirror(folder)
         elif run.status == "failed" and (run.error or "").startswith(registry.STALE_ERROR):
             reconcile(folder)  # shown failed because its process is gone: make run.json say so too
 
 
+def list_runs() -> list[registry.Run]:
+    """Every run, newest first, from the registry once it is brought up to the folders (see `refresh`)."""
+    refresh()
+    return registry.list_runs()
+
+
 def overview() -> list[dict[str, Any]]:
     """One row per run for tables, newest first, from the registry once it is brought up to the folders."""
-    refresh()
     rows: list[dict[str, Any]] = []
-    for run in registry.list_runs():
+    for run in list_runs():
         params = run.params
         rows.append({
             "run_id": run.id, "name": run.name, "status": run.status,

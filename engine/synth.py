@@ -24,6 +24,7 @@ import numpy as np
 from engine import config
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS, write_png
+from engine.progress import Progress
 from engine.storage import atomic_write_text
 
 DEFECT_TYPES = ("scratch", "crack", "pit", "dent", "inclusion", "patch")
@@ -628,7 +629,7 @@ def _remove_stale(out: Path, count: int) -> None:
 
 
 def _render_all(out: Path, params: SynthParams, width: int, tasks: list[tuple[int, int, bool]],
-                workers: int | None, progress: Callable[[int, int], None] | None) -> list[tuple[int, str, float]]:
+                workers: int | None, progress: Progress | None) -> list[tuple[int, str, float]]:
     """Render and write every (index, seed, defect-free) task, in a process pool when there are enough;
     returns (index, defect types, defect fraction) per image."""
     count = len(tasks)
@@ -642,7 +643,7 @@ def _render_all(out: Path, params: SynthParams, width: int, tasks: list[tuple[in
         for done in done_batches:
             results.extend(done)
             if progress:
-                progress(len(results), count)
+                progress(len(results), count, "images")
 
     if workers > 1 and count >= POOL_MIN_COUNT:
         with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(out), params, width)) as pool:
@@ -662,7 +663,7 @@ def generate_dataset(
     seed: int = 0,
     params: SynthParams | None = None,
     workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> dict:
     """Write DIR/images/<id>.png, DIR/masks/<id>.png (only for defective images), DIR/manifest.csv; return counts."""
     params = params or SynthParams()
@@ -741,7 +742,7 @@ def generate_and_register(
     seed: int = 0,
     params: SynthParams | None = None,
     workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     source: str = "generated",
 ) -> dict:
     """generate_dataset, then record the folder in the registry (name, content hash, counts); returns the counts."""

@@ -51,6 +51,7 @@ from engine.recipe import DEFAULT_THRESHOLDS, Recipe, TuneStats, load_recipe, sa
 from engine.storage import atomic_write_bytes
 
 DEFAULT_EPOCHS = 40  # when neither --epochs nor --minutes is given
+SUGGESTED_MINUTES = 15.0  # the budget the README and the Train page suggest for a real dataset
 # An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
 # large images a pass is a few seconds, and validating that often would take a third of the budget.
 MIN_STEPS_PER_EPOCH = 50

@@ -178,7 +178,7 @@ def test_home(page: object, server: str, shots: Path) -> None:
 
 
 def test_generate(page: object, server: str, shots: Path) -> None:
-    open_settled(page, server, "Generate_Data", "Generate Data", "Generate data")
+    open_settled(page, server, "Generate_Data", "Generate data", "Generate data")
     assert page.locator('[data-testid="stImage"]').count() >= 6  # the preview grid
     name = page.get_by_label("Dataset name", exact=True)
     name.fill("browser-set")

@@ -17,7 +17,7 @@ def open_export_page() -> AppTest:
     """Start at Home as a user does, then switch to the Export page."""
     at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT).run()
     assert not at.exception, [e.value for e in at.exception]
-    at.switch_page("pages/3_Export.py").run()
+    at.switch_page("app_pages/3_Export.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 

@@ -63,7 +63,7 @@ def manifest(folder: Path) -> dict[str, dict[str, str]]:
 def test_mvtec_import(tmp_path: Path) -> None:
     src = make_mvtec(tmp_path / "bottle")
     seen = []
-    report = import_dataset(src, "bottle", progress=lambda done, total: seen.append((done, total)))
+    report = import_dataset(src, "bottle", progress=lambda done, total, what: seen.append((done, total)))
     target = config.DATA_DIR / "bottle"
     assert report.path == target and report.layout == "mvtec" and not report.already_imported_as
     assert report.counts == {"images": 26, "defective": 4, "defect_free": 22, "train": 18, "val": 2, "test": 6}

@@ -89,7 +89,7 @@ def test_evaluate_counts_the_same_verdict_and_mask(case) -> None:
 def test_the_inspect_page_shows_the_same_verdict_and_regions(case) -> None:
     run_id, image_path, _, expected = case
     at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=60).run()
-    at.switch_page("pages/4_Inspect.py").run()
+    at.switch_page("app_pages/4_Inspect.py").run()
     at.sidebar.selectbox(key="inspect_run").set_value(run_id).run()
     at.selectbox(key="inspect_folder").set_value(image_path.parent.parent.name).run()
     at.selectbox(key="inspect_sample").set_value(image_path.stem).run()

@@ -14,8 +14,8 @@ from engine.errors import EngineError
 
 def square_with_progress(value: int, progress) -> dict:
     """A worker: reports progress twice, answers with its pid (so the test sees it ran elsewhere)."""
-    progress("half", 0.5)
-    progress("done", 1.0)
+    progress(0.5, 1.0, "half")
+    progress(1.0, 1.0, "done")
     return {"square": value * value, "pid": os.getpid()}
 
 
@@ -28,17 +28,17 @@ def slow_with_cleanup(marker: str, progress) -> None:
     """A worker that cleans up in `finally` (as export's staged files do) while it is stopped."""
     try:
         for step in range(600):
-            progress("working", step / 600)
+            progress(step, 600, "working")
             time.sleep(0.1)
     finally:
         Path(marker).write_text("cleaned up")
 
 
 def test_result_and_progress_come_back_from_another_process() -> None:
-    seen: list[tuple[str, float]] = []
-    result = jobs.run_isolated(square_with_progress, 7, progress=lambda stage, f: seen.append((stage, f)))
+    seen: list[tuple[float, float, str]] = []
+    result = jobs.run_isolated(square_with_progress, 7, progress=lambda *call: seen.append(call))
     assert result["square"] == 49 and result["pid"] != os.getpid()
-    assert seen == [("half", 0.5), ("done", 1.0)]
+    assert seen == [(0.5, 1.0, "half"), (1.0, 1.0, "done")]
 
 
 def test_an_engine_error_keeps_its_message() -> None:
@@ -52,8 +52,8 @@ def test_a_caller_that_goes_away_stops_the_worker_and_its_cleanup_runs(tmp_path:
     class PageLeft(Exception):
         pass
 
-    def leave(stage: str, fraction: float) -> None:
-        if fraction > 0.005:
+    def leave(done: float, total: float, what: str = "") -> None:
+        if done / total > 0.005:
             raise PageLeft
 
     started = time.monotonic()
@@ -61,3 +61,13 @@ def test_a_caller_that_goes_away_stops_the_worker_and_its_cleanup_runs(tmp_path:
         jobs.run_isolated(slow_with_cleanup, str(marker), progress=leave)
     assert marker.read_text() == "cleaned up"
     assert time.monotonic() - started < 40  # stopped, not left to run its 60 s
+
+
+def test_one_progress_convention_for_counted_and_staged_work() -> None:
+    from engine.progress import describe, part
+
+    assert describe(12, 40, "images") == (0.3, "images 12/40")  # counted work shows its counts
+    assert describe(0.4, 1.0, "quantizing") == (0.4, "quantizing")  # staged work its stage
+    seen: list[tuple[float, float, str]] = []
+    part(lambda *call: seen.append(call), 0.6, 0.4, "benchmark: ")(5, 10, "rounds")
+    assert seen == [(0.8, 1.0, "benchmark: rounds")]  # a sub-job fills its share of the whole bar

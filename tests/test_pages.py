@@ -17,6 +17,7 @@ from engine.drawing import mask_difference
 from engine.inference import Predictor
 from engine.metrics import dice_score, iou_score
 from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run
+from ui import epoch_label
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60  # first runs import torch and load models on a busy 2-core machine
@@ -85,7 +86,7 @@ def test_home_creates_sample_folder_and_lists_runs(trained_run: str) -> None:
 
 
 def test_generate_previews_then_writes_and_registers(session_home: Path) -> None:
-    at = open_page("pages/1_Generate_Data.py")
+    at = open_page("app_pages/1_Generate_Data.py")
     assert len(at.image) == 6  # the preview grid
     at.text_input(key="gen_name").set_value("apptest-gen")
     at.number_input(key="gen_count").set_value(12)
@@ -104,7 +105,7 @@ def test_generate_previews_then_writes_and_registers(session_home: Path) -> None
 
 
 def test_generate_refuses_bad_name_with_a_message() -> None:
-    at = open_page("pages/1_Generate_Data.py")
+    at = open_page("app_pages/1_Generate_Data.py")
     at.text_input(key="gen_name").set_value("../escape").run()
     assert not at.exception
     assert "not usable" in at.error[0].value
@@ -112,7 +113,7 @@ def test_generate_refuses_bad_name_with_a_message() -> None:
 
 
 def test_import_section_imports_and_registers_a_folder(tiny_dataset: Path) -> None:
-    at = open_page("pages/1_Generate_Data.py")
+    at = open_page("app_pages/1_Generate_Data.py")
     at.text_input(key="import_src").set_value(str(tiny_dataset))
     at.text_input(key="import_name").set_value("apptest-import")
     next(b for b in at.button if b.label == "Import").click().run()
@@ -134,10 +135,26 @@ def test_cli_generate_registers_through_the_shared_function(session_home: Path) 
 # ---------------------------------------------------------------------------------------- Train
 
 
+def test_train_page_offers_the_engines_defaults() -> None:
+    from engine.train import DEFAULT_EPOCHS, SUGGESTED_MINUTES, TrainConfig
+
+    defaults = TrainConfig()
+    at = open_page("app_pages/2_Train.py")
+    assert at.radio(key="train_stop_by").value == "minutes"
+    assert at.number_input(key="train_minutes").value == SUGGESTED_MINUTES
+    assert at.number_input(key="train_batch").value == defaults.batch_size
+    assert at.number_input(key="train_lr").value == pytest.approx(defaults.lr)
+    assert at.number_input(key="train_seed").value == defaults.seed
+    assert at.selectbox(key="train_preset").value == defaults.preset
+    at.radio(key="train_stop_by").set_value("epochs").run()
+    assert at.number_input(key="train_epochs").value == DEFAULT_EPOCHS
+
+
 def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None:
-    at = open_page("pages/2_Train.py")
+    at = open_page("app_pages/2_Train.py")
     at.selectbox(key="train_dataset").set_value(tiny_dataset.name)
     at.text_input(key="train_name").set_value("apptest-train")
+    at.radio(key="train_stop_by").set_value("epochs").run()
     at.number_input(key="train_epochs").set_value(1)
     at.select_slider(key="train_crop").set_value(32)
     at.number_input(key="train_batch").set_value(4)
@@ -168,22 +185,23 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
 
 def test_train_shows_why_a_run_failed(runs_dir: Path) -> None:
     run_id = "apptest-failed"
-    registry.create_run(run_id, name=run_id, status="failed", error="DatasetError: no val split")
     (runs_dir / run_id).mkdir(parents=True, exist_ok=True)
+    runstore.save(runs_dir / run_id, {"run_id": run_id, "name": run_id, "status": "failed",
+                                      "error": "DatasetError: no val split"})
     (runs_dir / run_id / jobs.LOG_NAME).write_text("loading data\nTraceback: the reason is here\n")
-    at = open_page("pages/2_Train.py")
+    at = open_page("app_pages/2_Train.py")
     at.selectbox(key="train_watch").set_value(run_id).run()
     assert not at.exception
     assert "no val split" in at.error[0].value
     assert any("the reason is here" in c.value for c in at.code)
-    registry.delete_run(run_id)
+    runs.delete_run(run_id)
 
 
 # ---------------------------------------------------------------------------------------- Inspect
 
 
 def test_inspect_dice_equals_engine_dice(trained_run: str) -> None:
-    at = open_page("pages/4_Inspect.py")
+    at = open_page("app_pages/4_Inspect.py")
     at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
     at.sidebar.select_slider[0].set_range(2, 2)
     at.sidebar.slider[0].set_value(0.3)
@@ -201,16 +219,16 @@ def test_inspect_dice_equals_engine_dice(trained_run: str) -> None:
 
 def test_inspect_and_review_start_at_the_recipe_threshold(trained_run: str, restore_recipe: Path) -> None:
     save_recipe(restore_recipe, load_recipe(restore_recipe).with_overrides(threshold=0.33))
-    at = open_page("pages/4_Inspect.py")
+    at = open_page("app_pages/4_Inspect.py")
     at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
     assert at.sidebar.slider(key=f"inspect_thr_{trained_run}").value == 0.33
-    at.switch_page("pages/6_Review.py").run()
+    at.switch_page("app_pages/6_Review.py").run()
     at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
     assert at.sidebar.slider(key=f"review_thr_{trained_run}").value == 0.33
 
 
 def test_inspect_threshold_reuses_probabilities(trained_run: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    at = open_page("pages/4_Inspect.py")
+    at = open_page("app_pages/4_Inspect.py")
     at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
     calls = []
     original = Predictor.predict_proba
@@ -230,7 +248,7 @@ def test_inspect_threshold_reuses_probabilities(trained_run: str, monkeypatch: p
 
 
 def test_inspect_compares_two_epochs(trained_run: str) -> None:
-    at = open_page("pages/4_Inspect.py")
+    at = open_page("app_pages/4_Inspect.py")
     at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
     at.sidebar.select_slider[0].set_range(1, 2)
     at.sidebar.slider[0].set_value(0.4)
@@ -247,7 +265,7 @@ def test_inspect_compares_two_epochs(trained_run: str) -> None:
 
 
 def test_inspect_upload_without_mask_and_unreadable_upload(trained_run: str) -> None:
-    at = open_page("pages/4_Inspect.py")
+    at = open_page("app_pages/4_Inspect.py")
     at.radio(key="inspect_source").set_value("Upload").run()
     assert "Upload a PNG" in at.info[0].value
     image = (np.random.default_rng(0).random((40, 56)) * 255).astype(np.uint8)
@@ -262,7 +280,7 @@ def test_inspect_upload_without_mask_and_unreadable_upload(trained_run: str) -> 
 
 def test_inspect_tells_when_the_chosen_run_is_gone(trained_run: str) -> None:
     at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT).run()
-    at.switch_page("pages/4_Inspect.py")
+    at.switch_page("app_pages/4_Inspect.py")
     at.session_state["inspect_run"] = "20200101-000000-deleted-0000"
     at.run()
     assert not at.exception
@@ -273,7 +291,7 @@ def test_inspect_tells_when_the_chosen_run_is_gone(trained_run: str) -> None:
 
 
 def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> None:
-    at = open_page("pages/6_Review.py")
+    at = open_page("app_pages/6_Review.py")
     at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
     at.sidebar.select_slider[0].set_range(2, 2).run()
     assert not at.exception
@@ -289,6 +307,9 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> N
     at.session_state["review_table"] = {"selection": {"rows": [0], "columns": []}}
     at.run()
     assert f"Image {worst}" in texts(at)
+    captions = [caption for image in at.image for caption in image.captions]
+    verdicts = [caption.rsplit(": ", 1)[1] for caption in captions if caption.startswith(epoch_label(2))]
+    assert verdicts == [table.iloc[0]["verdict"]]  # the picture's caption and the table give one verdict
     at.button(key="review_open").click().run()
     assert not at.exception
     assert at.title[0].value.endswith("Inspect")
@@ -297,7 +318,7 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> N
 
 
 def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, restore_recipe: Path) -> None:
-    at = open_page("pages/6_Review.py")
+    at = open_page("app_pages/6_Review.py")
     at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
     epoch = at.sidebar.select_slider[0].value[0]
     at.number_input(key="review_goal").set_value(25.0)
@@ -321,15 +342,14 @@ def _make_finished_run(run_id: str) -> Path:
     """A completed run folder plus registry row (what a finished training leaves behind, minus weights)."""
     folder = config.RUNS_DIR / run_id
     folder.mkdir(parents=True)
-    runs.write_run_json(folder, {"run_id": run_id, "name": run_id, "status": "completed", "params": {"crop": 32}})
-    registry.create_run(run_id, name=run_id, status="completed")
+    runstore.save(folder, {"run_id": run_id, "name": run_id, "status": "completed", "params": {"crop": 32}})
     return folder
 
 
 def test_runs_table_curves_lineage_and_delete(trained_run: str) -> None:
     victim = "20200101-000000-apptest-victim-0000"
     folder = _make_finished_run(victim)
-    at = open_page("pages/5_Runs.py")
+    at = open_page("app_pages/5_Runs.py")
     table = at.dataframe[0].value
     assert {trained_run, victim} <= set(table["run_id"])
     curves = at.multiselect(key="runs_curves")
@@ -388,7 +408,7 @@ def test_train_refuses_a_dataset_that_fails_validation(session_home: Path) -> No
     (broken / "images").mkdir(parents=True)
     (broken / "images" / "000000.png").write_bytes(b"this is not a png")
     (broken / "images" / "000001.png").write_bytes(b"neither is this")
-    at = open_page("pages/2_Train.py")
+    at = open_page("app_pages/2_Train.py")
     at.selectbox(key="train_dataset").set_value("apptest-broken")
     at.text_input(key="train_name").set_value("apptest-broken-run")
     at.run()
@@ -405,7 +425,7 @@ def test_inspect_run_with_only_best_checkpoint(trained_run: str) -> None:
     folder = config.RUNS_DIR / "apptest-best-only"
     shutil.copytree(runs.run_dir(trained_run), folder, ignore=shutil.ignore_patterns("model_epoch_*.pth"))
     try:
-        at = open_page("pages/4_Inspect.py")
+        at = open_page("app_pages/4_Inspect.py")
         at.sidebar.selectbox(key="inspect_run").set_value("apptest-best-only").run()
         assert not at.exception
         assert not at.sidebar.select_slider  # one model, nothing to slide
@@ -429,13 +449,13 @@ def test_a_not_ready_run_says_so_on_inspect_runs_and_review(trained_run: str) ->
                                  "ready": False, "ready_reason": reason})
     registry.rebuild()
     try:
-        for page, key in (("pages/4_Inspect.py", "inspect_run"), ("pages/6_Review.py", "review_run")):
+        for page, key in (("app_pages/4_Inspect.py", "inspect_run"), ("app_pages/6_Review.py", "review_run")):
             at = open_page(page)
             at.sidebar.selectbox(key=key).set_value(run_id).run()
             assert not at.exception
             warning = "\n".join(w.value for w in at.warning)
             assert f"Not ready:** {reason}" in warning and "train longer" in warning, page
-        at = open_page("pages/5_Runs.py")
+        at = open_page("app_pages/5_Runs.py")
         table = at.dataframe[0].value.set_index("run_id")
         assert table.loc[run_id, "ready"] == "no"
         at.selectbox(key="runs_lineage").set_value(run_id).run()
@@ -451,7 +471,7 @@ def test_inspect_names_an_export_by_its_epoch_and_a_zero_area_rule_plainly(train
     report = export_run(trained_run)
     # Nothing reaches a threshold of 1.0, and a tuned minimum area of 0 px is no area rule at all.
     save_recipe(restore_recipe, load_recipe(restore_recipe).with_overrides(threshold=1.0, min_region_px=0))
-    at = open_page("pages/4_Inspect.py")
+    at = open_page("app_pages/4_Inspect.py")
     at.sidebar.selectbox(key="inspect_run").set_value(trained_run).run()
     if len(at.sidebar.select_slider):
         first = at.sidebar.select_slider[0].options[0]

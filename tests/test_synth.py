@@ -83,7 +83,7 @@ def test_hard_thin_scratches_stay_visible() -> None:
 def test_dataset_contract_manifest_masks_and_splits(tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
     result = generate_dataset(tmp_path, 40, seed=3, params=SynthParams(size=48), workers=1,
-                              progress=lambda done, total: seen.append((done, total)))
+                              progress=lambda done, total, what: seen.append((done, total)))
     rows = _manifest(tmp_path)
     assert list(rows[0]) == list(synth.MANIFEST_COLUMNS)
     assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(40)]

@@ -9,15 +9,14 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
-from engine import data, jobs, registry, runs
+from engine import data, jobs, registry, runs, runstore
 from engine.errors import EngineError
 from engine.model import PRESETS
-from engine.train import TrainConfig
+from engine.train import DEFAULT_EPOCHS, SUGGESTED_MINUTES, TrainConfig
 from ui import readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 
-st.set_page_config(page_title="Train", page_icon=":material/model_training:", layout="wide")
 st.title(":material/model_training: Train")
 st.caption("Each run trains in its own process: you may close the tab, reload, or open a second one; "
            "progress comes from the run registry.")
@@ -71,11 +70,12 @@ with settings:
     name = st.text_input("Run name", value=dataset or "run", key="train_name")
     preset = st.selectbox("Model size", list(PRESETS), index=list(PRESETS).index(DEFAULTS.preset),
                           key="train_preset", format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
-    stop_by = st.radio("Stop after", ["epochs", "minutes"], horizontal=True, key="train_stop_by")
+    stop_by = st.radio("Stop after", ["minutes", "epochs"], horizontal=True, key="train_stop_by",
+                       help="a minutes budget anneals the learning rate within it (what the README suggests)")
     if stop_by == "epochs":
-        epochs, minutes = st.number_input("Epochs", 1, 500, 10, key="train_epochs"), None
+        epochs, minutes = st.number_input("Epochs", 1, 500, DEFAULT_EPOCHS, key="train_epochs"), None
     else:
-        minutes = st.number_input("Minutes", 0.5, 600.0, 5.0, 0.5, key="train_minutes")
+        minutes = st.number_input("Minutes", 0.5, 600.0, SUGGESTED_MINUTES, 0.5, key="train_minutes")
         epochs = None  # the wall-time budget ends the run
     device = st.radio("Device", DEVICES, horizontal=True, key="train_device",
                       help=None if len(DEVICES) > 1 else "No CUDA GPU found; training runs on the CPU.")
@@ -114,7 +114,7 @@ with settings:
 # ---- watching a run ------------------------------------------------------------------------------
 with monitor_column:
     st.subheader("Progress")
-    all_runs = registry.list_runs()
+    all_runs = runstore.list_runs()
     if not all_runs:
         st.info("No runs yet. Start one on the left; its progress shows here.")
         st.stop()
@@ -154,7 +154,10 @@ with monitor_column:
                 jobs.cancel(run_id)
                 st.toast(f"Cancel requested for {run_id}")
         if state["status"] == "completed":
-            readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
+            try:
+                readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
+            except EngineError as err:  # its folder was deleted meanwhile
+                st.warning(str(err))
         if state["status"] == "failed":
             st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
             tail = jobs.log_tail(run_id)

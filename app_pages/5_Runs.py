@@ -10,7 +10,6 @@ from engine import registry, runs, runstore
 from engine.errors import EngineError
 from ui import readiness_notice
 
-st.set_page_config(page_title="Runs", page_icon=":material/history:", layout="wide")
 st.title(":material/history: Runs")
 
 flash = st.session_state.pop("runs_flash", None)

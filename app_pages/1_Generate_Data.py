@@ -7,8 +7,8 @@ import streamlit as st
 from engine import config, importer, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
+from ui import progress_bar
 
-st.set_page_config(page_title="Generate data", page_icon=":material/science:", layout="wide")
 st.title(":material/science: Generate data")
 st.caption("Procedural metal surfaces (brushed, rolled, ground, cast, polished) with drawn defects and exact "
            "masks. Nothing is written until you press **Generate**.")
@@ -64,12 +64,7 @@ overwrite = st.checkbox(f"Replace the existing dataset '{name}'", value=False, k
 if exists:
     st.warning(f"A dataset named '{name}' already exists in {out.parent.name}/.")
 if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
-    bar = st.progress(0.0, text="Generating…")
-
-    def report(done: int, total: int) -> None:
-        """Move the progress bar."""
-        bar.progress(done / total, text=f"Generating… {done}/{total} images")
-
+    bar, report = progress_bar("Generating…")
     params = synth.SynthParams(size=int(size), defect_free=float(defect_free), difficulty=float(difficulty),
                                tint=float(tint), defect_weights=weights)
     try:
@@ -82,7 +77,7 @@ if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
         st.success(f"Dataset **{name}**: {result['images']} images ({result['defective']} defective, "
                    f"{result['defect_free']} defect-free; splits {result['per_split']}) in {result['seconds']:.1f} s. "
                    f"Content hash {result['dataset'].content_hash}.")
-        st.page_link("pages/2_Train.py", label="Train a model on it", icon=":material/model_training:")
+        st.page_link("app_pages/2_Train.py", label="Train a model on it", icon=":material/model_training:")
 
 # ---- bring your own images -------------------------------------------------------------------------
 st.header("Import your own images")
@@ -94,10 +89,9 @@ with st.form("import"):
     link = st.checkbox("Link the images instead of copying them")
     submitted = st.form_submit_button("Import")
 if submitted:
-    import_bar = st.progress(0.0, text="Importing…")
+    import_bar, report = progress_bar("Importing…")
     try:
-        imported = importer.import_dataset(source.strip(), import_name.strip(), link=link,
-                                           progress=lambda done, total: import_bar.progress(done / max(total, 1)))
+        imported = importer.import_dataset(source.strip(), import_name.strip(), link=link, progress=report)
     except EngineError as err:
         import_bar.empty()
         st.error(str(err))

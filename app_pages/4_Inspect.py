@@ -19,9 +19,8 @@ from engine.inference import BACKENDS, ONNX_FILES, Predictor
 from engine.inspection import Inspection, inspect
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
-from ui import epoch_label, for_display, load_predictor, pick_run, probability_cache, sample_folder
+from ui import epoch_label, for_display, load_predictor, pick_run, probability_cache, progress_bar, sample_folder
 
-st.set_page_config(page_title="Inspect", page_icon=":material/search:", layout="wide")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
 MAX_REGIONS_SHOWN = 8
@@ -36,9 +35,8 @@ def probability(predictor: Predictor, image: np.ndarray, key: tuple, label: str)
     stored = cache.get(key)
     if stored is not None:
         return stored
-    bar = st.progress(0.0, text=f"Running {label}…")
-    proba = predictor.predict_proba(image, progress=lambda done, total: bar.progress(
-        done / total, text=f"Running {label}: tile {done} of {total}"))
+    bar, report = progress_bar(f"Running {label}…")
+    proba = predictor.predict_proba(image, progress=report)
     bar.empty()
     proba = proba.astype(np.float16)  # half the memory; the threshold slider moves in steps of 0.01
     cache.put(key, proba)

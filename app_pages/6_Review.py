@@ -18,7 +18,6 @@ from engine.inspection import inspect
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
 from ui import epoch_label, load_predictor, pick_run, sample_folder
 
-st.set_page_config(page_title="Review", page_icon=":material/fact_check:", layout="wide")
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
            "and how Dice and false alarms move with the threshold. Click a row to look at the image.")
@@ -128,7 +127,7 @@ if rows:
     if st.button("Open in Inspect", key="review_open"):
         st.session_state["inspect_request"] = {"run": run_id, "sample": sample_id, "folder": folder_name,
                                                "epochs": [epochs[0], epochs[-1]]}
-        st.switch_page("pages/4_Inspect.py")
+        st.switch_page("app_pages/4_Inspect.py")
 
 # ---- threshold sweep -----------------------------------------------------------------------------
 st.subheader("Threshold trade-off")

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
@@ -12,14 +9,9 @@ import streamlit as st
 from engine import bench, export, jobs, runs
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
+from engine.progress import part
+from ui import progress_bar
 
-
-def fill(bar: Any, start: float, span: float, prefix: str = "") -> Callable[[str, float], None]:
-    """A progress(stage, fraction) callback that fills [start, start + span] of a Streamlit progress bar."""
-    return lambda stage, done: bar.progress(min(1.0, start + span * done), text=prefix + stage)
-
-
-st.set_page_config(page_title="Export", page_icon=":material/inventory_2:", layout="wide")
 st.title(":material/inventory_2: Export")
 st.caption("ONNX for plain CPUs: checked against PyTorch on real images. INT8 (static, per-channel) is kept only "
            "when its validation Dice stays within the gate.")
@@ -45,17 +37,17 @@ bench_clicked = go_bench.button("Benchmark only", key="export_bench_button",
                                 disabled=not (folder / "export" / ONNX_FILES["onnx"]).is_file())
 
 if export_clicked or bench_clicked:
-    bar = st.progress(0.0, text="starting…")
+    bar, show_progress = progress_bar("")
     try:
         if export_clicked:
             # In a fresh process: the app keeps none of the memory export and benchmark need.
             report = jobs.run_isolated(export.export_run, folder, epoch, int8=int8, max_dice_drop=max_drop,
-                                       progress=fill(bar, 0.0, 0.6))
+                                       progress=part(show_progress, 0.0, 0.6))
             st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"),
                                                    report["check_data"] if report["check_data_is_fallback"] else None)
         start = 0.6 if export_clicked else 0.0
         result = jobs.run_isolated(bench.benchmark, folder, iterations=int(iterations),
-                                   progress=fill(bar, start, 1 - start, "benchmark: "))
+                                   progress=part(show_progress, start, 1 - start, "benchmark: "))
         st.session_state["export_bench"] = (run_id, result)
     except EngineError as err:
         st.error(str(err))
