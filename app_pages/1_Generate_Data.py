@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine import config, importer, synth
+from engine import config, data, importer, paint, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
-from ui import progress_bar
+from ui import for_display, progress_bar
 
 st.title(":material/science: Generate data")
 st.caption("Procedural metal surfaces (brushed, rolled, ground, cast, polished) with drawn defects and exact "
@@ -22,6 +22,12 @@ def preview_images(size: int, defect_free: float, difficulty: float, tint: float
                                defect_weights=dict(weights))
     return [(overlay(image, mask, color=(255, 60, 60), alpha=0.0), types)
             for image, mask, types in synth.preview(params, n=n, seed=seed)]
+
+
+@st.cache_data(max_entries=8, show_spinner="Painting the preview…")
+def painted_preview(onto: str, seed: int) -> list[tuple]:
+    """Four of the folder's good images with painted defects (cached per folder and seed)."""
+    return paint.preview(onto, n=4, seed=seed)
 
 
 with st.sidebar:
@@ -78,6 +84,42 @@ if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
                    f"{result['defect_free']} defect-free; splits {result['per_split']}) in {result['seconds']:.1f} s. "
                    f"Content hash {result['dataset'].content_hash}.")
         st.page_link("app_pages/2_Train.py", label="Train a model on it", icon=":material/model_training:")
+
+# ---- paint defects onto your own good images -------------------------------------------------------
+st.header("Paint defects onto your own images")
+st.caption("Most lines have many good parts and few labelled defects: the generator's defects are painted onto "
+           "your defect-free images, matched to the surface under them, with exact masks (`engine.paint`). "
+           "Train on the result, or paint during training with the Train page's paint share.")
+sources = {name: path for name, path in data.dataset_choices().items()}
+pick = st.selectbox("Good images from", ["a folder on this machine", *sources], key="paint_from")
+onto = st.text_input("Folder of defect-free images", placeholder="/path/to/good/parts",
+                     key="paint_folder") if pick == "a folder on this machine" else str(sources[pick])
+left, mid, right = st.columns(3)
+paint_name = left.text_input("Name of the painted dataset", value="painted", key="paint_name")
+paint_count = mid.number_input("Images", min_value=1, max_value=20000, value=200, step=50, key="paint_count")
+paint_free = right.slider("Left defect-free", 0.0, 0.9, 0.4, 0.05, key="paint_free")
+if onto.strip():
+    try:
+        samples = painted_preview(onto.strip(), int(seed))
+    except EngineError as err:
+        st.error(str(err))
+    else:
+        for column, (image, mask, types) in zip(st.columns(max(1, len(samples))), samples):
+            column.image(for_display(overlay(image, mask, color=(255, 60, 60), alpha=0.0)),
+                         caption=", ".join(types) or "no room: left as it is", width="stretch")
+        if st.button("Write the painted dataset", key="paint_go"):
+            bar, report = progress_bar("Painting…")
+            try:
+                result = paint.paint_dataset(onto.strip(), synth.dataset_dir(paint_name), int(paint_count),
+                                             float(paint_free), int(seed), progress=report)
+            except EngineError as err:
+                bar.empty()
+                st.error(str(err))
+            else:
+                bar.progress(1.0, text="Done")
+                st.success(f"Dataset **{paint_name}**: {result['images']} images ({result['defective']} with painted "
+                           f"defects, {result['defect_free']} left defect-free, {len(result['skipped'])} unreadable "
+                           f"skipped) in {result['seconds']:.1f} s.")
 
 # ---- bring your own images -------------------------------------------------------------------------
 st.header("Import your own images")

@@ -86,6 +86,10 @@ with settings:
         steps = st.number_input("Steps per epoch (0 = one pass over the images)", 0, 10000, 0, key="train_steps")
         lr = st.number_input("Learning rate", 1e-5, 1.0, DEFAULTS.lr, format="%.4f", key="train_lr")
         seed = st.number_input("Seed", 0, 2**31 - 1, DEFAULTS.seed, key="train_seed")
+        paint = st.slider("Paint defects onto good crops (share)", 0.0, 0.9, float(DEFAULTS.paint), 0.05,
+                          key="train_paint", help="a share of the defect-free training crops gets the generator's "
+                          "defects painted on, on top of the set's real ones; a set of good images alone can then "
+                          "train a model (its validation is painted too, and marked so)")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
     allow_parallel = st.checkbox("Allow parallel runs", value=False, key="train_parallel")
@@ -101,7 +105,8 @@ with settings:
             run_id = jobs.start_training(replace(
                 DEFAULTS, data=str(choices[dataset]), name=name or dataset, epochs=int(epochs) if epochs else None,
                 minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
-                batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed)))
+                batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
+                paint=float(paint)))
         except EngineError as err:
             st.error(str(err))
         else:

@@ -17,6 +17,8 @@ from engine.errors import EngineError
 def cmd_generate(args: argparse.Namespace) -> None:
     from engine import synth
 
+    if args.onto:
+        return _paint_onto(args)
     params = synth.SynthParams(size=args.size, defect_free=args.defect_free, difficulty=args.difficulty,
                                tint=args.tint)
     if args.types:
@@ -26,6 +28,23 @@ def cmd_generate(args: argparse.Namespace) -> None:
     rate = result["images"] / max(result["seconds"], 1e-9)
     print(f"{args.out}: {result['images']} images ({result['defective']} defective, {result['defect_free']} "
           f"defect-free; splits {result['per_split']}) in {result['seconds']:.1f}s, {rate:.0f} images/s")
+
+
+def _paint_onto(args: argparse.Namespace) -> None:
+    """`generate --onto GOOD_DIR`: the generator's defects painted onto the user's own defect-free images."""
+    from engine.paint import PaintParams, paint_dataset
+
+    if args.out == str(config.SAMPLE_DIR):
+        raise EngineError("--onto needs --out DIR: the folder to write the painted dataset to")
+    params = PaintParams(difficulty=args.difficulty)
+    if args.types:
+        params = PaintParams(difficulty=args.difficulty, defect_weights={
+            t: w for t, w in params.defect_weights.items() if t in args.types.split(",")})
+    with _progress_bar("painting") as progress:
+        result = paint_dataset(args.onto, args.out, args.count, args.defect_free, args.seed, params, progress)
+    print(f"{args.out}: {result['images']} images ({result['defective']} with painted defects, "
+          f"{result['defect_free']} defect-free, {len(result['skipped'])} unreadable skipped) onto {args.onto} "
+          f"in {result['seconds']:.1f}s")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -247,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Metal-surface defect segmentation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
 
-    p = sub.add_parser("generate", help="write a synthetic dataset")
+    p = sub.add_parser("generate", help="write a synthetic dataset, or paint defects onto your good images (--onto)")
     p.add_argument("--out", default=str(config.SAMPLE_DIR))
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--size", type=int, default=256)
@@ -256,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficulty", type=float, default=0.5)
     p.add_argument("--tint", type=float, default=0.0, help="share of colour-tinted images")
     p.add_argument("--types", help="comma-separated defect types to draw (default: all)")
+    p.add_argument("--onto", help="paint the defects onto the defect-free images of this folder instead of "
+                                  "generated surfaces (needs --out)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model (one run)")

@@ -449,6 +449,25 @@ _DRAW: dict[str, Callable[[_Canvas], None]] = {
 }
 
 
+def draw_defects(size: int, noise: float, blur: float, grain_angle: float, rng: np.random.Generator,
+                 params: SynthParams) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """1..max_defects defects of the weighted types on a size x size canvas: (delta to add to the surface,
+    float32; exact mask, uint8 0/255; the types drawn). Contrasts are measured against `noise`, the surface's
+    texture and sensor noise, and sized to survive an optical blur of `blur`."""
+    canvas = _Canvas(delta=np.zeros((size, size), np.float32), mask=np.zeros((size, size), np.uint8), noise=noise,
+                     blur=blur, difficulty=float(params.difficulty), grain_angle=grain_angle, rng=rng)
+    names = [n for n in DEFECT_TYPES if params.defect_weights.get(n, 0.0) > 0]
+    if not names:
+        raise EngineError("give at least one defect type a weight above 0 to draw defects")
+    weights = np.array([params.defect_weights[n] for n in names], dtype=np.float64)
+    count = int(rng.integers(1, int(params.max_defects) + 1))
+    types = []
+    for index in rng.choice(len(names), size=count, p=weights / weights.sum()):
+        _DRAW[names[index]](canvas)
+        types.append(names[index])
+    return canvas.delta, canvas.mask, types
+
+
 # ---------------------------------------------------------------------------------------------
 # One sample
 # ---------------------------------------------------------------------------------------------
@@ -479,24 +498,9 @@ def render_sample(seed: int, params: SynthParams, defect_free: bool) -> Sample:
     types: list[str] = []
     image = surface.image
     if not defect_free:
-        canvas = _Canvas(
-            delta=np.zeros((size, size), np.float32),
-            mask=mask,
-            noise=math.hypot(surface.texture_std, sensor),
-            blur=blur if blur >= 0.35 else 0.0,
-            difficulty=float(params.difficulty),
-            grain_angle=surface.grain_angle,
-            rng=defect_rng,
-        )
-        names = [n for n in DEFECT_TYPES if params.defect_weights.get(n, 0.0) > 0]
-        if not names:
-            raise EngineError("give at least one defect type a weight above 0 to draw defects")
-        weights = np.array([params.defect_weights[n] for n in names], dtype=np.float64)
-        count = int(defect_rng.integers(1, int(params.max_defects) + 1))
-        for index in defect_rng.choice(len(names), size=count, p=weights / weights.sum()):
-            _DRAW[names[index]](canvas)
-            types.append(names[index])
-        image += canvas.delta
+        delta, mask, types = draw_defects(size, math.hypot(surface.texture_std, sensor), blur if blur >= 0.35 else 0.0,
+                                          surface.grain_angle, defect_rng, params)
+        image += delta
 
     if blur >= 0.35:
         image = cv2.GaussianBlur(image, (0, 0), blur)

@@ -47,6 +47,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
+from engine.paint import paint
 from engine.recipe import DEFAULT_THRESHOLDS, Recipe, TuneStats, load_recipe, save_recipe, tuned_recipe
 from engine.storage import atomic_write_bytes
 
@@ -82,6 +83,8 @@ class TrainConfig:
                                "matches), pretrained, none, or a run id to fine-tune")
     loss: str = option("bce-dice", "training loss", choices=("bce-dice", "focal-dice", "bce-tversky"))
     defect_share: float = option(0.5, "share of every batch that is crops centred on a defect")
+    paint: float = option(0.0, "share of defect-free training crops that get defects painted on (engine.paint), on "
+                               "top of the set's real ones: with it, a set of good images alone can train a model")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -374,6 +377,7 @@ class TrainData:
     counts: dict
     data_hash: str
     val_carved: bool
+    val_painted: bool = False  # validation holds no real defect, so defects were painted on its good images
 
 
 def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
@@ -399,10 +403,30 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
         cfg = replace(cfg, scale=cfg.scale or scale, crop=cfg.crop or crop)
         print(f"training geometry: scale {cfg.scale:g}, crop {cfg.crop} px (from image and defect sizes)", flush=True)
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed, scale=cfg.scale,
-                                    pairs=train_pairs)
-    val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False, scale=cfg.scale)
+                                    pairs=train_pairs, paint_share=cfg.paint)
+    val_pairs = [load_pair(s) for s in val_samples]
+    val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
+    if val_painted:
+        val_pairs = painted_validation(val_pairs, cfg.seed)
+        print(f"note: no real defect in the {len(val_pairs)} validation images, so validation uses defects painted "
+              f"on half of them (marked val_painted in run.json); check the model on real defects with `evaluate`",
+              flush=True)
+    val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False, scale=cfg.scale, pairs=val_pairs)
     mean, std = image_stats([image for image, _ in train_set.pairs])
-    return cfg, TrainData(train_set, val_set, mean, std, report.counts(), dataset_hash(report.samples), carved)
+    return cfg, TrainData(train_set, val_set, mean, std, report.counts(), dataset_hash(report.samples), carved,
+                          val_painted)
+
+
+def painted_validation(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Validation pairs for a set without real defects: every other image (by a seeded draw) gets painted
+    defects, the same ones every run, so the defect-free half still measures false alarms."""
+    rng = np.random.default_rng([seed, 20261203])
+    painted = []
+    for image, mask in pairs:
+        if rng.random() < 0.5:
+            image, mask, _ = paint(image, rng)
+        painted.append((image, mask))
+    return painted
 
 
 def build_model(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[UNetTiny, dict, str]:
@@ -549,7 +573,7 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
     info.update({
         "run_id": cfg.run_id, "name": cfg.name, "status": "running", "params": asdict(cfg),
         "dataset": {"path": str(Path(cfg.data).resolve()), "hash": data.data_hash, "counts": data.counts,
-                    "val_carved_from_train": data.val_carved},
+                    "val_carved_from_train": data.val_carved, "val_painted": data.val_painted},
         "arch": {"in_channels": 1, **arch}, "parameters": count_parameters(model), "init": init_note,
         "normalisation": {"mean": data.mean, "std": data.std}, "device": str(device), "pid": os.getpid(),
         "epochs_planned": cfg.epoch_limit or 0, "seed": cfg.seed, "command": cfg.command,

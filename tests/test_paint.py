@@ -1,0 +1,131 @@
+"""Painting the generator's defects onto real defect-free images (engine.paint), offline and during training."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engine import config, registry, runs, synth
+from engine.__main__ import main
+from engine.imageio import read_image, read_mask
+from engine.paint import PaintParams, paint, window_side
+from engine.paint import preview as paint_preview
+
+
+@pytest.fixture(scope="module")
+def surfaces() -> list[np.ndarray]:
+    """Real-looking defect-free surfaces: the generator's, rendered without defects, in three shapes."""
+    out = []
+    for seed, size in ((1, 96), (2, 160), (3, 128)):
+        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=size), defect_free=True)
+        out.append(image.astype(np.float32) / 255.0)
+    out.append(np.ascontiguousarray(np.vstack([out[1], out[1]])[:, :100]))  # tall and narrow, like a line scan
+    return out
+
+
+def test_the_mask_is_exactly_the_painted_pixels(surfaces: list[np.ndarray]) -> None:
+    for index, image in enumerate(surfaces):
+        for seed in range(6):
+            painted, mask, types = paint(image, np.random.default_rng([index, seed]))
+            assert types and mask.any() and painted.shape == image.shape and mask.dtype == np.uint8
+            changed = painted != image
+            assert not (changed & (mask == 0)).any(), "a painted pixel outside the mask"
+            assert changed[mask > 0].all(), "a mask pixel the painting left unchanged"
+            assert 0.0 <= painted.min() and painted.max() <= 1.0
+
+
+def test_painting_is_reproducible_and_varies_with_the_seed(surfaces: list[np.ndarray]) -> None:
+    image = surfaces[2]
+    first = paint(image, np.random.default_rng(7))
+    again = paint(image, np.random.default_rng(7))
+    other = paint(image, np.random.default_rng(8))
+    assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1]) and first[2] == again[2]
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_thin_lines_go_down_to_one_pixel(surfaces: list[np.ndarray]) -> None:
+    params = PaintParams(defect_weights={"scratch": 1.0}, max_defects=1, difficulty=1.0)
+    widths = set()
+    for seed in range(40):
+        _, mask, _ = paint(surfaces[1], np.random.default_rng(seed), params)
+        distance = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
+        widths.add(round(float(np.median(distance[mask > 0])) * 2 - 1))  # a 1-px line is 1 from its edge
+    assert min(widths) <= 1 < max(widths)
+
+
+def test_images_without_room_are_left_unchanged(surfaces: list[np.ndarray]) -> None:
+    rng = np.random.default_rng(0)
+    for image in (np.full((64, 64), 0.5, np.float32), np.zeros((80, 80), np.float32), surfaces[0][:20, :20]):
+        painted, mask, types = paint(image, rng)
+        assert np.array_equal(painted, image) and not mask.any() and types == []
+    assert window_side((500, 1250), 0) == 500 and window_side((500, 1250), 0.5) == 250
+    assert window_side((500, 1250), 96) == 96
+
+
+def test_generate_onto_reports_a_corrupt_image_and_goes_on(tmp_path: Path, capsys) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    for seed in range(4):
+        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
+        cv2.imwrite(str(good / f"part{seed}.png"), image)
+    (good / "part9.png").write_bytes(b"not an image at all")
+    out = tmp_path / "painted"
+    capsys.readouterr()
+    assert main(["generate", "--onto", str(good), "--out", str(out), "--count", "10", "--defect-free", "0.3",
+                 "--seed", "4"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("part9.png") == 1  # reported once, then left out
+    assert "10 images" in captured.out and "1 unreadable skipped" in captured.out
+    rows = list(csv.DictReader((out / "manifest.csv").open()))
+    assert len(rows) == 10 and {row["synthetic"] for row in rows} == {"0", "1"}
+    for row in rows:
+        image = read_image(out / "images" / f"{row['id']}.png")
+        source = read_image(row["source"])
+        if row["synthetic"] == "1":
+            mask = read_mask(out / "masks" / f"{row['id']}.png")
+            changed = np.abs(image - source) > 0
+            assert row["defect_types"] and not (changed & (mask == 0)).any() and changed[mask > 0].all()
+        else:
+            assert not (out / "masks" / f"{row['id']}.png").exists() and np.array_equal(image, source)
+    assert any(d.path == str(out.resolve()) and d.source == "painted" for d in registry.list_datasets())
+
+
+def test_train_paint_on_good_images_only_marks_painted_validation(tmp_path: Path) -> None:
+    data = tmp_path / "good-only"
+    synth.generate_dataset(data, 30, seed=5, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    assert main(["train", "--data", str(data), "--paint", "0.5", "--epochs", "2", "--steps-per-epoch", "4",
+                 "--base", "8", "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none",
+                 "--name", "paint-test"]) == 0
+    run_id = max((p for p in config.RUNS_DIR.glob("*paint-test*")), key=lambda p: p.stat().st_mtime).name
+    info = runs.read_run_json(runs.run_dir(run_id))
+    assert info["dataset"]["val_painted"] is True and info["params"]["paint"] == 0.5
+    assert info["dataset"]["counts"]["defective"] == 0  # nothing real to learn from but the painted defects
+    assert info["status"] == "completed"
+    # Validation had painted defects and untouched good images, so image-level AP could be measured.
+    assert all(np.isfinite(row["val_ap"]) for row in runs.read_metrics(runs.run_dir(run_id)))
+
+
+def test_generate_page_previews_painted_samples_and_writes_the_set(tmp_path: Path) -> None:
+    from tests.test_pages import open_page
+
+    good = tmp_path / "good-parts"
+    good.mkdir()
+    for seed in range(5):
+        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
+        cv2.imwrite(str(good / f"part{seed}.png"), image)
+    at = open_page("app_pages/1_Generate_Data.py")
+    at.selectbox(key="paint_from").set_value("a folder on this machine").run()
+    at.text_input(key="paint_folder").set_value(str(good)).run()
+    assert not at.exception and not at.error
+    captions = [caption for image in at.image for caption in image.captions]
+    expected = [", ".join(types) for _, _, types in paint_preview(good, n=4, seed=0)]
+    assert expected and all(caption in captions for caption in expected)  # the engine's own painted samples
+    at.text_input(key="paint_name").set_value("apptest-painted")
+    at.number_input(key="paint_count").set_value(6)
+    at.button(key="paint_go").click().run()
+    assert not at.exception and "apptest-painted" in at.success[0].value
+    assert len(list((config.DATA_DIR / "apptest-painted" / "images").iterdir())) == 6
