@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -47,6 +47,7 @@ PAGES = [page for page in (
              "metrics over a whole folder, worst first"),
 ) if (Path(__file__).resolve().parent / page.path).is_file()]  # a deployment may leave a page out (Export)
 
+T = TypeVar("T")
 DISPLAY_MAX_SIDE = 1600  # images are sent to the browser at most this large: a page column is narrower anyway
 PROBABILITY_CACHE_BYTES = 256 * 2**20  # probability maps kept for threshold moves, all sessions together
 
@@ -60,6 +61,19 @@ def progress_bar(label: str) -> tuple[Any, Progress]:
         bar.progress(fraction, text=f"{label} {text}".strip())
 
     return bar, update
+
+
+def run_with_progress(label: str, work: Callable[[Progress], T]) -> T | None:
+    """work(progress) under a progress bar; an EngineError is shown as one error line and gives None."""
+    bar, update = progress_bar(label)
+    try:
+        result = work(update)
+    except EngineError as err:
+        bar.empty()
+        st.error(str(err))
+        return None
+    bar.progress(1.0, text="Done")
+    return result
 
 
 def readiness_notice(info: dict[str, Any]) -> None:

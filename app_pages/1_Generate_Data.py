@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import streamlit as st
 
-from engine import config, data, importer, paint, synth
+from engine import config, data, importer, paintset, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
-from ui import for_display, progress_bar
+from ui import for_display, run_with_progress
 
 st.title(":material/science: Generate data")
 st.caption("Procedural metal surfaces (brushed, rolled, ground, cast, polished) with drawn defects and exact "
@@ -27,7 +27,7 @@ def preview_images(size: int, defect_free: float, difficulty: float, tint: float
 @st.cache_data(max_entries=8, show_spinner="Painting the preview…")
 def painted_preview(onto: str, seed: int) -> list[tuple]:
     """Four of the folder's good images with painted defects (cached per folder and seed)."""
-    return paint.preview(onto, n=4, seed=seed)
+    return paintset.preview(onto, n=4, seed=seed)
 
 
 with st.sidebar:
@@ -70,16 +70,11 @@ overwrite = st.checkbox(f"Replace the existing dataset '{name}'", value=False, k
 if exists:
     st.warning(f"A dataset named '{name}' already exists in {out.parent.name}/.")
 if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
-    bar, report = progress_bar("Generating…")
     params = synth.SynthParams(size=int(size), defect_free=float(defect_free), difficulty=float(difficulty),
                                tint=float(tint), defect_weights=weights)
-    try:
-        result = synth.generate_and_register(out, int(count), seed=int(seed), params=params, progress=report)
-    except EngineError as err:
-        bar.empty()
-        st.error(str(err))
-    else:
-        bar.progress(1.0, text="Done")
+    result = run_with_progress("Generating…", lambda report: synth.generate_and_register(
+        out, int(count), seed=int(seed), params=params, progress=report))
+    if result is not None:
         st.success(f"Dataset **{name}**: {result['images']} images ({result['defective']} defective, "
                    f"{result['defect_free']} defect-free; splits {result['per_split']}) in {result['seconds']:.1f} s. "
                    f"Content hash {result['dataset'].content_hash}.")
@@ -96,7 +91,8 @@ onto = st.text_input("Folder of defect-free images", placeholder="/path/to/good/
                      key="paint_folder") if pick == "a folder on this machine" else str(sources[pick])
 left, mid, right = st.columns(3)
 paint_name = left.text_input("Name of the painted dataset", value="painted", key="paint_name")
-paint_count = mid.number_input("Images", min_value=1, max_value=20000, value=200, step=50, key="paint_count")
+paint_count = mid.number_input("Painted set size", min_value=1, max_value=20000, value=200, step=50,
+                               key="paint_count")
 paint_free = right.slider("Left defect-free", 0.0, 0.9, 0.4, 0.05, key="paint_free")
 if onto.strip():
     try:
@@ -108,15 +104,10 @@ if onto.strip():
             column.image(for_display(overlay(image, mask, color=(255, 60, 60), alpha=0.0)),
                          caption=", ".join(types) or "no room: left as it is", width="stretch")
         if st.button("Write the painted dataset", key="paint_go"):
-            bar, report = progress_bar("Painting…")
-            try:
-                result = paint.paint_dataset(onto.strip(), synth.dataset_dir(paint_name), int(paint_count),
-                                             float(paint_free), int(seed), progress=report)
-            except EngineError as err:
-                bar.empty()
-                st.error(str(err))
-            else:
-                bar.progress(1.0, text="Done")
+            result = run_with_progress("Painting…", lambda report: paintset.paint_dataset(
+                onto.strip(), synth.dataset_dir(paint_name), int(paint_count), float(paint_free), int(seed),
+                progress=report))
+            if result is not None:
                 st.success(f"Dataset **{paint_name}**: {result['images']} images ({result['defective']} with painted "
                            f"defects, {result['defect_free']} left defect-free, {len(result['skipped'])} unreadable "
                            f"skipped) in {result['seconds']:.1f} s.")
@@ -131,12 +122,7 @@ with st.form("import"):
     link = st.checkbox("Link the images instead of copying them")
     submitted = st.form_submit_button("Import")
 if submitted:
-    import_bar, report = progress_bar("Importing…")
-    try:
-        imported = importer.import_dataset(source.strip(), import_name.strip(), link=link, progress=report)
-    except EngineError as err:
-        import_bar.empty()
-        st.error(str(err))
-    else:
-        import_bar.progress(1.0, text="Done")
+    imported = run_with_progress("Importing…", lambda report: importer.import_dataset(
+        source.strip(), import_name.strip(), link=link, progress=report))
+    if imported is not None:
         st.success("\n\n".join(imported.lines()))

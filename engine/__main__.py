@@ -32,7 +32,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _paint_onto(args: argparse.Namespace) -> None:
     """`generate --onto GOOD_DIR`: the generator's defects painted onto the user's own defect-free images."""
-    from engine.paint import PaintParams, paint_dataset
+    from engine.paint import PaintParams
+    from engine.paintset import paint_dataset
 
     if args.out == str(config.SAMPLE_DIR):
         raise EngineError("--onto needs --out DIR: the folder to write the painted dataset to")

@@ -7,6 +7,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -14,9 +15,10 @@ import torch
 
 from engine.errors import DatasetError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, read_image, read_mask
-from engine.paint import paint
 
 SPLITS = ("train", "val", "test")
+# (image, rng) -> (painted image, mask, types drawn): engine.paint.paint
+Painter = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray, list[str]]]
 
 
 @dataclass
@@ -197,15 +199,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         scale: float = 1.0,
         pairs: list[tuple[np.ndarray, np.ndarray]] | None = None,
         paint_share: float = 0.0,
+        painter: Painter | None = None,
     ) -> None:
         """`pairs` are the samples' decoded (image, mask) at full size when the caller has them already;
-        `paint_share` of the crops without a defect get defects painted on (engine.paint)."""
+        `paint_share` of the crops without a defect get defects painted on by `painter` (engine.paint.paint,
+        passed in so that data loading does not depend on the generator)."""
         self.samples = samples
         # Decode (and rescale) once; training is then compute-bound.
         pairs = pairs if pairs is not None else [load_pair(s) for s in samples]
         self.pairs = [rescale_pair(image, mask, scale) for image, mask in pairs]
         self.crop, self.augment, self.defect_crop_share = crop, augment, defect_crop_share
-        self.paint_share = paint_share
+        self.paint_share, self.painter = (paint_share, painter) if painter else (0.0, None)
         self.rng = np.random.default_rng(seed)
         # Defect pixel coordinates per image, to centre some crops on defects.
         self.defect_pixels = [np.argwhere(mask) for _, mask in self.pairs]
@@ -226,7 +230,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         image, mask = self.pairs[index]
         image, mask = self._random_crop(image, mask, self.defect_pixels[index] if centred else None)
         if self.paint_share and not mask.any() and self.rng.random() < self.paint_share:
-            image, mask, _ = paint(image, self.rng)
+            image, mask, _ = self.painter(image, self.rng)
         if self.augment:
             image, mask = augment_pair(image, mask, self.rng, self.quarter_turns)
         return torch.from_numpy(image[None].copy()), torch.from_numpy(mask[None].astype(np.float32))

@@ -403,7 +403,7 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
         cfg = replace(cfg, scale=cfg.scale or scale, crop=cfg.crop or crop)
         print(f"training geometry: scale {cfg.scale:g}, crop {cfg.crop} px (from image and defect sizes)", flush=True)
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed, scale=cfg.scale,
-                                    pairs=train_pairs, paint_share=cfg.paint)
+                                    pairs=train_pairs, paint_share=cfg.paint, painter=paint)
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:

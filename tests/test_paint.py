@@ -13,7 +13,7 @@ from engine import config, registry, runs, synth
 from engine.__main__ import main
 from engine.imageio import read_image, read_mask
 from engine.paint import PaintParams, paint, window_side
-from engine.paint import preview as paint_preview
+from engine.paintset import preview as paint_preview
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,97 @@
+"""Painted datasets: a folder of good images made into a dataset folder with painted defects (engine.paint)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.data import register_dataset, split_for_id
+from engine.errors import DatasetError, EngineError, ImageError
+from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
+from engine.paint import PaintParams, paint
+from engine.progress import Progress
+from engine.storage import atomic_write_text
+
+MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "synthetic", "source")
+
+
+def good_images(folder: str | Path) -> list[Path]:
+    """The images of a folder of defect-free images: DIR/images/* of a dataset folder, else DIR/* itself."""
+    root = Path(folder)
+    base = root / "images" if (root / "images").is_dir() else root
+    if not base.is_dir():
+        raise DatasetError(f"{root}: not a folder; pass a folder of defect-free images (or a dataset folder)")
+    found = sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not found:
+        raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    return found
+
+
+def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: float = 0.4, seed: int = 0,
+                  params: PaintParams | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Write a dataset folder of `count` images made from the good images in `onto` (cycled through): a share
+    `defect_free` left as they are, the others with painted defects and their exact masks; the manifest marks
+    painted images `synthetic`. An unreadable image is reported once and left out. Registers the folder; returns
+    counts."""
+    sources, out = good_images(onto), Path(out)
+    if count < 1:
+        raise EngineError("--count must be at least 1")
+    start, rows, skipped = time.perf_counter(), [], []
+    width = max(6, len(str(count - 1)))
+    attempt = 0
+    while len(rows) < count and len(skipped) < len(sources):
+        source = sources[attempt % len(sources)]
+        attempt += 1
+        if any(source.name in reason for reason in skipped):
+            continue
+        try:
+            image = read_image(source)
+        except ImageError as err:
+            skipped.append(str(err))
+            print(f"warning: skipped {err}", file=sys.stderr)
+            continue
+        index = len(rows)
+        rng = np.random.default_rng([seed, index])
+        sample_id = f"{index:0{width}d}"
+        image, mask, types = (image, None, []) if rng.random() < defect_free else paint(image, rng, params)
+        write_png(out / "images" / f"{sample_id}.png", np.round(image * 255).astype(np.uint8), durable=False)
+        if types:
+            write_png(out / "masks" / f"{sample_id}.png", mask * np.uint8(255), durable=False)
+        rows.append({"id": sample_id, "split": split_for_id(sample_id), "defect_types": " ".join(types),
+                     "defect_fraction": round(float(mask.mean()), 6) if types else 0.0,
+                     "synthetic": int(bool(types)), "source": str(source)})
+        if progress:
+            progress(len(rows), count, "images")
+    if not rows:
+        raise DatasetError(f"{onto}: none of its images could be read ({skipped[0] if skipped else ''})")
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "manifest.csv", buffer.getvalue())  # last and durable: the folder is complete
+    painted = sum(row["synthetic"] for row in rows)
+    dataset = register_dataset(out, source="painted", details={"onto": str(Path(onto).resolve()), "seed": seed,
+                                                               "defect_free": defect_free, "skipped": skipped[:50]})
+    return {"images": len(rows), "defective": painted, "defect_free": len(rows) - painted, "skipped": skipped,
+            "seconds": time.perf_counter() - start, "dataset": dataset}
+
+
+def preview(onto: str | Path, n: int = 4, seed: int = 0, params: PaintParams | None = None
+            ) -> list[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Up to n good images of a folder, evenly spread over it, each painted (seeded): (image, mask, types)."""
+    sources = good_images(onto)
+    picked = [sources[round(i * (len(sources) - 1) / max(1, n - 1))] for i in range(min(n, len(sources)))]
+    out = []
+    for index, source in enumerate(picked):
+        try:
+            image = read_image(source)
+        except ImageError:
+            continue
+        out.append(paint(image, np.random.default_rng([seed, index]), params))
+    return out
