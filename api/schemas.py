@@ -6,6 +6,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.inference import BACKENDS
+
+BackendName = Literal[BACKENDS]  # Literal of a tuple: one of its strings
+BackendRequest = Literal[("auto", *BACKENDS)]
+
 
 class ErrorResponse(BaseModel):
     """Every 4xx/5xx answer: one line saying what was wrong and what to do."""
@@ -18,7 +23,7 @@ class ModelInfo(BaseModel):
 
     run: str
     epoch: int | None = None
-    backend: Literal["torch", "onnx", "int8"]
+    backend: BackendName
     device: str = "cpu"
     ready: bool = Field(True, description="false when training marked the run not ready (its recipe missed its "
                                           "goal on validation), or the run has not completed")
@@ -70,6 +75,14 @@ class PredictResponse(BaseModel):
     timings_ms: Timings
 
 
+class BackendChoice(BaseModel):
+    """What `auto` serves for a run on this machine, timed once when the model is first served."""
+
+    backend: BackendName
+    p50_ms: dict[str, float] = Field(description="batch-1 latency of each gated backend at 256x256 (empty: one choice)")
+    rule: str
+
+
 class HealthResponse(BaseModel):
     """Liveness and whether the default model is loaded."""
 
@@ -81,7 +94,9 @@ class HealthResponse(BaseModel):
     not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
     default_run: str = Field(description="DEFECTS_API_RUN: `ready` follows the newest ready run, `latest` the newest "
                                          "run with a checkpoint; anything else is a pinned run")
+    backend_choice: BackendChoice | None = Field(None, description="how `auto` picked the default model's backend")
     version: str
+
 
 
 class CatalogEntry(BaseModel):

@@ -11,7 +11,7 @@ from engine import runs
 from engine.errors import EngineError
 from engine.imageio import read_limited
 from engine.inference import Predictor
-from engine.serving import PredictorCache, model_catalog, predict_bytes
+from engine.serving import PredictorCache, auto_backend, model_catalog, predict_bytes
 
 
 class ModelUnavailable(EngineError):
@@ -92,9 +92,10 @@ class ServingState:
             return {"status": "no_model", "model": None, "detail": self.default_error, "ready": False,
                     "ready_reason": self.default_error, "not_ready_reason": self.default_error,
                     "default_run": self.settings.default_run}
+        choice = auto_backend(self.default.run_dir) if self.default and self.settings.default_backend in (None, "auto") else None
         return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
                 "ready_reason": model["ready_reason"], "not_ready_reason": model["ready_reason"],
-                "default_run": self.settings.default_run}
+                "default_run": self.settings.default_run, "backend_choice": choice.as_dict() if choice else None}
 
     def models(self) -> dict[str, Any]:
         """Default model, loaded models, and every run folder that can be served."""

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import bench, export, jobs, runs
+from engine import bench, export, jobs, runs, serving
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 from engine.progress import part
@@ -71,12 +71,14 @@ if shown_bench and shown_bench[0] == run_id:
     table = pd.DataFrame(result["rows"])
     table["size (MB)"] = table["size_bytes"] / 1e6
     shown = table.rename(columns={"latency_p50_ms": "p50 (ms)", "latency_p95_ms": "p95 (ms)",
-                                  "latency_vs_torch": "p50 vs torch", "throughput_ips": "throughput (img/s)",
+                                  "latency_vs_torch": "p50 vs torch", "latency_vs_onnx": "p50 vs onnx",
+                                  "throughput_ips": "throughput (img/s)",
                                   "dice": "test Dice", "dice_drop": "Dice drop"})
-    st.dataframe(shown[["backend", "file", "epoch", "size (MB)", "p50 (ms)", "p95 (ms)", "p50 vs torch",
+    st.dataframe(shown[["backend", "file", "epoch", "size (MB)", "p50 (ms)", "p95 (ms)", "p50 vs torch", "p50 vs onnx",
                         "throughput (img/s)", "test Dice", "Dice drop"]], hide_index=True, key="export_table",
                  column_config={name: st.column_config.NumberColumn(format=fmt) for name, fmt in
                                 {"size (MB)": "%.2f", "p50 (ms)": "%.1f", "p95 (ms)": "%.1f", "p50 vs torch": "%.2fx",
+                                 "p50 vs onnx": "%.2fx",
                                  "throughput (img/s)": "%.1f", "test Dice": "%.4f", "Dice drop": "%+.4f"}.items()})
     figure = go.Figure()
     figure.add_trace(go.Bar(x=table["backend"], y=table["latency_p50_ms"], name="p50",
@@ -111,6 +113,20 @@ else:
                        "max |Δp| vs torch": st.column_config.NumberColumn(format="%.1e"),
                        "mask agreement": st.column_config.NumberColumn(format="%.5f"),
                        "p50 (ms)": st.column_config.NumberColumn(format="%.1f")})
+    gates = report.get("gates", {})
+    if gates:
+        st.caption("Accuracy gate of each backend (validation Dice within "
+                   f"{export.MAX_DICE_DROP} of ONNX fp32): " + ", ".join(
+                       f"{name} {'passed' if gate['accepted'] else 'FAILED'} ({gate['val_dice']:.4f})"
+                       for name, gate in gates.items()))
+    choice = serving.auto_backend(folder, measure=False)
+    if choice is None and st.button("Time the gated backends: which one does auto serve here?", key="export_auto"):
+        with st.spinner("timing each gated backend at 256x256 ..."):
+            choice = serving.auto_backend(folder)
+    if choice is not None:
+        timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in choice.p50_ms.items())
+        st.info(f"On this machine `auto` (the API's and `predict`'s default) serves **{choice.backend}**: "
+                f"{choice.rule}{f' ({timings})' if timings else ''}.")
 for kind, name in ONNX_FILES.items():
     path = folder / "export" / name
     if path.is_file():

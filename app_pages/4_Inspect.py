@@ -15,10 +15,11 @@ from engine.data import scan_dataset
 from engine.drawing import create_heatmap, difference_image, mask_difference, overlay, to_display
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
-from engine.inference import BACKENDS, ONNX_FILES, Predictor
+from engine.inference import Predictor, model_file
 from engine.inspection import Inspection, inspect
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
+from engine.serving import available_backends
 from ui import epoch_label, for_display, load_predictor, pick_run, probability_cache, progress_bar, sample_folder
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -41,11 +42,6 @@ def probability(predictor: Predictor, image: np.ndarray, key: tuple, label: str)
     proba = proba.astype(np.float16)  # half the memory; the threshold slider moves in steps of 0.01
     cache.put(key, proba)
     return proba
-
-
-def model_file(folder: Path, epoch: int | str, backend: str) -> Path:
-    """The file a model is loaded from (its mtime is part of the cache key)."""
-    return runs.checkpoint_path(folder, epoch) if backend == "torch" else folder / "export" / ONNX_FILES[backend]
 
 
 st.title(":material/search: Inspect")
@@ -96,7 +92,7 @@ with st.sidebar:
     else:
         picked = (saved[0], saved[0])
         st.caption(f"Model: {epoch_label(saved[0])}" + (f" (epoch {best})" if saved[0] == "best" and best else ""))
-    backends = [b for b in BACKENDS if b == "torch" or (folder / "export" / ONNX_FILES[b]).is_file()]
+    backends = ["torch", *[b for b in available_backends(folder) if b != "torch"]]
     backend = st.radio("Backend", backends, horizontal=True, key="inspect_backend") if len(backends) > 1 else "torch"
     device = st.radio("Device", DEVICES if backend == "torch" else ["cpu"], horizontal=True, key="inspect_device")
     try:  # the run's inspection rules (threshold, min region area ...); the slider starts at its threshold
@@ -157,7 +153,7 @@ inspections: dict[int | str, Inspection] = {}  # the verdict, regions and mask u
 labels: dict[int | str, str] = {}  # what each one is called on the page
 try:
     for epoch in epochs:
-        mtime = model_file(folder, epoch, backend).stat().st_mtime
+        mtime = model_file(folder, backend, epoch).stat().st_mtime
         predictor = load_predictor(str(folder), epoch, mtime, backend, device)
         # An export holds one model: name it by the epoch it was exported from, not by the slider.
         labels[epoch] = epoch_label(epoch) if backend == "torch" else f"{backend} export of epoch {predictor.epoch}"

@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import config, runs  # noqa: E402
 from engine.imageio import decode_image, encode_png  # noqa: E402
-from engine.inference import Predictor  # noqa: E402
-from engine.serving import default_backend, run_reference  # noqa: E402
+from engine.inference import BACKENDS, Predictor  # noqa: E402
+from engine.serving import resolve_backend, run_reference  # noqa: E402
 from engine.synth import SynthParams, render_sample  # noqa: E402
 
 BAR = 0.80  # the API must deliver at least this share of the Predictor's throughput
@@ -136,7 +136,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
-    parser.add_argument("--backend", choices=["torch", "onnx", "int8"], help="default: what the API would pick")
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
+                        help="default auto: what the API picks (the fastest gated backend, timed here)")
     parser.add_argument("--images", type=int, default=16, help="distinct images, sent round-robin")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels")
     parser.add_argument("--warmup", type=int, default=32, help="requests before the first memory reading")
@@ -147,7 +148,7 @@ def main() -> int:
     args = parser.parse_args()
 
     run_dir = runs.resolve_run(args.run)
-    run, backend = run_reference(run_dir), args.backend or default_backend(run_dir)
+    run, backend = run_reference(run_dir), resolve_backend(run_dir, "best", args.backend)
     images = make_images(args.images, args.size)
     arrays = [decode_image(data) for data in images]
     predictor = Predictor(run_dir, backend=backend)

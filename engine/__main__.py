@@ -85,9 +85,9 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from engine.evaluate import evaluate, select_samples
-    from engine.inference import Predictor
+    from engine.serving import open_predictor
 
-    predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
+    predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
     with _progress_bar("evaluating") as progress:
         result = evaluate(predictor, samples, args.threshold, progress=progress)
@@ -111,10 +111,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     """Inspect images or folders under the run's recipe; with --out write masks, overlays and reports."""
     from engine import batch, recipe
-    from engine.inference import Predictor
+    from engine.serving import open_predictor
 
     items = batch.collect_inputs(args.inputs, exclude=args.out)
-    predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
+    predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     rules = recipe.load_recipe(predictor.run_dir).with_overrides(
         threshold=args.threshold, min_region_px=args.min_region_px, px_per_mm=args.px_per_mm)
 
@@ -153,11 +153,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
     """Pick threshold and min region size for the best detection within the false-alarm budget; save the recipe."""
     from engine import recipe
     from engine.evaluate import select_samples
-    from engine.inference import Predictor
+    from engine.serving import open_predictor
 
     thresholds = _number_list(args.thresholds, float) if args.thresholds else recipe.DEFAULT_THRESHOLDS
     min_areas = _number_list(args.min_areas, int) if args.min_areas else recipe.DEFAULT_MIN_AREAS
-    predictor = Predictor.from_run(args.run, args.epoch, args.backend, args.device)
+    predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
     context = {"data": str(Path(args.data).resolve()), "split": args.split}
     with _progress_bar("predicting") as progress:
@@ -294,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="verdicts, masks, overlays and reports for images or folders")
-    _model_args(p)
+    _model_args(p, backend="auto")
     p.add_argument("inputs", nargs="+", metavar="INPUT")
     p.add_argument("--out", help="write masks, overlays, report.csv/json/html here (resumes an interrupted batch)")
     p.add_argument("--threshold", type=_unit_float, help="override the run's recipe threshold")
@@ -362,10 +362,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser, backend: str = "torch") -> None:
+    from engine.inference import BACKENDS
+
     p.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
     p.add_argument("--epoch", default="best", help="epoch number, 'best' or 'last'")
-    p.add_argument("--backend", default="torch", choices=["torch", "onnx", "int8"])
+    p.add_argument("--backend", default=backend, choices=["auto", *BACKENDS],
+                   help=f"default {backend}; auto: the fastest exported backend that passed the accuracy gate on "
+                        "this machine (timed once), torch when nothing is exported")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 

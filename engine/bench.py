@@ -115,6 +115,7 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     import torch
 
     from engine.evaluate import evaluate
+    from engine.inference import openvino_available
 
     images = [square_image(load_pair(s)[0], size) for s in samples[:16]]
     # The torch rows use the checkpoint the ONNX files were exported from, so every row is the same model.
@@ -142,14 +143,24 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
                      "size_bytes": predictor.path.stat().st_size, **timing[label], "dice": result["dice"],
                      "n_images": result["n_images"]})
     reference = next((r for r in rows if r["backend"] == "torch-cpu"), rows[0])
+    onnx = next((r for r in rows if r["backend"] == "onnx"), None)
     for row in rows:
         row["latency_vs_torch"] = row["latency_p50_ms"] / reference["latency_p50_ms"]
+        row["latency_vs_onnx"] = row["latency_p50_ms"] / onnx["latency_p50_ms"] if onnx else None
         row["dice_drop"] = reference["dice"] - row["dice"]
     progress(1.0, 1.0, "done")
     return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
             "iterations": iterations, "threshold": threshold, "machine": machine_description(),
-            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+            "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                         "openvino": _openvino_version() if openvino_available() else None},
             "rows": rows}
+
+
+def _openvino_version() -> str:
+    """The installed OpenVINO release."""
+    import openvino
+
+    return openvino.__version__
 
 
 def square_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -164,14 +175,16 @@ def bench_markdown(result: dict[str, Any]) -> str:
     lines = [f"Run `{result['run_id']}`, {result['size']}x{result['size']} batch-1 latency over "
              f"{result['iterations']} interleaved iterations, throughput at batch {THROUGHPUT_BATCH}, Dice on the "
              f"{result['split']} split ({result['rows'][0]['n_images']} images). Machine: {result['machine']}; "
-             f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}. "
+             f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}"
+             f"{', openvino ' + result['versions']['openvino'] if result['versions'].get('openvino') else ''}. "
              f"Images: {result.get('check_data', 'the run dataset')}.",
              "",
-             "| backend | file | size (MB) | p50 (ms) | p95 (ms) | p50 vs torch | throughput (img/s) | Dice "
-             "| Dice drop |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| backend | file | size (MB) | p50 (ms) | p95 (ms) | p50 vs torch | p50 vs onnx | throughput (img/s) "
+             "| Dice | Dice drop |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in result["rows"]:
+        vs_onnx = "-" if r.get("latency_vs_onnx") is None else f"{r['latency_vs_onnx']:.2f}x"
         lines.append(f"| {r['backend']} | {r['file']} | {r['size_bytes'] / 1e6:.2f} | {r['latency_p50_ms']:.1f} | "
-                     f"{r['latency_p95_ms']:.1f} | {r['latency_vs_torch']:.2f}x | {r['throughput_ips']:.1f} | "
-                     f"{r['dice']:.4f} | {r['dice_drop']:+.4f} |")
+                     f"{r['latency_p95_ms']:.1f} | {r['latency_vs_torch']:.2f}x | {vs_onnx} | "
+                     f"{r['throughput_ips']:.1f} | {r['dice']:.4f} | {r['dice_drop']:+.4f} |")
     return "\n".join(lines)

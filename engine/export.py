@@ -29,7 +29,15 @@ from engine.bench import BENCH_SIZE, machine_description, square_image, time_bac
 from engine.checkdata import check_data, pick_samples, run_folder
 from engine.data import load_pair
 from engine.errors import EngineError
-from engine.inference import ONNX_FILES, TILE, Predictor, preprocess_image
+from engine.inference import (
+    MODEL_FILES,
+    ONNX_FILES,
+    OPENVINO_PRECISION,
+    TILE,
+    Predictor,
+    openvino_available,
+    preprocess_image,
+)
 from engine.progress import Progress, silent
 from engine.storage import commit, staged_file, write_staged
 
@@ -234,6 +242,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
                 metadata, max_dice_drop, progress)
             report["messages"].append(report["gate"]["message"])
 
+        report["gates"] = _gates(folder, staging, entries, fp32_eval, val_samples, max_dice_drop, progress)
         progress(0.8, 1.0, "timing the backends")
         timing = time_backends(timed, [square_image(image, BENCH_SIZE) for image in check_images], iterations=20,
                                warmup=3)
@@ -244,7 +253,9 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
         for kind, entry in entries.items():
             report["artifacts"].append({**entry, "path": f"export/{final[kind].name}", "epoch": epoch_number})
         if not int8:
-            report["artifacts"].extend(_kept_int8_entry(export_dir, epoch_number))
+            kept = _kept_int8_entry(export_dir, epoch_number)
+            report["artifacts"].extend(kept)
+            report["gates"].update(_kept_int8_gates(export_dir) if kept else {})
         report["messages"].insert(0, f"ONNX fp32 written: {final['onnx']} ({entries['onnx']['size_bytes'] / 1e6:.2f} "
                                      f"MB, max |dp| vs PyTorch {fp32_parity['max_abs_diff']:.1e}, mask agreement "
                                      f"{fp32_parity['mask_agreement']:.5f})")
@@ -323,6 +334,30 @@ def _quantize_and_gate(folder: Path, staging: dict[str, Path], reference: Predic
     return entry, gate, quantized
 
 
+def _gates(folder: Path, staging: dict[str, Path], entries: dict[str, dict[str, Any]], fp32_eval: dict[str, Any],
+           val_samples: list[Any], max_dice_drop: float, progress: Progress) -> dict[str, dict[str, Any]]:
+    """The accuracy gate of every backend the export can be served with (what `auto` may pick from).
+
+    ONNX Runtime's come from the checks above; each OpenVINO precision reads a staged file and is held to
+    the INT8 gate: validation Dice within max_dice_drop of ONNX Runtime fp32.
+    """
+    from engine.evaluate import evaluate
+
+    gates = {kind: {"accepted": entry["accepted"], "val_dice": entry["metrics"]["val_dice"],
+                    "dice_drop": fp32_eval["dice"] - entry["metrics"]["val_dice"]} for kind, entry in entries.items()}
+    if not openvino_available():
+        return gates
+    for backend, precision in OPENVINO_PRECISION.items():
+        source = "int8" if MODEL_FILES[backend] == ONNX_FILES["int8"] else "onnx"
+        if not gates.get(source, {}).get("accepted"):
+            continue
+        progress(0.7, 1.0, f"evaluating OpenVINO {precision} on {source} on the validation split")
+        dice = evaluate(Predictor(folder, backend=backend, path=staging[source]), val_samples)["dice"]
+        gates[backend] = {"accepted": fp32_eval["dice"] - dice <= max_dice_drop, "val_dice": dice,
+                          "dice_drop": fp32_eval["dice"] - dice}
+    return gates
+
+
 def _file_epoch(path: Path) -> int | None:
     """The epoch recorded in an exported model's metadata (None if unreadable)."""
     import onnx
@@ -344,6 +379,15 @@ def _kept_int8_entry(export_dir: Path, epoch: int | None) -> list[dict[str, Any]
                 and a.get("epoch") == epoch][:1]
     except (OSError, ValueError, AttributeError):
         return []
+
+
+def _kept_int8_gates(export_dir: Path) -> dict[str, dict[str, Any]]:
+    """The earlier report's gates of the INT8 file kept from it (an INT8 file is only there when it passed)."""
+    try:
+        gates = json.loads((export_dir / REPORT_FILE).read_text()).get("gates") or {}
+    except (OSError, ValueError, AttributeError):
+        gates = {}
+    return {"int8": {"accepted": True}, **{k: v for k, v in gates.items() if k in ("int8", "openvino-int8")}}
 
 
 def read_report(run: str | Path | None) -> dict[str, Any] | None:
@@ -369,4 +413,8 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {entry['kind']:<5} {'kept    ' if entry['accepted'] else 'rejected'} "
                      f"{entry['size_bytes'] / 1e6:6.2f} MB  val Dice {m.get('val_dice', float('nan')):.4f}  "
                      f"{parity_text}  {latency}")
+    for backend, gate in report.get("gates", {}).items():
+        if backend in OPENVINO_PRECISION:
+            lines.append(f"  {backend:<13} {'passed' if gate['accepted'] else 'FAILED'} the gate: val Dice "
+                         f"{gate['val_dice']:.4f} (drop {gate['dice_drop']:+.4f})")
     return "\n".join(lines)

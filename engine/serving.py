@@ -4,32 +4,126 @@ and the answer to one uploaded image (what the API and `predict` return)."""
 from __future__ import annotations
 
 import base64
+import json
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine import config, runs
 from engine.errors import EngineError, RunNotFound
 from engine.imageio import MAX_PIXELS, decode_upload, encode_png
-from engine.inference import BACKENDS, ONNX_FILES, Predictor
+from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
 from engine.inspection import inspect
 from engine.recipe import load_recipe
 
+AUTO = "auto"
+# Most exact first: auto takes the fastest backend, unless one higher in this list is within AUTO_MARGIN of it.
+EXACTNESS = ("onnx", "openvino", "openvino-bf16", "int8", "openvino-int8")
+AUTO_MARGIN = 0.10
+AUTO_SIZE, AUTO_ROUNDS = 256, 12
+
 
 def available_backends(run_dir: Path) -> list[str]:
-    """Backends a run can be served with right now: torch if it has a checkpoint, onnx/int8 if exported."""
+    """Backends a run can be served with right now: torch if it has a checkpoint, the others if exported
+    (and, for OpenVINO, installed)."""
     found = ["torch"] if (run_dir / "best.pth").is_file() or runs.epochs_saved(run_dir) else []
-    return found + [name for name, file in ONNX_FILES.items() if (run_dir / "export" / file).is_file()]
+    return found + [name for name, file in MODEL_FILES.items() if (run_dir / "export" / file).is_file()
+                    and (name not in OPENVINO_PRECISION or openvino_available())]
+
+
+def gated_backends(run_dir: Path) -> list[str]:
+    """Exported backends that passed export's accuracy checks for the exported epoch, most exact first.
+
+    export.json records each backend's gate; an export made before OpenVINO was checked vouches for
+    onnx and int8 (an INT8 file is only kept when it passed) and for OpenVINO fp32 on the same file.
+    """
+    available = available_backends(run_dir)
+    try:
+        gates = json.loads((run_dir / "export" / "report.json").read_text()).get("gates")
+    except (OSError, ValueError):
+        gates = None
+    if gates is None:
+        gates = {name: {"accepted": True} for name in ("onnx", "int8", "openvino")}
+    return [name for name in EXACTNESS if name in available and gates.get(name, {}).get("accepted")]
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """What `auto` serves for a run on this machine, and the batch-1 latencies it was picked on."""
+
+    backend: str
+    p50_ms: dict[str, float]
+    rule: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (for /health and the Export page)."""
+        return asdict(self)
+
+
+_choices: dict[tuple, BackendChoice] = {}
+_choices_lock = threading.Lock()
+
+
+def auto_backend(run_dir: Path, measure: bool = True) -> BackendChoice | None:
+    """The backend `auto` serves for a run: the fastest that passed the accuracy gate, timed once per process and
+    export on this machine (a few seconds); None when it would have to measure and `measure` is False."""
+    candidates = gated_backends(run_dir)
+    if len(candidates) <= 1:
+        only = candidates[0] if candidates else "torch"
+        return BackendChoice(only, {}, "the only exported backend" if candidates else "nothing exported")
+    key = (str(run_dir.resolve()), tuple((name, model_file(run_dir, name).stat().st_mtime_ns) for name in candidates))
+    with _choices_lock:
+        if key in _choices or not measure:
+            return _choices.get(key)
+        _choices[key] = choice = measure_backends(run_dir, candidates)
+        return choice
+
+
+def measure_backends(run_dir: Path, candidates: list[str]) -> BackendChoice:
+    """Batch-1 latency of each candidate at AUTO_SIZE, interleaved; the fastest wins unless a more exact
+    backend is within AUTO_MARGIN of it (noise must not trade accuracy for nothing)."""
+    batch = np.random.default_rng(0).standard_normal((1, 1, AUTO_SIZE, AUTO_SIZE)).astype(np.float32)
+    predictors = {name: Predictor(run_dir, backend=name) for name in candidates}
+    times: dict[str, list[float]] = {name: [] for name in candidates}
+    for round_ in range(AUTO_ROUNDS + 2):
+        for name in candidates[round_ % len(candidates):] + candidates[: round_ % len(candidates)]:
+            start = time.perf_counter()
+            predictors[name].forward_batch(batch)
+            if round_ >= 2:  # two warm-up rounds
+                times[name].append((time.perf_counter() - start) * 1000)
+    p50 = {name: round(float(np.median(values)), 2) for name, values in times.items()}
+    fastest = min(p50.values())
+    picked = next(name for name in candidates if p50[name] <= fastest * (1 + AUTO_MARGIN))
+    return BackendChoice(picked, p50, f"fastest of the gated backends at {AUTO_SIZE}x{AUTO_SIZE}, batch 1, "
+                                      f"unless a more exact one is within {AUTO_MARGIN:.0%}")
 
 
 def default_backend(run_dir: Path) -> str:
-    """The fastest exported backend of a run: 'int8' if exported, else 'onnx' if exported, else 'torch'."""
-    for name in ("int8", "onnx"):
-        if (run_dir / "export" / ONNX_FILES[name]).is_file():
-            return name
-    return "torch"
+    """The backend served when none is named: auto's pick (measured on first use), torch when nothing is exported."""
+    choice = auto_backend(run_dir)
+    return choice.backend if choice else "torch"
+
+
+def resolve_backend(run_dir: Path, epoch: int | str = "best", backend: str | None = AUTO) -> str:
+    """A backend name, with None or `auto` replaced by default_backend (torch for an epoch other than the best:
+    an export holds one epoch)."""
+    if backend in (None, AUTO):
+        return default_backend(run_dir) if str(epoch) == "best" else "torch"
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join((AUTO, *BACKENDS))}")
+    return backend
+
+
+def open_predictor(run: str | None = "latest", epoch: int | str = "best", backend: str | None = AUTO,
+                   device: str = "cpu") -> Predictor:
+    """A Predictor for a run id, `demo` or `latest`, with `auto` resolved (what the CLI serves with)."""
+    run_dir = runs.resolve_run(run)
+    return Predictor(run_dir, epoch, resolve_backend(run_dir, epoch, backend), device)
 
 
 def run_reference(run_dir: Path) -> str:
@@ -46,12 +140,13 @@ def model_catalog() -> list[dict[str, Any]]:
         except RunNotFound:
             continue  # a folder being written right now; it shows up on the next call
         backends = available_backends(folder)
+        choice = auto_backend(folder, measure=False)  # listing many runs must not time each of them
         ready, reason = runs.readiness(info)
         catalog.append({
             "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
             "threshold": info.get("threshold"), "backends": backends,
-            "default_backend": default_backend(folder) if backends else None,
+            "default_backend": (choice.backend if choice else AUTO) if backends else None,
             "ready": ready, "ready_reason": reason, "not_ready_reason": reason,
         })
     return catalog
@@ -71,16 +166,14 @@ class PredictorCache:
         self._loading: dict[tuple, threading.Lock] = {}
 
     def get(self, run: str | None = "latest", epoch: int | str = "best", backend: str | None = None) -> Predictor:
-        """Predictor for a run id, `demo` or `latest`; backend None picks default_backend(run)."""
+        """Predictor for a run id, `demo` or `latest`; backend None or `auto` picks default_backend(run)."""
         return self.get_for_dir(runs.resolve_run(run), epoch, backend)
 
     def get_for_dir(self, run_dir: Path, epoch: int | str = "best", backend: str | None = None) -> Predictor:
         """Predictor for a run folder, loaded at most once per (folder, epoch, backend, file version)."""
-        backend = backend or default_backend(run_dir)
-        if backend not in BACKENDS:
-            raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-        model_file = runs.checkpoint_path(run_dir, epoch) if backend == "torch" else run_dir / "export" / ONNX_FILES[backend]
-        mtime = model_file.stat().st_mtime_ns if model_file.is_file() else 0
+        backend = resolve_backend(run_dir, epoch, backend)
+        path = model_file(run_dir, backend, epoch)
+        mtime = path.stat().st_mtime_ns if path.is_file() else 0
         key = (str(run_dir.resolve()), str(epoch), backend, mtime)
         with self._lock:
             if key in self._items:

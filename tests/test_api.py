@@ -246,11 +246,11 @@ def test_header_probe_matches_the_decoded_size(sample: np.ndarray, rgb: Image.Im
 # ---------------------------------------------------------------- client errors
 
 def _cli_results(trained_run: str, paths: list[Path], capsys: pytest.CaptureFixture) -> dict[str, dict]:
-    """`python -m engine predict --json` on files: file name -> its result."""
+    """`python -m engine predict --backend torch --json` on files (the API calls name torch too): file name -> result."""
     from engine.__main__ import main
 
     capsys.readouterr()
-    assert main(["predict", *map(str, paths), "--run", trained_run, "--json"]) == 0
+    assert main(["predict", *map(str, paths), "--run", trained_run, "--backend", "torch", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     return {Path(r["file"]).name: r for r in report["results"]}
 

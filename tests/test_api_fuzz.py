@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import cv2
 import numpy as np
 import pytest
@@ -10,8 +9,8 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
-from api.serving import ServingState
 from api.main import create_app
+from api.serving import ServingState
 from api.settings import Settings
 
 API_KEY = "fuzz-key"

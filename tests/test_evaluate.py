@@ -10,8 +10,8 @@ from engine.__main__ import main
 from engine.data import load_pair
 from engine.evaluate import evaluate, select_samples
 from engine.inference import Predictor
-from engine.metrics import SetMetrics, auroc, average_precision, image_score
 from engine.inspection import inspect
+from engine.metrics import SetMetrics, auroc, average_precision, image_score
 from engine.recipe import Recipe
 
 

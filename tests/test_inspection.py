@@ -70,7 +70,7 @@ def test_the_api_answers_the_same_verdict_regions_and_mask(case, monkeypatch: py
 
 def test_cli_predict_writes_the_same_verdict_regions_and_mask(case, tmp_path: Path, capsys) -> None:
     run_id, image_path, _, expected = case
-    assert main(["predict", "--run", run_id, str(image_path), "--out", str(tmp_path / "out")]) == 0
+    assert main(["predict", "--run", run_id, "--backend", "torch", str(image_path), "--out", str(tmp_path / "out")]) == 0
     (result,) = json.loads((tmp_path / "out" / "report.json").read_text())["results"]
     assert result["verdict"] == expected.verdict and boxes(result["regions"]) == boxes(expected.regions)
     assert np.array_equal(read_mask(tmp_path / "out" / result["mask"]) > 0, expected.mask > 0)

@@ -10,10 +10,10 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from engine import config, data, jobs, registry, runs, runstore, synth
+from engine.drawing import mask_difference
 from engine.errors import EngineError, RunNotFound
 from engine.evaluate import evaluate, select_samples
 from engine.imageio import encode_png, read_image, read_mask
-from engine.drawing import mask_difference
 from engine.inference import Predictor
 from engine.metrics import dice_score, iou_score
 from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Query, UploadFile
 
 from api.deps import get_serving
-from api.schemas import PredictResponse, error_responses
+from api.schemas import BackendRequest, PredictResponse, error_responses
 from api.serving import ServingState
 
 router = APIRouter(tags=["inference"])
@@ -27,8 +27,9 @@ def predict(
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="default: the run's own threshold")] = None,
     run: Annotated[str | None, Query(pattern=RUN_PATTERN, description="run id, `demo`, `latest` or `ready`; "
                                      "default: DEFECTS_API_RUN (the newest ready run)")] = None,
-    backend: Annotated[Literal["torch", "onnx", "int8"] | None,
-                       Query(description="default: int8 if exported, else onnx if exported, else torch")] = None,
+    backend: Annotated[BackendRequest | None,
+                       Query(description="default: DEFECTS_API_BACKEND, by default `auto`: the fastest exported "
+                                         "backend that passed the accuracy gate on this machine (see /health)")] = None,
     return_mask: Annotated[bool, Query(description="add the binary mask as a base64 PNG")] = False,
 ) -> dict[str, Any]:
     """Segment defects in one image at full resolution (large images are tiled, never resized)."""
