@@ -92,7 +92,8 @@ class ServingState:
             return {"status": "no_model", "model": None, "detail": self.default_error, "ready": False,
                     "ready_reason": self.default_error, "not_ready_reason": self.default_error,
                     "default_run": self.settings.default_run}
-        choice = auto_backend(self.default.run_dir) if self.default and self.settings.default_backend in (None, "auto") else None
+        auto = self.default and self.settings.default_backend in (None, "auto")
+        choice = auto_backend(self.default.run_dir) if auto else None
         return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
                 "ready_reason": model["ready_reason"], "not_ready_reason": model["ready_reason"],
                 "default_run": self.settings.default_run, "backend_choice": choice.as_dict() if choice else None}
