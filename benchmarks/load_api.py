@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine import config, runs  # noqa: E402
 from engine.imageio import decode_image, encode_png  # noqa: E402
 from engine.inference import BACKENDS, Predictor  # noqa: E402
+from engine.inspection import inspect  # noqa: E402
+from engine.recipe import load_recipe  # noqa: E402
 from engine.serving import resolve_backend, run_reference  # noqa: E402
 from engine.synth import SynthParams, render_sample  # noqa: E402
 
@@ -41,10 +43,11 @@ def make_images(count: int, size: int, seed: int = 0) -> list[bytes]:
 
 
 def predictor_block(predictor: Predictor, arrays: list[np.ndarray], count: int, offset: int = 0) -> tuple[float, float]:
-    """Wall and CPU seconds of `count` Predictor.predict + summary calls, one after another."""
+    """Wall and CPU seconds of `count` Predictor.predict + inspect calls (what the API does after decoding)."""
+    rules = load_recipe(predictor.run_dir)
     wall, cpu = time.perf_counter(), time.process_time()
     for i in range(offset, offset + count):
-        predictor.predict(arrays[i % len(arrays)]).summary()
+        inspect(predictor.predict(arrays[i % len(arrays)], rules.threshold).probability, rules).as_dict()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 

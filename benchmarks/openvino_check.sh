@@ -20,6 +20,6 @@ for backend in int8 openvino-int8 auto; do
         requests=$([ "$concurrency" = 1 ] && echo 400 || echo 1000)
         echo "### backend $backend, concurrency $concurrency, $requests requests"
         python benchmarks/load_api.py --run "$RUN" --backend "$backend" --concurrency "$concurrency" \
-            --requests "$requests" 2>/dev/null | grep -E "^\| (errors|latency|API throughput|Predictor throughput|model)|PASS|FAIL" || true
+            --requests "$requests" 2>/dev/null | grep -E "^\| (errors|latency|API throughput|Predictor throughput|model|CPU per image|server VmRSS)|PASS|FAIL" || true
     done
 done
