@@ -88,8 +88,9 @@ with settings:
         seed = st.number_input("Seed", 0, 2**31 - 1, DEFAULTS.seed, key="train_seed")
         paint = st.slider("Paint defects onto good crops (share)", 0.0, 0.9, float(DEFAULTS.paint), 0.05,
                           key="train_paint", help="a share of the defect-free training crops gets the generator's "
-                          "defects painted on, on top of the set's real ones; a set of good images alone can then "
-                          "train a model (its validation is painted too, and marked so)")
+                          "defects painted on, so that a set of good images alone can train a model; its validation "
+                          "is painted too, so the run ends not ready until tuned on a few real labelled defects. "
+                          "Leave it at 0 for a set with real defects: there it cost accuracy on KolektorSDD")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
     allow_parallel = st.checkbox("Allow parallel runs", value=False, key="train_parallel")

@@ -161,6 +161,10 @@ def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
 
 # --------------------------------------------------------------------------------------- tuning
 
+PAINTED_VALIDATION = ("validated only on defects painted onto its good images, so its detection of real defects is "
+                      "unknown: tune it on labelled real images (`python -m engine tune --run RUN --data DIR`), which "
+                      "decides whether it is ready")
+
 
 class TuneStats:
     """What the threshold x min-area grid needs from each image, gathered once per image.
@@ -337,6 +341,19 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
     return notes
 
 
+def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None]:
+    """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why."""
+    detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
+    if detection is None:
+        return False, "the validation images hold no defect, so detection could not be measured"
+    if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
+        return False, (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
+                       f"({chosen['n_defect_free']} defect-free images)")
+    if detection < 0.5:
+        return False, f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
+    return True, None
+
+
 def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, confidence: float | None = None,
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
              context: dict[str, Any] | None = None, save: bool = True,
@@ -348,4 +365,21 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, 
     tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe()})
     if save:
         save_recipe(predictor.run_dir, tuned)
+        _judge_painted_run(predictor.run_dir, best, max_false_alarm)
     return tuned, best, tuning_warnings(best, base)
+
+
+def _judge_painted_run(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> None:
+    """A run validated only on painted defects is judged by its first tuning on real labelled images: ready
+    when that recipe meets the goal there (the same rule as training's), not ready with the reason otherwise."""
+    from engine import runstore  # the registry is not needed on inspection-only paths
+
+    try:
+        info = runs.read_run_json(run_dir)
+    except EngineError:
+        return
+    painted = (info.get("dataset") or {}).get("val_painted")
+    if not painted or info.get("status") != "completed" or not best.get("n_defective") or not best.get("n_defect_free"):
+        return
+    ready, reason = readiness_of(best, max_false_alarm)
+    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)")

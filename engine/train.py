@@ -48,7 +48,16 @@ from engine.model import (
     save_checkpoint,
 )
 from engine.paint import paint
-from engine.recipe import DEFAULT_THRESHOLDS, Recipe, TuneStats, load_recipe, save_recipe, tuned_recipe
+from engine.recipe import (
+    DEFAULT_THRESHOLDS,
+    PAINTED_VALIDATION,
+    Recipe,
+    TuneStats,
+    load_recipe,
+    readiness_of,
+    save_recipe,
+    tuned_recipe,
+)
 from engine.storage import atomic_write_bytes
 
 DEFAULT_EPOCHS = 40  # when neither --epochs nor --minutes is given
@@ -83,8 +92,9 @@ class TrainConfig:
                                "matches), pretrained, none, or a run id to fine-tune")
     loss: str = option("bce-dice", "training loss", choices=("bce-dice", "focal-dice", "bce-tversky"))
     defect_share: float = option(0.5, "share of every batch that is crops centred on a defect")
-    paint: float = option(0.0, "share of defect-free training crops that get defects painted on (engine.paint), on "
-                               "top of the set's real ones: with it, a set of good images alone can train a model")
+    paint: float = option(0.0, "share of defect-free training crops that get defects painted on (engine.paint): "
+                               "with it, a set of good images alone can train a model (not ready until tuned on real "
+                               "defects); beside real defects it cost accuracy on KolektorSDD")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -653,6 +663,8 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
         context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
         info["recipe"] = save_recipe_for(folder, chosen, context)
         ready, reason = readiness_of(chosen, cfg.max_false_alarm)
+        if ready and info["dataset"].get("val_painted"):  # its detection was measured on painted defects only
+            ready, reason = False, PAINTED_VALIDATION
         detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
         print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
               f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}, goal <= {cfg.max_false_alarm:.0%})",
@@ -692,19 +704,6 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
                 "goal_met": False, "false_alarms_measured": False, "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
     return stats.best(max_false_alarm)
-
-
-def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None]:
-    """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why."""
-    detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
-    if detection is None:
-        return False, "the validation images hold no defect, so detection could not be measured"
-    if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
-        return False, (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
-                       f"({chosen['n_defect_free']} defect-free images)")
-    if detection < 0.5:
-        return False, f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
-    return True, None
 
 
 def _rate(value: float | None) -> str:

@@ -9,9 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import config, registry, runs, synth
+from engine import config, recipe, registry, runs, synth
 from engine.__main__ import main
+from engine.evaluate import select_samples
 from engine.imageio import read_image, read_mask
+from engine.inference import Predictor
 from engine.paint import PaintParams, paint, window_side
 from engine.paintset import preview as paint_preview
 
@@ -107,6 +109,18 @@ def test_train_paint_on_good_images_only_marks_painted_validation(tmp_path: Path
     assert info["status"] == "completed"
     # Validation had painted defects and untouched good images, so image-level AP could be measured.
     assert all(np.isfinite(row["val_ap"]) for row in runs.read_metrics(runs.run_dir(run_id)))
+    # Painted defects alone never make a run ready; the next step says how to decide it.
+    assert info["ready"] is False and runs.readiness(info)[0] is False
+    assert "tune" in runs.next_steps(info)[0]
+    # Tuning on real labelled images decides, by training's own rule, and says so.
+    labelled = tmp_path / "labelled"
+    synth.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
+    _, best, _ = recipe.tune_run(Predictor.from_run(run_id), select_samples(str(labelled), "all"), 0.05)
+    ready, _ = recipe.readiness_of(best, 0.05)
+    after = runs.read_run_json(runs.run_dir(run_id))
+    assert after["ready"] is ready and runs.readiness(after)[0] is ready
+    assert ready or after["ready_reason"].endswith("(tuned on real images)")
+    assert registry.get_run(run_id).ready is ready  # the registry row says the same
 
 
 def test_generate_page_previews_painted_samples_and_writes_the_set(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ from engine import config, registry, runs
 from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
 from engine.errors import EngineError
 from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
-from engine.train import Patience, TrainConfig, get_lr, readiness_of, train
+from engine.recipe import readiness_of
+from engine.train import Patience, TrainConfig, get_lr, train
 
 
 def write_set(root, n_defective, n_clean, size=(48, 64), splits=("train", "test"), empty_masks=False):
