@@ -370,8 +370,8 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, 
 
 
 def _judge_painted_run(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> None:
-    """A run validated only on painted defects is judged by its first tuning on real labelled images: ready
-    when that recipe meets the goal there (the same rule as training's), not ready with the reason otherwise."""
+    """A run validated only on painted defects is judged by a tuning on real labelled images (defective and good):
+    ready when that recipe meets the goal there (training's rule), not ready with the reason otherwise."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
