@@ -98,7 +98,6 @@ class HealthResponse(BaseModel):
     version: str
 
 
-
 class CatalogEntry(BaseModel):
     """A run folder and the backends it can be served with."""
 

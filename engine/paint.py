@@ -3,10 +3,11 @@
 A square window of the image (its short side by default) is measured: its noise (what a defect must stand out
 from), its sharpness (a defect is drawn no sharper than the surface's finest detail: a crisp line on a soft image
 teaches the model to look for crispness, which real defects there do not have), its brightness (a dark scratch on
-a bright part is darker in grey levels than on a dark one) and its grain direction (inclusions follow it). The generator then draws its defects for that window (engine.synth.draw_defects:
-scratches and cracks down to 1 px, pits, dents, inclusions, patches, dark and bright), and they are added to the
-image's own pixels, so the texture, lighting and sensor noise under a painted defect are the image's.
-The mask is exactly the pixels that changed. Seeded by the caller's generator: the same seed paints the same.
+a bright part is darker in grey levels than on a dark one) and its grain direction (inclusions follow it). The
+generator then draws its defects for that window (engine.synth.draw_defects: scratches and cracks down to 1 px,
+pits, dents, inclusions, patches, dark and bright), and they are added to the image's own pixels, so the texture,
+lighting and sensor noise under a painted defect are the image's. The mask is exactly the pixels that changed.
+Seeded by the caller's generator: the same seed paints the same.
 """
 
 from __future__ import annotations

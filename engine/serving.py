@@ -39,7 +39,7 @@ def available_backends(run_dir: Path) -> list[str]:
 def gated_backends(run_dir: Path) -> list[str]:
     """Exported backends that passed export's accuracy checks for the exported epoch, most exact first.
 
-    export.json records each backend's gate; an export made before OpenVINO was checked vouches for
+    export/report.json records each backend's gate; an export made before OpenVINO was checked vouches for
     onnx and int8 (an INT8 file is only kept when it passed) and for OpenVINO fp32 on the same file.
     """
     available = available_backends(run_dir)
