@@ -82,9 +82,10 @@ if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
 
 # ---- paint defects onto your own good images -------------------------------------------------------
 st.header("Paint defects onto your own images")
-st.caption("Most lines have many good parts and few labelled defects: the generator's defects are painted onto "
-           "your defect-free images, matched to the surface under them, with exact masks (`engine.paint`). "
-           "Train on the result, or paint during training with the Train page's paint share.")
+st.caption("Only good parts so far? The generator's defects are painted onto your defect-free images, matched to "
+           "the surface under them, with exact masks (`engine.paint`). Train on the result, or paint during "
+           "training with the Train page's paint share; such a run is not ready until tuned on a few real "
+           "labelled defects. Where you have real defects, train on them without painting.")
 sources = {name: path for name, path in data.dataset_choices().items()}
 pick = st.selectbox("Good images from", ["a folder on this machine", *sources], key="paint_from")
 onto = st.text_input("Folder of defect-free images", placeholder="/path/to/good/parts",

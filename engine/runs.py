@@ -216,7 +216,7 @@ def next_steps(info: dict[str, Any]) -> list[str]:
     if (info.get("dataset") or {}).get("val_painted"):
         return [f"label a few real defects and tune on them with some good images: `python -m engine tune --run "
                 f"{run_id} --data DIR` (this decides whether the run is ready)",
-                "or add the real labelled defects to the training set and train again with --paint"]
+                "or train again on the real labelled defects (without --paint: beside real defects it cost accuracy)"]
     counts = (info.get("dataset") or {}).get("counts") or {}
     steps = [f"train longer: `python -m engine train --resume {info.get('run_id', 'RUN')} --minutes 30`"]
     if counts.get("defective", 0) < 50:
