@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -14,9 +15,19 @@ SAMPLE_DIR = DATA_DIR / "procedural_images"
 DEMO_RUN_DIR = ROOT / "runs" / "demo"  # shipped in git, always read from the repository
 
 
+# Any SQLAlchemy URL (postgresql+psycopg://user:password@host/db) puts the registry on a server that several
+# machines share; unset, the registry is the SQLite file registry_path().
+DATABASE_URL = os.environ.get("DEFECTS_DATABASE_URL") or None
+
+
 def registry_path() -> Path:
-    """Path of the SQLite run registry."""
+    """Path of the SQLite run registry (used when DATABASE_URL is unset)."""
     return RUNS_DIR / "registry.db"
+
+
+def host() -> str:
+    """This machine's name, stored beside a process id (a pid says nothing about another machine's processes)."""
+    return socket.gethostname()
 
 
 def cpu_threads() -> int:

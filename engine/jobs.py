@@ -62,7 +62,7 @@ def start_training(cfg: TrainConfig) -> str:
         process = subprocess.Popen(train_command(config=config_file), cwd=config.ROOT, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                    start_new_session=True)
-    runstore.update(folder, pid=process.pid)
+    runstore.update(folder, pid=process.pid, host=config.host())
     return run_id
 
 

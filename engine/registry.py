@@ -1,11 +1,16 @@
-"""SQLite run registry (runs/registry.db) through SQLModel: datasets, runs, epoch metrics, artifacts.
+"""The run registry through SQLModel: datasets, runs, epoch metrics, artifacts.
 
-Several processes write the same file at once (the app, training jobs, the API), so every connection
-uses WAL with a busy timeout, every write transaction starts with BEGIN IMMEDIATE (takes the write
-lock up front, so read-then-write is atomic and waits instead of failing), and writes are retried on
-"database is locked". Every function opens a short session and returns detached objects.
+Embedded by default: the SQLite file runs/registry.db. Several processes write it at once (the app, training
+jobs, the API), so every connection uses WAL with a busy timeout, every write transaction starts with BEGIN
+IMMEDIATE (takes the write lock up front, so read-then-write is atomic and waits instead of failing), and writes
+are retried on "database is locked".
 
-All datetimes are timezone-aware UTC in Python and naive UTC in the file.
+Shared: DEFECTS_DATABASE_URL (config.DATABASE_URL, e.g. postgresql+psycopg://...) puts it on a server that
+several machines use. Write transactions there are SERIALIZABLE and retried on serialization failures, and
+schema creation holds an advisory lock, so processes that start at once do not race.
+
+Every function opens a short session and returns detached objects. All datetimes are timezone-aware UTC in
+Python and naive UTC in the database.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import sqlalchemy
 from sqlalchemy import UniqueConstraint, event, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, Session, SQLModel, col, delete, select
 
@@ -104,6 +109,7 @@ class Run(SQLModel, table=True):
     status: str = Field(default="queued", index=True)
     pid: int | None = None
     heartbeat: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    host: str | None = None  # the machine pid belongs to
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -185,6 +191,10 @@ def _dumps(value: Any) -> str:
 
 _engines: dict[tuple[int, str], tuple[sqlalchemy.Engine, sqlalchemy.Engine, tuple[int, int] | None]] = {}
 _engines_lock = threading.Lock()
+SCHEMA_LOCK = 20261204  # the PostgreSQL advisory lock that serialises schema creation
+# PostgreSQL's codes for a transaction to run again: serialization failure, deadlock, and a unique row that a
+# concurrent transaction inserted first (the retry reads it and updates it instead).
+RETRY_SQLSTATES = ("40001", "40P01", "23505")
 
 
 def _configure(engine: sqlalchemy.Engine) -> None:
@@ -205,27 +215,32 @@ def _configure(engine: sqlalchemy.Engine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}".strip())
 
 
-def _is_locked(err: OperationalError) -> bool:
+def _is_transient(err: DBAPIError) -> bool:
+    """Whether a failed transaction should simply run again: SQLite locked, or a PostgreSQL conflict."""
+    code = getattr(err.orig, "sqlstate", None)
+    if code is not None:
+        return code in RETRY_SQLSTATES
     text = str(err.orig or err).lower()
-    return "locked" in text or "busy" in text
+    return isinstance(err, OperationalError) and ("locked" in text or "busy" in text)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _retry_locked(fn: F) -> F:
-    """Retry fn a few times with backoff when SQLite says the database is locked."""
+    """Retry fn a few times with backoff when the database asks for it (locked, or a serialization conflict)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         for attempt in range(LOCK_RETRIES):
             try:
                 return fn(*args, **kwargs)
-            except OperationalError as err:
-                if attempt == LOCK_RETRIES - 1 or not _is_locked(err):
+            except DBAPIError as err:
+                if attempt == LOCK_RETRIES - 1 or not _is_transient(err):
                     raise
                 delay = 0.05 * 2**attempt + random.uniform(0, 0.05)
-                log.warning("registry locked in %s, retrying in %.2f s", fn.__name__, delay)
+                log.warning("registry busy in %s (%s), retrying in %.2f s", fn.__name__,
+                            getattr(err.orig, "sqlstate", None) or "locked", delay)
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
@@ -241,11 +256,14 @@ def _identity(path: Path) -> tuple[int, int] | None:
 
 
 def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engine]:
-    """(reader, writer) engines for a db path; the writer starts transactions with BEGIN IMMEDIATE.
+    """(reader, writer) engines of the registry: the server of config.DATABASE_URL, else the SQLite file at path
+    (default config.registry_path()), whose writer starts transactions with BEGIN IMMEDIATE.
 
     A registry file deleted or replaced under a running process is noticed here (one stat per session): the old
     engine is dropped and the file reopened with its schema, so later writes reach the file others read.
     """
+    if path is None and config.DATABASE_URL:
+        return _server_engines(config.DATABASE_URL)
     path = Path(path if path is not None else config.registry_path()).expanduser()
     key = (os.getpid(), str(path.resolve()))
     with _engines_lock:
@@ -267,31 +285,46 @@ def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engin
             )
             _configure(engine)
             writer = engine.execution_options(sqlite_begin="IMMEDIATE")
-            _retry_locked(SQLModel.metadata.create_all)(writer, tables=TABLES)
-            _retry_locked(_add_missing_columns)(writer)
+            _retry_locked(_create_schema)(writer)
             cached = _engines[key] = (engine, writer, _identity(path))
         return cached[0], cached[1]
 
 
-def _add_missing_columns(engine: sqlalchemy.Engine) -> None:
-    """Bring a registry made by an older version up to date: add the columns it lacks (all nullable)."""
-    inspector = sqlalchemy.inspect(engine)
-    for table in TABLES:
-        present = {column["name"] for column in inspector.get_columns(table.name)}
-        for column in table.columns:
-            if column.name in present:
-                continue
-            kind = column.type.compile(dialect=engine.dialect)
+def _server_engines(url: str) -> tuple[sqlalchemy.Engine, sqlalchemy.Engine]:
+    """(reader, writer) engines of a database server; the writer's transactions are SERIALIZABLE."""
+    key = (os.getpid(), url)
+    with _engines_lock:
+        if key not in _engines:
             try:
-                with engine.begin() as connection:
+                engine = sqlalchemy.create_engine(url, pool_pre_ping=True)
+            except (ArgumentError, NoSuchModuleError, ImportError) as err:
+                raise EngineError(f"DEFECTS_DATABASE_URL is not a usable database URL ({err}); for PostgreSQL "
+                                  "use postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE") from None
+            writer = engine.execution_options(isolation_level="SERIALIZABLE")
+            _retry_locked(_create_schema)(engine)
+            _engines[key] = (engine, writer, None)
+        return _engines[key][0], _engines[key][1]
+
+
+def _create_schema(engine: sqlalchemy.Engine) -> None:
+    """Create the tables, and the columns an older version lacked, in one transaction that processes starting at
+    once take in turn (SQLite: BEGIN IMMEDIATE; PostgreSQL: an advisory lock), so it is idempotent and safe."""
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+        SQLModel.metadata.create_all(connection, tables=TABLES)
+        inspector = sqlalchemy.inspect(connection)
+        for table in TABLES:
+            present = {column["name"] for column in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:  # all added columns are nullable
+                    kind = column.type.compile(dialect=connection.dialect)
                     connection.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
-            except OperationalError as err:
-                if "duplicate column" not in str(err).lower():  # another process added it first: fine
-                    raise
 
 
 def get_engine(path: Path | None = None) -> sqlalchemy.Engine:
-    """The cached engine of the registry at path (default config.registry_path()); tables created on first use."""
+    """The cached engine of the registry (config.DATABASE_URL, else the SQLite file at path, by default
+    config.registry_path()); tables created on first use."""
     return _engines_for(path)[0]
 
 
@@ -407,7 +440,8 @@ def stale_reason(run: Run, now: datetime | None = None) -> str | None:
         return None
     now = as_utc(now) or utcnow()
     last = as_utc(run.heartbeat) or as_utc(run.started_at) or as_utc(run.created_at)
-    if run.pid is not None and not pid_alive(run.pid):
+    on_this_host = run.host in (None, "", config.host())  # another machine's run is judged by its heartbeat alone
+    if run.pid is not None and on_this_host and not pid_alive(run.pid):
         return f"{STALE_ERROR} (no heartbeat since {_fmt(last)}; process {run.pid} is gone)"
     # A running run must beat every STALE_AFTER_S; a queued one (or one that never beat) gets longer.
     limit = STALE_AFTER_S if run.status == "running" and run.heartbeat is not None else QUEUED_STALE_AFTER_S
@@ -651,6 +685,7 @@ def _run_from_folder(folder: Path, info: dict) -> Run:
         dataset_hash=str(dataset.get("hash") or info.get("dataset_hash") or ""),
         status=status,
         pid=_number(info.get("pid"), int),
+        host=info.get("host") if isinstance(info.get("host"), str) else None,
         heartbeat=_parse_time(info.get("heartbeat")),
         created_at=_parse_time(info.get("created_at")) or _mtime(folder / "run.json"),
         started_at=_parse_time(info.get("started_at")),

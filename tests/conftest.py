@@ -9,6 +9,7 @@ from pathlib import Path
 _SESSION_HOME = Path(tempfile.mkdtemp(prefix="defects-tests-"))
 os.environ["DEFECTS_RUNS_DIR"] = str(_SESSION_HOME / "runs")
 os.environ["DEFECTS_DATA_DIR"] = str(_SESSION_HOME / "data")
+os.environ.pop("DEFECTS_DATABASE_URL", None)  # never a shared registry: tests that want PostgreSQL start their own
 
 import pytest  # noqa: E402
 
@@ -39,6 +40,23 @@ def trained_run(tiny_dataset: Path) -> str:
     cfg = TrainConfig(data=str(tiny_dataset), epochs=2, base=8, depth=2, crop=32, batch_size=8,
                       name="fixture", steps_per_epoch=4)
     return train(cfg)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A throw-away PostgreSQL server for this session (tests.postgres); skips where none can be run, but
+    fails in CI, which must test the registry on PostgreSQL."""
+    from tests.postgres import Postgres, server_binaries
+
+    binaries = server_binaries()
+    if binaries is None:
+        message = "PostgreSQL's server is not installed (Debian: apt-get install postgresql; test.sh does it as root)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = Postgres(binaries).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture
