@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-shot check of the CUDA paths on a GPU machine: the CUDA tests, a timed CUDA training run on generated
 # data, recipe tuning and evaluation on held-out generated sets, then export and `bench` (with its torch-cuda
-# row). Everything it writes goes to $OUT (default /tmp/gpu-check): logs, run.json, recipe.json, best.pth.
+# row), the GPU data path's speed against the model alone, and a 2-GPU torchrun run where there are 2 GPUs
+# (#14). Everything it writes goes to $OUT (default /tmp/gpu-check): logs, run.json, recipe.json, best.pth.
 #   usage: OUT=/tmp/gpu-check MINUTES=4 bash benchmarks/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -28,6 +29,23 @@ step "train $MINUTES min on cuda"
 $PY -m engine train --data "$WORK/data/synth-6000-df40" --preset balanced --device cuda --minutes "$MINUTES" \
     --epochs 400 --patience 60 --name "gpu-${MINUTES}min-df40" 2>&1 | grep -v "^\s*$" | tee "$OUT/train.log" | tail -4
 RUN=$(ls "$DEFECTS_RUNS_DIR" | grep "gpu-${MINUTES}min" | tail -1)
+
+step "GPU data path (#14): training vs model-only speed, both measured inside the run, 1 min each"
+$PY -c "import torch; print('bf16 autocast:', torch.cuda.is_bf16_supported())"
+for path in device loader; do
+  $PY -m engine train --data "$WORK/data/synth-6000-df40" --device cuda --minutes 1 --batches $path \
+      --name "gpu-batches-$path" 2>&1 | grep -v "^\s*$" > "$OUT/train-batches-$path.log"
+  $PY -c "import json, sys; d = json.load(open(sys.argv[1])); print(sys.argv[2], 'training', d['train_images_per_s'],
+'img/s, model alone', d['model_images_per_s'], 'img/s, ratio', round(d['train_images_per_s'] / d['model_images_per_s'], 3))" \
+      "$DEFECTS_RUNS_DIR/$(tail -1 "$OUT/train-batches-$path.log")/run.json" "batches on the $path:"
+done
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  step "torchrun on 2 GPUs (NCCL), 1 min"
+  torchrun --standalone --nproc-per-node 2 -m engine train --data "$WORK/data/synth-6000-df40" --device cuda \
+      --minutes 1 --name gpu-torchrun-2 2>&1 | grep -v "^\s*$" | tail -3
+else
+  echo "one GPU on this machine: no 2-GPU torchrun run"
+fi
 
 step "tune and evaluate $RUN"
 $PY -m engine tune --run "$RUN" --data "$WORK/data/synth-tune-df50" --split all --device cuda \

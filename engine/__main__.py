@@ -49,7 +49,7 @@ def _paint_onto(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from engine import train
+    from engine import distributed, train
 
     if args.config:  # written by jobs.start_training (the app); it holds every option
         cfg = train.TrainConfig.from_file(args.config)
@@ -58,7 +58,16 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = train.TrainConfig(**{name: getattr(args, name) for name in names})
     if not cfg.resume and not cfg.data:
         raise EngineError("train needs --data DIR (or --resume RUN)")
-    print(train.train(cfg))
+    if cfg.nproc < 1:
+        raise EngineError(f"--nproc must be at least 1 (got {cfg.nproc})")
+    if cfg.batch_size % cfg.nproc:
+        raise EngineError(f"--batch-size {cfg.batch_size} does not split evenly over {cfg.nproc} processes")
+    if cfg.nproc > 1 and not distributed.under_torchrun():  # this command again, in nproc processes
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, config.cpu_threads() // cfg.nproc)))
+        os.execv(sys.executable, distributed.launch_command(cfg.nproc, sys.argv[1:]))
+    run_id = train.train(cfg)
+    if distributed.rank() == 0:
+        print(run_id)
 
 
 def add_train_options(p: argparse.ArgumentParser) -> None:

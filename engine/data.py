@@ -237,19 +237,97 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def _random_crop(self, image: np.ndarray, mask: np.ndarray,
                      defects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        size = self.crop
-        height, width = image.shape
-        if height < size or width < size:  # pad small images up to the crop size
-            pad = ((0, max(0, size - height)), (0, max(0, size - width)))
-            image, mask = np.pad(image, pad, mode="reflect"), np.pad(mask, pad)
-            height, width = image.shape
+        image, mask = pad_to_crop(image, mask, self.crop)
+        y, x = self.crop_origin(image.shape, defects)
+        return image[y : y + self.crop, x : x + self.crop], mask[y : y + self.crop, x : x + self.crop]
+
+    def crop_origin(self, shape: tuple[int, ...], defects: np.ndarray | None) -> tuple[int, int]:
+        """Top-left corner of a random crop in an image of this (padded) shape; with defect pixels given, the crop
+        holds one of them."""
+        size, (height, width) = self.crop, shape[-2:]
         if defects is not None and len(defects):
             cy, cx = defects[self.rng.integers(len(defects))]
             y = int(np.clip(cy - self.rng.integers(size), 0, height - size))
             x = int(np.clip(cx - self.rng.integers(size), 0, width - size))
         else:
             y, x = int(self.rng.integers(height - size + 1)), int(self.rng.integers(width - size + 1))
-        return image[y : y + size, x : x + size], mask[y : y + size, x : x + size]
+        return y, x
+
+
+def pad_to_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pad an image and its mask at the bottom and right up to the crop size where smaller, both reflected (a
+    defect mirrored into the padding is labelled there too)."""
+    height, width = image.shape
+    if height >= size and width >= size:
+        return image, mask
+    pad = ((0, max(0, size - height)), (0, max(0, size - width)))
+    return np.pad(image, pad, mode="reflect"), np.pad(mask, pad, mode="reflect")
+
+
+class DeviceBatches:
+    """Training batches cut and augmented on the training device from images held there: the GPU data path.
+
+    The same crops as SegmentationDataset (a sampler's (index, centred) items) and the same augmentation as
+    augment_pair, drawn for a whole batch at once on the device, so a GPU does not wait on the CPU. Painting
+    is not done here (it runs on the CPU): training uses the CPU loader when it paints.
+    """
+
+    def __init__(self, dataset: SegmentationDataset, sampler: DefectBatchSampler, device: torch.device) -> None:
+        self.dataset, self.sampler, self.device = dataset, sampler, device
+        padded = [pad_to_crop(image, mask, dataset.crop) for image, mask in dataset.pairs]
+        self.images = [torch.from_numpy(np.ascontiguousarray(image)).to(device) for image, _ in padded]
+        self.masks = [torch.from_numpy(np.ascontiguousarray(mask)).to(device) for _, mask in padded]
+        self.noise = torch.Generator(device=device)
+        self.noise.manual_seed(int(dataset.rng.integers(2**62)))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        for items in self.sampler:
+            yield self.batch(items)
+
+    def batch(self, items: list[tuple[int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 1, S, S) float32 and masks (N, 1, S, S) 0/1 float32 for (index, centred) items."""
+        size, images, masks = self.dataset.crop, [], []
+        for index, centred in items:
+            defects = self.dataset.defect_pixels[index] if centred else None
+            y, x = self.dataset.crop_origin(self.images[index].shape, defects)
+            images.append(self.images[index][y : y + size, x : x + size])
+            masks.append(self.masks[index][y : y + size, x : x + size])
+        images, masks = torch.stack(images)[:, None], torch.stack(masks)[:, None].float()
+        if self.dataset.augment:
+            images, masks = augment_batch(images, masks, self.dataset.rng, self.noise, self.dataset.quarter_turns)
+        return images, masks
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Generator, noise: torch.Generator,
+                  quarter_turns: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """augment_pair for a batch on its own device: each crop gets its own flips, quarter turns (square crops,
+    when allowed), brightness/contrast and noise. The per-crop draws come from rng (a few numbers, no device
+    synchronisation); the noise pixels from the device generator `noise`."""
+    n, device = images.shape[0], images.device
+
+    def per_crop(values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(values, dtype=images.dtype).to(device, non_blocking=True)[:, None, None, None]
+
+    for dim, flip in ((3, rng.random(n) < 0.5), (2, rng.random(n) < 0.5)):
+        chosen = per_crop(flip) > 0
+        images, masks = torch.where(chosen, images.flip(dim), images), torch.where(chosen, masks.flip(dim), masks)
+    if quarter_turns and images.shape[-1] == images.shape[-2]:
+        turns = rng.integers(4, size=n)
+        images, masks = images.clone(), masks.clone()
+        for k in (1, 2, 3):
+            rows = torch.as_tensor(np.flatnonzero(turns == k), device=device)
+            if len(rows):
+                images[rows] = torch.rot90(images[rows], k, (2, 3))
+                masks[rows] = torch.rot90(masks[rows], k, (2, 3))
+    contrast, brightness = per_crop(rng.uniform(0.75, 1.25, n)), per_crop(rng.uniform(-0.1, 0.1, n))
+    mean = images.mean((2, 3), keepdim=True)
+    images = (images - mean) * contrast + mean + brightness
+    sigma = per_crop(np.where(rng.random(n) < 0.3, rng.uniform(0.005, 0.03, n), 0.0))
+    images = images + torch.randn(images.shape, generator=noise, device=device, dtype=images.dtype) * sigma
+    return images.contiguous(), masks.contiguous()
 
 
 class DefectBatchSampler(torch.utils.data.Sampler):

@@ -6,6 +6,7 @@ background with engine.jobs.start_training.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -25,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import config, registry, runs, runstore, storage
+from engine import config, distributed, registry, runs, runstore, storage
 from engine.data import (
     DefectBatchSampler,
+    DeviceBatches,
     SegmentationDataset,
     auto_geometry,
     dataset_hash,
@@ -106,10 +108,16 @@ class TrainConfig:
     steps_per_epoch: int | None = option(None, "steps per epoch (default: one pass over the training images, "
                                                "at least 50)")
     device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    precision: str = option("auto", "autocast precision (auto: bf16 on CPUs with native bf16, fp16 on CUDA)",
+    precision: str = option("auto", "autocast precision (auto: bf16 on GPUs and CPUs with native bf16, else fp16 on "
+                                    "GPUs and fp32 on CPUs)",
                             choices=("auto", "fp32", "bf16", "fp16"))
     threads: int | None = option(None, "CPU threads (default: every core this process may use)")
     workers: int | None = option(None, "data-loading processes (default: 0 on CPU, up to 8 on CUDA)")
+    batches: str = option("auto", "where training crops are cut and augmented: on the training device from images "
+                                  "held there, or by the CPU loader (auto: the device on CUDA unless painting)",
+                          choices=("auto", "device", "loader"))
+    nproc: int = option(1, "training processes on this machine: above 1 launches torchrun (DistributedDataParallel, "
+                           "gloo on CPUs, NCCL on GPUs); --batch-size stays the batch of the whole group")
     channels_last: bool = option(True, "channels-last memory format")
     seed: int = option(0, "random seed")
     name: str = option("run", "run name (part of the run id)")
@@ -155,6 +163,15 @@ def loader_workers(device: torch.device, requested: int | None) -> int:
     return 0 if device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 1))
 
 
+def batch_path(cfg: TrainConfig, device: torch.device) -> str:
+    """Where batches are made: `device` (crops cut and augmented where the model trains) or the CPU `loader`."""
+    if cfg.batches == "device" and cfg.paint:
+        raise EngineError("--batches device cannot paint defects (painting runs on the CPU); use --batches loader")
+    if cfg.batches != "auto":
+        return cfg.batches
+    return "device" if device.type == "cuda" and not cfg.paint else "loader"
+
+
 def reseed_worker(worker_id: int) -> None:
     """Give each loader process its own augmentation stream (a forked copy would repeat the parent's)."""
     info = torch.utils.data.get_worker_info()
@@ -164,8 +181,8 @@ def reseed_worker(worker_id: int) -> None:
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     """The autocast dtype for training (None = plain fp32); weights and the loss always stay fp32."""
     if precision == "auto":
-        if device.type == "cuda":
-            return torch.float16
+        if device.type == "cuda":  # bf16 keeps fp32's range: no gradient scaler needed
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
         return torch.bfloat16 if native_bf16 else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -232,15 +249,15 @@ class Budget:
         """Seconds since training started."""
         return time.monotonic() - self.started
 
-    def progress(self, step: int) -> float:
-        """Fraction of the budget used, 0..1 (what the LR schedule follows)."""
-        parts = [step / self.total_steps if self.total_steps else 0.0,
-                 self.elapsed() / self.seconds if self.seconds else 0.0]
+    def progress(self, step: int, elapsed: float | None = None) -> float:
+        """Fraction of the budget used, 0..1 (what the LR schedule follows), at `elapsed` seconds (default now)."""
+        elapsed = self.elapsed() if elapsed is None else elapsed
+        parts = [step / self.total_steps if self.total_steps else 0.0, elapsed / self.seconds if self.seconds else 0.0]
         return min(1.0, max(parts))
 
-    def time_up(self) -> bool:
-        """Whether the wall-time budget is spent."""
-        return self.seconds is not None and self.elapsed() > self.seconds
+    def time_up(self, elapsed: float | None = None) -> bool:
+        """Whether the wall-time budget is spent at `elapsed` seconds (default now)."""
+        return self.seconds is not None and (self.elapsed() if elapsed is None else elapsed) > self.seconds
 
 
 def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]:
@@ -306,10 +323,12 @@ def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.d
 
 
 class Stopper:
-    """Turns SIGTERM/SIGINT and registry cancel requests into a flag checked after each step."""
+    """Turns SIGTERM/SIGINT and registry cancel requests into a flag checked after each step (only the writing
+    process, the first of a group, sends heartbeats and reads cancel requests)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, watch_registry: bool = True) -> None:
         self.folder, self.cancelled, self._last_poll = folder, False, 0.0
+        self.watch_registry = watch_registry
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -318,7 +337,7 @@ class Stopper:
 
     def poll(self) -> bool:
         """Send a heartbeat at most every 2 s and return whether the run should stop."""
-        if time.monotonic() - self._last_poll > 2.0:
+        if self.watch_registry and time.monotonic() - self._last_poll > 2.0:
             self._last_poll = time.monotonic()
             try:
                 cancel = registry.heartbeat(self.folder.name)
@@ -344,7 +363,7 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict, int]:
     saved = {k: v for k, v in info["params"].items() if k in TrainConfig.__dataclass_fields__}
     # Keep the architecture and data of the run; take the new epoch/minute budget and device.
     resumed = replace(TrainConfig(**saved), epochs=cfg.epochs, minutes=cfg.minutes, device=cfg.device,
-                      resume=info["run_id"], run_id=info["run_id"], command=cfg.command)
+                      nproc=cfg.nproc, resume=info["run_id"], run_id=info["run_id"], command=cfg.command)
     start_epoch = int(load_resume(folder)["epoch"])
     if resumed.epoch_limit is not None and start_epoch >= resumed.epoch_limit:
         raise EngineError(f"run {resumed.run_id} already has {start_epoch} epochs; pass --epochs above "
@@ -358,12 +377,32 @@ def train(cfg: TrainConfig) -> str:
 
     A failure is recorded with its cause in run.json and the registry before it is raised (a resume that failed
     before its first new epoch leaves the run as it was); a full disk gives the record its reserved space first.
+    Under torchrun, process 0 does all of that and the others only train (a failure of one ends them all).
     """
-    cfg, folder, info, start_epoch = resolve_config(cfg)
+    group = distributed.join(pick_device(cfg.device))
+    if group.active and "--nproc" not in cfg.command:  # record what ran: torchrun, directly or through --nproc
+        n_nodes = group.world_size // group.local_world_size
+        nodes = f"--nnodes {n_nodes} " if n_nodes > 1 else ""
+        cfg = replace(cfg, nproc=group.local_world_size, command=cfg.command.replace(
+            "python -m engine", f"torchrun {nodes}--nproc-per-node {group.local_world_size} -m engine", 1))
+    try:
+        if not group.is_main:
+            cfg, folder, start_epoch = group.share(None)  # the run process 0 resolved
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # one log: process 0's
+                return fit(cfg, Path(folder), {}, start_epoch, group)
+        cfg, folder, info, start_epoch = resolve_config(cfg)
+        group.share((cfg, str(folder), start_epoch))
+        return _fit_recorded(cfg, folder, info, start_epoch, group)
+    finally:
+        group.leave()
+
+
+def _fit_recorded(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: distributed.Group) -> str:
+    """fit, with the cause of a failure recorded in run.json and the registry before it is raised."""
     try:
         with storage.Reserve(folder) as reserve:
             try:
-                return fit(cfg, folder, info, start_epoch)
+                return fit(cfg, folder, info, start_epoch, group)
             except BaseException:
                 reserve.release()  # the failure record must fit on a full disk
                 raise
@@ -390,9 +429,10 @@ class TrainData:
     val_painted: bool = False  # validation holds no real defect, so defects were painted on its good images
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
+def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainData]:
     """Scan and decode the dataset, carve val if needed, fill in automatic scale and crop; returns the config
-    with every automatic value resolved (what run.json stores) and the data."""
+    with every automatic value resolved (what run.json stores) and the data. Each process of a group (rank)
+    augments with its own random stream."""
     report = scan_dataset(cfg.data)
     for problem in report.problems:
         print(f"warning: {problem}", file=sys.stderr)
@@ -412,7 +452,8 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
         scale, crop = auto_geometry(train_pairs)
         cfg = replace(cfg, scale=cfg.scale or scale, crop=cfg.crop or crop)
         print(f"training geometry: scale {cfg.scale:g}, crop {cfg.crop} px (from image and defect sizes)", flush=True)
-    train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=cfg.seed, scale=cfg.scale,
+    train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=rank_seed(cfg.seed, rank),
+                                    scale=cfg.scale,
                                     pairs=train_pairs, paint_share=cfg.paint, painter=paint)
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
@@ -425,6 +466,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, TrainData]:
     mean, std = image_stats([image for image, _ in train_set.pairs])
     return cfg, TrainData(train_set, val_set, mean, std, report.counts(), dataset_hash(report.samples), carved,
                           val_painted)
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of process `rank` of a group; process 0 (and a job alone) keeps the run's own seed."""
+    return seed + 1_000_003 * rank
 
 
 def painted_validation(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -469,31 +515,38 @@ class Trainer:
     model: UNetTiny
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    loader: torch.utils.data.DataLoader
+    loader: DeviceBatches | torch.utils.data.DataLoader  # yields (images, masks) batches
     loss_fn: Any
     data: TrainData
     device: torch.device
     amp_dtype: torch.dtype | None
     memory_format: torch.memory_format
     steps_per_epoch: int
+    group: distributed.Group  # this process's place in the training group (a group of one without torchrun)
+    net: torch.nn.Module  # what the loop calls: the model, or DistributedDataParallel around it in a group
+    local_batch: int  # crops per step in this process (the batch split over the group)
 
 
-def setup(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[TrainConfig, Trainer, dict, str]:
+def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.Group
+          ) -> tuple[TrainConfig, Trainer, dict, str]:
     """Seeds, data, model (resumed optimizer state included) and the loader; returns the config with every
     automatic value resolved, the trainer, the model's architecture and where its weights came from."""
-    torch.manual_seed(cfg.seed)
+    if cfg.batch_size % group.world_size:
+        raise EngineError(f"--batch-size {cfg.batch_size} does not split evenly over {group.world_size} processes")
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process of a group
     np.random.seed(cfg.seed)
-    device = pick_device(cfg.device)
-    torch.set_num_threads(cfg.threads or config.cpu_threads())
+    device = group.device
+    torch.set_num_threads(cfg.threads or max(1, config.cpu_threads() // group.local_world_size))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    cfg, data = prepare_data(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data.data_hash,
-                                data.counts["images"], data.counts["defective"], data.counts["defect_free"],
-                                source="training")
-    except SQLAlchemyError as err:  # the run's own record is run.json; `registry rebuild` restores the row
-        print(f"warning: dataset not registered ({err.__class__.__name__})", file=sys.stderr)
+    cfg, data = prepare_data(cfg, group.rank)
+    if group.is_main:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data.data_hash,
+                                    data.counts["images"], data.counts["defective"], data.counts["defect_free"],
+                                    source="training")
+        except SQLAlchemyError as err:  # the run's own record is run.json; `registry rebuild` restores the row
+            print(f"warning: dataset not registered ({err.__class__.__name__})", file=sys.stderr)
     model, arch, init_note = build_model(cfg, folder, start_epoch)
     model = model.to(device).to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -501,28 +554,37 @@ def setup(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[TrainConfig
         optimizer.load_state_dict(load_resume(folder)["optimizer"])
     amp_dtype = autocast_dtype(device, cfg.precision)
     steps_per_epoch = cfg.steps_per_epoch or max(MIN_STEPS_PER_EPOCH, len(data.train_set) // cfg.batch_size)
-    sampler = DefectBatchSampler(data.train_set, cfg.batch_size, steps_per_epoch, cfg.defect_share,
-                                 seed=cfg.seed + start_epoch)
-    workers = loader_workers(device, cfg.workers)
-    loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, num_workers=workers,
-                                         persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-                                         worker_init_fn=reseed_worker)
+    local_batch = cfg.batch_size // group.world_size
+    sampler = DefectBatchSampler(data.train_set, local_batch, steps_per_epoch, cfg.defect_share,
+                                 seed=rank_seed(cfg.seed + start_epoch, group.rank))
+    cfg = replace(cfg, batches=batch_path(cfg, device))
+    if cfg.batches == "device":
+        loader = DeviceBatches(data.train_set, sampler, device)
+    else:
+        workers = loader_workers(device, cfg.workers)
+        loader = torch.utils.data.DataLoader(data.train_set, batch_sampler=sampler, num_workers=workers,
+                                             persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+                                             worker_init_fn=reseed_worker)
     trainer = Trainer(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
-                      loader, LOSSES[cfg.loss], data, device, amp_dtype, memory_format, steps_per_epoch)
+                      loader, LOSSES[cfg.loss], data, device, amp_dtype, memory_format, steps_per_epoch, group,
+                      group.wrap(model), local_batch)
     return cfg, trainer, arch, init_note
 
 
 def train_epoch(cfg: TrainConfig, t: Trainer, budget: Budget, stopper: Stopper, step: int
                 ) -> tuple[list[float], float, int, str | None]:
-    """One pass of the loader: (losses, last learning rate, step reached, why it stopped early or None)."""
+    """One pass of the loader: (losses, last learning rate, step reached, why it stopped early or None).
+
+    In a group, every process follows the group's clock and stops at the same step (distributed.Group.agree)."""
     losses, lr = [], cfg.lr
+    elapsed, _ = t.group.agree(budget.elapsed(), False)
     for images, masks in t.loader:
-        lr = get_lr(step, budget.progress(step), cfg.lr)
+        lr = get_lr(step, budget.progress(step, elapsed), cfg.lr)
         for group in t.optimizer.param_groups:
             group["lr"] = lr
         images = ((images - t.data.mean) / t.data.std).to(t.device, non_blocking=True).to(memory_format=t.memory_format)
         with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
-            logits = t.model(images)
+            logits = t.net(images)
         loss = t.loss_fn(logits.float(), masks.to(t.device, non_blocking=True))
         t.optimizer.zero_grad(set_to_none=True)
         t.scaler.scale(loss).backward()
@@ -530,20 +592,27 @@ def train_epoch(cfg: TrainConfig, t: Trainer, budget: Budget, stopper: Stopper, 
         t.scaler.update()
         losses.append(loss.item())
         step += 1
-        if stopper.poll():
+        elapsed, cancelled = t.group.agree(budget.elapsed(), stopper.poll())
+        if cancelled:
             return losses, lr, step, "cancelled"
-        if budget.time_up():
+        if budget.time_up(elapsed):
             return losses, lr, step, f"time budget of {cfg.minutes:g} min spent"
     return losses, lr, step, None
 
 
-def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
-    """The training job proper: set up, then epochs until the budget, patience or a cancel ends it."""
-    cfg, t, arch, init_note = setup(cfg, folder, start_epoch)
-    # The ceiling: forward+backward speed on an in-memory batch, measured before training starts.
-    probe = torch.randn(cfg.batch_size, 1, cfg.crop, cfg.crop, device=t.device).to(memory_format=t.memory_format)
-    model_speed = measure_model_speed(t.model, probe, t.amp_dtype, seconds=3.0 if t.device.type == "cpu" else 1.0)
-    info = start_run_record(cfg, folder, info, t.data, arch, t.model, t.device, model_speed, init_note)
+def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: distributed.Group) -> str:
+    """The training job proper: set up, then epochs until the budget, patience or a cancel ends it.
+
+    In a group, every process trains; process 0 alone validates, decides when to stop and writes."""
+    cfg, t, arch, init_note = setup(cfg, folder, start_epoch, group)
+    # The ceiling: forward+backward speed on an in-memory batch, measured before training starts (in a group,
+    # every process at once, added up).
+    probe = torch.randn(t.local_batch, 1, cfg.crop, cfg.crop, device=t.device).to(memory_format=t.memory_format)
+    model_speed = group.total(measure_model_speed(t.model, probe, t.amp_dtype,
+                                                  seconds=3.0 if t.device.type == "cpu" else 1.0))
+    if group.is_main:
+        info = start_run_record(cfg, folder, info, t.data, arch, t.model, t.device, model_speed, init_note,
+                                group.world_size)
     history = [row for row in runs.read_metrics(folder) if row["epoch"] <= start_epoch]
     best = {"score": max((row.get("val_score", row["val_dice"]) for row in history), default=-1.0),
             "epoch": info.get("best_epoch") if history else None, "probs": None, "truths": None}
@@ -552,7 +621,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
           f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
 
     budget = Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes)
-    patience, stopper = Patience(cfg.patience, cfg.patience_after), Stopper(folder)
+    patience, stopper = Patience(cfg.patience, cfg.patience_after), Stopper(folder, watch_registry=group.is_main)
     step, stop_reason, epoch, train_seconds, train_images = 0, None, start_epoch, 0.0, 0
     while stop_reason is None and (cfg.epoch_limit is None or epoch < cfg.epoch_limit):
         epoch += 1
@@ -563,21 +632,24 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int) -> str:
         if stop_reason == "cancelled":
             epoch -= 1  # the interrupted epoch is not saved
             break
-        improved = end_of_epoch(cfg, folder, info, t.data, t.model, t.optimizer, epoch, losses, lr, epoch_start,
-                                history, best, t.device, t.memory_format)
-        info.update(epochs_done=epoch, train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1))
-        runstore.save(folder, info, history)
-        if stop_reason is None and patience.converged(improved, budget.progress(step)):
-            stop_reason = (f"converged: no better validation score for {cfg.patience} epochs in the annealed "
-                           f"part of the schedule")
-        elif stop_reason is None and budget.time_up():
-            stop_reason = f"time budget of {cfg.minutes:g} min spent"
-    finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", budget, model_speed)
+        if group.is_main:
+            improved = end_of_epoch(cfg, folder, info, t.data, t.model, t.optimizer, epoch, losses, lr, epoch_start,
+                                    history, best, t.device, t.memory_format)
+            info.update(epochs_done=epoch, train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1))
+            runstore.save(folder, info, history)
+            if stop_reason is None and patience.converged(improved, budget.progress(step)):
+                stop_reason = (f"converged: no better validation score for {cfg.patience} epochs in the annealed "
+                               f"part of the schedule")
+            elif stop_reason is None and budget.time_up():
+                stop_reason = f"time budget of {cfg.minutes:g} min spent"
+        stop_reason = group.share(stop_reason)
+    if group.is_main:
+        finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", budget, model_speed)
     return cfg.run_id
 
 
 def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, arch: dict, model: UNetTiny,
-                     device: torch.device, model_speed: float, init_note: str) -> dict:
+                     device: torch.device, model_speed: float, init_note: str, processes: int = 1) -> dict:
     """Write run.json and the registry row for a run that starts (or resumes) now; returns run.json's dict."""
     now = datetime.now(timezone.utc)
     info.update({
@@ -586,11 +658,12 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
                     "val_carved_from_train": data.val_carved, "val_painted": data.val_painted},
         "arch": {"in_channels": 1, **arch}, "parameters": count_parameters(model), "init": init_note,
         "normalisation": {"mean": data.mean, "std": data.std}, "device": str(device), "pid": os.getpid(),
+        "host": config.host(),
         "epochs_planned": cfg.epoch_limit or 0, "seed": cfg.seed, "command": cfg.command,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "machine": f"{platform.machine()}, {config.cpu_threads()} cpu threads",
         "created_at": info.get("created_at", now.isoformat()), "started_at": now.isoformat(),
-        "finished_at": None, "error": None, "model_images_per_s": round(model_speed, 1),
+        "finished_at": None, "error": None, "model_images_per_s": round(model_speed, 1), "processes": processes,
     })
     info.setdefault("threshold", 0.5)
     info.setdefault("ready", None)  # decided at the end; a resumed run keeps its verdict until then

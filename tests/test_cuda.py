@@ -34,3 +34,10 @@ def test_cuda_and_cpu_predictions_agree(trained_run: str, tiny_dataset) -> None:
         image, _ = load_pair(sample)
         # TF32 convolutions on the GPU differ from the CPU in the last bits only.
         assert np.abs(cpu.predict_proba(image) - gpu.predict_proba(image)).max() < 1e-2
+
+
+def test_cuda_training_cuts_batches_on_the_gpu(tiny_dataset) -> None:
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
+                               steps_per_epoch=4, device="cuda", name="cuda-batches"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert info["status"] == "completed" and info["params"]["batches"] == "device"

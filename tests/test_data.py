@@ -5,6 +5,7 @@ import csv
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from engine.data import (
     SegmentationDataset,
@@ -113,3 +114,49 @@ def test_augment_pair_flips_both() -> None:
         out_image, out_mask = augment_pair(image, mask, rng)
         assert out_mask.sum() == mask.sum()
         assert out_image.shape == image.shape and out_image.dtype == np.float32
+
+
+def _striped_pairs(square: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Images whose pixels are their own mask (1.0 on a horizontal stripe, 0.0 elsewhere), of mixed sizes, one
+    smaller than the crop: after any geometric augmentation an image crop must still match its mask crop."""
+    pairs = []
+    for height, width, row in ((64, 64, 10), (20, 20, 5)) if square else ((80, 120, 30), (64, 64, 10), (20, 50, 5)):
+        mask = np.zeros((height, width), np.uint8)
+        mask[row : row + 3, 4 : width - 4] = 1
+        pairs.append((mask.astype(np.float32), mask))
+    return pairs
+
+
+def test_device_batches_cut_the_same_crops_and_keep_masks_aligned() -> None:
+    from engine.data import DefectBatchSampler, DeviceBatches, SegmentationDataset
+
+    plain = SegmentationDataset([], crop=32, augment=False, pairs=_striped_pairs(), seed=1)
+    batches = DeviceBatches(plain, DefectBatchSampler(plain, 8, 5, defect_share=0.5, seed=2), torch.device("cpu"))
+    assert len(batches) == 5
+    for images, masks in batches:
+        assert images.shape == masks.shape == (8, 1, 32, 32) and images.dtype == masks.dtype == torch.float32
+        assert torch.equal(images, masks)  # without augmentation a crop is the source pixels themselves
+        assert masks[:4].flatten(1).amax(1).eq(1).all()  # the defect-centred half holds defect pixels
+
+    augmented = SegmentationDataset([], crop=32, augment=True, pairs=_striped_pairs(square=True), seed=1)
+    batches = DeviceBatches(augmented, DefectBatchSampler(augmented, 16, 20, seed=3), torch.device("cpu"))
+    turned = 0
+    for images, masks in batches:
+        assert set(masks.unique().tolist()) <= {0.0, 1.0}
+        # Jitter and noise change values, never geometry: the brightest pixels of each crop are its defect.
+        for image, mask in zip(images, masks):
+            if mask.any():
+                assert image[mask > 0].mean() > image[mask == 0].mean() + 0.5
+        turned += int((masks.sum(-2) > 0).sum() < (masks.sum(-1) > 0).sum())  # vertical stripes: turned crops
+    assert turned > 0  # square sources only get quarter turns, and some crops got one
+
+
+def test_training_with_batches_on_the_device_completes(tiny_dataset) -> None:
+    from engine import config, runs
+    from engine.train import TrainConfig, train
+
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=2, base=8, depth=2, crop=32, batch_size=8,
+                               steps_per_epoch=3, init="none", batches="device", name="device-batches"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert info["status"] == "completed" and info["params"]["batches"] == "device"
+    assert all(np.isfinite(row["train_loss"]) for row in runs.read_metrics(config.RUNS_DIR / run_id))
