@@ -96,6 +96,9 @@ class HealthResponse(BaseModel):
                                          "run with a checkpoint; anything else is a pinned run")
     backend_choice: BackendChoice | None = Field(None, description="how `auto` picked the default model's backend")
     version: str
+    host: str = Field(description="name of the machine that answered (its hostname): which replica, behind a "
+                                  "load balancer")
+    pid: int = Field(description="process id of the worker that answered (`serve --workers N` runs N of them)")
 
 
 class CatalogEntry(BaseModel):

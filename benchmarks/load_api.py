@@ -5,6 +5,11 @@ the raw Predictor's throughput on the same images with the same backend, measure
 
     nice -n 15 .venv/bin/python benchmarks/load_api.py --requests 200     # quick, during development
     .venv/bin/python benchmarks/load_api.py                               # 1,000 requests at concurrency 8
+    .venv/bin/python benchmarks/load_api.py --workers 2                   # `serve --workers 2`
+    .venv/bin/python benchmarks/load_api.py --url http://127.0.0.1:8000   # a server that is already running
+
+With --workers, the server's CPU and memory are those of the whole process tree (supervisor and workers).
+With --url, the model is the one the server's /health names, and the server's CPU and memory are not measured.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -51,18 +57,33 @@ def predictor_block(predictor: Predictor, arrays: list[np.ndarray], count: int, 
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds a process has used, from /proc/<pid>/stat."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (uvicorn's supervisor and its workers), by pid."""
+    return [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+
+
+def cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of a process and of each of its descendants, by pid, from /proc/<pid>/stat."""
+    used = {}
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # ended between the listing and the read
+            continue
+        used[member] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return used
 
 
 def rss_mb(pid: int) -> float:
-    """Resident memory of a process in MB, from /proc/<pid>/status."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident memory of a process and its descendants in MB, from /proc/<pid>/status."""
+    total = 0.0
+    for member in process_tree(pid):
+        try:
+            lines = Path(f"/proc/{member}/status").read_text().splitlines()
+        except FileNotFoundError:
+            continue
+        total += next((int(line.split()[1]) / 1024 for line in lines if line.startswith("VmRSS:")), 0.0)
+    return total
 
 
 def free_port() -> int:
@@ -72,27 +93,33 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(port: int, run: str, backend: str, slots: int | None) -> subprocess.Popen:
-    """`python -m engine serve` on 127.0.0.1:port serving run/backend; returns once /health says ok."""
+def start_server(port: int, run: str, backend: str, slots: int | None, workers: int = 1) -> subprocess.Popen:
+    """`python -m engine serve --workers N` on 127.0.0.1:port serving run/backend; returns once /health says ok."""
     env = {**os.environ, "DEFECTS_API_RUN": run, "DEFECTS_API_BACKEND": backend}
     env.pop("DEFECTS_API_KEY", None)
     if slots:
         env["DEFECTS_API_SLOTS"] = str(slots)
-    server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(port), "--no-access-log",
-                               "--log-level", "warning"], cwd=config.ROOT, env=env)
+    server = subprocess.Popen([sys.executable, "-m", "engine", "serve", "--port", str(port), "--workers", str(workers),
+                               "--no-access-log", "--log-level", "warning"], cwd=config.ROOT, env=env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"server exited with status {server.returncode} before it was ready")
         try:
-            health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
-            if health["status"] == "ok":
-                return server
-            raise SystemExit(f"server has no model: {health.get('detail')}")
+            server_health(f"http://127.0.0.1:{port}")
+            return server
         except httpx.TransportError:
             time.sleep(0.3)
     server.kill()
     raise SystemExit("server did not answer /health within 120 s")
+
+
+def server_health(base: str) -> dict:
+    """The server's /health; exits when it serves no model."""
+    health = httpx.get(f"{base}/health", timeout=10).json()
+    if health["status"] != "ok":
+        raise SystemExit(f"server has no model: {health.get('detail')}")
+    return health
 
 
 async def load(base: str, images: list[bytes], count: int, concurrency: int,
@@ -146,12 +173,20 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=32, help="requests before the first memory reading")
     parser.add_argument("--rounds", type=int, default=5, help="alternating Predictor/API blocks")
     parser.add_argument("--slots", type=int, help="DEFECTS_API_SLOTS for the server (default: its own default)")
+    parser.add_argument("--workers", type=int, default=1, help="`serve --workers N`: worker processes (default 1)")
+    parser.add_argument("--url", help="load this already running server instead of starting one (its /health "
+                                      "names the model; --run, --backend, --slots, --workers do not apply)")
     parser.add_argument("--predictor-images", type=int, help="images for the Predictor baseline (default: "
                         "a fifth of --requests, at least 50)")
     args = parser.parse_args()
 
-    run_dir = runs.resolve_run(args.run)
-    run, backend = run_reference(run_dir), resolve_backend(run_dir, "best", args.backend)
+    if args.url:
+        served = server_health(args.url.rstrip("/"))["model"]
+        run_dir, backend = runs.resolve_run(served["run"]), served["backend"]
+        run = run_reference(run_dir)
+    else:
+        run_dir = runs.resolve_run(args.run)
+        run, backend = run_reference(run_dir), resolve_backend(run_dir, "best", args.backend)
     images = make_images(args.images, args.size)
     arrays = [decode_image(data) for data in images]
     predictor = Predictor(run_dir, backend=backend)
@@ -161,17 +196,24 @@ def main() -> int:
     baseline = ThreadPoolExecutor(1)
     baseline.submit(predictor_block, predictor, arrays, 3).result()  # warm-up: allocations, kernel choice
 
-    port = free_port()
-    server = start_server(port, run, backend, args.slots)
-    base = f"http://127.0.0.1:{port}"
+    if args.url:
+        server, base = None, args.url.rstrip("/")
+    else:
+        port = free_port()
+        server = start_server(port, run, backend, args.slots, args.workers)
+        base = f"http://127.0.0.1:{port}"
+    pid = server.pid if server else None
     latencies: list[float] = []
     errors: list[str] = []
     samples: list[float] = []
-    api_wall = raw_wall = raw_cpu = server_cpu = client_cpu = 0.0
+    server_cpu: dict[int, float] = {}
+    api_wall = raw_wall = raw_cpu = client_cpu = 0.0
+    rss_before = rss_after = 0.0
     try:
         print(f"warm-up: {args.warmup} requests ...", file=sys.stderr)
         errors += asyncio.run(load(base, images, args.warmup, args.concurrency))[1]
-        rss_before = rss_mb(server.pid)
+        if pid:
+            rss_before = rss_mb(pid)
         # Interleaved blocks, so that both sides see the same background load on a shared machine.
         for block in range(args.rounds):
             share = args.requests // args.rounds + (block < args.requests % args.rounds)
@@ -180,19 +222,22 @@ def main() -> int:
                   f"concurrency {args.concurrency} ...", file=sys.stderr)
             wall, cpu = baseline.submit(predictor_block, predictor, arrays, raw_share, block * raw_share).result()
             raw_wall, raw_cpu = raw_wall + wall, raw_cpu + cpu
-            before, client_before = cpu_seconds(server.pid), time.process_time()
+            before, client_before = cpu_seconds(pid) if pid else {}, time.process_time()
             block_latencies, block_errors, wall, block_samples = asyncio.run(
-                load(base, images, share, args.concurrency, server.pid))
-            server_cpu += cpu_seconds(server.pid) - before
+                load(base, images, share, args.concurrency, pid))
+            for member, seconds in (cpu_seconds(pid) if pid else {}).items():
+                server_cpu[member] = server_cpu.get(member, 0.0) + seconds - before.get(member, 0.0)
             client_cpu += time.process_time() - client_before
             api_wall += wall
             latencies += block_latencies
             errors += block_errors
             samples += block_samples
-        rss_after = rss_mb(server.pid)
+        if pid:
+            rss_after = rss_mb(pid)
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        if server:
+            server.terminate()
+            server.wait(timeout=30)
         baseline.shutdown()
 
     api, raw = args.requests / api_wall, baseline_count / raw_wall
@@ -200,7 +245,11 @@ def main() -> int:
     ratio = api / raw
     growth = rss_after - rss_before
     memory_flat = growth <= max(25.0, 0.10 * rss_before)
+    # Per process: how the work spread over uvicorn's workers (the supervisor itself uses next to nothing).
+    spread = " / ".join(f"{seconds:.1f}" for _, seconds in sorted(server_cpu.items()) if seconds >= 0.05)
+    where = f"{args.url} (already running)" if args.url else f"`serve --workers {args.workers}`, started here"
     rows = [
+        ("server", where),
         ("requests / concurrency", f"{args.requests} / {args.concurrency}"),
         ("images", f"{args.images} synthetic PNGs, {args.size}x{args.size} px"),
         ("model", f"run {run}, backend {backend}"),
@@ -209,11 +258,13 @@ def main() -> int:
         ("API throughput", f"{api:.1f} images/s"),
         ("Predictor throughput (same images, backend)", f"{raw:.1f} images/s ({baseline_count} images)"),
         ("API / Predictor", f"{ratio:.0%} (bar {BAR:.0%})"),
-        ("CPU per image: server / Predictor / load client", f"{1000 * server_cpu / args.requests:.0f} / "
-                                                            f"{1000 * raw_cpu / baseline_count:.0f} / "
-                                                            f"{1000 * client_cpu / args.requests:.0f} ms"),
-        ("server VmRSS before / after / max during", f"{rss_before:.0f} / {rss_after:.0f} / "
-                                                     f"{max(samples + [rss_after]):.0f} MB ({growth:+.1f} MB)"),
+        ("CPU per image: server / Predictor / load client",
+         (f"{1000 * sum(server_cpu.values()) / args.requests:.0f}" if pid else "not measured")
+         + f" / {1000 * raw_cpu / baseline_count:.0f} / {1000 * client_cpu / args.requests:.0f} ms"),
+        ("server CPU seconds by process (busy ones)", spread if pid else "not measured"),
+        ("server VmRSS before / after / max during (all its processes)",
+         f"{rss_before:.0f} / {rss_after:.0f} / {max(samples + [rss_after]):.0f} MB ({growth:+.1f} MB)"
+         if pid else "not measured"),
         ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs usable {config.cpu_threads()}, "
                     f"load average {os.getloadavg()[0]:.1f}"),
     ]

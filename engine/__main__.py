@@ -239,7 +239,8 @@ def cmd_cancel(args: argparse.Namespace) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> None:
     # The engine imports no front end: the API package has its own entry point, which this process becomes.
-    command = [sys.executable, "-m", "api", "--host", args.host, "--port", str(args.port), "--log-level", args.log_level]
+    command = [sys.executable, "-m", "api", "--host", args.host, "--port", str(args.port), "--workers",
+               str(args.workers), "--log-level", args.log_level]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(config.ROOT), os.environ.get("PYTHONPATH")]))}
     os.execve(sys.executable, command + (["--no-access-log"] if args.no_access_log else []), env)
 
@@ -335,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the FastAPI sidecar: POST /predict, GET /health, GET /models")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1,  # checked by `python -m api`, which this becomes
+                   help="worker processes behind the one port (default 1); each loads its own models and has its "
+                        "own DEFECTS_API_SLOTS inference threads")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--no-access-log", action="store_true", help="do not log every request")
     p.set_defaults(func=cmd_serve)

@@ -47,7 +47,7 @@ from engine.serving import (
     default_backend,
     gated_backends,
 )
-from tests.servers import stop_process
+from tests.servers import stop_process, wait_until_up
 
 # ---------------------------------------------------------------- images
 
@@ -133,6 +133,7 @@ def test_health_reports_the_default_model(client: TestClient, trained_run: str) 
     ready, reason = runs.readiness(runs.read_run_json(runs.resolve_run(trained_run)))  # training's own verdict
     assert body["status"] == "ok" and body["ready"] is ready and body["ready_reason"] == reason
     assert body["model"]["run"] == trained_run
+    assert body["pid"] == os.getpid() and body["host"] == socket.gethostname()  # which worker/replica answered
     assert body["model"]["backend"] == default_backend(runs.resolve_run(trained_run))
 
 
@@ -545,16 +546,7 @@ def uvicorn_server(**env: str) -> Iterator[str]:
                               env=full_env, stdout=log, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, log.seek(0) or log.read()
-            try:
-                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
+        wait_until_up(server, base, log, timeout=90)
         yield base
     finally:
         stop_process(server)
