@@ -74,3 +74,32 @@ def test_a_group_started_from_the_app_is_cancelled_like_any_run(tiny_dataset) ->
     _wait_for(lambda: runs.read_run_json(folder).get("status") == "cancelled", 60, "cancelled status")
     assert registry.get_run(run_id).status == "cancelled"
     assert "--nproc 2" in runs.read_run_json(folder)["command"]
+
+
+@pytest.mark.slow
+def test_a_process_of_the_group_killed_ends_the_run_as_failed_with_a_cause(tiny_dataset) -> None:
+    import signal
+    import subprocess
+
+    import psutil
+
+    from tests.test_train import _wait_for
+
+    launcher = subprocess.Popen([sys.executable, "-m", "engine", "train", "--data", str(tiny_dataset),
+                                 *TINY, "--epochs", "500", "--name", "ddp-killed", "--nproc", "2"],
+                                cwd=config.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "PYTHONPATH": str(config.ROOT)})
+    try:
+        folder = lambda: next(config.RUNS_DIR.glob("*-ddp-killed-*"), None)  # noqa: E731
+        _wait_for(lambda: folder() is not None and len(runs.epochs_saved(folder())) >= 1, 120, "one epoch")
+        main_pid = runs.read_run_json(folder())["pid"]
+        others = [p for p in psutil.Process(launcher.pid).children() if p.pid != main_pid]
+        assert len(others) == 1
+        others[0].send_signal(signal.SIGKILL)
+        assert launcher.wait(timeout=120) != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    info = runs.read_run_json(folder())
+    assert info["status"] == "failed" and info["error"]  # process 0 recorded what it saw
+    assert registry.get_run(folder().name).status == "failed"
