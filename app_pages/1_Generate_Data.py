@@ -7,6 +7,7 @@ import streamlit as st
 from engine import config, data, importer, paintset, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
+from engine.imageio import IMAGE_EXTENSIONS
 from ui import for_display, run_with_progress
 
 st.title(":material/science: Generate data")
@@ -87,11 +88,22 @@ st.caption("Only good parts so far? The generator's defects are painted onto you
            "training with the Train page's paint share; such a run is not ready until tuned on a few real "
            "labelled defects. Where you have real defects, train on them without painting.")
 sources = {name: path for name, path in data.dataset_choices().items()}
-pick = st.selectbox("Good images from", ["a folder on this machine", *sources], key="paint_from")
-onto = st.text_input("Folder of defect-free images", placeholder="/path/to/good/parts",
-                     key="paint_folder") if pick == "a folder on this machine" else str(sources[pick])
+FOLDER, UPLOAD = "a folder on this machine", "images I upload"
+pick = st.selectbox("Good images from", [UPLOAD, FOLDER, *sources], key="paint_from")
 left, mid, right = st.columns(3)
 paint_name = left.text_input("Name of the painted dataset", value="painted", key="paint_name")
+if pick == UPLOAD:
+    uploads = st.file_uploader("Defect-free images", type=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
+                               accept_multiple_files=True, key="paint_uploads")
+    onto = str(config.DATA_DIR / "uploads" / f"{paint_name}-good") if uploads else ""
+    if uploads:
+        kept, problems = paintset.store_good_images([(f.name, f.getvalue()) for f in uploads], onto)
+        st.caption(f"{len(kept)} image(s) kept in {onto}")
+        for problem in problems:
+            st.warning(f"left out: {problem}")
+else:
+    onto = st.text_input("Folder of defect-free images", placeholder="/path/to/good/parts",
+                         key="paint_folder") if pick == FOLDER else str(sources[pick])
 paint_count = mid.number_input("Painted set size", min_value=1, max_value=20000, value=200, step=50,
                                key="paint_count")
 paint_free = right.slider("Left defect-free", 0.0, 0.9, 0.4, 0.05, key="paint_free")

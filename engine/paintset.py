@@ -13,10 +13,10 @@ import numpy as np
 
 from engine.data import register_dataset, split_for_id
 from engine.errors import DatasetError, EngineError, ImageError
-from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
+from engine.imageio import IMAGE_EXTENSIONS, decode_upload, read_image, write_png
 from engine.paint import PaintParams, paint
 from engine.progress import Progress
-from engine.storage import atomic_write_text
+from engine.storage import atomic_write_bytes, atomic_write_text
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "synthetic", "source")
 
@@ -31,6 +31,22 @@ def good_images(folder: str | Path) -> list[Path]:
     if not found:
         raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return found
+
+
+def store_good_images(files: list[tuple[str, bytes]], folder: str | Path) -> tuple[list[Path], list[str]]:
+    """Keep uploaded defect-free images (name, bytes) in folder, each checked by decoding it first and written
+    atomically as it came; returns the files kept and one line per upload left out (corrupt, not an image)."""
+    kept, problems = [], []
+    for name, data in files:
+        stem, suffix = Path(name).stem or "image", Path(name).suffix.lower()
+        try:
+            decode_upload(data, name)
+        except ImageError as err:
+            problems.append(str(err))
+            continue
+        kept.append(atomic_write_bytes(Path(folder) / f"{stem}{suffix if suffix in IMAGE_EXTENSIONS else '.png'}",
+                                       data))
+    return kept, problems
 
 
 def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: float = 0.4, seed: int = 0,

@@ -193,6 +193,25 @@ def test_generate(page: object, server: str, shots: Path) -> None:
     check_and_shoot(page, shots, "Generate_Data")
 
 
+def test_paint_onto_uploaded_good_images(page: object, server: str, shots: Path, tmp_path: Path) -> None:
+    from engine import synth
+    from engine.imageio import encode_png
+
+    parts = []
+    for seed in range(3):
+        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
+        parts.append(tmp_path / f"good-part-{seed}.png")
+        parts[-1].write_bytes(encode_png(image))
+    open_settled(page, server, "Generate_Data", "Generate data", "Generate data")
+    page.locator('[data-testid="stFileUploader"] input[type="file"]').set_input_files([str(p) for p in parts])
+    page.wait_for_selector("text=3 image(s) kept")
+    settle(page)
+    page.get_by_role("button", name="Write the painted dataset").click()
+    page.wait_for_selector('[data-testid="stAlertContentSuccess"]:has-text("painted")')
+    settle(page)
+    check_and_shoot(page, shots, "Generate_Data-painted")
+
+
 def test_train(page: object, server: str, shots: Path, shown_run: str) -> None:
     open_settled(page, server, "Train", "Train", "Train")
     pick(page, "Run", shown_run)

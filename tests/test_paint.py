@@ -143,3 +143,27 @@ def test_generate_page_previews_painted_samples_and_writes_the_set(tmp_path: Pat
     at.button(key="paint_go").click().run()
     assert not at.exception and "apptest-painted" in at.success[0].value
     assert len(list((config.DATA_DIR / "apptest-painted" / "images").iterdir())) == 6
+
+
+def test_uploaded_good_images_are_kept_once_checked_and_corrupt_ones_reported(tmp_path: Path) -> None:
+    from engine.imageio import encode_png
+    from engine.paintset import good_images, store_good_images
+
+    image, _, _ = synth.render_sample(1, synth.SynthParams(size=64), defect_free=True)
+    png = encode_png(image)
+    kept, problems = store_good_images([("part-1.png", png), ("truncated.png", png[:40]), ("notes.txt", b"hello"),
+                                        ("../../escape.png", png)], tmp_path / "uploads")
+    assert [p.name for p in kept] == ["part-1.png", "escape.png"]  # a path in the name never leaves the folder
+    assert len(problems) == 2
+    assert any("truncated.png" in p for p in problems) and any("notes.txt" in p for p in problems)
+    assert [p.name for p in good_images(tmp_path / "uploads")] == ["escape.png", "part-1.png"]
+    assert (tmp_path / "uploads" / "part-1.png").read_bytes() == png
+
+
+def test_generate_page_offers_uploading_good_images_first() -> None:
+    from tests.test_pages import open_page
+
+    at = open_page("app_pages/1_Generate_Data.py")
+    assert not at.exception and at.selectbox(key="paint_from").value == "images I upload"
+    assert at.get("file_uploader")  # the uploader is shown; nothing is painted before an upload
+    assert "paint_go" not in [button.key for button in at.button]
