@@ -93,6 +93,9 @@ with settings:
                           "Leave it at 0 for a set with real defects: there it cost accuracy on KolektorSDD")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
+        nproc = st.number_input("Training processes", 1, 64, DEFAULTS.nproc, key="train_nproc",
+                                help="above 1, torchrun trains in that many processes (DistributedDataParallel) and "
+                                     "the batch is split over them: for several GPUs; on one CPU it is not faster")
     allow_parallel = st.checkbox("Allow parallel runs", value=False, key="train_parallel")
     blocked = bool(active) and not allow_parallel
     if blocked:
@@ -107,7 +110,7 @@ with settings:
                 DEFAULTS, data=str(choices[dataset]), name=name or dataset, epochs=int(epochs) if epochs else None,
                 minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
                 batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
-                paint=float(paint)))
+                paint=float(paint), nproc=int(nproc)))
         except EngineError as err:
             st.error(str(err))
         else:

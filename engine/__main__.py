@@ -58,10 +58,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         cfg = train.TrainConfig(**{name: getattr(args, name) for name in names})
     if not cfg.resume and not cfg.data:
         raise EngineError("train needs --data DIR (or --resume RUN)")
-    if cfg.nproc < 1:
-        raise EngineError(f"--nproc must be at least 1 (got {cfg.nproc})")
-    if cfg.batch_size % cfg.nproc:
-        raise EngineError(f"--batch-size {cfg.batch_size} does not split evenly over {cfg.nproc} processes")
+    cfg.check()
     if cfg.nproc > 1 and not distributed.under_torchrun():  # this command again, in nproc processes
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, config.cpu_threads() // cfg.nproc)))
         os.execv(sys.executable, distributed.launch_command(cfg.nproc, sys.argv[1:]))

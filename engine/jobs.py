@@ -44,6 +44,7 @@ def start_training(cfg: TrainConfig) -> str:
     The config goes to the process as a file (runs/<id>/train_config.json), so every TrainConfig field reaches
     it as it is; run.json records the equivalent command line.
     """
+    cfg.check()
     run_id = runs.resolve_run(cfg.resume).name if cfg.resume else (cfg.run_id or runs.new_run_id(cfg.name))
     shown = train_command(**{k: v for k, v in cfg.options().items() if k != "run_id"})
     cfg = replace(cfg, resume=run_id if cfg.resume else None, run_id=None if cfg.resume else run_id,

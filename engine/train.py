@@ -141,6 +141,13 @@ class TrainConfig:
         except (OSError, ValueError, TypeError) as err:
             raise EngineError(f"{path}: not a training config ({err})") from None
 
+    def check(self) -> None:
+        """EngineError for options that cannot work together, before any process starts."""
+        if self.nproc < 1:
+            raise EngineError(f"--nproc must be at least 1 (got {self.nproc})")
+        if self.batch_size % self.nproc:
+            raise EngineError(f"--batch-size {self.batch_size} does not split evenly over {self.nproc} processes")
+
     @property
     def epoch_limit(self) -> int | None:
         """Most epochs to train: as asked, unlimited within a minutes budget, else DEFAULT_EPOCHS."""

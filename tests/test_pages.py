@@ -146,6 +146,7 @@ def test_train_page_offers_the_engines_defaults() -> None:
     assert at.number_input(key="train_lr").value == pytest.approx(defaults.lr)
     assert at.number_input(key="train_seed").value == defaults.seed
     assert at.selectbox(key="train_preset").value == defaults.preset
+    assert at.number_input(key="train_nproc").value == defaults.nproc == 1
     at.radio(key="train_stop_by").set_value("epochs").run()
     assert at.number_input(key="train_epochs").value == DEFAULT_EPOCHS
 
@@ -181,6 +182,19 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     assert run.id in at.selectbox(key="train_watch").options
     assert not any("[" in option for option in at.selectbox(key="train_watch").options)
     assert [b for b in at.button if b.key == f"resume_{run.id}"]  # resume is offered
+
+
+def test_train_refuses_a_batch_that_does_not_split_over_the_processes(tiny_dataset: Path) -> None:
+    at = open_page("app_pages/2_Train.py")
+    at.selectbox(key="train_dataset").set_value(tiny_dataset.name)
+    at.text_input(key="train_name").set_value("apptest-uneven")
+    at.number_input(key="train_batch").set_value(16)
+    at.number_input(key="train_nproc").set_value(3)
+    at.run()
+    at.button(key="train_start").click().run()
+    assert not at.exception
+    assert [e.value for e in at.error] == ["--batch-size 16 does not split evenly over 3 processes"]
+    assert not [r for r in registry.list_runs() if r.name == "apptest-uneven"]  # nothing was queued
 
 
 def test_train_shows_why_a_run_failed(runs_dir: Path) -> None:
