@@ -95,12 +95,18 @@ paint_name = left.text_input("Name of the painted dataset", value="painted", key
 if pick == UPLOAD:
     uploads = st.file_uploader("Defect-free images", type=[e.lstrip(".") for e in IMAGE_EXTENSIONS],
                                accept_multiple_files=True, key="paint_uploads")
-    onto = str(config.DATA_DIR / "uploads" / f"{paint_name}-good") if uploads else ""
+    onto = ""
     if uploads:
-        kept, problems = paintset.store_good_images([(f.name, f.getvalue()) for f in uploads], onto)
-        st.caption(f"{len(kept)} image(s) kept in {onto}")
-        for problem in problems:
-            st.warning(f"left out: {problem}")
+        try:
+            folder = paintset.upload_folder(paint_name)
+        except EngineError as err:
+            st.error(str(err))
+        else:
+            kept, problems = paintset.store_good_images([(f.name, f.getvalue()) for f in uploads], folder)
+            onto = str(folder)
+            st.caption(f"{len(kept)} image(s) kept in {onto}")
+            for problem in problems:
+                st.warning(f"left out: {problem}")
 else:
     onto = st.text_input("Folder of defect-free images", placeholder="/path/to/good/parts",
                          key="paint_folder") if pick == FOLDER else str(sources[pick])

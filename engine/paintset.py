@@ -17,6 +17,7 @@ from engine.imageio import IMAGE_EXTENSIONS, decode_upload, read_image, write_pn
 from engine.paint import PaintParams, paint
 from engine.progress import Progress
 from engine.storage import atomic_write_bytes, atomic_write_text
+from engine.synth import dataset_dir
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "synthetic", "source")
 
@@ -33,19 +34,29 @@ def good_images(folder: str | Path) -> list[Path]:
     return found
 
 
+def upload_folder(dataset_name: str) -> Path:
+    """Where the good images uploaded for a painted dataset are kept: data/uploads/<name>-good (EngineError for a
+    name that is not a usable dataset name)."""
+    return dataset_dir(dataset_name).parent / "uploads" / f"{dataset_dir(dataset_name).name}-good"
+
+
 def store_good_images(files: list[tuple[str, bytes]], folder: str | Path) -> tuple[list[Path], list[str]]:
     """Keep uploaded defect-free images (name, bytes) in folder, each checked by decoding it first and written
-    atomically as it came; returns the files kept and one line per upload left out (corrupt, not an image)."""
+    atomically as it came (a file already kept with the same bytes is left as it is); returns the files kept and
+    one line per upload left out (corrupt, not an image)."""
     kept, problems = [], []
     for name, data in files:
         stem, suffix = Path(name).stem or "image", Path(name).suffix.lower()
+        target = Path(folder) / f"{stem}{suffix if suffix in IMAGE_EXTENSIONS else '.png'}"
+        if target.is_file() and target.stat().st_size == len(data) and target.read_bytes() == data:
+            kept.append(target)  # the page calls this on every rerun with the same uploads
+            continue
         try:
             decode_upload(data, name)
         except ImageError as err:
             problems.append(str(err))
             continue
-        kept.append(atomic_write_bytes(Path(folder) / f"{stem}{suffix if suffix in IMAGE_EXTENSIONS else '.png'}",
-                                       data))
+        kept.append(atomic_write_bytes(target, data))
     return kept, problems
 
 

@@ -141,12 +141,16 @@ class TrainConfig:
         except (OSError, ValueError, TypeError) as err:
             raise EngineError(f"{path}: not a training config ({err})") from None
 
-    def check(self) -> None:
-        """EngineError for options that cannot work together, before any process starts."""
-        if self.nproc < 1:
-            raise EngineError(f"--nproc must be at least 1 (got {self.nproc})")
-        if self.batch_size % self.nproc:
-            raise EngineError(f"--batch-size {self.batch_size} does not split evenly over {self.nproc} processes")
+    def check(self, processes: int | None = None) -> None:
+        """EngineError for options that cannot work together, before any data is read; `processes` is the size
+        of the training group (default nproc; under torchrun, every process of every machine)."""
+        processes = self.nproc if processes is None else processes
+        if processes < 1:
+            raise EngineError(f"--nproc must be at least 1 (got {processes})")
+        if self.batch_size % processes:
+            raise EngineError(f"--batch-size {self.batch_size} does not split evenly over {processes} processes")
+        if self.batches == "device" and self.paint:
+            raise EngineError("--batches device cannot paint defects (painting runs on the CPU); use --batches loader")
 
     @property
     def epoch_limit(self) -> int | None:
@@ -172,8 +176,6 @@ def loader_workers(device: torch.device, requested: int | None) -> int:
 
 def batch_path(cfg: TrainConfig, device: torch.device) -> str:
     """Where batches are made: `device` (crops cut and augmented where the model trains) or the CPU `loader`."""
-    if cfg.batches == "device" and cfg.paint:
-        raise EngineError("--batches device cannot paint defects (painting runs on the CPU); use --batches loader")
     if cfg.batches != "auto":
         return cfg.batches
     return "device" if device.type == "cuda" and not cfg.paint else "loader"
@@ -538,8 +540,7 @@ def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.G
           ) -> tuple[TrainConfig, Trainer, dict, str]:
     """Seeds, data, model (resumed optimizer state included) and the loader; returns the config with every
     automatic value resolved, the trainer, the model's architecture and where its weights came from."""
-    if cfg.batch_size % group.world_size:
-        raise EngineError(f"--batch-size {cfg.batch_size} does not split evenly over {group.world_size} processes")
+    cfg.check(group.world_size)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process of a group
     np.random.seed(cfg.seed)
     device = group.device

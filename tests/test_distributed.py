@@ -103,3 +103,12 @@ def test_a_process_of_the_group_killed_ends_the_run_as_failed_with_a_cause(tiny_
     info = runs.read_run_json(folder())
     assert info["status"] == "failed" and info["error"]  # process 0 recorded what it saw
     assert registry.get_run(folder().name).status == "failed"
+
+
+def test_batches_on_the_device_cannot_paint() -> None:
+    from engine.errors import EngineError
+    from engine.train import TrainConfig
+
+    with pytest.raises(EngineError, match="cannot paint defects"):
+        TrainConfig(data="d", batches="device", paint=0.5).check()
+    TrainConfig(data="d", batches="loader", paint=0.5).check()

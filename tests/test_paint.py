@@ -167,3 +167,19 @@ def test_generate_page_offers_uploading_good_images_first() -> None:
     assert not at.exception and at.selectbox(key="paint_from").value == "images I upload"
     assert at.get("file_uploader")  # the uploader is shown; nothing is painted before an upload
     assert "paint_go" not in [button.key for button in at.button]
+
+
+def test_upload_folder_takes_dataset_names_only_and_a_second_upload_rewrites_nothing(tmp_path: Path) -> None:
+    from engine.errors import EngineError
+    from engine.imageio import encode_png
+    from engine.paintset import store_good_images, upload_folder
+
+    assert upload_folder("painted") == config.DATA_DIR / "uploads" / "painted-good"
+    with pytest.raises(EngineError, match="not usable"):
+        upload_folder("../../elsewhere")
+    image, _, _ = synth.render_sample(2, synth.SynthParams(size=64), defect_free=True)
+    png = encode_png(image)
+    (first,), _ = store_good_images([("part.png", png)], tmp_path)
+    stamp = first.stat().st_mtime_ns
+    (again,), problems = store_good_images([("part.png", png)], tmp_path)
+    assert again == first and not problems and first.stat().st_mtime_ns == stamp
