@@ -68,12 +68,16 @@ def start_training(cfg: TrainConfig) -> str:
 
 
 def cancel(run_id: str) -> None:
-    """Ask a run to stop after its current step (registry flag plus SIGTERM)."""
+    """Ask a run to stop after its current step (registry flag, plus SIGTERM once it is running).
+
+    A queued run's process may still be starting, before it catches signals (a SIGTERM would kill it and leave a
+    failed run); it reads the flag at its first step and ends as cancelled.
+    """
     run = registry.get_run(run_id)
     if run is None:
         raise EngineError(f"unknown run '{run_id}'")
     registry.request_cancel(run_id)
-    if run.pid:
+    if run.pid and run.status == "running":
         try:
             os.kill(run.pid, signal.SIGTERM)
         except ProcessLookupError:

@@ -612,6 +612,8 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
     """The training job proper: set up, then epochs until the budget, patience or a cancel ends it.
 
     In a group, every process trains; process 0 alone validates, decides when to stop and writes."""
+    # Signals are caught from here on: the run is marked running (and so sent SIGTERM by a cancel) only later.
+    stopper = Stopper(folder, watch_registry=group.is_main)
     cfg, t, arch, init_note = setup(cfg, folder, start_epoch, group)
     # The ceiling: forward+backward speed on an in-memory batch, measured before training starts (in a group,
     # every process at once, added up).
@@ -629,7 +631,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
           f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
 
     budget = Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes)
-    patience, stopper = Patience(cfg.patience, cfg.patience_after), Stopper(folder, watch_registry=group.is_main)
+    patience = Patience(cfg.patience, cfg.patience_after)
     step, stop_reason, epoch, train_seconds, train_images = 0, None, start_epoch, 0.0, 0
     while stop_reason is None and (cfg.epoch_limit is None or epoch < cfg.epoch_limit):
         epoch += 1

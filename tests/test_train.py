@@ -116,6 +116,19 @@ def test_cancel_from_the_registry_ends_cleanly(tiny_dataset) -> None:
     assert "cancelled" in jobs.log_tail(run_id) or "finished" in jobs.log_tail(run_id)
 
 
+def test_a_cancel_while_the_process_still_starts_ends_cancelled_not_failed(tiny_dataset) -> None:
+    # Right after the start the process is still importing torch, before it catches SIGTERM: the cancel must
+    # reach it through the registry flag instead of killing it (which left the run "failed").
+    run_id = jobs.start_training(TrainConfig(data=str(tiny_dataset), name="cancel-early", epochs=200, base=8,
+                                             depth=2, crop=32, batch_size=4, steps_per_epoch=3, init="none"))
+    assert registry.get_run(run_id).status == "queued"
+    jobs.cancel(run_id)
+    folder = config.RUNS_DIR / run_id
+    _wait_for(lambda: registry.get_run(run_id).status not in registry.ACTIVE_STATUSES, 120, "the run to end")
+    assert registry.get_run(run_id).status == "cancelled", jobs.log_tail(run_id)
+    assert runs.read_run_json(folder)["status"] == "cancelled"
+
+
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path) -> None:
     cases = [
         ["train", "--data", str(tmp_path / "missing")],
