@@ -5,7 +5,7 @@
 #   3. ... against the same without painting.
 # Each trains for MINUTES (default 15) one after the other, so they do not share the CPU, and is evaluated on
 # the real test split (10 cracked, 69 good images). Output: OUT/summary.txt and each run's JSON.
-# Usage: benchmarks/paint_proof.sh [MINUTES] [OUT]
+# Usage: benchmarks/paint_proof.sh [MINUTES] [OUT] [NAME...]   (NAMEs: only these runs, e.g. ksdd-good-paint)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source .venv/bin/activate
@@ -36,8 +36,10 @@ with open(out / "manifest.csv", "w", newline="") as handle:
 print(f"{out}: {len(rows)} defect-free images")
 EOF
 
+ONLY=" ${*:3} "
 run() {  # NAME TRAIN-ARGS...
     local name=$1; shift
+    [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
     local run_id
     run_id=$(python -m engine train "$@" --minutes "$MINUTES" --name "$name" 2> "$OUT/$name.log" | tail -1)
     python -m engine evaluate --run "$run_id" --data data/kolektorsdd --split test --json > "$OUT/$name.json"

@@ -7,7 +7,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import cv2
 import numpy as np
@@ -19,6 +19,15 @@ from engine.imageio import IMAGE_EXTENSIONS, read_image, read_mask
 SPLITS = ("train", "val", "test")
 # (image, rng) -> (painted image, mask, types drawn): engine.paint.paint
 Painter = Callable[[np.ndarray, np.random.Generator], tuple[np.ndarray, np.ndarray, list[str]]]
+
+
+class Pick(NamedTuple):
+    """One training crop to cut from image `index`: around one of its defects (centred), around a point of it
+    (spot, (y, x) in the stored image: a hard negative, see DefectBatchSampler), or anywhere."""
+
+    index: int
+    centred: bool = False
+    spot: tuple[int, int] | None = None
 
 
 @dataclass
@@ -186,7 +195,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Decoded images held in memory; training items are augmented square crops, some centred on defects.
 
     An item is asked for by index (a defect-centred crop with probability defect_crop_share) or, from
-    DefectBatchSampler, by (index, centred) so that every batch holds its share of defect crops.
+    DefectBatchSampler, by a Pick, so that every batch holds its share of defect crops and hard negatives.
     """
 
     def __init__(
@@ -225,28 +234,35 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Indices of the images that hold at least one defect pixel."""
         return [i for i, pixels in enumerate(self.defect_pixels) if len(pixels)]
 
-    def __getitem__(self, item: int | tuple[int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, centred = item if isinstance(item, tuple) else (item, self.rng.random() < self.defect_crop_share)
-        image, mask = self.pairs[index]
-        image, mask = self._random_crop(image, mask, self.defect_pixels[index] if centred else None)
-        if self.paint_share and not mask.any() and self.rng.random() < self.paint_share:
+    def __getitem__(self, item: int | tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = Pick(*item) if isinstance(item, tuple) else Pick(item, self.rng.random() < self.defect_crop_share)
+        image, mask = self.pairs[pick.index]
+        image, mask = self._random_crop(image, mask, self.focus(pick))
+        # A hard negative is shown as it is: it teaches what is not a defect.
+        if self.paint_share and pick.spot is None and not mask.any() and self.rng.random() < self.paint_share:
             image, mask, _ = self.painter(image, self.rng)
         if self.augment:
             image, mask = augment_pair(image, mask, self.rng, self.quarter_turns)
         return torch.from_numpy(image[None].copy()), torch.from_numpy(mask[None].astype(np.float32))
 
+    def focus(self, pick: Pick) -> np.ndarray | None:
+        """The pixels (N, 2) one of which a picked crop must hold, or None for a crop anywhere."""
+        if pick.spot is not None:
+            return np.array([pick.spot])
+        return self.defect_pixels[pick.index] if pick.centred else None
+
     def _random_crop(self, image: np.ndarray, mask: np.ndarray,
-                     defects: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                     focus: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         image, mask = pad_to_crop(image, mask, self.crop)
-        y, x = self.crop_origin(image.shape, defects)
+        y, x = self.crop_origin(image.shape, focus)
         return image[y : y + self.crop, x : x + self.crop], mask[y : y + self.crop, x : x + self.crop]
 
-    def crop_origin(self, shape: tuple[int, ...], defects: np.ndarray | None) -> tuple[int, int]:
-        """Top-left corner of a random crop in an image of this (padded) shape; with defect pixels given, the crop
-        holds one of them."""
+    def crop_origin(self, shape: tuple[int, ...], focus: np.ndarray | None) -> tuple[int, int]:
+        """Top-left corner of a random crop in an image of this (padded) shape; with pixels given (defect pixels,
+        a hard spot), the crop holds one of them."""
         size, (height, width) = self.crop, shape[-2:]
-        if defects is not None and len(defects):
-            cy, cx = defects[self.rng.integers(len(defects))]
+        if focus is not None and len(focus):
+            cy, cx = focus[self.rng.integers(len(focus))]
             y = int(np.clip(cy - self.rng.integers(size), 0, height - size))
             x = int(np.clip(cx - self.rng.integers(size), 0, width - size))
         else:
@@ -267,7 +283,7 @@ def pad_to_crop(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndar
 class DeviceBatches:
     """Training batches cut and augmented on the training device from images held there: the GPU data path.
 
-    The same crops as SegmentationDataset (a sampler's (index, centred) items) and the same augmentation as
+    The same crops as SegmentationDataset (a sampler's Picks) and the same augmentation as
     augment_pair, drawn for a whole batch at once on the device, so a GPU does not wait on the CPU. Painting
     is not done here (it runs on the CPU): training uses the CPU loader when it paints.
     """
@@ -287,14 +303,13 @@ class DeviceBatches:
         for items in self.sampler:
             yield self.batch(items)
 
-    def batch(self, items: list[tuple[int, bool]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Images (N, 1, S, S) float32 and masks (N, 1, S, S) 0/1 float32 for (index, centred) items."""
+    def batch(self, items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, 1, S, S) float32 and masks (N, 1, S, S) 0/1 float32 for these Picks."""
         size, images, masks = self.dataset.crop, [], []
-        for index, centred in items:
-            defects = self.dataset.defect_pixels[index] if centred else None
-            y, x = self.dataset.crop_origin(self.images[index].shape, defects)
-            images.append(self.images[index][y : y + size, x : x + size])
-            masks.append(self.masks[index][y : y + size, x : x + size])
+        for pick in map(lambda item: Pick(*item), items):
+            y, x = self.dataset.crop_origin(self.images[pick.index].shape, self.dataset.focus(pick))
+            images.append(self.images[pick.index][y : y + size, x : x + size])
+            masks.append(self.masks[pick.index][y : y + size, x : x + size])
         images, masks = torch.stack(images)[:, None], torch.stack(masks)[:, None].float()
         if self.dataset.augment:
             images, masks = augment_batch(images, masks, self.dataset.rng, self.noise, self.dataset.quarter_turns)
@@ -331,28 +346,44 @@ def augment_batch(images: torch.Tensor, masks: torch.Tensor, rng: np.random.Gene
 
 
 class DefectBatchSampler(torch.utils.data.Sampler):
-    """Batches of (index, centred) where a fixed share of every batch is crops centred on a defect.
+    """Batches of Picks where a fixed share of every batch is crops centred on a defect, and another share crops
+    around hard negatives: spots where the model last flagged a defect-free image (see `set_hard_spots`).
 
     With a handful of defective images among many good ones, sampling by image leaves most batches without
     a defect pixel; guaranteeing the share per batch keeps the loss informative. The other crops are drawn
-    at random from all images, so good surfaces are seen as often as they occur.
+    at random from all images, so good surfaces are seen as often as they occur; random crops seldom land on
+    the rare structures of a good part that look like a defect, which the hard negatives show again.
     """
 
     def __init__(self, dataset: SegmentationDataset, batch_size: int, steps: int, defect_share: float = 0.5,
-                 seed: int = 0) -> None:
+                 seed: int = 0, hard_share: float = 0.0) -> None:
         self.defective, self.n_images = dataset.defective, len(dataset)
         self.batch_size, self.steps = batch_size, steps
         self.n_centred = round(batch_size * defect_share) if self.defective else 0
+        self.n_hard = min(round(batch_size * hard_share), batch_size - self.n_centred)
+        self.hard_spots: dict[int, list[tuple[int, int]]] = {}
         self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return self.steps
 
+    def set_hard_spots(self, spots: dict[int, list[tuple[int, int]]]) -> None:
+        """Replace the hard spots of the images looked at (image index -> (y, x) points; an empty list clears)."""
+        for index, points in spots.items():
+            if points:
+                self.hard_spots[index] = list(points)
+            else:
+                self.hard_spots.pop(index, None)
+
     def __iter__(self):
         for _ in range(self.steps):
-            centred = [(int(i), True) for i in self.rng.choice(self.defective, self.n_centred)] if self.n_centred else []
-            rest = [(int(i), False) for i in self.rng.integers(self.n_images, size=self.batch_size - self.n_centred)]
-            yield centred + rest
+            centred = [Pick(int(i), True) for i in self.rng.choice(self.defective, self.n_centred)
+                       ] if self.n_centred else []
+            spots = [(index, point) for index, points in self.hard_spots.items() for point in points]
+            hard = [Pick(spots[k][0], False, spots[k][1]) for k in self.rng.integers(len(spots), size=self.n_hard)
+                    ] if spots else []
+            n_rest = self.batch_size - len(centred) - len(hard)
+            yield centred + hard + [Pick(int(i)) for i in self.rng.integers(self.n_images, size=n_rest)]
 
 
 # Automatic training geometry: thin defects must stay visible, the image must keep enough context.

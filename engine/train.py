@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,12 @@ SUGGESTED_MINUTES = 15.0  # the budget the README and the Train page suggest for
 # An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
 # large images a pass is a few seconds, and validating that often would take a third of the budget.
 MIN_STEPS_PER_EPOCH = 50
+# Hard negatives: after each epoch this many defect-free training images are looked at (a rotating slice: about
+# 2 s at KolektorSDD's size on 2 CPU cores), and up to HARD_SPOTS_PER_IMAGE regions above HARD_THRESHOLD (below
+# the 0.5 of the default recipe, as tuned recipes often are) become crops of the next epochs.
+HARD_SCAN_IMAGES = 48
+HARD_SPOTS_PER_IMAGE = 4
+HARD_THRESHOLD = 0.25
 RESUME_FILE = "resume.pth"  # the one checkpoint a run resumes from: weights, optimizer state, epoch
 
 
@@ -94,6 +101,8 @@ class TrainConfig:
                                "matches), pretrained, none, or a run id to fine-tune")
     loss: str = option("bce-dice", "training loss", choices=("bce-dice", "focal-dice", "bce-tversky"))
     defect_share: float = option(0.5, "share of every batch that is crops centred on a defect")
+    hard_share: float = option(0.25, "share of every batch that is crops around hard negatives: spots where the "
+                                     "model last flagged a defect-free training image (0 turns it off)")
     paint: float = option(0.0, "share of defect-free training crops that get defects painted on (engine.paint): "
                                "with it, a set of good images alone can train a model (not ready until tuned on real "
                                "defects); beside real defects it cost accuracy on KolektorSDD")
@@ -278,6 +287,14 @@ def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]
     return x, height, width
 
 
+def image_logits(model: UNetTiny, image: np.ndarray, mean: float, std: float, device: torch.device,
+                 memory_format: torch.memory_format) -> torch.Tensor:
+    """The model's logits (1, 1, H, W) for one whole image at its own size."""
+    x = torch.from_numpy((image - mean) / std)[None, None].to(device)
+    x, height, width = pad_to_stride(x, model.stride)
+    return model(x.contiguous(memory_format=memory_format))[..., :height, :width]
+
+
 @torch.no_grad()
 def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: float, device: torch.device,
              memory_format: torch.memory_format) -> tuple[float, dict, list[np.ndarray], list[np.ndarray]]:
@@ -290,9 +307,7 @@ def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: fl
     model.eval()
     metrics, losses, probs, truths = SetMetrics(), [], [], []
     for image, mask in dataset.pairs:
-        x = torch.from_numpy((image - mean) / std)[None, None].to(device)
-        x, height, width = pad_to_stride(x, model.stride)
-        logits = model(x.contiguous(memory_format=memory_format))[..., :height, :width]
+        logits = image_logits(model, image, mean, std, device, memory_format)
         target = torch.from_numpy(mask[None, None].astype(np.float32)).to(device)
         losses.append(float(seg_loss(logits.float(), target)))
         prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
@@ -309,6 +324,34 @@ def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: fl
     ap = result["average_precision"]
     result["score"] = result["dice"] if ap is None else (ap + result["dice"]) / 2
     return float(np.mean(losses)), result, probs, truths
+
+
+def hard_scan_slice(dataset: SegmentationDataset, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The defect-free training images to look at for hard negatives after `epoch`: the next HARD_SCAN_IMAGES of
+    them in turn (each process of a group its own part of those)."""
+    good = [i for i, pixels in enumerate(dataset.defect_pixels) if not len(pixels)]
+    n = min(len(good), HARD_SCAN_IMAGES)
+    return [good[((epoch - 1) * n + k) % len(good)] for k in range(n)][rank::world_size]
+
+
+@torch.no_grad()
+def find_hard_spots(model: UNetTiny, data: TrainData, indices: list[int], device: torch.device,
+                    memory_format: torch.memory_format) -> dict[int, list[tuple[int, int]]]:
+    """Where the model flags these defect-free training images: image index -> the (y, x) centres of up to
+    HARD_SPOTS_PER_IMAGE regions above HARD_THRESHOLD, most confident first (empty where nothing is flagged)."""
+    model.eval()
+    spots = {}
+    for index in indices:
+        image, _ = data.train_set.pairs[index]
+        prob = torch.sigmoid(image_logits(model, image, data.mean, data.std, device, memory_format).float())
+        prob = prob[0, 0].cpu().numpy()
+        count, labels, _, centres = cv2.connectedComponentsWithStats((prob > HARD_THRESHOLD).astype(np.uint8))
+        peak = np.zeros(count, np.float32)
+        np.maximum.at(peak, labels.ravel(), prob.ravel())
+        peaks = sorted(range(1, count), key=lambda k: -peak[k])[:HARD_SPOTS_PER_IMAGE]
+        spots[index] = [(int(round(centres[k][1])), int(round(centres[k][0]))) for k in peaks]
+    model.train()
+    return spots
 
 
 def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.dtype | None,
@@ -534,6 +577,7 @@ class Trainer:
     group: distributed.Group  # this process's place in the training group (a group of one without torchrun)
     net: torch.nn.Module  # what the loop calls: the model, or DistributedDataParallel around it in a group
     local_batch: int  # crops per step in this process (the batch split over the group)
+    sampler: DefectBatchSampler  # what the loader cuts next; told the hard negatives after each epoch
 
 
 def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.Group
@@ -564,7 +608,7 @@ def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.G
     steps_per_epoch = cfg.steps_per_epoch or max(MIN_STEPS_PER_EPOCH, len(data.train_set) // cfg.batch_size)
     local_batch = cfg.batch_size // group.world_size
     sampler = DefectBatchSampler(data.train_set, local_batch, steps_per_epoch, cfg.defect_share,
-                                 seed=rank_seed(cfg.seed + start_epoch, group.rank))
+                                 seed=rank_seed(cfg.seed + start_epoch, group.rank), hard_share=cfg.hard_share)
     cfg = replace(cfg, batches=batch_path(cfg, device))
     if cfg.batches == "device":
         loader = DeviceBatches(data.train_set, sampler, device)
@@ -575,7 +619,7 @@ def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.G
                                              worker_init_fn=reseed_worker)
     trainer = Trainer(model, optimizer, torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16),
                       loader, LOSSES[cfg.loss], data, device, amp_dtype, memory_format, steps_per_epoch, group,
-                      group.wrap(model), local_batch)
+                      group.wrap(model), local_batch, sampler)
     return cfg, trainer, arch, init_note
 
 
@@ -653,6 +697,15 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
             elif stop_reason is None and budget.time_up():
                 stop_reason = f"time budget of {cfg.minutes:g} min spent"
         stop_reason = group.share(stop_reason)
+        if cfg.hard_share and stop_reason is None and epoch != cfg.epoch_limit:  # look again for the next epoch
+            spots = find_hard_spots(t.model, t.data, hard_scan_slice(t.data.train_set, epoch, group.rank,
+                                                                     group.world_size), t.device, t.memory_format)
+            t.sampler.set_hard_spots(spots)
+            flagged, looked = (int(group.total(n)) for n in (sum(map(bool, spots.values())), len(spots)))
+            if group.is_main and looked:
+                info["hard_negatives"] = {"epoch": epoch, "images_flagged": flagged, "images_looked_at": looked}
+                print(f"  hard negatives: the model flags {flagged} of {looked} defect-free training images looked "
+                      f"at; their spots are trained on next", flush=True)
     if group.is_main:
         finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", budget, model_speed)
     return cfg.run_id

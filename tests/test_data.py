@@ -160,3 +160,33 @@ def test_training_with_batches_on_the_device_completes(tiny_dataset) -> None:
     info = runs.read_run_json(config.RUNS_DIR / run_id)
     assert info["status"] == "completed" and info["params"]["batches"] == "device"
     assert all(np.isfinite(row["train_loss"]) for row in runs.read_metrics(config.RUNS_DIR / run_id))
+
+
+def test_hard_negatives_get_their_share_of_every_batch_and_crops_hold_the_spot() -> None:
+    from engine.data import DefectBatchSampler, DeviceBatches, Pick, SegmentationDataset
+
+    # Two defect-free 96x96 images; one has a single marked pixel, the spot the sampler is told about.
+    marked = np.zeros((96, 96), np.float32)
+    marked[70, 20] = 1.0
+    pairs = [(np.zeros((96, 96), np.float32), np.zeros((96, 96), np.uint8)), (marked, np.zeros((96, 96), np.uint8))]
+    painted = []
+
+    def painter(image, rng):
+        painted.append(1)
+        return image, np.ones_like(image, np.uint8), ["patch"]
+
+    dataset = SegmentationDataset([], crop=32, augment=False, pairs=pairs, seed=1, paint_share=1.0, painter=painter)
+    sampler = DefectBatchSampler(dataset, 8, 3, seed=2, hard_share=0.25)
+    assert all(not pick.spot for batch in sampler for pick in batch)  # none known yet: all crops at random
+    sampler.set_hard_spots({1: [(70, 20)], 0: []})
+    for batch in sampler:
+        spots = [pick for pick in batch if pick.spot]
+        assert len(batch) == 8 and spots == [Pick(1, False, (70, 20))] * 2
+        for pick in spots:
+            painted.clear()
+            image, mask = dataset[pick]
+            assert image.sum() == 1.0 and not mask.any() and not painted  # holds the spot, shown unpainted
+        images, _ = DeviceBatches(dataset, sampler, torch.device("cpu")).batch(spots)
+        assert images.flatten(1).sum(1).tolist() == [1.0, 1.0]
+    sampler.set_hard_spots({1: []})  # looked at again and no longer flagged
+    assert all(not pick.spot for batch in sampler for pick in batch)

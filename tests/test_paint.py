@@ -107,6 +107,8 @@ def test_train_paint_on_good_images_only_marks_painted_validation(tmp_path: Path
     assert info["dataset"]["val_painted"] is True and info["params"]["paint"] == 0.5
     assert info["dataset"]["counts"]["defective"] == 0  # nothing real to learn from but the painted defects
     assert info["status"] == "completed"
+    # After the first epoch the model's false alarms on good training images were looked for (hard negatives).
+    assert info["hard_negatives"]["epoch"] == 1 and info["hard_negatives"]["images_looked_at"] > 0
     # Validation had painted defects and untouched good images, so image-level AP could be measured.
     assert all(np.isfinite(row["val_ap"]) for row in runs.read_metrics(runs.run_dir(run_id)))
     # Painted defects alone never make a run ready; the next step says how to decide it.

@@ -142,3 +142,35 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path) -> None:
         assert result.returncode != 0, args
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and "Traceback" not in result.stderr, (args, result.stderr)
+
+
+def test_hard_negatives_are_looked_for_in_turn_and_found_where_the_model_flags_a_good_image() -> None:
+    import numpy as np
+
+    from engine.data import SegmentationDataset
+    from engine.model import UNetTiny
+    from engine.train import HARD_SCAN_IMAGES, TrainData, find_hard_spots, hard_scan_slice
+
+    blank = np.zeros((40, 96), np.float32)
+    defect = np.zeros((40, 96), np.uint8)
+    defect[5, 5] = 1
+    n_good = HARD_SCAN_IMAGES + 10
+    pairs = [(blank, defect)] + [(blank, np.zeros_like(defect))] * n_good
+    dataset = SegmentationDataset([], crop=32, augment=False, pairs=pairs)
+    first, second = hard_scan_slice(dataset, 1), hard_scan_slice(dataset, 2)
+    assert 0 not in first + second and len(first) == len(second) == HARD_SCAN_IMAGES  # good images only
+    assert set(first) | set(second) == set(range(1, n_good + 1))  # in turn: every good image within two epochs
+    halves = hard_scan_slice(dataset, 1, rank=0, world_size=2), hard_scan_slice(dataset, 1, rank=1, world_size=2)
+    assert sorted(halves[0] + halves[1]) == sorted(first) and not set(halves[0]) & set(halves[1])
+
+    # A real model whose head says "defect" everywhere flags the whole image: one region, its centre the spot.
+    model = UNetTiny(base=8, depth=2)
+    data = TrainData(dataset, dataset, 0.0, 1.0, {}, "", False)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(5.0)
+    spots = find_hard_spots(model, data, [1, 2], torch.device("cpu"), torch.contiguous_format)
+    assert spots == {1: [(20, 48)], 2: [(20, 48)]} and model.training
+    with torch.no_grad():
+        model.head.bias.fill_(-5.0)  # and one that flags nothing finds nothing
+    assert find_hard_spots(model, data, [1], torch.device("cpu"), torch.contiguous_format) == {1: []}
