@@ -121,3 +121,62 @@ def paint(image: np.ndarray, rng: np.random.Generator, params: PaintParams | Non
     mask = empty.copy()
     mask[y : y + side, x : x + side] = changed
     return painted, mask, types
+
+
+class DefectBank:
+    """A set's own labelled defects, each cut out as its difference from the surface under it, to move onto
+    defect-free images (copy-paste augmentation): with a few labelled defects, the model sees them on many
+    surfaces, and what it learns is the look of the user's defects rather than the generator's.
+
+    The surface under a defect is estimated by inpainting its mask (OpenCV's Telea); a piece is the image minus
+    that surface within the mask, feathered at its edge, and the mask itself (as labelled) is the label.
+    """
+
+    def __init__(self, pairs: list[tuple[np.ndarray, np.ndarray]], margin: int = 3) -> None:
+        self.pieces: list[tuple[np.ndarray, np.ndarray, float]] = []  # (difference, mask, surface brightness)
+        for image, mask in pairs:
+            count, labels, stats, _ = cv2.connectedComponentsWithStats((mask > 0).astype(np.uint8))
+            if count < 2:
+                continue
+            image = np.asarray(image, np.float32)
+            holes = cv2.dilate((mask > 0).astype(np.uint8), np.ones((3, 3), np.uint8))
+            surface = cv2.inpaint(np.round(image * 255).astype(np.uint8), holes, margin, cv2.INPAINT_TELEA)
+            surface = surface.astype(np.float32) / 255
+            for k in range(1, count):
+                x, y, w, h = stats[k][:4]
+                top, left = max(0, y - margin), max(0, x - margin)
+                box = (slice(top, y + h + margin), slice(left, x + w + margin))
+                piece_mask = (labels[box] == k).astype(np.uint8)
+                feather = cv2.GaussianBlur(piece_mask.astype(np.float32), (0, 0), 0.7) * (
+                    cv2.dilate(piece_mask, np.ones((3, 3), np.uint8)) > 0)
+                self.pieces.append(((image[box] - surface[box]) * feather, piece_mask,
+                                    float(surface[box].mean())))
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def transplant(self, image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """One of the bank's defects moved onto a float32 [0, 1] image at a random place, flipped at random and
+        scaled to the local brightness: (image, mask uint8 0/1, ["transplanted"]). A piece larger than the
+        image is cut to it; without pieces the image is returned unchanged."""
+        empty = np.zeros(image.shape, np.uint8)
+        if not self.pieces:
+            return image, empty, []
+        difference, mask, brightness = self.pieces[int(rng.integers(len(self.pieces)))]
+        if rng.random() < 0.5:
+            difference, mask = difference[:, ::-1], mask[:, ::-1]
+        if rng.random() < 0.5:
+            difference, mask = difference[::-1], mask[::-1]
+        h, w = min(mask.shape[0], image.shape[0]), min(mask.shape[1], image.shape[1])
+        dy, dx = int(rng.integers(mask.shape[0] - h + 1)), int(rng.integers(mask.shape[1] - w + 1))
+        difference, mask = difference[dy : dy + h, dx : dx + w], mask[dy : dy + h, dx : dx + w]
+        if not mask.any():
+            return image, empty, []
+        y, x = int(rng.integers(image.shape[0] - h + 1)), int(rng.integers(image.shape[1] - w + 1))
+        spot = (slice(y, y + h), slice(x, x + w))
+        light = float(np.clip(image[spot].mean() / max(brightness, 1e-3), 0.5, 2.0))
+        painted = image.copy()
+        painted[spot] = np.clip(image[spot] + difference * light, 0.0, 1.0)
+        labels = empty.copy()
+        labels[spot] = mask
+        return painted, labels, ["transplanted"]

@@ -50,7 +50,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
-from engine.paint import paint
+from engine.paint import DefectBank, paint
 from engine.recipe import (
     DEFAULT_THRESHOLDS,
     PAINTED_VALIDATION,
@@ -507,6 +507,11 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=rank_seed(cfg.seed, rank),
                                     scale=cfg.scale,
                                     pairs=train_pairs, paint_share=cfg.paint, painter=paint)
+    if cfg.paint and train_set.defective:  # the set's own defects look like its defects; the generator's may not
+        bank = DefectBank([train_set.pairs[i] for i in train_set.defective])
+        train_set.painter = bank.transplant
+        print(f"painting: the {len(bank)} labelled defects of the training images, moved onto defect-free crops",
+              flush=True)
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:

@@ -185,3 +185,40 @@ def test_upload_folder_takes_dataset_names_only_and_a_second_upload_rewrites_not
     stamp = first.stat().st_mtime_ns
     (again,), problems = store_good_images([("part.png", png)], tmp_path)
     assert again == first and not problems and first.stat().st_mtime_ns == stamp
+
+
+def test_a_defect_bank_moves_the_sets_own_defects_onto_good_images_with_their_masks() -> None:
+    from engine.paint import DefectBank
+
+    rng = np.random.default_rng(0)
+    surface = (0.5 + 0.05 * rng.standard_normal((64, 64))).astype(np.float32)
+    image, mask = surface.copy(), np.zeros((64, 64), np.uint8)
+    mask[30:33, 10:50] = 1  # a dark scratch, labelled
+    image[mask > 0] -= 0.3
+    bank = DefectBank([(image, mask), (surface, np.zeros_like(mask))])
+    assert len(bank) == 1  # one labelled region; the good image gives none
+
+    good = (0.6 + 0.05 * np.random.default_rng(1).standard_normal((48, 80))).astype(np.float32)
+    painted, label, types = bank.transplant(good, np.random.default_rng(2))
+    assert types == ["transplanted"] and label.sum() == mask.sum()  # the whole scratch, as labelled
+    near = cv2.dilate(label, np.ones((3, 3), np.uint8)) > 0
+    assert np.array_equal(painted[~near], good[~near])  # nothing changed away from the label
+    assert painted[label > 0].mean() < good[label > 0].mean() - 0.2  # the scratch is dark on its new surface
+    again, label_again, _ = bank.transplant(good, np.random.default_rng(2))
+    assert np.array_equal(again, painted) and np.array_equal(label_again, label)  # seeded
+    small = good[:20, :20]  # a piece larger than the image is cut to it
+    cut, cut_label, _ = bank.transplant(small, np.random.default_rng(3))
+    assert cut.shape == small.shape and cut_label.shape == small.shape
+    unchanged, empty, none = DefectBank([]).transplant(good, np.random.default_rng(4))
+    assert unchanged is good and not empty.any() and none == []
+
+
+def test_train_paint_beside_real_defects_moves_those_defects(tmp_path: Path, capsys) -> None:
+    data = tmp_path / "labelled"
+    synth.generate_dataset(data, 20, seed=7, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
+    assert main(["train", "--data", str(data), "--paint", "0.5", "--epochs", "1", "--steps-per-epoch", "3",
+                 "--base", "8", "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none",
+                 "--name", "transplant-test"]) == 0
+    out = capsys.readouterr().out
+    assert "labelled defects of the training images, moved onto defect-free crops" in out
+    assert "validation uses defects painted" not in out  # real defects validate
