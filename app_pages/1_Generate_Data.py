@@ -86,7 +86,8 @@ st.header("Paint defects onto your own images")
 st.caption("Only good parts so far? The generator's defects are painted onto your defect-free images, matched to "
            "the surface under them, with exact masks (`engine.paint`). Train on the result, or paint during "
            "training with the Train page's paint share; such a run is not ready until tuned on a few real "
-           "labelled defects. Where you have real defects, train on them without painting.")
+           "labelled defects. Where you have a handful of real defects, the Train page's paint share moves those "
+           "instead.")
 sources = {name: path for name, path in data.dataset_choices().items()}
 FOLDER, UPLOAD = "a folder on this machine", "images I upload"
 pick = st.selectbox("Good images from", [UPLOAD, FOLDER, *sources], key="paint_from")

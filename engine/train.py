@@ -107,9 +107,10 @@ class TrainConfig:
     hard_share: float | None = option(None, "share of every batch that is crops around hard negatives: spots where "
                                             "the model last flagged a defect-free training image (default: "
                                             f"{HARD_SHARE_WHEN_PAINTING} when painting, else 0)")
-    paint: float = option(0.0, "share of defect-free training crops that get defects painted on (engine.paint): "
-                               "with it, a set of good images alone can train a model (not ready until tuned on real "
-                               "defects); beside real defects it cost accuracy on KolektorSDD")
+    paint: float = option(0.0, "share of defect-free training crops that get defects painted on: the set's own "
+                               "labelled defects, moved, where it has some; else the generator's (engine.paint), so "
+                               "that a set of good images alone can train a model (not ready until tuned on real "
+                               "defects)")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
