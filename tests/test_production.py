@@ -72,7 +72,7 @@ def test_sampler_without_defective_images_draws_plain_crops(tmp_path) -> None:
     report = scan_dataset(write_set(tmp_path / "set", n_defective=0, n_clean=10, splits=("train",)))
     dataset = SegmentationDataset(report.samples, crop=32, augment=False)
     batch = next(iter(DefectBatchSampler(dataset, batch_size=4, steps=1, defect_share=0.5)))
-    assert len(batch) == 4 and not any(centred for _, centred in batch)
+    assert len(batch) == 4 and not any(pick.centred or pick.spot for pick in batch)
 
 
 def test_quarter_turns_only_for_square_parts(tmp_path) -> None:
