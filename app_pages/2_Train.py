@@ -89,9 +89,9 @@ with settings:
         paint = st.slider("Paint defects onto good crops (share)", 0.0, 0.9, float(DEFAULTS.paint), 0.05,
                           key="train_paint", help="a share of the defect-free training crops gets defects painted on: "
                           "the set's own labelled defects, moved, where it has some (on KolektorSDD it won with 5 "
-                          "labelled cracks; with 37 it won on Dice, drew or lost a little on image AP); else the generator's, so that a set of good "
-                          "images alone can train a model: its validation is painted too, so the run ends not ready "
-                          "until tuned on a few real labelled defects")
+                          "labelled cracks; with 37 it won on Dice, drew or lost a little on image AP); else the "
+                          "generator's, so that a set of good images alone can train a model: its validation is "
+                          "painted too, so the run ends not ready until tuned on a few real labelled defects")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
         nproc = st.number_input("Training processes", 1, 64, DEFAULTS.nproc, key="train_nproc",

@@ -306,7 +306,7 @@ class DeviceBatches:
     def batch(self, items: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
         """Images (N, 1, S, S) float32 and masks (N, 1, S, S) 0/1 float32 for these Picks."""
         size, images, masks = self.dataset.crop, [], []
-        for pick in map(lambda item: Pick(*item), items):
+        for pick in (Pick(*item) for item in items):
             y, x = self.dataset.crop_origin(self.images[pick.index].shape, self.dataset.focus(pick))
             images.append(self.images[pick.index][y : y + size, x : x + size])
             masks.append(self.masks[pick.index][y : y + size, x : x + size])

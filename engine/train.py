@@ -359,6 +359,19 @@ def find_hard_spots(model: UNetTiny, data: TrainData, indices: list[int], device
     return spots
 
 
+def update_hard_negatives(t: Trainer, epoch: int, info: dict) -> None:
+    """Look for hard negatives after `epoch` and give them to the sampler; process 0 records and prints how many
+    of the images looked at (by the whole group) the model still flags."""
+    spots = find_hard_spots(t.model, t.data, hard_scan_slice(t.data.train_set, epoch, t.group.rank,
+                                                             t.group.world_size), t.device, t.memory_format)
+    t.sampler.set_hard_spots(spots)
+    flagged, looked = (int(t.group.total(n)) for n in (sum(map(bool, spots.values())), len(spots)))
+    if t.group.is_main and looked:
+        info["hard_negatives"] = {"epoch": epoch, "images_flagged": flagged, "images_looked_at": looked}
+        print(f"  hard negatives: the model flags {flagged} of {looked} defect-free training images looked at; "
+              f"their spots are trained on next", flush=True)
+
+
 def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.dtype | None,
                         seconds: float = 4.0) -> float:
     """Images per second of forward+backward on a fixed in-memory batch: the ceiling for training."""
@@ -710,14 +723,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
                 stop_reason = f"time budget of {cfg.minutes:g} min spent"
         stop_reason = group.share(stop_reason)
         if cfg.hard_share and stop_reason is None and epoch != cfg.epoch_limit:  # look again for the next epoch
-            spots = find_hard_spots(t.model, t.data, hard_scan_slice(t.data.train_set, epoch, group.rank,
-                                                                     group.world_size), t.device, t.memory_format)
-            t.sampler.set_hard_spots(spots)
-            flagged, looked = (int(group.total(n)) for n in (sum(map(bool, spots.values())), len(spots)))
-            if group.is_main and looked:
-                info["hard_negatives"] = {"epoch": epoch, "images_flagged": flagged, "images_looked_at": looked}
-                print(f"  hard negatives: the model flags {flagged} of {looked} defect-free training images looked "
-                      f"at; their spots are trained on next", flush=True)
+            update_hard_negatives(t, epoch, info)
     if group.is_main:
         finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", budget, model_speed)
     return cfg.run_id
