@@ -699,6 +699,8 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
           f"({len(t.data.train_set.defective)} with a defect) / {len(t.data.val_set)} val images, device "
           f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
 
+    if cfg.hard_share and start_epoch:  # a resumed run looks again, so its first epoch trains on hard negatives too
+        update_hard_negatives(t, start_epoch, info)
     budget = Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes)
     patience = Patience(cfg.patience, cfg.patience_after)
     step, stop_reason, epoch, train_seconds, train_images = 0, None, start_epoch, 0.0, 0

@@ -59,6 +59,16 @@ def test_resume_continues_with_more_epochs(tiny_dataset) -> None:
     assert registry.get_run(run_id).epochs_done == 3
 
 
+def test_a_resumed_run_looks_for_hard_negatives_before_its_first_epoch(tiny_dataset) -> None:
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
+                               steps_per_epoch=2, hard_share=0.25, name="resume-hard"))
+    folder = config.RUNS_DIR / run_id
+    assert "hard_negatives" not in runs.read_run_json(folder)  # the last epoch of a run never looks
+    train(TrainConfig(data="", epochs=2, resume=run_id))
+    # Only the resumed run's look before its one epoch can have recorded this (after epoch 2, the last, none).
+    assert runs.read_run_json(folder)["hard_negatives"]["epoch"] == 1
+
+
 def test_loader_workers_draw_their_own_augmentations(tiny_dataset) -> None:
     from engine.data import SegmentationDataset, scan_dataset
     from engine.train import reseed_worker
