@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 from engine import data, jobs, registry, runs, runstore
 from engine.errors import EngineError
 from engine.model import PRESETS
+from engine.synth import DEFECT_TYPES
 from engine.train import DEFAULT_EPOCHS, SUGGESTED_MINUTES, TrainConfig
 from ui import readiness_notice
 
@@ -92,6 +93,10 @@ with settings:
                           "labelled cracks; with 37 it won on Dice, drew or lost a little on image AP); else the "
                           "generator's, so that a set of good images alone can train a model: its validation is "
                           "painted too, so the run ends not ready until tuned on a few real labelled defects")
+        paint_types = st.multiselect("Defect types to paint", DEFECT_TYPES, key="train_paint_types",
+                                     disabled=not paint, placeholder="all of them",
+                                     help="the generator's defects to paint where a set has no labelled ones: "
+                                          "the kinds your line looks for (empty: all)")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
         nproc = st.number_input("Training processes", 1, 64, DEFAULTS.nproc, key="train_nproc",
@@ -111,7 +116,7 @@ with settings:
                 DEFAULTS, data=str(choices[dataset]), name=name or dataset, epochs=int(epochs) if epochs else None,
                 minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
                 batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
-                paint=float(paint), nproc=int(nproc)))
+                paint=float(paint), paint_types=",".join(paint_types) or None, nproc=int(nproc)))
         except EngineError as err:
             st.error(str(err))
         else:

@@ -21,8 +21,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         return _paint_onto(args)
     params = synth.SynthParams(size=args.size, defect_free=args.defect_free, difficulty=args.difficulty,
                                tint=args.tint)
-    if args.types:
-        params.defect_weights = {t: w for t, w in params.defect_weights.items() if t in args.types.split(",")}
+    params.defect_weights = synth.only_types(params.defect_weights, args.types)
     with _progress_bar("generating") as progress:
         result = synth.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
     rate = result["images"] / max(result["seconds"], 1e-9)
@@ -32,15 +31,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _paint_onto(args: argparse.Namespace) -> None:
     """`generate --onto GOOD_DIR`: the generator's defects painted onto the user's own defect-free images."""
-    from engine.paint import PaintParams
+    from engine.paint import params_for
     from engine.paintset import paint_dataset
 
     if args.out == str(config.SAMPLE_DIR):
         raise EngineError("--onto needs --out DIR: the folder to write the painted dataset to")
-    params = PaintParams(difficulty=args.difficulty)
-    if args.types:
-        params = PaintParams(difficulty=args.difficulty, defect_weights={
-            t: w for t, w in params.defect_weights.items() if t in args.types.split(",")})
+    params = params_for(args.types, args.difficulty)
     with _progress_bar("painting") as progress:
         result = paint_dataset(args.onto, args.out, args.count, args.defect_free, args.seed, params, progress)
     print(f"{args.out}: {result['images']} images ({result['defective']} with painted defects, "

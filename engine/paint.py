@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from engine.synth import DEFECT_TYPES, SynthParams, draw_defects
+from engine.synth import DEFECT_TYPES, SynthParams, draw_defects, only_types
 
 MIN_SIDE = 24  # a window smaller than this has no room for a defect
 MIN_NOISE = 1e-3  # a surface flatter than this (a blank or saturated image) is left alone
@@ -44,6 +44,11 @@ class PaintParams:
         """The generator's parameters for these."""
         return SynthParams(defect_weights=dict(self.defect_weights), max_defects=self.max_defects,
                            difficulty=self.difficulty)
+
+
+def params_for(types: str | None, difficulty: float = 0.5) -> PaintParams:
+    """PaintParams that draw only the comma-separated defect `types` (every type when None or empty)."""
+    return PaintParams(defect_weights=only_types(_default_weights(), types), difficulty=difficulty)
 
 
 def window_side(shape: tuple[int, int], window: float) -> int:

@@ -53,6 +53,16 @@ class SynthParams:
     tint: float = 0.0  # probability of a colour-tinted (BGR) image; 0 = all grayscale
 
 
+def only_types(weights: dict[str, float], types: str | None) -> dict[str, float]:
+    """The weights of the comma-separated defect `types` alone (all of them when None or empty); an unknown
+    name is an EngineError that lists the known ones."""
+    names = [name.strip() for name in (types or "").split(",") if name.strip()]
+    unknown = sorted(set(names) - set(DEFECT_TYPES))
+    if unknown:
+        raise EngineError(f"unknown defect type(s) {', '.join(unknown)}; choose from {', '.join(DEFECT_TYPES)}")
+    return {name: weight for name, weight in weights.items() if not names or name in names}
+
+
 def validate_params(params: SynthParams) -> None:
     """Raise EngineError with a one-line reason if the parameters cannot be rendered."""
     if not isinstance(params.size, (int, np.integer)) or not 32 <= params.size <= MAX_SIZE:

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
-from engine.paint import DefectBank, paint
+from engine.paint import DefectBank, PaintParams, paint, params_for
 from engine.recipe import (
     DEFAULT_THRESHOLDS,
     PAINTED_VALIDATION,
@@ -111,6 +112,8 @@ class TrainConfig:
                                "labelled defects, moved, where it has some; else the generator's (engine.paint), so "
                                "that a set of good images alone can train a model (not ready until tuned on real "
                                "defects)")
+    paint_types: str | None = option(None, "the generator's defect types to paint, comma-separated (default: "
+                                           "all); where a set has labelled defects, those are moved instead")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -165,6 +168,7 @@ class TrainConfig:
             raise EngineError(f"--batch-size {self.batch_size} does not split evenly over {processes} processes")
         if self.batches == "device" and self.paint:
             raise EngineError("--batches device cannot paint defects (painting runs on the CPU); use --batches loader")
+        params_for(self.paint_types)  # an unknown defect type is named now, not after the data is read
 
     @property
     def epoch_limit(self) -> int | None:
@@ -526,7 +530,8 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
         cfg = replace(cfg, hard_share=HARD_SHARE_WHEN_PAINTING if cfg.paint else 0.0)
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=rank_seed(cfg.seed, rank),
                                     scale=cfg.scale,
-                                    pairs=train_pairs, paint_share=cfg.paint, painter=paint)
+                                    pairs=train_pairs, paint_share=cfg.paint,
+                                    painter=partial(paint, params=params_for(cfg.paint_types)))
     if cfg.paint and train_set.defective:  # the set's own defects look like its defects; the generator's may not
         bank = DefectBank([train_set.pairs[i] for i in train_set.defective])
         train_set.painter = bank.transplant
@@ -535,7 +540,7 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:
-        val_pairs = painted_validation(val_pairs, cfg.seed)
+        val_pairs = painted_validation(val_pairs, cfg.seed, params_for(cfg.paint_types))
         print(f"note: no real defect in the {len(val_pairs)} validation images, so validation uses defects painted "
               f"on half of them (marked val_painted in run.json); check the model on real defects with `evaluate`",
               flush=True)
@@ -550,14 +555,15 @@ def rank_seed(seed: int, rank: int) -> int:
     return seed + 1_000_003 * rank
 
 
-def painted_validation(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def painted_validation(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int,
+                       params: PaintParams | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Validation pairs for a set without real defects: every other image (by a seeded draw) gets painted
     defects, the same ones every run, so the defect-free half still measures false alarms."""
     rng = np.random.default_rng([seed, 20261203])
     painted = []
     for image, mask in pairs:
         if rng.random() < 0.5:
-            image, mask, _ = paint(image, rng)
+            image, mask, _ = paint(image, rng, params)
         painted.append((image, mask))
     return painted
 

@@ -11,11 +11,13 @@ import pytest
 
 from engine import config, recipe, registry, runs, synth
 from engine.__main__ import main
+from engine.errors import EngineError
 from engine.evaluate import select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor
-from engine.paint import PaintParams, paint, window_side
+from engine.paint import PaintParams, paint, params_for, window_side
 from engine.paintset import preview as paint_preview
+from engine.synth import DEFECT_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,18 @@ def test_thin_lines_go_down_to_one_pixel(surfaces: list[np.ndarray]) -> None:
         distance = cv2.distanceTransform(mask, cv2.DIST_L2, 3)
         widths.add(round(float(np.median(distance[mask > 0])) * 2 - 1))  # a 1-px line is 1 from its edge
     assert min(widths) <= 1 < max(widths)
+
+
+def test_only_the_defect_types_asked_for_are_painted(surfaces: list[np.ndarray], capsys) -> None:
+    params = params_for("pit, crack")
+    assert set(params.defect_weights) == {"pit", "crack"} and set(params_for(None).defect_weights) == set(DEFECT_TYPES)
+    drawn = {kind for seed in range(20) for kind in paint(surfaces[1], np.random.default_rng(seed), params)[2]}
+    assert drawn == {"pit", "crack"}
+    with pytest.raises(EngineError, match="unknown defect type.*scratch"):  # the message lists the known ones
+        params_for("scratches")
+    # train names a wrong type before it reads any data
+    assert main(["train", "--data", "no-such-folder", "--paint", "0.5", "--paint-types", "scratches"]) == 2
+    assert "unknown defect type(s) scratches" in capsys.readouterr().err
 
 
 def test_images_without_room_are_left_unchanged(surfaces: list[np.ndarray]) -> None:
