@@ -96,7 +96,9 @@ with settings:
         paint_types = st.multiselect("Defect types to paint", DEFECT_TYPES, key="train_paint_types",
                                      disabled=not paint, placeholder="all of them",
                                      help="the generator's defects to paint where a set has no labelled ones: "
-                                          "the kinds your line looks for (empty: all)")
+                                          "the kinds your line looks for (empty: all). A model taught every kind "
+                                          "flags every other mark on a good part too (KolektorSDD's cracks: image "
+                                          "AP 0.97 with scratch and crack against 0.69 with all)")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
         nproc = st.number_input("Training processes", 1, 64, DEFAULTS.nproc, key="train_nproc",

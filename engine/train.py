@@ -63,6 +63,7 @@ from engine.recipe import (
     tuned_recipe,
 )
 from engine.storage import atomic_write_bytes
+from engine.synth import DEFECT_TYPES
 
 DEFAULT_EPOCHS = 40  # when neither --epochs nor --minutes is given
 SUGGESTED_MINUTES = 15.0  # the budget the README and the Train page suggest for a real dataset
@@ -112,8 +113,9 @@ class TrainConfig:
                                "labelled defects, moved, where it has some; else the generator's (engine.paint), so "
                                "that a set of good images alone can train a model (not ready until tuned on real "
                                "defects)")
-    paint_types: str | None = option(None, "the generator's defect types to paint, comma-separated (default: "
-                                           "all); where a set has labelled defects, those are moved instead")
+    paint_types: str | None = option(None, "the generator's defect types to paint, comma-separated, of "
+                                           f"{','.join(DEFECT_TYPES)} (default: all): the kinds your line looks "
+                                           "for; where a set has labelled defects, those are moved instead")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
