@@ -99,6 +99,12 @@ class Group:
         ids = [self.device.index] if self.device.type == "cuda" else None
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
+    def wait(self) -> None:
+        """Wait until every process of the group gets here. Gloo can abort a process that closes its group while
+        another still works (process 0 writing the end of the run), and torchrun then ends the whole group."""
+        if self.active:
+            dist.barrier()
+
     def leave(self) -> None:
         """Close the process group (idempotent)."""
         if self.active and dist.is_initialized():

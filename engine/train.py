@@ -465,10 +465,13 @@ def train(cfg: TrainConfig) -> str:
         if not group.is_main:
             cfg, folder, start_epoch = group.share(None)  # the run process 0 resolved
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # one log: process 0's
-                return fit(cfg, Path(folder), {}, start_epoch, group)
-        cfg, folder, info, start_epoch = resolve_config(cfg)
-        group.share((cfg, str(folder), start_epoch))
-        return _fit_recorded(cfg, folder, info, start_epoch, group)
+                run_id = fit(cfg, Path(folder), {}, start_epoch, group)
+        else:
+            cfg, folder, info, start_epoch = resolve_config(cfg)
+            group.share((cfg, str(folder), start_epoch))
+            run_id = _fit_recorded(cfg, folder, info, start_epoch, group)
+        group.wait()  # every process leaves together, once process 0 has written the end of the run
+        return run_id
     finally:
         group.leave()
 
