@@ -533,10 +533,10 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
         print(f"training geometry: scale {cfg.scale:g}, crop {cfg.crop} px (from image and defect sizes)", flush=True)
     if cfg.hard_share is None:
         cfg = replace(cfg, hard_share=HARD_SHARE_WHEN_PAINTING if cfg.paint else 0.0)
+    paint_params = params_for(cfg.paint_types)
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=rank_seed(cfg.seed, rank),
-                                    scale=cfg.scale,
-                                    pairs=train_pairs, paint_share=cfg.paint,
-                                    painter=partial(paint, params=params_for(cfg.paint_types)))
+                                    scale=cfg.scale, pairs=train_pairs, paint_share=cfg.paint,
+                                    painter=partial(paint, params=paint_params))
     if cfg.paint and train_set.defective:  # the set's own defects look like its defects; the generator's may not
         bank = DefectBank([train_set.pairs[i] for i in train_set.defective])
         train_set.painter = bank.transplant
@@ -545,7 +545,7 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:
-        val_pairs = painted_validation(val_pairs, cfg.seed, params_for(cfg.paint_types))
+        val_pairs = painted_validation(val_pairs, cfg.seed, paint_params)
         print(f"note: no real defect in the {len(val_pairs)} validation images, so validation uses defects painted "
               f"on half of them (marked val_painted in run.json); check the model on real defects with `evaluate`",
               flush=True)
