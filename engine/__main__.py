@@ -429,4 +429,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # a process of a torchrun group
+        from engine import distributed
+
+        distributed.end_process(code)
+    sys.exit(code)

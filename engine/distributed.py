@@ -12,7 +12,7 @@ import os
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -100,8 +100,8 @@ class Group:
         return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     def wait(self) -> None:
-        """Wait until every process of the group gets here. Gloo can abort a process that closes its group while
-        another still works (process 0 writing the end of the run), and torchrun then ends the whole group."""
+        """Wait until every process of the group gets here: none leaves (and drops its connections) while process
+        0 still writes the end of the run."""
         if self.active:
             dist.barrier()
 
@@ -112,6 +112,18 @@ class Group:
 
     def _comm_device(self) -> torch.device:
         return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+
+def end_process(code: int) -> NoReturn:
+    """End this process of a torchrun group with `code` now, without the interpreter's teardown.
+
+    DistributedDataParallel keeps the gloo group and its threads alive past destroy_process_group (torch 2.13),
+    and such a thread that lets go of its last piece of work while the interpreter tears down aborts the process
+    ("terminate called without an active exception", pytorch/pytorch#179291); torchrun then reports a finished
+    run as failed. About 1 run in 20 of a bare two-process DDP script did so here (docs/BENCHMARKS.md)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def join(device: torch.device) -> Group:

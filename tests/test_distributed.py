@@ -25,6 +25,22 @@ def test_launch_command_hands_the_rest_to_torchrun() -> None:
                            "train", "--data", "d", "--seed", "1"]
 
 
+def test_a_torchrun_process_ends_at_once_with_its_exit_code_and_its_output_written(trained_run) -> None:
+    # under torchrun the CLI leaves through distributed.end_process (os._exit): nothing printed may be lost, even
+    # from a buffered stdout
+    buffered = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+
+    def engine(*args: str, **torchrun: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "engine", *args], cwd=config.ROOT, capture_output=True,
+                              text=True, timeout=120, env={**buffered, "PYTHONPATH": str(config.ROOT), **torchrun})
+
+    alone, in_group = engine("runs"), engine("runs", WORLD_SIZE="1", RANK="0")
+    assert in_group.returncode == alone.returncode == 0 and trained_run in in_group.stdout
+    assert in_group.stdout == alone.stdout
+    failed = engine("train", "--epochs", "1", WORLD_SIZE="1", RANK="0")
+    assert failed.returncode == 2 and failed.stderr == "error: train needs --data DIR (or --resume RUN)\n"
+
+
 def test_each_process_draws_its_own_crops_and_process_0_keeps_the_run_seed() -> None:
     assert rank_seed(7, 0) == 7
     assert len({rank_seed(7, rank) for rank in range(4)}) == 4
