@@ -13,7 +13,7 @@ from engine import data, jobs, registry, runs, runstore
 from engine.errors import EngineError
 from engine.model import PRESETS
 from engine.synth import DEFECT_TYPES
-from engine.train import DEFAULT_EPOCHS, SUGGESTED_MINUTES, TrainConfig
+from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
 from ui import readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
@@ -23,6 +23,7 @@ st.caption("Each run trains in its own process: you may close the tab, reload, o
            "progress comes from the run registry.")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+PAINT_SHARES = [round(0.05 * k, 2) for k in range(19)]  # 0 .. 0.9
 
 
 def duration(seconds: float | None) -> str:
@@ -87,14 +88,16 @@ with settings:
         steps = st.number_input("Steps per epoch (0 = one pass over the images)", 0, 10000, 0, key="train_steps")
         lr = st.number_input("Learning rate", 1e-5, 1.0, DEFAULTS.lr, format="%.4f", key="train_lr")
         seed = st.number_input("Seed", 0, 2**31 - 1, DEFAULTS.seed, key="train_seed")
-        paint = st.slider("Paint defects onto good crops (share)", 0.0, 0.9, float(DEFAULTS.paint), 0.05,
-                          key="train_paint", help="a share of the defect-free training crops gets defects painted on: "
-                          "the set's own labelled defects, moved, where it has some (on KolektorSDD it won with 5 "
-                          "labelled cracks; with 37 it won on Dice, drew or lost a little on image AP); else the "
-                          "generator's, so that a set of good images alone can train a model: its validation is "
-                          "painted too, so the run ends not ready until tuned on a few real labelled defects")
+        paint = st.select_slider("Paint defects onto good crops (share)", ["auto", *PAINT_SHARES], value="auto",
+                                 key="train_paint", help=f"auto: {PAINT_WITHOUT_LABELS:g} where the training images "
+                                 "hold no labelled defect, else 0. The share of the defect-free training crops that "
+                                 "gets defects painted on: the set's own labelled defects, moved, where it has some "
+                                 "(on KolektorSDD it won with 5 labelled cracks; with 37 it won on Dice, drew or lost "
+                                 "a little on image AP); else the generator's, so that a set of good images alone can "
+                                 "train a model: its validation is painted too, so the run ends not ready until tuned "
+                                 "on a few real labelled defects")
         paint_types = st.multiselect("Defect types to paint", DEFECT_TYPES, key="train_paint_types",
-                                     disabled=not paint, placeholder="all of them",
+                                     disabled=paint == 0.0, placeholder="all of them",
                                      help="the generator's defects to paint where a set has no labelled ones: "
                                           "the kinds your line looks for (empty: all). A model taught every kind "
                                           "flags every other mark on a good part too (KolektorSDD's cracks: image "
@@ -118,7 +121,8 @@ with settings:
                 DEFAULTS, data=str(choices[dataset]), name=name or dataset, epochs=int(epochs) if epochs else None,
                 minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
                 batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
-                paint=float(paint), paint_types=",".join(paint_types) or None, nproc=int(nproc)))
+                paint=None if paint == "auto" else float(paint), paint_types=",".join(paint_types) or None,
+                nproc=int(nproc)))
         except EngineError as err:
             st.error(str(err))
         else:

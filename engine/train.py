@@ -76,6 +76,8 @@ MIN_STEPS_PER_EPOCH = 50
 # A model taught on painted defects flags real structures of good parts (KolektorSDD, good parts only: 16 of 69
 # flagged without hard negatives, 9 with); beside real defects alone it was not shown to help, so it is off there.
 HARD_SHARE_WHEN_PAINTING = 0.25
+# Where the training images hold no labelled defect, painting is the only way to learn one: on by default there.
+PAINT_WITHOUT_LABELS = 0.5
 HARD_SCAN_IMAGES = 48
 HARD_SPOTS_PER_IMAGE = 4
 HARD_THRESHOLD = 0.25
@@ -109,10 +111,11 @@ class TrainConfig:
     hard_share: float | None = option(None, "share of every batch that is crops around hard negatives: spots where "
                                             "the model last flagged a defect-free training image (default: "
                                             f"{HARD_SHARE_WHEN_PAINTING} when painting, else 0)")
-    paint: float = option(0.0, "share of defect-free training crops that get defects painted on: the set's own "
-                               "labelled defects, moved, where it has some; else the generator's (engine.paint), so "
-                               "that a set of good images alone can train a model (not ready until tuned on real "
-                               "defects)")
+    paint: float | None = option(None, "share of defect-free training crops that get defects painted on: the set's "
+                                       "own labelled defects, moved, where it has some; else the generator's "
+                                       "(engine.paint), so that a set of good images alone can train a model (not "
+                                       f"ready until tuned on real defects). Default: {PAINT_WITHOUT_LABELS} where "
+                                       "the training images hold no labelled defect, else 0")
     paint_types: str | None = option(None, "the generator's defect types to paint, comma-separated, of "
                                            f"{','.join(DEFECT_TYPES)} (default: all): the kinds your line looks "
                                            "for; where a set has labelled defects, those are moved instead")
@@ -527,6 +530,15 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
     if not train_samples or not val_samples:
         raise DatasetError(f"{cfg.data}: needs at least 2 training images (found {report.counts()})")
     train_pairs = [load_pair(s) for s in train_samples]
+    if cfg.paint is None:
+        cfg = replace(cfg, paint=0.0 if any(mask.any() for _, mask in train_pairs) else PAINT_WITHOUT_LABELS)
+        if cfg.paint:
+            if cfg.batches == "device":
+                raise EngineError("the training images hold no labelled defect, so defects are painted on, which "
+                                  "--batches device cannot do; use --batches loader")
+            print(f"note: no labelled defect in the {len(train_pairs)} training images, so defects are painted on "
+                  f"{cfg.paint:.0%} of the crops (--paint {cfg.paint:g}); the run stays not ready until it is tuned "
+                  "on a few real labelled defects", flush=True)
     if cfg.scale is None or cfg.crop is None:
         scale, crop = auto_geometry(train_pairs)
         cfg = replace(cfg, scale=cfg.scale or scale, crop=cfg.crop or crop)

@@ -160,7 +160,7 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     at.select_slider(key="train_crop").set_value(32)
     at.number_input(key="train_batch").set_value(4)
     at.number_input(key="train_steps").set_value(2)
-    at.slider(key="train_paint").set_value(0.2).run()
+    at.select_slider(key="train_paint").set_value(0.2).run()
     at.multiselect(key="train_paint_types").set_value(["pit", "crack"])
     at.run()
     at.button(key="train_start").click().run()

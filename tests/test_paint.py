@@ -18,6 +18,7 @@ from engine.inference import Predictor
 from engine.paint import PaintParams, paint, params_for, window_side
 from engine.paintset import preview as paint_preview
 from engine.synth import DEFECT_TYPES
+from engine.train import PAINT_WITHOUT_LABELS
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +111,20 @@ def test_generate_onto_reports_a_corrupt_image_and_goes_on(tmp_path: Path, capsy
     assert any(d.path == str(out.resolve()) and d.source == "painted" for d in registry.list_datasets())
 
 
-def test_train_paint_on_good_images_only_marks_painted_validation(tmp_path: Path) -> None:
+def test_a_labelled_set_is_not_painted_by_default(trained_run) -> None:
+    assert runs.read_run_json(runs.run_dir(trained_run))["params"]["paint"] == 0.0
+
+
+def test_train_on_good_images_only_paints_by_default_and_marks_painted_validation(tmp_path: Path, capsys) -> None:
     data = tmp_path / "good-only"
     synth.generate_dataset(data, 30, seed=5, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
-    assert main(["train", "--data", str(data), "--paint", "0.5", "--epochs", "2", "--steps-per-epoch", "4",
+    assert main(["train", "--data", str(data), "--epochs", "2", "--steps-per-epoch", "4",  # no --paint: the default
                  "--base", "8", "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none",
                  "--name", "paint-test"]) == 0
+    assert "no labelled defect in the" in capsys.readouterr().out
     run_id = max((p for p in config.RUNS_DIR.glob("*paint-test*")), key=lambda p: p.stat().st_mtime).name
     info = runs.read_run_json(runs.run_dir(run_id))
-    assert info["dataset"]["val_painted"] is True and info["params"]["paint"] == 0.5
+    assert info["dataset"]["val_painted"] is True and info["params"]["paint"] == PAINT_WITHOUT_LABELS
     assert info["dataset"]["counts"]["defective"] == 0  # nothing real to learn from but the painted defects
     assert info["status"] == "completed"
     # After the first epoch the model's false alarms on good training images were looked for (hard negatives).
