@@ -92,7 +92,7 @@ with settings:
                                  key="train_paint", help=f"auto: {PAINT_WITHOUT_LABELS:g} where the training images "
                                  "hold no labelled defect, else 0. The share of the defect-free training crops that "
                                  "gets defects painted on: the set's own labelled defects, moved, where it has some "
-                                 "(on KolektorSDD it won with 5 labelled cracks; with 37 it won on Dice, drew or lost "
+                                 "(on KolektorSDD, with 5 or 37 labelled cracks, it won or drew on Dice and drew or lost "
                                  "a little on image AP); else the generator's, so that a set of good images alone can "
                                  "train a model: its validation is painted too, so the run ends not ready until tuned "
                                  "on a few real labelled defects")
