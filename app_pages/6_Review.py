@@ -62,7 +62,8 @@ with st.sidebar:
     if st.session_state.pop("review_retune", None) == run_id:  # a recipe was just saved: start at its threshold
         st.session_state[f"review_thr_{run_id}"] = recipe_threshold
         st.session_state.pop(f"inspect_thr_{run_id}", None)
-    threshold = st.slider("Threshold", 0.0, 1.0, recipe_threshold, 0.01, key=f"review_thr_{run_id}",
+    st.session_state.setdefault(f"review_thr_{run_id}", recipe_threshold)  # the state alone sets it: no warning
+    threshold = st.slider("Threshold", 0.0, 1.0, step=0.01, key=f"review_thr_{run_id}",
                           help=f"The run's recipe threshold: {recipe_threshold:.2f} (best validation Dice at "
                                f"{float(info.get('threshold', 0.5)):.2f})")
 
@@ -177,7 +178,8 @@ if button_col.button("Tune and save", key="review_tune", type="primary"):
         st.session_state["review_saved"] = (result["goal_met"], [
             f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
             f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
-            f"false alarms {alarms}{bound_text}.", *notes])
+            f"false alarms {alarms}{bound_text}." + (f" The {result['readiness']}." if result.get("readiness") else ""),
+            *notes])
         st.session_state["review_retune"] = run_id
         st.rerun()
 saved_message = st.session_state.pop("review_saved", None)

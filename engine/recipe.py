@@ -349,6 +349,10 @@ def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None
     if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
         return False, (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
                        f"({chosen['n_defect_free']} defect-free images)")
+    if chosen.get("goal_on") == "bound" and chosen.get("goal_met") is False:
+        return False, (f"the {chosen['confidence']:.0%} upper bound of false alarms, "
+                       f"{chosen['false_alarm_bound']:.1%} at best, is above the {max_false_alarm:.0%} goal "
+                       f"({chosen['n_defect_free']} defect-free images are too few to show it)")
     if detection < 0.5:
         return False, f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
     return True, None
@@ -358,28 +362,32 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, 
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
              context: dict[str, Any] | None = None, save: bool = True,
              progress: Progress | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
-    """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings."""
+    """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings.
+    The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does."""
     stats = collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
     best = stats.best(max_false_alarm, confidence)
     base = load_recipe(predictor.run_dir)
     tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe()})
     if save:
         save_recipe(predictor.run_dir, tuned)
-        _judge_painted_run(predictor.run_dir, best, max_false_alarm)
+        best["readiness"] = _judge_by_tuning(predictor.run_dir, best, max_false_alarm)
     return tuned, best, tuning_warnings(best, base)
 
 
-def _judge_painted_run(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> None:
-    """A run validated only on painted defects is judged by a tuning on real labelled images (defective and good):
-    ready when that recipe meets the goal there (training's rule), not ready with the reason otherwise."""
+def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> str | None:
+    """A run whose validation could not measure the detection of real defects (painted, or none there) is judged
+    by a tuning on real labelled images, defective and good: ready when that recipe meets the goal there (training's
+    rule). Returns what changed, in words, or None where tuning does not decide."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
         info = runs.read_run_json(run_dir)
     except EngineError:
-        return
-    painted = (info.get("dataset") or {}).get("val_painted")
-    if not painted or info.get("status") != "completed" or not best.get("n_defective") or not best.get("n_defect_free"):
-        return
+        return None
+    if (runs.validation_measured_detection(info) or info.get("status") != "completed"
+            or not best.get("n_defective") or not best.get("n_defect_free")):
+        return None
     ready, reason = readiness_of(best, max_false_alarm)
     runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)")
+    return (f"run {run_dir.name} is now ready (tuned on real images)" if ready
+            else f"run {run_dir.name} is not ready: {reason} (tuned on real images)")

@@ -205,6 +205,13 @@ def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:
     return True, None
 
 
+def validation_measured_detection(info: dict[str, Any]) -> bool:
+    """Whether training measured the detection of real defects on validation; where it could not (defects painted,
+    or none in the val split), a tuning on real labelled images decides readiness instead."""
+    dataset = info.get("dataset") or {}
+    return not dataset.get("val_painted") and bool((info.get("best_val") or {}).get("n_defective"))
+
+
 def next_steps(info: dict[str, Any]) -> list[str]:
     """What a user can do about a run that is not ready (empty for a ready run)."""
     ready, _ = readiness(info)
@@ -213,13 +220,15 @@ def next_steps(info: dict[str, Any]) -> list[str]:
     if info.get("status") != "completed":
         return ["wait for the run to finish, or resume it with `python -m engine train --resume RUN`"]
     run_id = info.get("run_id", "RUN")
-    if (info.get("dataset") or {}).get("val_painted"):
-        return [f"label a few real defects and tune on them with some good images: `python -m engine tune --run "
-                f"{run_id} --data DIR` (this decides whether the run is ready)",
-                "or train again on the real labelled defects (without --paint: beside real defects it cost accuracy)"]
+    if not validation_measured_detection(info):
+        tune = (f"tune on real labelled defects with some good images that training did not use: `python -m engine "
+                f"tune --run {run_id} --data DIR --split SPLIT` (this decides whether the run is ready)")
+        if (info.get("dataset") or {}).get("val_painted"):
+            return [tune, "or add those labelled defects to the set and train again (a set with labelled defects is "
+                          "not painted unless --paint is given)"]
+        return [tune, "or give the val split a few defective images (the manifest's split column) and train again"]
     counts = (info.get("dataset") or {}).get("counts") or {}
-    steps = [f"train longer: `python -m engine train --resume {info.get('run_id', 'RUN')} --minutes 30`"]
+    steps = [f"train longer: `python -m engine train --resume {run_id} --minutes 30`"]
     if counts.get("defective", 0) < 50:
         steps.append(f"label more defective images (this set has {counts.get('defective', 0)})")
-    steps.append("tune the recipe on more labelled images: `python -m engine tune --run RUN --data DIR`")
     return steps
