@@ -16,9 +16,10 @@ from engine.evaluate import select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor
 from engine.paint import PaintParams, paint, params_for, window_side
+from engine.paintset import paint_dataset
 from engine.paintset import preview as paint_preview
 from engine.synth import DEFECT_TYPES
-from engine.train import PAINT_WITHOUT_LABELS
+from engine.train import PAINT_WITHOUT_LABELS, PAINTED_CONFIDENCE, painted_validation
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,10 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     assert info["hard_negatives"]["epoch"] == 1 and info["hard_negatives"]["images_looked_at"] > 0
     # Validation had painted defects and untouched good images, so image-level AP could be measured.
     assert all(np.isfinite(row["val_ap"]) for row in runs.read_metrics(runs.run_dir(run_id)))
+    # Every real validation image measured false alarms, and the recipe held the goal on their upper bound.
+    tuning = recipe.load_recipe(runs.run_dir(run_id)).tuning
+    assert tuning["n_defect_free"] == info["dataset"]["counts"]["val"] and tuning["n_defective"] > 0
+    assert tuning["goal_on"] == "bound" and tuning["confidence"] == PAINTED_CONFIDENCE
     # Painted defects alone never make a run ready; the next step says how to decide it.
     assert info["ready"] is False and runs.readiness(info)[0] is False
     assert "tune" in runs.next_steps(info)[0]
@@ -143,6 +148,16 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     assert after["ready"] is ready and runs.readiness(after)[0] is ready
     assert ready or after["ready_reason"].endswith("(tuned on real images)")
     assert registry.get_run(run_id).ready is ready  # the registry row says the same
+
+
+def test_painted_validation_keeps_every_good_image_and_adds_painted_copies(surfaces: list[np.ndarray]) -> None:
+    pairs = [(image, np.zeros(image.shape, np.uint8)) for image in surfaces * 4]
+    val = painted_validation(pairs, seed=3)
+    originals, copies = val[:len(pairs)], val[len(pairs):]
+    assert all(image is pair[0] and not mask.any() for (image, mask), pair in zip(originals, pairs))
+    assert 0 < len(copies) < len(pairs) and all(mask.any() for _, mask in copies)
+    again = painted_validation(pairs, seed=3)[len(pairs):]
+    assert all(np.array_equal(a, b) for (a, _), (b, _) in zip(copies, again))  # the same every run
 
 
 def test_generate_page_previews_painted_samples_and_writes_the_set(tmp_path: Path) -> None:
@@ -241,4 +256,15 @@ def test_train_paint_beside_real_defects_moves_those_defects(tmp_path: Path, cap
                  "--name", "transplant-test"]) == 0
     out = capsys.readouterr().out
     assert "labelled defects of the training images, moved onto defect-free crops" in out
-    assert "validation uses defects painted" not in out  # real defects validate
+    assert "defects painted on (marked val_painted" not in out  # real defects validate
+
+
+def test_generate_onto_never_writes_into_the_good_images_folder(surfaces: list[np.ndarray], tmp_path: Path) -> None:
+    good = tmp_path / "good"
+    good.mkdir()
+    for index, image in enumerate(surfaces):
+        cv2.imwrite(str(good / f"part{index}.png"), np.round(image * 255).astype(np.uint8))
+    before = sorted(p.name for p in good.iterdir())
+    with pytest.raises(EngineError, match="did not write"):
+        paint_dataset(good, good, 3)
+    assert sorted(p.name for p in good.iterdir()) == before

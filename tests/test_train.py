@@ -184,3 +184,17 @@ def test_hard_negatives_are_looked_for_in_turn_and_found_where_the_model_flags_a
     with torch.no_grad():
         model.head.bias.fill_(-5.0)  # and one that flags nothing finds nothing
     assert find_hard_spots(model, data, [1], torch.device("cpu"), torch.contiguous_format) == {1: []}
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"batch_size": 0}, "--batch-size must be between 1 and 4096, got 0"),
+    ({"lr": -1.0}, "--lr must be between"),
+    ({"minutes": -1.0}, "--minutes must be at least 0.01, got -1"),
+    ({"crop": 1000}, "--crop must be a multiple of 16"),
+    ({"paint": 1.5}, "--paint must be between 0 and 1, got 1.5"),
+])
+def test_an_option_out_of_range_is_one_clear_error_before_any_data_is_read(options: dict, message: str) -> None:
+    from engine.errors import EngineError
+
+    with pytest.raises(EngineError, match=message.replace("-", r"\-")):
+        TrainConfig(data="/nowhere", **options).check()
