@@ -128,7 +128,7 @@ if source == "Sample folder":
         st.session_state.pop("inspect_sample", None)
         st.session_state["inspect_sample"] = next((i for i, s in samples.items() if s.mask_path), next(iter(samples)))
     sample_id = st.selectbox("Sample", list(samples), key="inspect_sample",
-                             format_func=lambda i: f"{i} — {samples[i].defect_types or 'defect-free'}")
+                             format_func=lambda i: f"{i} — {samples[i].kind}")
     sample = samples[sample_id]
     raw, name = sample.image_path.read_bytes(), sample.image_path.name
 else:
@@ -189,7 +189,7 @@ with top[2]:
     height, width = image.shape
     st.markdown(f"**{name}** · {width}×{height} px · run **{run_id}**")
     if sample is not None:
-        st.caption(f"Defect types: {sample.defect_types or 'none'} · split {sample.split}")
+        st.caption(f"{sample.kind} · split {sample.split}")
 for epoch, inspection in inspections.items():
     st.markdown(f"**{labels[epoch]}** — threshold {threshold:.2f}")
     heat, over, facts = st.columns(3)

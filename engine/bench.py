@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 
 from engine import config
-from engine.checkdata import check_data, run_folder
+from engine.checkdata import NO_DEFECT_NOTE, check_data, run_folder
 from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
 from engine.inference import ONNX_FILES, Predictor, preprocess_image
@@ -105,6 +105,8 @@ def benchmark(run: str | Path | None, data: str | Path | None = None, split: str
         except DatasetError:  # a shipped or generated check set is small: it may lack the split
             samples, split = select_samples(dataset, "all"), "all"
         result = _benchmark(folder, samples, size, iterations, warmup, progress or silent)
+    if not any(s.defective for s in samples):
+        note = f"{note}; {NO_DEFECT_NOTE}"
     return {**result, "split": split, "check_data": note}
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import config, runs
-from engine.data import Sample, scan_dataset
+from engine.data import Sample, image_folder, scan_dataset
 from engine.errors import DatasetError
 
 
@@ -35,7 +35,7 @@ def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
         if not data:
             raise _missing(f"run {folder.name} does not record its dataset", "; pass --data DIR")
     data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
-    if not (data / "images").is_dir():
+    if not image_folder(data).is_dir():
         raise _missing(f"dataset {data} not found", " (needed for the parity and accuracy checks); restore it, "
                                                      "or point to a copy with --data DIR")
     return data
@@ -78,12 +78,16 @@ def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[P
 
 
 def pick_samples(data: Path, splits: tuple[str, ...], limit: int | None = None) -> list[Sample]:
-    """Samples of the first split (in order) that has any, evenly spread over it and at most `limit`."""
+    """Samples of the first split (in order) that holds a defect, else of the first that has any, evenly spread
+    over it and at most `limit`."""
     report = scan_dataset(data, validate=False)
-    for split in splits:
-        samples = report.split(split)
-        if samples:
-            if limit and len(samples) > limit:
-                samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
-            return samples
-    raise DatasetError(f"{data}: no images in split(s) {', '.join(splits)} (found {report.counts()})")
+    found = [report.split(split) for split in splits if report.split(split)]
+    if not found:
+        raise DatasetError(f"{data}: no images in split(s) {', '.join(splits)} (found {report.counts()})")
+    samples = next((group for group in found if any(s.defective for s in group)), found[0])
+    if limit and len(samples) > limit:
+        samples = [samples[i] for i in np.linspace(0, len(samples) - 1, limit).round().astype(int)]
+    return samples
+
+
+NO_DEFECT_NOTE = "none of these images holds a defect, so Dice here compares false-alarm pixels only"

@@ -46,6 +46,11 @@ class Sample:
         """Whether the image holds a defect: by mask content when known, else by the mask file's presence."""
         return self.mask_path is not None if self.has_defect is None else self.has_defect
 
+    @property
+    def kind(self) -> str:
+        """Its defect types, else "defect (type not given)" or "defect-free": what a list of samples shows."""
+        return self.defect_types or ("defect (type not given)" if self.defective else "defect-free")
+
 
 @dataclass
 class DatasetReport:
@@ -92,6 +97,30 @@ def split_for_id(sample_id: str) -> str:
     return "train" if bucket < 8 else ("val" if bucket == 8 else "test")
 
 
+def stratified_splits(items: list[tuple[str, bool]]) -> dict[str, str]:
+    """Split of each (id, defective) without a manifest: split_for_id, then, within the defective images and
+    within the good ones apart, train gives val one image when it has none (from 2 images of the kind) and test
+    one (from 3), lowest hash first, so a handful of labelled defects never all land in train."""
+    splits = {sample_id: split_for_id(sample_id) for sample_id, _ in items}
+    for kind in (True, False):
+        ids = sorted((i for i, defective in items if defective == kind),
+                     key=lambda i: hashlib.sha1(i.encode()).hexdigest())
+        for split, needed in (("val", 2), ("test", 3)):
+            train = [i for i in ids if splits[i] == "train"]
+            if len(ids) >= needed and train and not any(splits[i] == split for i in ids):
+                splits[train[0]] = split
+    return splits
+
+
+def image_folder(root: Path) -> Path:
+    """Where a dataset's images are: DIR/images, or DIR itself when it holds images directly (good parts)."""
+    if (root / "images").is_dir() or not root.is_dir():
+        return root / "images"
+    if any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".") for p in root.iterdir()):
+        return root
+    return root / "images"
+
+
 def _read_manifest(root: Path) -> dict[str, dict[str, str]]:
     for name in ("manifest.csv", "meta.csv"):
         path = root / name
@@ -111,18 +140,22 @@ def _listed_as_defective(row: dict[str, str]) -> bool:
 def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
     """Find image/mask pairs in DIR/images and DIR/masks; with validate, decode each and report problems."""
     root = Path(root)
-    image_dir, mask_dir = root / "images", root / "masks"
+    image_dir, mask_dir = image_folder(root), root / "masks"
     if not image_dir.is_dir():
-        raise DatasetError(f"{root}: no images/ folder; a dataset needs DIR/images/<id>.png and DIR/masks/<id>.png")
+        raise DatasetError(f"{root}: no images found; a dataset is a folder of images (good parts), or DIR/images/ "
+                           "with DIR/masks/ holding a mask of the same name for each image with a defect")
     manifest = _read_manifest(root)
     masks = {p.stem: p for p in mask_dir.glob("*.png")} if mask_dir.is_dir() else {}
-    samples, problems = [], []
+    samples, problems, unsplit = [], [], set()
     for path in sorted(image_dir.iterdir()):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or path.name.startswith("."):
             continue
         row = manifest.get(path.stem, {})
-        split = row.get("split") or split_for_id(path.stem)
-        if split not in SPLITS:
+        split = row.get("split") or ""
+        if not split:
+            unsplit.add(path.stem)
+            split = split_for_id(path.stem)
+        elif split not in SPLITS:
             problems.append(f"{path.name}: unknown split '{split}' in manifest; using {split_for_id(path.stem)}")
             split = split_for_id(path.stem)
         sample = Sample(path.stem, path, masks.get(path.stem), split, row.get("defect_types", "") or "")
@@ -138,6 +171,9 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
                 problems.append(str(err))
                 continue
         samples.append(sample)
+    splits = stratified_splits([(s.id, s.defective) for s in samples if s.id in unsplit])
+    for sample in samples:
+        sample.split = splits.get(sample.id, sample.split)
     image_ids = {p.stem for p in image_dir.iterdir()}
     problems.extend(f"masks/{m}.png has no image" for m in sorted(set(masks) - image_ids))
     if not samples:

@@ -16,6 +16,8 @@ from engine.metrics import SetMetrics, auroc, average_precision, dice_score, ima
 from engine.progress import Progress
 from engine.recipe import Recipe, TuneStats, load_recipe
 
+# per_type keys of images whose manifest names no defect type
+UNTYPED, DEFECT_FREE = "defect (type not given)", "defect-free"
 SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
@@ -53,7 +55,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
         inspection = inspect(probability, recipe)
         verdict, pred = inspection.verdict, inspection.mask.astype(bool)
         metrics.add(pred, truth, flagged=verdict == "defect")
-        for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {"none"}:
+        untyped = UNTYPED if truth.any() else DEFECT_FREE
+        for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {untyped}:
             by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect")
         per_image.append({
             "id": sample.id, "dice": dice_score(pred, truth), "iou": iou_score(pred, truth),

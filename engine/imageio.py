@@ -23,6 +23,9 @@ from PIL import Image, UnidentifiedImageError
 from engine.errors import ImageError
 from engine.storage import atomic_write_bytes
 
+# A damaged file is reported once, by our one-line error; OpenCV's own warnings would say it again on stderr.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 100_000_000  # refuse decompression bombs before decoding
 SIXTEEN_BIT_DEPTHS = (10, 12, 14, 16)
@@ -64,9 +67,16 @@ def decode_raw(data: bytes, name: str = "image") -> np.ndarray:
     buffer = np.frombuffer(data, dtype=np.uint8)
     # Read the header first so a tiny file that claims a huge size is refused before decoding.
     try:
+        header = probe_image(data, name)
+    except ImageError:
+        header = None  # not a format Pillow reads lazily: OpenCV decides below
+    if header is not None and header.width * header.height > MAX_PIXELS:
+        raise ImageError(f"{name}: declares {header.width}x{header.height} px "
+                         f"({header.width * header.height / 1e6:.0f} MP); the limit is {MAX_PIXELS / 1e6:.0f} MP")
+    try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as err:  # OpenCV asserts (e.g. OPENCV_IO_MAX_IMAGE_PIXELS) instead of returning None
-        raise ImageError(f"{name}: not decodable ({str(err).strip().splitlines()[-1][:160]})") from err
+        raise ImageError(f"{name}: not a readable PNG, JPEG, BMP or TIFF image (OpenCV refused it)") from err
     if image is None or image.size == 0:
         raise ImageError(f"{name}: not a readable PNG, JPEG, BMP or TIFF image")
     if image.shape[0] * image.shape[1] > MAX_PIXELS:

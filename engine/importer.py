@@ -2,7 +2,8 @@
 
 Accepted sources:
 - our dataset folder: SRC/images/<id>.<ext>, SRC/masks/<id>.<ext>, optional SRC/manifest.csv or meta.csv
-  (id, split, defect_types);
+  (id, split, defect_types); or a plain folder of images (SRC/<id>.<ext>: good parts, with SRC/masks/ optional);
+  without a manifest split, images are split by id, stratified so that a few defects do not all go to train;
 - MVTec-AD (one category): SRC/train/good/, SRC/test/<type>/, SRC/ground_truth/<type>/<name>_mask.png;
   train/good is split train with a deterministic 10% moved to val, test/* is split test;
 - class-map masks in either (pixel values 1..K, optional SRC/classes.txt naming class 1..K one per line):
@@ -33,9 +34,9 @@ import cv2
 import numpy as np
 
 from engine import config
-from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id
-from engine.errors import DatasetError
-from engine.imageio import IMAGE_EXTENSIONS, encode_png
+from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id, stratified_splits
+from engine.errors import DatasetError, ImageError
+from engine.imageio import IMAGE_EXTENSIONS, decode_raw, encode_png
 from engine.progress import Progress
 from engine.storage import atomic_write_text
 
@@ -53,7 +54,7 @@ class ImportReport:
     name: str
     path: Path
     source: Path
-    layout: str  # "folder" or "mvtec"
+    layout: str  # "folder", "flat" (a plain folder of images) or "mvtec"
     linked: bool = False
     in_place: bool = False  # SRC already was DATA_DIR/NAME: registered without copying
     class_map: bool = False
@@ -194,7 +195,9 @@ def _images_in(folder: Path) -> list[Path]:
 def _gather(src: Path) -> tuple[str, list[_Entry], list[str]]:
     """Detect the layout of src and list its images with mask, split and defect types."""
     if (src / "images").is_dir():
-        return ("folder", *_gather_folder(src))
+        return ("folder", *_gather_folder(src, src / "images"))
+    if _images_in(src):  # a plain folder of images: good parts, unless masks/ holds some
+        return ("flat", *_gather_folder(src, src))
     if (src / "train" / "good").is_dir() or ((src / "test").is_dir() and (src / "ground_truth").is_dir()):
         return ("mvtec", *_gather_mvtec(src))
     categories = sorted(p.name for p in src.iterdir() if p.is_dir() and (p / "train" / "good").is_dir())
@@ -202,8 +205,8 @@ def _gather(src: Path) -> tuple[str, list[_Entry], list[str]]:
         raise DatasetError(f"{src} looks like the MVTec-AD root ({len(categories)} categories: "
                            f"{', '.join(categories[:5])}{', ...' if len(categories) > 5 else ''}); import one "
                            f"category, e.g. `python -m engine import {src / categories[0]} --name mvtec-{categories[0]}`")
-    raise DatasetError(f"{src}: not a dataset folder; expected images/ (+ masks/) or the MVTec-AD layout "
-                       "(train/good/, test/<type>/, ground_truth/<type>/)")
+    raise DatasetError(f"{src}: not a dataset folder; expected images (good parts), images/ (+ masks/) or the "
+                       "MVTec-AD layout (train/good/, test/<type>/, ground_truth/<type>/)")
 
 
 def _read_manifest(src: Path) -> dict[str, dict[str, str]]:
@@ -218,7 +221,7 @@ def _read_manifest(src: Path) -> dict[str, dict[str, str]]:
     return {}
 
 
-def _gather_folder(src: Path) -> tuple[list[_Entry], list[str]]:
+def _gather_folder(src: Path, image_dir: Path) -> tuple[list[_Entry], list[str]]:
     manifest = _read_manifest(src)
     masks: dict[str, Path] = {}
     problems: list[str] = []
@@ -228,7 +231,7 @@ def _gather_folder(src: Path) -> tuple[list[_Entry], list[str]]:
             if path.stem not in masks or path.suffix.lower() == ".png":
                 masks[path.stem] = path
     entries, seen = [], set()
-    for path in _images_in(src / "images"):
+    for path in _images_in(image_dir):
         if path.stem in seen:
             problems.append(f"images/{path.name}: another image has the id '{path.stem}'; skipped")
             continue
@@ -238,8 +241,12 @@ def _gather_folder(src: Path) -> tuple[list[_Entry], list[str]]:
         if split not in SPLITS:
             if split:
                 problems.append(f"{path.name}: unknown split '{split}' in the manifest; using {split_for_id(path.stem)}")
-            split = split_for_id(path.stem)
+            split = ""
         entries.append(_Entry(path.stem, path, masks.get(path.stem), split, (row.get("defect_types") or "").strip()))
+    # Without a manifest split: by id, but never all of a handful of defective images in train.
+    splits = stratified_splits([(e.id, e.mask is not None) for e in entries if not e.split])
+    for entry in entries:
+        entry.split = entry.split or splits[entry.id]
     problems.extend(f"masks/{masks[m].name} has no image; skipped" for m in sorted(set(masks) - seen))
     return entries, problems
 
@@ -362,10 +369,15 @@ def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bo
     # Pass 2: check each image against its mask, write the binary mask (and class map), copy or link the image.
     rows, sizes, fractions, per_type, empty = [], Counter(), [], Counter(), 0
     for index, entry in enumerate(kept):
-        header = cv2.imread(str(entry.image), cv2.IMREAD_UNCHANGED)
+        try:
+            header = decode_raw(entry.image.read_bytes(), entry.image.name)
+        except ImageError as err:
+            header, problem = None, str(err)
+        except OSError as err:
+            header, problem = None, f"{entry.image.name}: cannot read ({err.strerror or err})"
         mask = _read_label_mask(entry.mask) if entry.mask is not None else None
         if header is None:
-            report.problems.append(f"{entry.image.name}: unreadable or corrupt image; skipped")
+            report.problems.append(f"{problem}; skipped")
         elif mask is not None and mask.shape[:2] != header.shape[:2]:
             report.problems.append(f"{entry.image.name}: mask is {mask.shape[1]}x{mask.shape[0]} but image is "
                                    f"{header.shape[1]}x{header.shape[0]}; skipped")

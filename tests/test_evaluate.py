@@ -8,7 +8,7 @@ import pytest
 from engine import config
 from engine.__main__ import main
 from engine.data import load_pair
-from engine.evaluate import evaluate, select_samples
+from engine.evaluate import DEFECT_FREE, UNTYPED, evaluate, select_samples
 from engine.inference import Predictor
 from engine.inspection import inspect
 from engine.metrics import SetMetrics, auroc, average_precision, image_score
@@ -38,9 +38,11 @@ def test_evaluate_matches_direct_computation(trained_run: str, tiny_dataset) -> 
     assert result["average_precision"] == pytest.approx(average_precision(scores, labels))
     assert result["auroc"] == pytest.approx(auroc(scores, labels))
 
-    types = {t for s in samples for t in s.defect_types.split(";") if t} | {"none"}
+    types = {t for s in samples for t in s.defect_types.split(";") if t} | {DEFECT_FREE, UNTYPED}
     assert set(result["per_type"]) <= types
-    assert result["per_type"]["none"]["n_images"] == sum(not s.defect_types for s in samples)
+    assert result["per_type"][DEFECT_FREE]["n_images"] == sum(not s.defect_types and not s.defective for s in samples)
+    assert result["per_type"].get(UNTYPED, {}).get("n_images", 0) == sum(
+        not s.defect_types and s.defective for s in samples)
 
 
 def test_threshold_override_and_cli_json(trained_run: str, tiny_dataset, capsys) -> None:

@@ -349,21 +349,15 @@ def test_read_only_export_folder(copy_run: CopyRun) -> None:
 def test_a_check_error_from_the_runs_own_dataset_stays_a_one_line_error(copy_run: CopyRun, tiny_dataset: Path,
                                                                         tmp_path: Path) -> None:
     """An error raised while checking on the run's dataset reaches the caller as it is (no generator mix-up)."""
-    only_train = tmp_path / "only-train"
-    shutil.copytree(tiny_dataset, only_train)
-    manifest = only_train / "manifest.csv"
-    lines = manifest.read_text().splitlines()
-    header = lines[0].split(",")
-    split = header.index("split")
-    rows = [line.split(",") for line in lines[1:]]
-    for row in rows:
-        row[split] = "train"
-    manifest.write_text("\n".join([lines[0], *(",".join(row) for row in rows)]) + "\n")
-    folder = copy_run("train-only-dataset")
+    emptied = tmp_path / "emptied"
+    shutil.copytree(tiny_dataset, emptied)
+    for image in (emptied / "images").iterdir():  # the folder is there, its images are gone
+        image.unlink()
+    folder = copy_run("emptied-dataset")
     info = runs.read_run_json(folder)
-    runs.write_run_json(folder, {**info, "dataset": {**info["dataset"], "path": str(only_train)}})
-    with pytest.raises(DatasetError, match="no images in split"):
-        export.export_run("train-only-dataset")
+    runs.write_run_json(folder, {**info, "dataset": {**info["dataset"], "path": str(emptied)}})
+    with pytest.raises(DatasetError, match="no usable images"):
+        export.export_run("emptied-dataset")
 
 
 def test_exported_files_are_readable_by_other_users_as_the_umask_allows(trained_run: str, exported: dict) -> None:

@@ -172,7 +172,7 @@ def test_bad_pairs_are_reported_and_skipped(tmp_path: Path) -> None:
     report = import_dataset(src, "mixed")
     assert report.counts["images"] == 1
     text = "\n".join(report.problems)
-    assert "b.png: mask is 10x10 but image is 40x32" in text and "c.png: unreadable" in text
+    assert "b.png: mask is 10x10 but image is 40x32" in text and "c.png: not a readable PNG" in text
     assert "orphan.png has no image" in text
 
 
@@ -247,3 +247,38 @@ def test_neu_seg_meta_is_kept(tmp_path: Path) -> None:
     for line in picked[1:]:
         image_id, types, split = line.split(",")[:3]
         assert rows[image_id]["split"] == split and rows[image_id]["defect_types"] == types
+
+
+def test_a_plain_folder_of_good_parts_and_a_few_defects_imports_with_defects_in_val(tmp_path: Path) -> None:
+    src = tmp_path / "line"
+    for i in range(30):
+        write(src / f"part{i:02d}.jpg", texture(i))
+    defect = np.zeros((32, 40), np.uint8)
+    defect[10:14, 5:30] = 255
+    for i in (3, 7, 11, 19):  # a handful of labelled defects, masks beside the images
+        write(src / "masks" / f"part{i:02d}.png", defect)
+    report = import_dataset(src, "line")
+    assert report.layout == "flat" and report.counts["images"] == 30 and report.counts["defective"] == 4
+    samples = scan_dataset(report.path).samples
+    defective_splits = [s.split for s in samples if s.defective]
+    assert "val" in defective_splits and "test" in defective_splits  # never all in train
+    assert {s.split for s in samples if not s.defective} >= {"train", "val", "test"}
+
+
+def test_an_image_that_declares_a_huge_size_is_skipped_with_its_size(tmp_path: Path) -> None:
+    import struct
+    import zlib
+
+    src = tmp_path / "line"
+    for i in range(4):
+        write(src / "images" / f"part{i}.png", texture(i))
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", 60000, 60000, 8, 0, 0, 0, 0)  # 3.6 gigapixels declared, a few bytes of data
+    bomb = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    (src / "images" / "bomb.png").write_bytes(bomb)
+    report = import_dataset(src, "line")
+    assert report.counts["images"] == 4
+    assert any("bomb.png: declares 60000x60000 px" in problem and problem.endswith("skipped")
+               for problem in report.problems), report.problems
