@@ -23,11 +23,22 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, 0 (any free one) to 65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number from 0 to 65535, got {text}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Check the DEFECTS_* settings (a bad value is one line, not a traceback inside uvicorn), then serve."""
     parser = argparse.ArgumentParser(prog="python -m api", description="the defect-detection API")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=port_number, default=8000)
     parser.add_argument("--workers", type=positive_int, default=1,
                         help="worker processes, each with its own models and DEFECTS_API_SLOTS inference threads "
                              "(default 1)")

@@ -34,7 +34,8 @@ st.subheader("Next step")
 own_runs = [row for row in run_rows if row["run_id"] != "demo"]
 if active:
     run = active[0]
-    st.info(f"Run **{run.id}** is {run.status} (epoch {run.epochs_done}/{run.epochs_planned}). Watch it live:")
+    planned = f"/{run.epochs_planned}" if run.epochs_planned else ""  # a time budget plans no number of epochs
+    st.info(f"Run **{run.id}** is {run.status} (epoch {run.epochs_done}{planned}). Watch it live:")
     st.page_link("app_pages/2_Train.py", label="Training progress", icon=":material/model_training:")
 elif not own_runs:
     if any(row["run_id"] == "demo" for row in run_rows):

@@ -105,7 +105,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             value = result[key]
             count = f"  ({result[counts[key][0]]} of {result[counts[key][1]]})" if key in counts else ""
             print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}{count}")
-        print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}, {result['model']})")
+        model = result["model"]
+        print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}; run {model['run']}, "
+              f"epoch {model['epoch']}, {model['backend']}{'' if model['ready'] else ', NOT READY'})")
         for name, row in result["per_type"].items():
             print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  ({row['n_images']} images)")
 
@@ -180,6 +182,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
           f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {args.split} images, "
           f"goal: {goal} <= {args.max_false_alarm:g})")
+    if best.get("readiness"):
+        print(best["readiness"])
 
 
 def _number_list(text: str, kind: type) -> list:
@@ -422,8 +426,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: package '{err.name}' is not installed for {sys.executable}; run the command in the "
               f"project's venv (`source .venv/bin/activate`, created by ./run.sh or ./test.sh)", file=sys.stderr)
         return 2
-    except Exception:  # a bug, not the user's fault: keep the traceback
-        traceback.print_exc()
+    except Exception as err:
+        if type(err).__module__.startswith("sqlalchemy") and getattr(err, "orig", None) is not None:
+            # The run registry's database could not be opened or written (a read-only folder, a lost server).
+            print(f"error: the run registry cannot be used ({str(err.orig).lower()}); check that {config.RUNS_DIR} "
+                  "is writable, or set DEFECTS_RUNS_DIR to a writable folder", file=sys.stderr)
+            return 1
+        traceback.print_exc()  # a bug, not the user's fault: keep the traceback
         return 1
     return 0
 

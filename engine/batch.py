@@ -214,6 +214,15 @@ def _thumbnail(bgr: np.ndarray) -> bytes:
     return buffer.tobytes()
 
 
+def check_output_folder(out: Path) -> None:
+    """Refuse an --out that holds a dataset (images/ or a manifest and no batch results): its masks/ are labels."""
+    if (out / RESULTS_FILE).is_file() or not out.is_dir():
+        return
+    if (out / "images").is_dir() or (out / "manifest.csv").is_file() or (out / "meta.csv").is_file():
+        raise EngineError(f"{out} holds a dataset (images/ or a manifest), whose masks/ the results would overwrite; "
+                          "nothing was written: choose another --out")
+
+
 def run_batch(predictor: Predictor, inputs: Sequence[str | Path | BatchItem], out: str | Path | None,
               recipe: Recipe, progress: Progress | None = None,
               on_result: Callable[[dict[str, Any], bool], None] | None = None) -> BatchResult:
@@ -229,6 +238,7 @@ def run_batch(predictor: Predictor, inputs: Sequence[str | Path | BatchItem], ou
     fingerprint = model_fingerprint(predictor, recipe)
     done: dict[str, dict[str, Any]] = {}
     if out_dir is not None:
+        check_output_folder(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         done = read_results(out_dir)
     batch = BatchResult(model=predictor.describe(), recipe=recipe.as_dict(), results=[], out=out_dir)

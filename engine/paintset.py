@@ -16,7 +16,7 @@ from engine.errors import DatasetError, EngineError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_upload, read_image, write_png
 from engine.paint import PaintParams, paint
 from engine.progress import Progress
-from engine.storage import atomic_write_bytes, atomic_write_text
+from engine.storage import atomic_write_bytes, atomic_write_text, check_replaceable, replace_folder, staged_folder
 from engine.synth import dataset_dir
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "synthetic", "source")
@@ -69,6 +69,22 @@ def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: fl
     sources, out = good_images(onto), Path(out)
     if count < 1:
         raise EngineError("--count must be at least 1")
+    check_replaceable(out, MANIFEST_COLUMNS, "generate --onto")
+    with staged_folder(out) as tmp:  # built whole beside `out`, then swapped in: a failure leaves `out` as it was
+        rows, skipped, seconds = _paint_into(tmp, sources, count, defect_free, seed, params, progress)
+        if not rows:
+            raise DatasetError(f"{onto}: none of its images could be read ({skipped[0] if skipped else ''})")
+        replace_folder(tmp, out)
+    painted = sum(row["synthetic"] for row in rows)
+    dataset = register_dataset(out, source="painted", details={"onto": str(Path(onto).resolve()), "seed": seed,
+                                                               "defect_free": defect_free, "skipped": skipped[:50]})
+    return {"images": len(rows), "defective": painted, "defect_free": len(rows) - painted, "skipped": skipped,
+            "seconds": seconds, "dataset": dataset}
+
+
+def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, seed: int, params: PaintParams | None,
+                progress: Progress | None) -> tuple[list[dict[str, Any]], list[str], float]:
+    """paint_dataset's writing, into the folder `out`: (manifest rows, skipped-image lines, seconds)."""
     start, rows, skipped = time.perf_counter(), [], []
     width = max(6, len(str(count - 1)))
     attempt = 0
@@ -95,18 +111,13 @@ def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: fl
                      "synthetic": int(bool(types)), "source": str(source)})
         if progress:
             progress(len(rows), count, "images")
-    if not rows:
-        raise DatasetError(f"{onto}: none of its images could be read ({skipped[0] if skipped else ''})")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "manifest.csv", buffer.getvalue())  # last and durable: the folder is complete
-    painted = sum(row["synthetic"] for row in rows)
-    dataset = register_dataset(out, source="painted", details={"onto": str(Path(onto).resolve()), "seed": seed,
-                                                               "defect_free": defect_free, "skipped": skipped[:50]})
-    return {"images": len(rows), "defective": painted, "defect_free": len(rows) - painted, "skipped": skipped,
-            "seconds": time.perf_counter() - start, "dataset": dataset}
+    if rows:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(out / "manifest.csv", buffer.getvalue())
+    return rows, skipped, time.perf_counter() - start
 
 
 def preview(onto: str | Path, n: int = 4, seed: int = 0, params: PaintParams | None = None

@@ -29,7 +29,7 @@ from typing import Any, Callable, TypeVar
 
 import sqlalchemy
 from sqlalchemy import UniqueConstraint, event, update
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, OperationalError
 from sqlalchemy.types import DateTime, TypeDecorator
 from sqlmodel import Field, Session, SQLModel, col, delete, select
 
@@ -279,15 +279,47 @@ def _engines_for(path: Path | None) -> tuple[sqlalchemy.Engine, sqlalchemy.Engin
             if identity is None:  # a write-ahead log left by a deleted file must not be replayed into a new one
                 for suffix in ("-wal", "-shm"):
                     Path(f"{path}{suffix}").unlink(missing_ok=True)
-            engine = sqlalchemy.create_engine(
-                f"sqlite:///{key[1]}",
-                connect_args={"timeout": 30, "check_same_thread": False},
-            )
-            _configure(engine)
-            writer = engine.execution_options(sqlite_begin="IMMEDIATE")
-            _retry_locked(_create_schema)(writer)
+            try:
+                engine, writer = _open_sqlite(key[1])
+            except DatabaseError as err:
+                if not _not_a_database(err):
+                    raise
+                _set_aside(path)  # the registry only mirrors the run folders: start a new one, rebuilt from them
+                engine, writer = _open_sqlite(key[1])
             cached = _engines[key] = (engine, writer, _identity(path))
         return cached[0], cached[1]
+
+
+def _open_sqlite(path: str) -> tuple[sqlalchemy.Engine, sqlalchemy.Engine]:
+    """(reader, writer) engines of a SQLite file, its schema created or brought up to date."""
+    engine = sqlalchemy.create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
+    _configure(engine)
+    writer = engine.execution_options(sqlite_begin="IMMEDIATE")
+    try:
+        _retry_locked(_create_schema)(writer)
+    except BaseException:
+        engine.dispose()
+        raise
+    return engine, writer
+
+
+def _not_a_database(err: DatabaseError) -> bool:
+    text = str(err.orig).lower()
+    return "file is not a database" in text or "malformed" in text
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a damaged registry file out of the way (kept for a look), with its journal files; say so."""
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    try:
+        os.rename(path, aside)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    except OSError as err:
+        raise EngineError(f"the run registry {path} is damaged and cannot be moved aside ({err.strerror or err}); "
+                          "delete it, then run `python -m engine registry rebuild`") from None
+    log.warning("the run registry %s was damaged; moved to %s and started anew (run `python -m engine registry "
+                "rebuild` to copy every run folder back into it)", path, aside.name)
 
 
 def _server_engines(url: str) -> tuple[sqlalchemy.Engine, sqlalchemy.Engine]:

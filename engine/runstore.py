@@ -9,6 +9,7 @@ disagree. A registry that cannot be written (deleted, full disk, read-only) cost
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +64,16 @@ def update(folder: Path, **fields: Any) -> dict[str, Any]:
     info = runs.read_run_json(folder) if (folder / "run.json").is_file() else {"run_id": folder.name}
     info.update(fields)
     return save(folder, info)
+
+
+def trained_elsewhere(info: dict[str, Any]) -> int | None:
+    """The pid of another live process of this host that is training this run now, else None."""
+    pid = info.get("pid")
+    if info.get("status") not in ACTIVE or not isinstance(pid, int) or info.get("host") not in (None, config.host()):
+        return None
+    if pid in (os.getpid(), os.getppid()):  # this process, or the torchrun or job launcher that started it
+        return None
+    return pid if registry.pid_alive(pid) else None
 
 
 def queue(folder: Path, **fields: Any) -> dict[str, Any]:
@@ -214,6 +225,16 @@ def list_runs() -> list[registry.Run]:
     return registry.list_runs()
 
 
+def _verdict_threshold(run_id: str, fallback: float | None) -> float | None:
+    """The threshold verdicts use (the recipe's), as Inspect and the API apply it."""
+    from engine.recipe import load_recipe
+
+    try:
+        return load_recipe(runs.run_dir(run_id)).threshold
+    except EngineError:
+        return fallback
+
+
 def overview() -> list[dict[str, Any]]:
     """One row per run for tables, newest first, from the registry once it is brought up to the folders."""
     rows: list[dict[str, Any]] = []
@@ -222,8 +243,10 @@ def overview() -> list[dict[str, Any]]:
         rows.append({
             "run_id": run.id, "name": run.name, "status": run.status,
             "dataset": Path(run.dataset_path).name if run.dataset_path else "", "dataset_hash": run.dataset_hash,
-            "epochs": f"{run.epochs_done}/{run.epochs_planned}", "best_epoch": run.best_epoch,
-            "best_dice": run.best_dice, "best_iou": run.best_iou, "threshold": run.threshold,
+            # A time-budget run plans no number of epochs: then only the ones done.
+            "epochs": f"{run.epochs_done}/{run.epochs_planned}" if run.epochs_planned else f"{run.epochs_done}",
+            "best_epoch": run.best_epoch, "best_dice": run.best_dice, "best_iou": run.best_iou,
+            "threshold": _verdict_threshold(run.id, run.threshold),
             "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,

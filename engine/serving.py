@@ -145,11 +145,19 @@ def model_catalog() -> list[dict[str, Any]]:
         catalog.append({
             "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
-            "threshold": info.get("threshold"), "backends": backends,
+            "threshold": _recipe_threshold(folder, info.get("threshold")), "backends": backends,
             "default_backend": (choice.backend if choice else AUTO) if backends else None,
             "ready": ready, "ready_reason": reason, "not_ready_reason": reason,
         })
     return catalog
+
+
+def _recipe_threshold(folder: Path, fallback: float | None) -> float | None:
+    """The threshold /predict applies for this run: its recipe's."""
+    try:
+        return load_recipe(folder).threshold
+    except EngineError:
+        return fallback
 
 
 class PredictorCache:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,3 +160,53 @@ class Reserve:
                 self.path.parent.rmdir()  # a job that failed before writing anything leaves no empty folder
             except OSError:
                 pass
+
+
+@contextmanager
+def staged_folder(final: str | Path) -> Iterator[Path]:
+    """A hidden temp folder next to `final` to build a whole folder in; removed on exit unless replace_folder()
+    moved it into place, so a failure (a full disk, an interrupt) leaves `final` as it was."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        os.chmod(tmp, 0o777 & ~_read_umask())  # mkdtemp's 0700 would hide the set from other users
+    except OSError as err:
+        raise write_error(final, err) from err
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_folder(tmp: Path, final: str | Path) -> None:
+    """Move a staged folder onto `final`, replacing a folder there (the old one is removed after the swap)."""
+    final = Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    try:
+        if final.exists():
+            os.rename(final, old)
+        os.rename(tmp, final)
+    except OSError as err:
+        if old.exists() and not final.exists():
+            os.rename(old, final)  # put the old folder back
+        raise write_error(final, err) from err
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(out: Path, columns: tuple[str, ...], command: str) -> None:
+    """Refuse a dataset --out that holds anything but a set `command` wrote earlier (one whose manifest has these
+    columns), which is then replaced whole: a folder of the user's own images is never written into."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise EngineError(f"{out} is a file; give a folder for the dataset")
+    try:
+        entries = list(out.iterdir())
+        manifest = out / "manifest.csv"
+        header = manifest.read_text(encoding="utf-8").splitlines()[:1] if manifest.is_file() else []
+    except (OSError, UnicodeDecodeError) as err:
+        raise EngineError(f"cannot read the output folder {out}: {err}") from err
+    if entries and header != [",".join(columns)]:
+        raise EngineError(f"{out} already holds files that `{command}` did not write (a dataset of yours?); nothing "
+                          "was changed: choose a new or empty folder")

@@ -25,7 +25,7 @@ from engine import config
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS, write_png
 from engine.progress import Progress
-from engine.storage import atomic_write_text
+from engine.storage import atomic_write_text, check_replaceable, replace_folder, staged_folder
 
 DEFECT_TYPES = ("scratch", "crack", "pit", "dent", "inclusion", "patch")
 SURFACES = ("brushed", "rolled", "ground", "cast", "polished")
@@ -631,17 +631,6 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("spawn")
 
 
-_NUMBERED = re.compile(r"^\d{6,}\.png$")
-
-
-def _remove_stale(out: Path, count: int) -> None:
-    """Remove numbered images/masks left by an earlier, larger dataset in the same folder."""
-    for sub in ("images", "masks"):
-        for path in (out / sub).glob("*.png"):
-            if _NUMBERED.match(path.name) and int(path.stem) >= count:
-                path.unlink(missing_ok=True)
-
-
 def _render_all(out: Path, params: SynthParams, width: int, tasks: list[tuple[int, int, bool]],
                 workers: int | None, progress: Progress | None) -> list[tuple[int, str, float]]:
     """Render and write every (index, seed, defect-free) task, in a process pool when there are enough;
@@ -686,27 +675,26 @@ def generate_dataset(
     validate_params(params)
     started = time.perf_counter()
     out = Path(out)
-    try:
-        (out / "images").mkdir(parents=True, exist_ok=True)
-        (out / "masks").mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise EngineError(f"cannot create the output folder {out}: {err.strerror or err}") from err
-
+    check_replaceable(out, MANIFEST_COLUMNS, "generate")
     free, splits = _layout(count, seed, params.defect_free)
     seeds = [_image_seed(seed, i) for i in range(count)]
     tasks = [(i, seeds[i], bool(free[i])) for i in range(count)]
     width = _id_width(count)
-    try:
-        results = _render_all(out, params, width, tasks, workers, progress)
-        _remove_stale(out, count)
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(MANIFEST_COLUMNS)
-        for index, types, fraction in results:
-            writer.writerow([f"{index:0{width}d}", splits[index], types, f"{fraction:.5f}", seeds[index]])
-        atomic_write_text(out / "manifest.csv", buffer.getvalue())
-    except OSError as err:
-        raise EngineError(f"cannot write the dataset to {out}: {err.strerror or err}") from err
+    # Built whole in a hidden folder beside `out`, then swapped in: a failure leaves `out` as it was.
+    with staged_folder(out) as tmp:
+        try:
+            (tmp / "images").mkdir()
+            (tmp / "masks").mkdir()
+            results = _render_all(tmp, params, width, tasks, workers, progress)
+            buffer = io.StringIO()
+            writer = csv.writer(buffer, lineterminator="\n")
+            writer.writerow(MANIFEST_COLUMNS)
+            for index, types, fraction in results:
+                writer.writerow([f"{index:0{width}d}", splits[index], types, f"{fraction:.5f}", seeds[index]])
+            atomic_write_text(tmp / "manifest.csv", buffer.getvalue())
+        except OSError as err:
+            raise EngineError(f"cannot write the dataset to {out}: {err.strerror or err}") from err
+        replace_folder(tmp, out)
 
     n_free = int(free.sum())
     return {

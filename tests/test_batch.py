@@ -11,6 +11,7 @@ import pytest
 
 from engine import batch, recipe
 from engine.__main__ import main
+from engine.errors import EngineError
 from engine.inference import Predictor
 
 
@@ -143,3 +144,14 @@ def test_html_report_escapes_file_names_and_errors(predictor: Predictor, tiny_da
     page = (tmp_path / "out" / "report.html").read_text()
     assert "<script>" not in page and "<b>part" not in page
     assert "&lt;script&gt;x" in page and "&lt;b&gt;part&amp;1" in page
+
+
+def test_a_dataset_folder_is_never_an_output_folder(predictor: Predictor, inputs: Path, tiny_dataset: Path,
+                                                     tmp_path: Path) -> None:
+    labels = tmp_path / "labelled"
+    shutil.copytree(tiny_dataset, labels)
+    before = {p.name: p.read_bytes() for p in (labels / "masks").iterdir()}
+    with pytest.raises(EngineError, match="holds a dataset"):
+        batch.run_batch(predictor, [inputs], labels, recipe.Recipe())
+    assert {p.name: p.read_bytes() for p in (labels / "masks").iterdir()} == before
+    assert not (labels / batch.RESULTS_FILE).exists()

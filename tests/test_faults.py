@@ -253,6 +253,35 @@ def test_sigkill_then_rebuild_leaves_no_ghost(place: Place) -> None:
     assert f"process {process.pid} is gone" in info["error"]
 
 
+def test_a_run_that_is_training_cannot_be_resumed_by_a_second_process(place: Place) -> None:
+    process = place.start_training("busy")
+    try:
+        wait_for_epoch(place.runs / "busy", 1, process)
+        result = place.engine("train", "--resume", "busy", "--epochs", "400")
+        line = one_line_error(result.stderr)
+        assert result.returncode == 2 and f"run busy is training now (process {process.pid})" in line, line
+        assert json.loads((place.runs / "busy" / "run.json").read_text())["pid"] == process.pid  # still the first's
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+
+
+def test_a_damaged_registry_file_is_set_aside_and_rebuilt_from_the_run_folders(finished: tuple[Path, Path],
+                                                                               tmp_path: Path) -> None:
+    place = copy_of_finished(finished, tmp_path)
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{place.runs / 'registry.db'}{suffix}").unlink(missing_ok=True)
+    (place.runs / "registry.db").write_text("not a database: a disk error, a bad copy")
+    result = place.engine("registry", "rebuild")
+    assert result.returncode == 0, result.stderr
+    assert "damaged" in result.stderr and "registry rebuilt" in result.stdout
+    aside = list(place.runs.glob("registry.db.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_text().startswith("not a database")  # kept for a look
+    agree(place, "done", "completed")
+    listed = place.engine("runs")
+    assert listed.returncode == 0 and "done" in listed.stdout, listed.stderr
+
+
 def test_corrupt_resume_file_is_one_line_and_changes_nothing(finished: tuple[Path, Path], tmp_path: Path) -> None:
     place = copy_of_finished(finished, tmp_path)
     (place.runs / "done" / "resume.pth").write_bytes(b"PK\x03\x04 not a checkpoint")

@@ -139,6 +139,31 @@ def test_regenerating_into_a_used_folder_leaves_no_stale_files(tmp_path: Path) -
     assert len(masks) == 10
 
 
+def test_generate_never_writes_into_a_folder_of_other_files(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    (theirs / "images").mkdir(parents=True)
+    cv2.imwrite(str(theirs / "images" / "000001.png"), np.full((16, 16), 80, np.uint8))  # a name generate would use
+    with pytest.raises(EngineError, match="did not write"):
+        generate_dataset(theirs, 3, params=SynthParams(size=32), workers=1)
+    assert [p.name for p in theirs.rglob("*")] == ["images", "000001.png"]  # untouched
+    assert _read(theirs / "images" / "000001.png").max() == 80
+
+
+def test_a_failed_generate_leaves_the_earlier_set_as_it_was(tmp_path: Path, monkeypatch) -> None:
+    out = tmp_path / "set"
+    generate_dataset(out, 6, seed=1, params=SynthParams(size=32), workers=1)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synth, "_render_all", disk_full)
+    with pytest.raises(EngineError, match="no space left|No space left"):
+        generate_dataset(out, 10, seed=2, params=SynthParams(size=48), workers=1)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]  # no hidden staging folder left beside it
+
+
 def test_preview_is_the_dataset_in_memory(tmp_path: Path) -> None:
     params = SynthParams(size=40, tint=0.5, defect_free=0.4)
     samples = synth.preview(params, n=5, seed=3)
