@@ -54,7 +54,14 @@ class ServingState:
             self.default, self.default_error = None, str(err)
             raise ModelUnavailable(f"no model available ({err}); train one with "
                                    "`python -m engine train --data DIR`, or name a run with ?run=") from None
-        predictor = self.cache.get_for_dir(folder, backend=backend or self.settings.default_backend)
+        try:
+            predictor = self.cache.get_for_dir(folder, backend=backend or self.settings.default_backend)
+        except EngineError as err:  # the default's files are damaged: no usable model (503), not a bad request
+            if backend is not None:
+                raise
+            self.default, self.default_error = None, str(err)
+            raise ModelUnavailable(f"the default model, run {folder.name}, cannot be loaded ({err}); repair or "
+                                   "delete that run, or name another with ?run=") from None
         if backend is None:
             self.default, self.default_error = predictor, None
         return predictor

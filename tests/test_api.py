@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from engine import config, runs
+from engine import config, registry, runs
 from engine.imageio import (
     ImageTooLarge,
     UnsupportedImage,
@@ -164,6 +164,22 @@ def test_a_run_marked_not_ready_says_so_on_health_models_and_predict(make_client
     assert next(r for r in listed["runs"] if r["run"] == "demo")["ready"] is True  # completed before the rule
     answer = post(client, _png(sample))
     assert answer.status_code == 200 and answer.json()["model"]["ready"] is False
+
+
+def test_a_default_run_with_a_damaged_checkpoint_is_503_not_a_bad_request(make_client, trained_run: str,
+                                                                        sample: np.ndarray) -> None:
+    run_id = copy_run(trained_run, "damaged")
+    try:
+        (config.RUNS_DIR / run_id / "best.pth").write_bytes(b"PK\x03\x04 not a checkpoint")
+        client = make_client(DEFECTS_API_RUN=run_id)
+        answer = post(client, _png(sample))
+        assert answer.status_code == 503 and f"run {run_id}, cannot be loaded" in answer.json()["detail"]
+        health = client.get("/health").json()
+        assert health["status"] == "no_model" and "cannot be loaded" in health["detail"]
+        assert post(client, _png(sample), run=trained_run).status_code == 200  # other runs still answer
+    finally:  # a ready copy would become every later test's newest ready run
+        shutil.rmtree(config.RUNS_DIR / run_id, ignore_errors=True)
+        registry.delete_run(run_id)
 
 
 def test_predict_answers_the_contract_and_matches_the_predictor(client: TestClient, sample: np.ndarray,
