@@ -72,7 +72,7 @@ def decode_raw(data: bytes, name: str = "image") -> np.ndarray:
         header = None  # not a format Pillow reads lazily: OpenCV decides below
     if header is not None and header.width * header.height > MAX_PIXELS:
         raise ImageError(f"{name}: declares {header.width}x{header.height} px "
-                         f"({header.width * header.height / 1e6:.0f} MP); the limit is {MAX_PIXELS / 1e6:.0f} MP")
+                         f"({header.width * header.height:,} px); the limit is {MAX_PIXELS:,} px")
     try:
         image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
     except cv2.error as err:  # OpenCV asserts (e.g. OPENCV_IO_MAX_IMAGE_PIXELS) instead of returning None
@@ -203,7 +203,7 @@ def decode_upload(data: bytes, name: str = "upload", max_pixels: int = MAX_PIXEL
     limit = min(max_pixels, MAX_PIXELS)
     if header.pixels > limit:
         raise ImageTooLarge(f"{name}: the {header.format} declares {header.width}x{header.height} pixels "
-                            f"({header.pixels / 1e6:.1f} MP); the limit is {limit / 1e6:g} MP")
+                            f"({header.pixels:,} px); the limit is {limit:,} px")
     try:
         raw = decode_raw(data, name)
     except ImageError as err:

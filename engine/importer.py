@@ -38,7 +38,7 @@ from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id, strati
 from engine.errors import DatasetError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_raw, encode_png
 from engine.progress import Progress
-from engine.storage import atomic_write_text
+from engine.storage import DIR_MODE, atomic_write_text
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "source_path")
 MAX_CLASS_ID = 32  # without classes.txt, masks whose values stay within 1..32 (and vary) are class maps
@@ -128,6 +128,7 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
     report = ImportReport(name=name, path=final, source=src.resolve(), layout=layout, linked=link, problems=problems)
     data_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=data_dir))
+    os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would hide the dataset from a server of another user
     try:
         _write(entries, tmp, classes, link, report, progress)
         scanned = scan_dataset(tmp, validate=False)

@@ -27,6 +27,7 @@ def _read_umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_read_umask()  # read once: os.umask can only be read by setting it
+DIR_MODE = 0o777 & ~_read_umask()
 
 
 class WriteError(EngineError, OSError):
@@ -170,7 +171,7 @@ def staged_folder(final: str | Path) -> Iterator[Path]:
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
-        os.chmod(tmp, 0o777 & ~_read_umask())  # mkdtemp's 0700 would hide the set from other users
+        os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would hide the set from other users
     except OSError as err:
         raise write_error(final, err) from err
     try:
