@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.errors import DatasetError, ImageError
-from engine.imageio import IMAGE_EXTENSIONS, read_image, read_mask
+from engine.imageio import IMAGE_EXTENSIONS, decode_raw, read_image, read_mask
 
 SPLITS = ("train", "val", "test")
 # (image, rng) -> (painted image, mask, types drawn): engine.paint.paint
@@ -183,9 +183,10 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
 
 def check_pair(sample: Sample) -> bool:
     """Whether the mask holds a defect pixel; ImageError if image or mask is unreadable or their sizes differ."""
-    header = cv2.imread(str(sample.image_path), cv2.IMREAD_UNCHANGED)
-    if header is None:
-        raise ImageError(f"{sample.image_path.name}: unreadable or corrupt image")
+    try:  # the reader training uses, so that an image passed here also loads there
+        header = decode_raw(sample.image_path.read_bytes(), sample.image_path.name)
+    except OSError as err:
+        raise ImageError(f"{sample.image_path.name}: cannot read ({err.strerror or err})") from err
     if sample.mask_path is not None:
         mask = cv2.imread(str(sample.mask_path), cv2.IMREAD_UNCHANGED)
         if mask is None:

@@ -47,7 +47,7 @@ def test_bad_files_are_reported_not_fatal(tmp_path) -> None:
     ids = {s.id for s in report.samples}
     assert ids == {"good0", "good1", "good2", "good3", "clean"}
     text = "\n".join(report.problems)
-    assert "corrupt.png" in text and "unreadable" in text
+    assert "corrupt.png: not a readable PNG" in text
     assert "mismatch.png" in text and "16x16" in text
     assert "nomask" in text and "missing" in text
     assert "orphan.png has no image" in text
@@ -211,3 +211,15 @@ def test_hard_negatives_get_their_share_of_every_batch_and_crops_hold_the_spot()
         assert images.flatten(1).sum(1).tolist() == [1.0, 1.0]
     sampler.set_hard_spots({1: []})  # looked at again and no longer flagged
     assert all(not pick.spot for batch in sampler for pick in batch)
+
+
+def test_a_truncated_jpeg_is_reported_and_left_out_where_training_would_fail_on_it(tmp_path) -> None:
+    for i in range(3):
+        write_pair(tmp_path, f"ok{i}")
+    image = np.random.default_rng(0).integers(0, 255, (64, 96)).astype(np.uint8)
+    data = cv2.imencode(".jpg", image)[1].tobytes()
+    (tmp_path / "images" / "cut.jpg").write_bytes(data[: len(data) // 2])  # a copy stopped half-way
+    report = scan_dataset(tmp_path)
+    assert sorted(s.id for s in report.samples) == ["ok0", "ok1", "ok2"]
+    assert any(p.startswith("cut.jpg: not a readable") for p in report.problems), report.problems
+    assert all(load_pair(s)[0].size for s in report.samples)
