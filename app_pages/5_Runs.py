@@ -8,6 +8,7 @@ import streamlit as st
 
 from engine import registry, runs, runstore
 from engine.errors import EngineError
+from engine.recipe import verdict_threshold
 from ui import readiness_notice
 
 st.title(":material/history: Runs")
@@ -22,6 +23,7 @@ if not rows:
     st.stop()
 
 table = pd.DataFrame(rows)
+table["threshold"] = [verdict_threshold(runs.run_dir(r["run_id"]), r["threshold"]) for r in rows]  # the recipe's
 table["duration (min)"] = (table["duration_s"].astype(float) / 60).round(1)
 st.dataframe(table[["run_id", "status", "ready", "dataset", "epochs", "best_epoch", "best_dice", "best_iou", "threshold",
                     "preset", "crop", "batch_size", "lr", "device", "duration (min)", "created_at", "error"]],

@@ -352,6 +352,16 @@ def _label_values(entries: list[_Entry], report: ImportReport) -> tuple[list[_En
     return kept, values
 
 
+def _decoded(path: Path) -> tuple[np.ndarray | None, str]:
+    """(the image as decoded, "") or (None, why it cannot be read), by the reader training uses."""
+    try:
+        return decode_raw(path.read_bytes(), path.name), ""
+    except ImageError as err:
+        return None, str(err)
+    except OSError as err:
+        return None, f"{path.name}: cannot read ({err.strerror or err})"
+
+
 def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bool, report: ImportReport,
            progress: Progress | None) -> None:
     """Check every image and mask, then write images, binary masks and the manifest into out."""
@@ -370,12 +380,7 @@ def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bo
     # Pass 2: check each image against its mask, write the binary mask (and class map), copy or link the image.
     rows, sizes, fractions, per_type, empty = [], Counter(), [], Counter(), 0
     for index, entry in enumerate(kept):
-        try:
-            header = decode_raw(entry.image.read_bytes(), entry.image.name)
-        except ImageError as err:
-            header, problem = None, str(err)
-        except OSError as err:
-            header, problem = None, f"{entry.image.name}: cannot read ({err.strerror or err})"
+        header, problem = _decoded(entry.image)
         mask = _read_label_mask(entry.mask) if entry.mask is not None else None
         if header is None:
             report.problems.append(f"{problem}; skipped")

@@ -145,6 +145,15 @@ def load_recipe(run_dir: str | Path) -> Recipe:
         raise RecipeError(f"{path}: {err}") from err
 
 
+def verdict_threshold(run_dir: Path, fallback: float | None = None) -> float | None:
+    """The threshold verdicts of this run use (its recipe's, as Inspect and the API apply it); `fallback` if the
+    recipe cannot be read."""
+    try:
+        return load_recipe(run_dir).threshold
+    except EngineError:
+        return fallback
+
+
 def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
     """Write runs/<run>/recipe.json atomically and mirror the run into the registry (Artifact kind "recipe")."""
     from engine import (

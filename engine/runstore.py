@@ -225,16 +225,6 @@ def list_runs() -> list[registry.Run]:
     return registry.list_runs()
 
 
-def _verdict_threshold(run_id: str, fallback: float | None) -> float | None:
-    """The threshold verdicts use (the recipe's), as Inspect and the API apply it."""
-    from engine.recipe import load_recipe
-
-    try:
-        return load_recipe(runs.run_dir(run_id)).threshold
-    except EngineError:
-        return fallback
-
-
 def overview() -> list[dict[str, Any]]:
     """One row per run for tables, newest first, from the registry once it is brought up to the folders."""
     rows: list[dict[str, Any]] = []
@@ -246,7 +236,7 @@ def overview() -> list[dict[str, Any]]:
             # A time-budget run plans no number of epochs: then only the ones done.
             "epochs": f"{run.epochs_done}/{run.epochs_planned}" if run.epochs_planned else f"{run.epochs_done}",
             "best_epoch": run.best_epoch, "best_dice": run.best_dice, "best_iou": run.best_iou,
-            "threshold": _verdict_threshold(run.id, run.threshold),
+            "threshold": run.threshold,  # training's best-Dice threshold; recipe.verdict_threshold is the one used
             "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,

@@ -19,7 +19,7 @@ from engine.errors import EngineError, RunNotFound
 from engine.imageio import MAX_PIXELS, decode_upload, encode_png
 from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
 from engine.inspection import inspect
-from engine.recipe import load_recipe
+from engine.recipe import load_recipe, verdict_threshold
 
 AUTO = "auto"
 # Most exact first: auto takes the fastest backend, unless one higher in this list is within AUTO_MARGIN of it.
@@ -145,19 +145,11 @@ def model_catalog() -> list[dict[str, Any]]:
         catalog.append({
             "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
-            "threshold": _recipe_threshold(folder, info.get("threshold")), "backends": backends,
+            "threshold": verdict_threshold(folder, info.get("threshold")), "backends": backends,
             "default_backend": (choice.backend if choice else AUTO) if backends else None,
             "ready": ready, "ready_reason": reason, "not_ready_reason": reason,
         })
     return catalog
-
-
-def _recipe_threshold(folder: Path, fallback: float | None) -> float | None:
-    """The threshold /predict applies for this run: its recipe's."""
-    try:
-        return load_recipe(folder).threshold
-    except EngineError:
-        return fallback
 
 
 class PredictorCache:

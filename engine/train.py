@@ -178,6 +178,8 @@ class TrainConfig:
                 flag = "--" + name.replace("_", "-")
                 raise EngineError(f"{flag} must be between {low:g} and {high:g}, got {value:g}" if high < math.inf
                                   else f"{flag} must be at least {low:g}, got {value:g}")
+        if not 0 < self.lr <= 10:
+            raise EngineError(f"--lr must be above 0 and at most 10, got {self.lr:g}")
         stride = 2 ** (self.depth or PRESETS[self.preset]["depth"])
         if self.crop is not None and self.crop % stride:
             raise EngineError(f"--crop must be a multiple of {stride} (the model halves it {stride.bit_length() - 1} "
@@ -198,7 +200,7 @@ class TrainConfig:
 _RANGES = (("epochs", 1, math.inf), ("minutes", 0.01, math.inf), ("base", 1, 512), ("depth", 1, 6),
            ("batch_size", 1, 4096), ("crop", 16, 4096), ("scale", 0.05, 4.0), ("train_fraction", 0.001, 1.0),
            ("defect_share", 0.0, 1.0), ("hard_share", 0.0, 1.0), ("paint", 0.0, 1.0), ("val_fraction", 0.01, 0.9),
-           ("lr", 1e-7, 10.0), ("weight_decay", 0.0, 10.0), ("patience", 1, math.inf), ("patience_after", 0.0, 1.0),
+           ("weight_decay", 0.0, 10.0), ("patience", 1, math.inf), ("patience_after", 0.0, 1.0),
            ("max_false_alarm", 0.0, 1.0), ("steps_per_epoch", 1, math.inf), ("threads", 1, 4096),
            ("workers", 0, 256))
 

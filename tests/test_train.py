@@ -188,7 +188,7 @@ def test_hard_negatives_are_looked_for_in_turn_and_found_where_the_model_flags_a
 
 @pytest.mark.parametrize("options, message", [
     ({"batch_size": 0}, "--batch-size must be between 1 and 4096, got 0"),
-    ({"lr": -1.0}, "--lr must be between"),
+    ({"lr": -1.0}, "--lr must be above 0 and at most 10, got -1"),
     ({"minutes": -1.0}, "--minutes must be at least 0.01, got -1"),
     ({"crop": 1000}, "--crop must be a multiple of 16"),
     ({"paint": 1.5}, "--paint must be between 0 and 1, got 1.5"),
