@@ -23,7 +23,6 @@ import io
 import os
 import re
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id, strati
 from engine.errors import DatasetError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_raw, encode_png
 from engine.progress import Progress
-from engine.storage import DIR_MODE, atomic_write_text
+from engine.storage import atomic_write_text, staged_folder
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "source_path")
 MAX_CLASS_ID = 32  # without classes.txt, masks whose values stay within 1..32 (and vary) are class maps
@@ -126,10 +125,7 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
     layout, entries, problems = _gather(src)
     classes = _read_classes(src)
     report = ImportReport(name=name, path=final, source=src.resolve(), layout=layout, linked=link, problems=problems)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=data_dir))
-    os.chmod(tmp, DIR_MODE)  # mkdtemp's 0700 would hide the dataset from a server of another user
-    try:
+    with staged_folder(final) as tmp:  # written whole beside `final`, renamed at the end: a failure leaves nothing
         _write(entries, tmp, classes, link, report, progress)
         scanned = scan_dataset(tmp, validate=False)
         report.problems.extend(scanned.problems)
@@ -138,15 +134,11 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
         existing = registry.find_dataset_by_hash(report.content_hash)
         if existing is not None and Path(existing.path).is_dir():
             report.already_imported_as, report.path = existing.name, Path(existing.path)
-            shutil.rmtree(tmp, ignore_errors=True)
             report.seconds = time.perf_counter() - start
             return report
         if final.exists():
             raise DatasetError(f"{final} already exists with other content; choose another --name")
         os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.seconds = time.perf_counter() - start
     details = {"source": str(report.source), "layout": layout, "linked": link, "class_map": report.class_map,
                "classes": report.classes, "per_type": report.per_type, "sizes": report.sizes,
