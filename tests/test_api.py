@@ -375,6 +375,8 @@ def test_threshold_outside_0_1_is_422(client: TestClient, sample: np.ndarray, th
     response = post(client, _png(sample), threshold=threshold)
     assert response.status_code == 422
     assert "threshold" in response.json()["detail"]
+    if threshold == "nan":  # not "should be <= 1", which nan is not either
+        assert "finite number" in response.json()["detail"]
 
 
 def test_unknown_backend_and_missing_file_are_422(client: TestClient, sample: np.ndarray) -> None:

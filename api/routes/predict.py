@@ -24,7 +24,8 @@ def predict(
     serving: Annotated[ServingState, Depends(get_serving)],
     file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF; the format is read from the content",
                                      json_schema_extra={"minLength": 1})],  # an empty file is a 415, so say so
-    threshold: Annotated[float | None, Query(ge=0.0, le=1.0, description="default: the run's own threshold")] = None,
+    threshold: Annotated[float | None, Query(ge=0.0, le=1.0, allow_inf_nan=False,
+                                                      description="default: the run's own threshold")] = None,
     run: Annotated[str | None, Query(pattern=RUN_PATTERN, description="run id, `demo`, `latest` or `ready`; "
                                      "default: DEFECTS_API_RUN (the newest ready run)")] = None,
     backend: Annotated[BackendRequest | None,
