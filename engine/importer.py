@@ -88,7 +88,10 @@ class ImportReport:
         counts = (f"{c.get('images', 0)} images ({c.get('defective', 0)} defective, {c.get('defect_free', 0)} "
                   f"defect-free; train {c.get('train', 0)}, val {c.get('val', 0)}, test {c.get('test', 0)})")
         if self.already_imported_as:
-            out.append(f"already imported as {self.already_imported_as} ({self.path}): {counts}; nothing copied")
+            renamed = "" if self.name == self.already_imported_as else (
+                f"; not registered again as {self.name}: train with --data {self.path}")
+            out.append(f"already imported as {self.already_imported_as} ({self.path}): {counts}; nothing "
+                       f"copied{renamed}")
         else:
             how = "registered in place" if self.in_place else ("linked" if self.linked else "copied")
             out.append(f"{self.name} ({self.path}): {counts}, {self.layout} layout, {how} in {self.seconds:.1f}s")

@@ -95,6 +95,7 @@ def test_reimport_is_recognised_and_val_split_is_deterministic(tmp_path: Path) -
     again = import_dataset(src, "bottle-again", link=True)  # linked images have the same content
     assert again.already_imported_as == "bottle" and again.path == first.path.resolve()
     assert again.lines()[-1].startswith("already imported as bottle")
+    assert again.lines()[-1].endswith(f"not registered again as bottle-again: train with --data {first.path.resolve()}")
     assert not (config.DATA_DIR / "bottle-again").exists() and len(registry.list_datasets()) == 1
     assert {k for k, row in manifest(first.path).items() if row["split"] == "val"} == val_ids
 
