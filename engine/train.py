@@ -909,9 +909,12 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
     for probability, truth in zip(probs, truths):
         stats.add(probability, truth)
     if not any(stats.has_defect):  # nothing to detect on validation: keep the Dice threshold, no area rule
-        return {"threshold": dice_threshold, "min_region_px": 0, "detection_rate": None, "false_alarm_rate": None,
-                "dice": None, "false_alarm_bound": None, "confidence": None, "goal_on": "measured",
-                "goal_met": False, "false_alarms_measured": False, "max_false_alarm": max_false_alarm,
+        at_threshold = int(np.searchsorted(stats.thresholds, dice_threshold - 1e-9))
+        flagged = sum(bool(largest[at_threshold]) for largest in stats.largest)  # the good images still count
+        return {"threshold": dice_threshold, "min_region_px": 0, "detection_rate": None,
+                "false_alarm_rate": round(flagged / len(truths), 6) if truths else None, "dice": None,
+                "false_alarm_bound": None, "confidence": None, "goal_on": "measured", "goal_met": False,
+                "false_alarms_measured": bool(truths), "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
     return stats.best(max_false_alarm, confidence)
 

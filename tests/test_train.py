@@ -198,3 +198,20 @@ def test_an_option_out_of_range_is_one_clear_error_before_any_data_is_read(optio
 
     with pytest.raises(EngineError, match=message.replace("-", r"\-")):
         TrainConfig(data="/nowhere", **options).check()
+
+
+def test_validation_without_defects_still_counts_false_alarms_on_its_good_images() -> None:
+    """No defect to detect, but the good images can still show how often the model flags one."""
+    import numpy as np
+
+    from engine.recipe import readiness_of
+    from engine.train import training_recipe
+
+    good = [np.zeros((32, 32), np.float32) for _ in range(4)]
+    good[1][4:10, 4:10] = 0.9  # one good image with a confident region
+    truths = [np.zeros((32, 32), np.uint8) for _ in good]
+    chosen = training_recipe(good, truths, 0.5, 0.05)
+    assert chosen["detection_rate"] is None and chosen["false_alarm_rate"] == 0.25
+    assert chosen["false_alarms_measured"] and chosen["n_defect_free"] == 4
+    assert readiness_of(chosen, 0.05) == (False, "the validation images hold no defect, so detection could not be "
+                                                 "measured")
