@@ -303,6 +303,10 @@ def wilson_upper(failures: np.ndarray | float, n: int, confidence: float = 0.95)
     return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
 
 
+def _percent(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.1%}"
+
+
 def _clean(value: float) -> float | None:
     value = float(value)
     return None if math.isnan(value) else round(value, 6)
@@ -383,10 +387,23 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, 
     return tuned, best, tuning_warnings(best, base)
 
 
+def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool, str | None]:
+    """Readiness of a run judged by a tuning (its validation could not measure real detection): readiness_of, with
+    the goal held on the upper confidence bound of false alarms as training holds painted runs to it, whatever
+    the tuning's own --confidence."""
+    ready, reason = readiness_of(best, max_false_alarm)
+    bound = best.get("false_alarm_bound")
+    if ready and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
+        return False, (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {_percent(bound)}, "
+                       f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
+                       f"tune with --confidence {best['confidence']:g} on more good images")
+    return ready, reason
+
+
 def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> str | None:
     """A run whose validation could not measure the detection of real defects (painted, or none there) is judged
-    by a tuning on real labelled images, defective and good: ready when that recipe meets the goal there (training's
-    rule). Returns what changed, in words, or None where tuning does not decide."""
+    by a tuning on real labelled images, defective and good: ready when that recipe meets the goal there, on the
+    upper bound of its false alarms (training's rule, tuning_readiness). Returns what changed, in words, or None where tuning does not decide."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
@@ -396,7 +413,7 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
     if (runs.validation_measured_detection(info) or info.get("status") != "completed"
             or not best.get("n_defective") or not best.get("n_defect_free")):
         return None
-    ready, reason = readiness_of(best, max_false_alarm)
+    ready, reason = tuning_readiness(best, max_false_alarm)
     runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)")
     return (f"run {run_dir.name} is now ready (tuned on real images)" if ready
             else f"run {run_dir.name} is not ready: {reason} (tuned on real images)")

@@ -143,7 +143,7 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     labelled = tmp_path / "labelled"
     synth.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
     _, best, _ = recipe.tune_run(Predictor.from_run(run_id), select_samples(str(labelled), "all"), 0.05)
-    ready, _ = recipe.readiness_of(best, 0.05)
+    ready, _ = recipe.tuning_readiness(best, 0.05)
     after = runs.read_run_json(runs.run_dir(run_id))
     assert after["ready"] is ready and runs.readiness(after)[0] is ready
     assert ready or after["ready_reason"].endswith("(tuned on real images)")

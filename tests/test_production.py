@@ -12,7 +12,7 @@ from engine import config, registry, runs
 from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
 from engine.errors import EngineError
 from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
-from engine.recipe import readiness_of
+from engine.recipe import readiness_of, tuning_readiness
 from engine.train import Patience, TrainConfig, get_lr, train
 
 
@@ -158,6 +158,14 @@ def test_a_run_that_flags_every_good_part_is_not_ready(tmp_path) -> None:
     ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8, "goal_on": "bound",
                                   "goal_met": False, "confidence": 0.95, "false_alarm_bound": 0.07}, 0.05)
     assert not ready and "upper bound of false alarms, 7.0% at best" in reason
+    # A run judged by tuning (its validation could not measure real detection) is held to the bound even when the
+    # tuning chose on the measured rate: none of 9 good images flagged does not show 5 %.
+    measured = {**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8, "goal_on": "measured", "goal_met": True,
+                "confidence": 0.95, "false_alarm_bound": 0.23, "n_defect_free": 9}
+    assert readiness_of(measured, 0.05) == (True, None)
+    ready, reason = tuning_readiness(measured, 0.05)
+    assert not ready and "upper bound of false alarms at this recipe, 23.0%" in reason and "--confidence 0.95" in reason
+    assert tuning_readiness({**measured, "false_alarm_bound": 0.04, "n_defect_free": 80}, 0.05) == (True, None)
 
 
 def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels(tmp_path) -> None:
@@ -176,7 +184,7 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     # Tuning on labelled images decides, by training's rule, and says so; a goal it misses keeps it not ready.
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(data), "all"), 0.05, 0.95)
     after = runs.read_run_json(config.RUNS_DIR / run_id)
-    assert after["ready"] is readiness_of(best, 0.05)[0] and best["readiness"].startswith(f"run {run_id} is ")
+    assert after["ready"] is tuning_readiness(best, 0.05)[0] and best["readiness"].startswith(f"run {run_id} is ")
     assert best["goal_met"] is False and after["ready"] is False  # 14 good images cannot bound false alarms at 5 %
     assert after["ready_reason"].endswith("(tuned on real images)")
 
