@@ -403,7 +403,8 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
 def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> str | None:
     """A run whose validation could not measure the detection of real defects (painted, or none there) is judged
     by a tuning on real labelled images, defective and good: ready when that recipe meets the goal there, on the
-    upper bound of its false alarms (training's rule, tuning_readiness). Returns what changed, in words, or None where tuning does not decide."""
+    upper bound of its false alarms (training's rule, tuning_readiness). Returns what changed, in words, or None
+    where tuning does not decide."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
