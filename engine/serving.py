@@ -36,6 +36,20 @@ def available_backends(run_dir: Path) -> list[str]:
                     and (name not in OPENVINO_PRECISION or openvino_available())]
 
 
+def stale_export(run_dir: Path) -> str | None:
+    """Why a run's export no longer holds its best epoch (a resume found a better one), or None when it does or
+    there is no export report to tell."""
+    try:
+        exported = json.loads((run_dir / "export" / "report.json").read_text()).get("epoch")
+        best = runs.read_run_json(run_dir).get("best_epoch")
+    except (OSError, ValueError, AttributeError, EngineError):
+        return None
+    if exported is None or best is None or int(exported) == int(best):
+        return None
+    return (f"the export holds epoch {exported} but the best epoch is now {best}; export again "
+            f"(`python -m engine export --run {run_dir.name}`)")
+
+
 def gated_backends(run_dir: Path) -> list[str]:
     """Exported backends that passed export's accuracy checks for the exported epoch, most exact first.
 
@@ -72,6 +86,9 @@ _choices_lock = threading.Lock()
 def auto_backend(run_dir: Path, measure: bool = True) -> BackendChoice | None:
     """The backend `auto` serves for a run: the fastest that passed the accuracy gate, timed once per process and
     export on this machine (a few seconds); None when it would have to measure and `measure` is False."""
+    stale = stale_export(run_dir)
+    if stale:  # serving the export would answer with another model than the run's best
+        return BackendChoice("torch", {}, f"the best checkpoint: {stale}")
     candidates = gated_backends(run_dir)
     if len(candidates) <= 1:
         only = candidates[0] if candidates else "torch"

@@ -369,3 +369,20 @@ def test_exported_files_are_readable_by_other_users_as_the_umask_allows(trained_
         assert mode == 0o666 & ~umask, (name, oct(mode))  # like open() would make it, not mkstemp's 0600
     if umask & 0o044 == 0:
         assert all((export_dir / name).stat().st_mode & 0o044 for name in ("model.onnx", "report.json"))
+
+
+def test_auto_serves_the_best_checkpoint_when_the_export_holds_another_epoch(copy_run: CopyRun,
+                                                                               exported: dict) -> None:
+    """After a resume finds a better epoch (or an export of another one), `auto` must not answer with the old
+    export's model while saying it is the run's best; it serves the best checkpoint and says to export again."""
+    from engine import serving
+
+    folder = copy_run("stale-export")
+    best = runs.read_run_json(folder)["best_epoch"]
+    other = next(e for e in runs.epochs_saved(folder) if e != best)
+    export.export_run("stale-export", epoch=other)
+    choice = serving.auto_backend(folder)
+    assert choice.backend == "torch" and f"holds epoch {other} but the best epoch is now {best}" in choice.rule
+    assert serving.open_predictor("stale-export").epoch == best
+    export.export_run("stale-export")  # the best epoch again: the export is served
+    assert serving.stale_export(folder) is None and serving.auto_backend(folder).backend != "torch"
