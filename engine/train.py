@@ -55,6 +55,7 @@ from engine.paint import DefectBank, PaintParams, paint, params_for
 from engine.recipe import (
     DEFAULT_THRESHOLDS,
     PAINTED_VALIDATION,
+    RECIPE_FILE,
     Recipe,
     TuneStats,
     load_recipe,
@@ -924,8 +925,16 @@ def _rate(value: float | None) -> str:
 
 
 def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
-    """Save the inspection recipe picked on validation data; returns it as a dict."""
-    recipe = tuned_recipe(chosen, load_recipe(folder), context)
+    """Save the inspection recipe picked on validation data; returns it as a dict. A recipe that was not training's
+    (tuned with `tune` or the Review page, or written by hand) is kept beside it first, and the log says where."""
+    base = load_recipe(folder)
+    if (folder / RECIPE_FILE).is_file() and (base.tuning or {}).get("by") != "training":
+        kept = folder / f"recipe.replaced-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
+        atomic_write_bytes(kept, (folder / RECIPE_FILE).read_bytes())
+        print(f"note: the recipe tuned before this resume (threshold {base.threshold:.2f}, min region "
+              f"{base.min_region_px} px) is replaced by training's for the new epochs and kept in {kept.name}; tune "
+              "again, or copy it back over recipe.json", flush=True)
+    recipe = tuned_recipe(chosen, base, context)
     save_recipe(folder, recipe)
     return recipe.as_dict()
 

@@ -215,3 +215,25 @@ def test_validation_without_defects_still_counts_false_alarms_on_its_good_images
     assert chosen["false_alarms_measured"] and chosen["n_defect_free"] == 4
     assert readiness_of(chosen, 0.05) == (False, "the validation images hold no defect, so detection could not be "
                                                  "measured")
+
+
+def test_a_resume_that_finds_a_better_epoch_keeps_the_recipe_the_user_tuned(tiny_dataset) -> None:
+    """Training saves its own recipe for a new best epoch; one the user tuned is kept beside it, not lost."""
+    import json
+
+    from engine.recipe import Recipe, load_recipe, save_recipe
+    from engine.train import save_recipe_for
+
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
+                               steps_per_epoch=2, name="resume-recipe"))
+    folder = config.RUNS_DIR / run_id
+    chosen = {"threshold": 0.4, "min_region_px": 3, "detection_rate": 1.0, "false_alarm_rate": 0.0, "dice": 0.5,
+              "false_alarm_bound": 0.3, "confidence": 0.95, "goal_on": "measured", "goal_met": True,
+              "max_false_alarm": 0.05, "n_images": 4, "n_defective": 2, "n_defect_free": 2}
+    save_recipe_for(folder, chosen, {"by": "training"})  # training's own recipe is simply replaced
+    assert not list(folder.glob("recipe.replaced-*.json"))
+    save_recipe(folder, Recipe(threshold=0.77, min_region_px=35))  # the user's (by hand or tuned)
+    save_recipe_for(folder, chosen, {"by": "training"})
+    kept = list(folder.glob("recipe.replaced-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text())["min_region_px"] == 35
+    assert load_recipe(folder).min_region_px == 3
