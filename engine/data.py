@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import torch
 
+from engine import config
 from engine.errors import DatasetError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_raw, read_image, read_mask
 
@@ -147,6 +148,9 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
     root = Path(root)
     image_dir, mask_dir = image_folder(root), root / "masks"
     if not image_dir.is_dir():
+        named = config.DATA_DIR / root.name
+        if len(root.parts) == 1 and root.name not in ("", ".", "..") and named.is_dir():  # the name of an import
+            raise DatasetError(f"{root}: no such folder here; the dataset imported as {root.name} is --data {named}")
         raise DatasetError(f"{root}: no images found; a dataset is a folder of images (good parts), or DIR/images/ "
                            "with DIR/masks/ holding a mask of the same name for each image with a defect")
     manifest = _read_manifest(root)

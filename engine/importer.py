@@ -94,7 +94,8 @@ class ImportReport:
                        f"copied{renamed}")
         else:
             how = "registered in place" if self.in_place else ("linked" if self.linked else "copied")
-            out.append(f"{self.name} ({self.path}): {counts}, {self.layout} layout, {how} in {self.seconds:.1f}s")
+            out.append(f"{self.name} ({self.path}): {counts}, {self.layout} layout, {how} in {self.seconds:.1f}s; "
+                       f"train with --data {self.path}")
         return out
 
 

@@ -91,6 +91,10 @@ def test_mvtec_import(tmp_path: Path) -> None:
 def test_reimport_is_recognised_and_val_split_is_deterministic(tmp_path: Path) -> None:
     src = make_mvtec(tmp_path / "bottle")
     first = import_dataset(src, "bottle")
+    assert first.lines()[-1].endswith(f"train with --data {first.path}")
+    # The name alone is not a folder here, but the message says which one it is.
+    with pytest.raises(DatasetError, match=f"imported as bottle is --data {config.DATA_DIR / 'bottle'}"):
+        scan_dataset("bottle")
     val_ids = {k for k, row in manifest(first.path).items() if row["split"] == "val"}
     again = import_dataset(src, "bottle-again", link=True)  # linked images have the same content
     assert again.already_imported_as == "bottle" and again.path == first.path.resolve()
