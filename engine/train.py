@@ -889,9 +889,9 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
                 wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None)
     runstore.save(folder, info)
-    print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f}, "
-          f"threshold {info['threshold']:.2f}; training {info.get('train_images_per_s', 0)} img/s vs model alone "
-          f"{model_speed:.1f} img/s", flush=True)
+    print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
+          f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "
+          f"{info.get('train_images_per_s', 0)} img/s vs model alone {model_speed:.1f} img/s", flush=True)
     if ready:
         print(f"ready: {cfg.run_id}", flush=True)
     else:
