@@ -303,10 +303,6 @@ def wilson_upper(failures: np.ndarray | float, n: int, confidence: float = 0.95)
     return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
 
 
-def _percent(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:.1%}"
-
-
 def _clean(value: float) -> float | None:
     value = float(value)
     return None if math.isnan(value) else round(value, 6)
@@ -394,7 +390,8 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
     ready, reason = readiness_of(best, max_false_alarm)
     bound = best.get("false_alarm_bound")
     if ready and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
-        return False, (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {_percent(bound)}, "
+        shown = "unknown" if bound is None else f"{bound:.1%}"
+        return False, (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {shown}, "
                        f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
                        f"tune with --confidence {best['confidence']:g} on more good images")
     return ready, reason

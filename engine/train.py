@@ -913,9 +913,9 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
         at_threshold = int(np.searchsorted(stats.thresholds, dice_threshold - 1e-9))
         flagged = sum(bool(largest[at_threshold]) for largest in stats.largest)  # the good images still count
         return {"threshold": dice_threshold, "min_region_px": 0, "detection_rate": None,
-                "false_alarm_rate": round(flagged / len(truths), 6) if truths else None, "dice": None,
+                "false_alarm_rate": round(flagged / len(truths), 6), "dice": None,
                 "false_alarm_bound": None, "confidence": None, "goal_on": "measured", "goal_met": False,
-                "false_alarms_measured": bool(truths), "max_false_alarm": max_false_alarm,
+                "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
     return stats.best(max_false_alarm, confidence)
 
