@@ -156,7 +156,8 @@ st.caption(f"Finds the threshold and minimum region size that flag the most defe
            f"recipe (used by Inspect, `predict` and the API). Uses {epoch_label(first)}; tune on images the model "
            "was not trained on.")
 goal_col, bound_col, button_col = st.columns([1, 2, 1])
-goal = goal_col.number_input("Max false alarms (%)", 0.0, 100.0, 2.0, 0.5, key="review_goal")
+goal = goal_col.number_input("Max false alarms (%)", 0.0, 100.0, runs.false_alarm_goal(info) * 100, 0.5,
+                             key="review_goal", help="The run's own goal (train's --max-false-alarm) until changed.")
 on_bound = bound_col.checkbox("Hold the goal at 95 % confidence", value=True, key="review_bound",
                               help="Apply the goal to the upper 95 % bound of the false-alarm rate, not to the rate "
                                    "measured on these images, so it also holds on new parts. Needs many defect-free "

@@ -109,7 +109,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}; run {model['run']}, "
               f"epoch {model['epoch']}, {model['backend']}{'' if model['ready'] else ', NOT READY'})")
         for name, row in result["per_type"].items():
-            print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  ({row['n_images']} images)")
+            if row["dice"] is None:  # good parts: what counts is how many were flagged
+                print(f"{name:>18}: false alarms {row['n_false_alarms']} of {row['n_images']} images")
+            else:
+                print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  detected {row['n_detected']} of "
+                      f"{row['n_images']} images")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -181,7 +185,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     goal = (f"the {args.confidence:.0%} upper bound of false alarms" if best["goal_on"] == "bound" else "false alarms")
     print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
           f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {args.split} images, "
-          f"goal: {goal} <= {args.max_false_alarm:g})")
+          f"goal: {goal} <= {best['max_false_alarm']:g})")
     if best.get("readiness"):
         print(best["readiness"])
 
@@ -320,8 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="val", choices=["train", "val", "test", "all"])
-    p.add_argument("--max-false-alarm", type=_unit_float, default=0.02,
-                   help="highest acceptable share of defect-free images flagged (default 0.02)")
+    p.add_argument("--max-false-alarm", type=_unit_float,
+                   help="highest acceptable share of defect-free images flagged (default: the goal the run was "
+                        "trained to, train's --max-false-alarm)")
     p.add_argument("--confidence", type=_unit_float,
                    help="apply the goal to this upper confidence bound of the false-alarm rate (e.g. 0.95), not to "
                         "the rate measured on the tuning images: the goal then holds on new parts too")

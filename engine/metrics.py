@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import math
+import statistics
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
+from engine.errors import EngineError
+
 EPS = 1e-9
+FALSE_ALARM_GOAL = 0.05  # the share of good parts a run may flag, unless told otherwise (train, tune, the pages)
+# A validation split vouches for a model only when it is large enough to rule out the worst: with none of its good
+# images flagged, false alarms stay below EVIDENCE_FACTOR times the goal at 95 % confidence (16 good images for a
+# 5 % goal), and it holds MIN_DEFECTIVE defective images (one found defect shows little about the next).
+EVIDENCE_FACTOR = 3.0
+MIN_DEFECTIVE = 3
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -154,3 +164,37 @@ def auroc(scores: list[float] | np.ndarray, labels: list[bool] | np.ndarray) -> 
     greater = (pos[:, None] > neg[None, :]).sum()
     ties = (pos[:, None] == neg[None, :]).sum()
     return float((greater + 0.5 * ties) / (len(pos) * len(neg)))
+
+
+def wilson_upper(failures: np.ndarray | float, n: int, confidence: float = 0.95) -> np.ndarray:
+    """One-sided upper confidence bound of a rate measured as failures / n (Wilson score interval)."""
+    if n <= 0:
+        raise EngineError("a confidence bound needs at least one image")
+    z = statistics.NormalDist().inv_cdf(confidence)
+    rate = np.asarray(failures, np.float64) / n
+    centre = rate + z * z / (2 * n)
+    spread = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
+
+
+def good_images_needed(max_false_alarm: float) -> int:
+    """The fewest good images on which none flagged bounds false alarms (95 %) within EVIDENCE_FACTOR x the goal."""
+    ceiling = min(EVIDENCE_FACTOR * max_false_alarm, 1.0)
+    z2 = statistics.NormalDist().inv_cdf(0.95) ** 2
+    return max(1, math.ceil(z2 * (1 - ceiling) / ceiling - 1e-9))  # wilson_upper(0, n) = z2 / (n + z2)
+
+
+def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float,
+                    where: str = "validation") -> str | None:
+    """Why a labelled set (`where`) is too small to show that a model meets its goals, in words; None when it is not.
+    A set without good images makes no claim on false alarms (a line where every part is defective)."""
+    needed = good_images_needed(max_false_alarm)
+    if n_defect_free and n_defect_free < needed:
+        return (f"{where} holds {n_defect_free} good image{'s' * (n_defect_free != 1)}, too few to vouch for the "
+                f"{max_false_alarm:.0%} false-alarm goal: with none flagged, their 95 % bound is still "
+                f"{float(wilson_upper(0, n_defect_free)):.0%} ({needed} would bring it under "
+                f"{EVIDENCE_FACTOR * max_false_alarm:.0%})")
+    if n_defective < MIN_DEFECTIVE:
+        return (f"{where} holds {n_defective} defective image{'s' * (n_defective != 1)}, too few to show that "
+                f"the model finds defects (at least {MIN_DEFECTIVE})")
+    return None

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ import numpy as np
 
 from engine import runs
 from engine.errors import EngineError
+from engine.metrics import FALSE_ALARM_GOAL, too_few_to_show, wilson_upper
 from engine.progress import Progress
 from engine.storage import atomic_write_json
 
@@ -292,17 +292,6 @@ class TuneStats:
                 "n_defect_free": len(self.has_defect) - int(sum(self.has_defect))}
 
 
-def wilson_upper(failures: np.ndarray | float, n: int, confidence: float = 0.95) -> np.ndarray:
-    """One-sided upper confidence bound of a rate measured as failures / n (Wilson score interval)."""
-    if n <= 0:
-        raise RecipeError("a confidence bound needs at least one image")
-    z = statistics.NormalDist().inv_cdf(confidence)
-    rate = np.asarray(failures, np.float64) / n
-    centre = rate + z * z / (2 * n)
-    spread = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
-
-
 def _clean(value: float) -> float | None:
     value = float(value)
     return None if math.isnan(value) else round(value, 6)
@@ -351,28 +340,39 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
 
 
 def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None]:
-    """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why."""
+    """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why: it meets the goals
+    on images enough to show them."""
+    reason = (_goal_missed(chosen, max_false_alarm)
+              or too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm))
+    return reason is None, reason
+
+
+def _goal_missed(chosen: dict, max_false_alarm: float) -> str | None:
+    """Which goal a recipe misses on the images it was chosen on, in words; None when it meets them."""
     detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
     if detection is None:
-        return False, "the validation images hold no defect, so detection could not be measured"
+        return "the validation images hold no defect, so detection could not be measured"
     if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
-        return False, (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
-                       f"({chosen['n_defect_free']} defect-free images)")
+        return (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
+                f"({chosen['n_defect_free']} defect-free images)")
     if chosen.get("goal_on") == "bound" and chosen.get("goal_met") is False:
-        return False, (f"the {chosen['confidence']:.0%} upper bound of false alarms, "
-                       f"{chosen['false_alarm_bound']:.1%} at best, is above the {max_false_alarm:.0%} goal "
-                       f"({chosen['n_defect_free']} defect-free images are too few to show it)")
+        return (f"the {chosen['confidence']:.0%} upper bound of false alarms, "
+                f"{chosen['false_alarm_bound']:.1%} at best, is above the {max_false_alarm:.0%} goal "
+                f"({chosen['n_defect_free']} defect-free images are too few to show it)")
     if detection < 0.5:
-        return False, f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
-    return True, None
+        return f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
+    return None
 
 
-def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, confidence: float | None = None,
+def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None = None, confidence: float | None = None,
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
              context: dict[str, Any] | None = None, save: bool = True,
              progress: Progress | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
     """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings.
-    The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does."""
+    The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does.
+    Without `max_false_alarm` the goal is the one the run was trained to (runs.false_alarm_goal)."""
+    if max_false_alarm is None:
+        max_false_alarm = run_goal(predictor.run_dir)
     stats = collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
     best = stats.best(max_false_alarm, confidence)
     base = load_recipe(predictor.run_dir)
@@ -383,22 +383,32 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float = 0.02, 
     return tuned, best, tuning_warnings(best, base)
 
 
+def run_goal(run_dir: Path) -> float:
+    """The false-alarm goal of the run in run_dir (the default goal where its run.json cannot be read)."""
+    try:
+        return runs.false_alarm_goal(runs.read_run_json(run_dir))
+    except EngineError:
+        return FALSE_ALARM_GOAL
+
+
 def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool, str | None]:
-    """Readiness of a run judged by a tuning (its validation could not measure real detection): readiness_of, with
-    the goal held on the upper confidence bound of false alarms as training holds painted runs to it, whatever
-    the tuning's own --confidence."""
-    ready, reason = readiness_of(best, max_false_alarm)
+    """Readiness of a run judged by a tuning (its validation could not decide): readiness_of, with the goal held on
+    the upper confidence bound of false alarms as training holds painted runs to it, whatever the tuning's own
+    --confidence."""
+    reason = _goal_missed(best, max_false_alarm)
     bound = best.get("false_alarm_bound")
-    if ready and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
+    if reason is None and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
         shown = "unknown" if bound is None else f"{bound:.1%}"
-        return False, (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {shown}, "
-                       f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
-                       f"tune with --confidence {best['confidence']:g} on more good images")
-    return ready, reason
+        reason = (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {shown}, "
+                  f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
+                  f"tune with --confidence {best['confidence']:g} on more good images")
+    reason = reason or too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm,
+                                       "the tuning set")
+    return reason is None, reason
 
 
 def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> str | None:
-    """A run whose validation could not measure the detection of real defects (painted, or none there) is judged
+    """A run whose validation could not decide (defects painted, none or too few real ones there) is judged
     by a tuning on real labelled images, defective and good: ready when that recipe meets the goal there, on the
     upper bound of its false alarms (training's rule, tuning_readiness). Returns what changed, in words, or None
     where tuning does not decide."""
@@ -408,7 +418,7 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
         info = runs.read_run_json(run_dir)
     except EngineError:
         return None
-    if (runs.validation_measured_detection(info) or info.get("status") != "completed"
+    if (runs.validation_decides(info) or info.get("status") != "completed"
             or not best.get("n_defective") or not best.get("n_defect_free")):
         return None
     ready, reason = tuning_readiness(best, max_false_alarm)

@@ -14,6 +14,7 @@ from typing import Any
 
 from engine import config
 from engine.errors import RunNotFound
+from engine.metrics import FALSE_ALARM_GOAL, MIN_DEFECTIVE, good_images_needed, too_few_to_show
 from engine.storage import atomic_write_json, atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
@@ -205,11 +206,19 @@ def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:
     return True, None
 
 
-def validation_measured_detection(info: dict[str, Any]) -> bool:
-    """Whether training measured the detection of real defects on validation; where it could not (defects painted,
-    or none in the val split), a tuning on real labelled images decides readiness instead."""
-    dataset = info.get("dataset") or {}
-    return not dataset.get("val_painted") and bool((info.get("best_val") or {}).get("n_defective"))
+def validation_decides(info: dict[str, Any]) -> bool:
+    """Whether training's validation could decide readiness: it measured the detection of real defects on enough
+    images (metrics.too_few_to_show). Where it could not (defects painted, none or too few in the val split), a
+    tuning on real labelled images decides instead."""
+    val = info.get("best_val") or {}
+    if (info.get("dataset") or {}).get("val_painted") or not val.get("n_defective"):
+        return False
+    return too_few_to_show(val["n_defective"], val.get("n_defect_free") or 0, false_alarm_goal(info)) is None
+
+
+def false_alarm_goal(info: dict[str, Any]) -> float:
+    """The false-alarm goal a run was trained to (what `tune` and the Review page hold it to unless told otherwise)."""
+    return float((info.get("params") or {}).get("max_false_alarm") or FALSE_ALARM_GOAL)
 
 
 def next_steps(info: dict[str, Any]) -> list[str]:
@@ -220,15 +229,21 @@ def next_steps(info: dict[str, Any]) -> list[str]:
     if info.get("status") != "completed":
         return ["wait for the run to finish, or resume it with `python -m engine train --resume RUN`"]
     run_id = info.get("run_id", "RUN")
-    if not validation_measured_detection(info):
-        tune = (f"tune on real labelled defects with some good images that training did not use: `python -m engine "
-                f"tune --run {run_id} --data DIR --split SPLIT` (this decides whether the run is ready)")
-        if (info.get("dataset") or {}).get("val_painted"):
-            return [tune, "or add those labelled defects to the set and train again (a set with labelled defects is "
-                          "not painted unless --paint is given)"]
-        return [tune, "or give the val split a few defective images (the manifest's split column) and train again"]
     counts = (info.get("dataset") or {}).get("counts") or {}
     steps = [f"train longer: `python -m engine train --resume {run_id} --minutes 30`"]
     if counts.get("defective", 0) < 50:
         steps.append(f"label more defective images (this set has {counts.get('defective', 0)})")
-    return steps
+    if validation_decides(info):
+        return steps
+    tune = (f"tune on real labelled defects with some good images that training did not use: `python -m engine "
+            f"tune --run {run_id} --data DIR --split SPLIT` (this decides whether the run is ready)")
+    if (info.get("dataset") or {}).get("val_painted"):
+        return [tune, "or add those labelled defects to the set and train again (a set with labelled defects is "
+                      "not painted unless --paint is given)"]
+    val = info.get("best_val") or {}
+    thin = too_few_to_show(val.get("n_defective") or 0, val.get("n_defect_free") or 0, false_alarm_goal(info))
+    give_val = (f"or give the val split more labelled images (the manifest's split column), at least {MIN_DEFECTIVE} "
+                f"defective and {good_images_needed(false_alarm_goal(info))} good, and train again")
+    if info.get("ready_reason") in (None, thin) or not val.get("n_defective"):  # nothing measured against the model
+        return [tune, give_val]
+    return [*steps, tune, give_val]  # it missed a goal, on validation too small to decide

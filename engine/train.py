@@ -41,7 +41,15 @@ from engine.data import (
 )
 from engine.errors import DatasetError, EngineError
 from engine.inspection import inspect
-from engine.metrics import SetMetrics, auroc, average_precision, best_threshold, image_score, threshold_sweep
+from engine.metrics import (
+    FALSE_ALARM_GOAL,
+    SetMetrics,
+    auroc,
+    average_precision,
+    best_threshold,
+    image_score,
+    threshold_sweep,
+)
 from engine.model import (
     PRESETS,
     PRETRAINED_ARCH,
@@ -129,7 +137,7 @@ class TrainConfig:
     patience: int = option(10, "stop after this many epochs without a better validation score, counted only "
                                "in the annealed part of the schedule (see --patience-after)")
     patience_after: float = option(0.75, "share of the budget after which patience counts")
-    max_false_alarm: float = option(0.05, "false-alarm goal of the saved recipe on validation; a run that "
+    max_false_alarm: float = option(FALSE_ALARM_GOAL, "false-alarm goal of the saved recipe on validation; a run that "
                                           "misses it is marked not ready")
     steps_per_epoch: int | None = option(None, "steps per epoch (default: one pass over the training images, "
                                                "at least 50)")
@@ -672,9 +680,8 @@ def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.G
     if group.is_main:
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            registry.upsert_dataset(Path(cfg.data).name, str(Path(cfg.data).resolve()), data.data_hash,
-                                    data.counts["images"], data.counts["defective"], data.counts["defect_free"],
-                                    source="training")
+            registry.note_trained_on(Path(cfg.data).resolve().name, str(Path(cfg.data).resolve()), data.data_hash,
+                                     data.counts["images"], data.counts["defective"], data.counts["defect_free"])
         except SQLAlchemyError as err:  # the run's own record is run.json; `registry rebuild` restores the row
             print(f"warning: dataset not registered ({err.__class__.__name__})", file=sys.stderr)
     model, arch, init_note = build_model(cfg, folder, start_epoch)

@@ -596,11 +596,16 @@ def test_real_uvicorn_server(trained_run: str, sample: np.ndarray) -> None:
 
 
 @pytest.mark.slow
-def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tiny_dataset: Path,
+def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tmp_path: Path,
                                                                            sample: np.ndarray) -> None:
     """The bar of the first-hour issue: train and export while clients hammer /predict without ?run=."""
+    from engine import synth
     from engine.export import export_run
     from engine.train import TrainConfig, train
+
+    # Validation large enough to vouch for a run (metrics.too_few_to_show): 16 good and 4 defective images.
+    data = tmp_path / "vouching"
+    synth.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)
 
     with uvicorn_server() as base:  # DEFECTS_API_RUN unset: `ready`, the newest ready run
         before = httpx.get(f"{base}/health", timeout=30).json()
@@ -616,16 +621,19 @@ def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tiny
 
         with ThreadPoolExecutor(3) as pool:
             clients = [pool.submit(hammer) for _ in range(3)]
-            # A real run that training itself finds ready (the shipped pre-trained start learns this set fast).
-            new_run = train(TrainConfig(data=str(tiny_dataset), epochs=3, init="pretrained", crop=64, batch_size=8,
-                                        steps_per_epoch=8, name="switch"))
-            assert runs.readiness(runs.read_run_json(runs.run_dir(new_run)))[0], "the new run must be ready"
-            export_run(new_run)
-            seen = len(answers)
-            deadline = time.monotonic() + 60
-            while len(answers) < seen + 6 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            stop = True
+            try:
+                # A real run that training itself finds ready (the shipped pre-trained start learns this set fast).
+                new_run = train(TrainConfig(data=str(data), epochs=3, init="pretrained", crop=64, batch_size=8,
+                                            steps_per_epoch=8, name="switch"))
+                info = runs.read_run_json(runs.run_dir(new_run))
+                assert runs.readiness(info)[0], f"the new run must be ready: {info['ready_reason']}"
+                export_run(new_run)
+                seen = len(answers)
+                deadline = time.monotonic() + 60
+                while len(answers) < seen + 6 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            finally:  # a failure above must not leave the clients hammering (the pool would wait for them forever)
+                stop = True
             for future in clients:
                 future.result()
         failed = [a for a in answers if a[0] != 200]

@@ -11,6 +11,7 @@ import torch
 from engine import config, registry, runs
 from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
 from engine.errors import EngineError
+from engine.metrics import wilson_upper
 from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
 from engine.recipe import readiness_of, tuning_readiness
 from engine.train import Patience, TrainConfig, get_lr, train
@@ -158,14 +159,49 @@ def test_a_run_that_flags_every_good_part_is_not_ready(tmp_path) -> None:
     ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8, "goal_on": "bound",
                                   "goal_met": False, "confidence": 0.95, "false_alarm_bound": 0.07}, 0.05)
     assert not ready and "upper bound of false alarms, 7.0% at best" in reason
-    # A run judged by tuning (its validation could not measure real detection) is held to the bound even when the
-    # tuning chose on the measured rate: none of 9 good images flagged does not show 5 %.
+    # A run judged by tuning (its validation could not decide) is held to the bound even when the tuning chose on
+    # the measured rate: none of 20 good images flagged does not show 5 %.
     measured = {**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8, "goal_on": "measured", "goal_met": True,
-                "confidence": 0.95, "false_alarm_bound": 0.23, "n_defect_free": 9}
+                "confidence": 0.95, "false_alarm_bound": 0.119, "n_defect_free": 20}
     assert readiness_of(measured, 0.05) == (True, None)
     ready, reason = tuning_readiness(measured, 0.05)
-    assert not ready and "upper bound of false alarms at this recipe, 23.0%" in reason and "--confidence 0.95" in reason
+    assert not ready and "upper bound of false alarms at this recipe, 11.9%" in reason and "--confidence 0.95" in reason
     assert tuning_readiness({**measured, "false_alarm_bound": 0.04, "n_defect_free": 80}, 0.05) == (True, None)
+    ready, reason = tuning_readiness({**measured, "false_alarm_bound": 0.04, "n_defect_free": 80, "n_defective": 2},
+                                     0.05)
+    assert not ready and reason.startswith("the tuning set holds 2 defective images, too few")
+
+
+def test_a_run_is_not_ready_on_a_validation_too_small_to_show_its_goals() -> None:
+    """None of 5 good images flagged and the one defect found still allow 35 % false alarms and a blind model."""
+    chosen = {"detection_rate": 1.0, "false_alarm_rate": 0.0, "n_defect_free": 5, "n_defective": 1}
+    ready, reason = readiness_of(chosen, 0.05)
+    assert not ready and reason.startswith("validation holds 5 good images, too few to vouch for the 5% false-alarm")
+    assert "bound is still 35%" in reason and "(16 would bring it under 15%)" in reason
+    ready, reason = readiness_of({**chosen, "n_defect_free": 16}, 0.05)
+    assert not ready and reason == ("validation holds 1 defective image, too few to show that the model finds "
+                                    "defects (at least 3)")
+    assert readiness_of({**chosen, "n_defect_free": 16, "n_defective": 3}, 0.05) == (True, None)
+    assert readiness_of({**chosen, "n_defect_free": 16, "n_defective": 3}, 0.02)[0] is False  # 43 for 2 %
+    assert readiness_of({**chosen, "n_defect_free": 0, "n_defective": 3, "false_alarm_rate": None}, 0.05) == \
+        (True, None)  # every part defective (NEU-Seg): no claim on false alarms to show
+    assert wilson_upper(0, 16) <= 3 * 0.05 < wilson_upper(0, 15)
+
+
+def test_a_run_validated_on_too_few_images_is_judged_by_a_tuning_and_says_so() -> None:
+    from engine.metrics import too_few_to_show
+
+    thin = too_few_to_show(1, 40, 0.05)
+    info = {"run_id": "r", "status": "completed", "ready": False, "ready_reason": thin,
+            "params": {"max_false_alarm": 0.05}, "best_val": {"n_defective": 1, "n_defect_free": 40},
+            "dataset": {"counts": {"defective": 6}}}
+    assert not runs.validation_decides(info)
+    steps = runs.next_steps(info)  # nothing to train longer for: only more evidence can decide
+    assert len(steps) == 2 and "tune --run r" in steps[0] and "at least 3 defective and 16 good" in steps[1]
+    missed = {**info, "ready_reason": "validation detection 0% below 50% (1 defective images)"}
+    assert runs.next_steps(missed)[0].startswith("train longer") and "tune --run r" in runs.next_steps(missed)[2]
+    enough = {**info, "best_val": {"n_defective": 5, "n_defect_free": 58}, "ready_reason": "x"}
+    assert runs.validation_decides(enough) and not any("tune" in step for step in runs.next_steps(enough))
 
 
 def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels(tmp_path) -> None:
@@ -179,7 +215,7 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     run_id = train(TrainConfig(data=str(data), epochs=1, base=8, depth=2, crop=32, batch_size=4,
                                steps_per_epoch=2, name="no-val-defect"))
     info = runs.read_run_json(config.RUNS_DIR / run_id)
-    assert info["ready"] is False and not runs.validation_measured_detection(info)
+    assert info["ready"] is False and not runs.validation_decides(info)
     assert "--split SPLIT" in runs.next_steps(info)[0] and "decides" in runs.next_steps(info)[0]
     # Tuning on labelled images decides, by training's rule, and says so; a goal it misses keeps it not ready.
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(data), "all"), 0.05, 0.95)
