@@ -84,4 +84,7 @@ def _type_summary(metrics: SetMetrics) -> dict[str, Any]:
     result = metrics.result()
     keys = ("dice", "iou", "mean_image_dice", "detection_rate", "false_alarm_rate", "n_images", "n_detected",
             "n_false_alarms")
-    return {key: result[key] for key in keys}
+    summary = {key: result[key] for key in keys}
+    if not result["n_defective"]:  # nothing to segment: Dice would be 1 or 0 on a single stray pixel
+        summary.update(dice=None, iou=None, mean_image_dice=None)
+    return summary

@@ -1,6 +1,7 @@
 """evaluate(): pixel metrics on the inspection mask, verdicts from the run's recipe, per-type breakdown."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -40,9 +41,23 @@ def test_evaluate_matches_direct_computation(trained_run: str, tiny_dataset) -> 
 
     types = {t for s in samples for t in s.defect_types.split(";") if t} | {DEFECT_FREE, UNTYPED}
     assert set(result["per_type"]) <= types
-    assert result["per_type"][DEFECT_FREE]["n_images"] == sum(not s.defect_types and not s.defective for s in samples)
+    free = result["per_type"][DEFECT_FREE]
+    assert free["n_images"] == sum(not s.defect_types and not s.defective for s in samples)
+    # Good parts have nothing to segment: no Dice (1 or 0 on one stray pixel), their false alarms instead.
+    assert free["dice"] is free["iou"] is None
+    assert free["n_false_alarms"] == round(free["false_alarm_rate"] * free["n_images"])
+    assert all(row["dice"] is not None for name, row in result["per_type"].items() if name != DEFECT_FREE)
     assert result["per_type"].get(UNTYPED, {}).get("n_images", 0) == sum(
         not s.defect_types and s.defective for s in samples)
+
+
+def test_cli_names_the_false_alarms_of_good_parts_not_a_dice(trained_run: str, tiny_dataset, capsys) -> None:
+    assert main(["evaluate", "--run", trained_run, "--data", str(tiny_dataset), "--split", "all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    free = [line for line in lines if line.strip().startswith(f"{DEFECT_FREE}:")]
+    assert len(free) == 1 and re.fullmatch(rf"\s*{DEFECT_FREE}: false alarms \d+ of 16 images", free[0]), free
+    typed = [line for line in lines if re.match(r"\s*(scratch|crack|pit|dent|inclusion|patch).*: dice", line)]
+    assert typed and all(re.search(r"detected \d+ of \d+ images$", line) for line in typed), lines
 
 
 def test_threshold_override_and_cli_json(trained_run: str, tiny_dataset, capsys) -> None:
