@@ -516,7 +516,7 @@ def dataset_choices() -> dict[str, Path]:
 
     choices: dict[str, Path] = {}
     for dataset in registry.list_datasets():
-        if (Path(dataset.path) / "images").is_dir():
+        if image_folder(Path(dataset.path)).is_dir():  # DIR/images, or a plain folder of good parts
             choices.setdefault(dataset.name, Path(dataset.path))
     known = {path.resolve() for path in choices.values()}
     if config.DATA_DIR.is_dir():

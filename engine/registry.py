@@ -407,6 +407,29 @@ def upsert_dataset(
 
 
 @_retry_locked
+def note_trained_on(name: str, path: str, content_hash: str, n_images: int, n_defective: int,
+                    n_defect_free: int) -> Dataset:
+    """Record a folder a run trains on: one already registered keeps its row (name, source, details) with its hash
+    and counts brought up to date; a new one is added as "training" under `name`, or `name-2`, ... where another
+    folder holds that name."""
+    with _write() as s:
+        dataset = s.exec(select(Dataset).where(Dataset.path == str(path))).first()
+        if dataset is None:
+            taken, free, number = set(s.exec(select(Dataset.name)).all()), name, 1
+            while free in taken:
+                number += 1
+                free = f"{name}-{number}"
+            dataset = Dataset(name=free, path=str(path), source="training")
+        dataset.content_hash = content_hash
+        dataset.n_images, dataset.n_defective = int(n_images), int(n_defective)
+        dataset.n_defect_free = int(n_defect_free)
+        s.add(dataset)
+        s.commit()
+        s.refresh(dataset)
+        return dataset
+
+
+@_retry_locked
 def find_dataset_by_hash(content_hash: str) -> Dataset | None:
     """The newest dataset with this content hash, or None."""
     with _read() as s:

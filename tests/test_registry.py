@@ -179,6 +179,35 @@ def test_datasets_upsert_by_name_and_find_by_hash() -> None:
     assert {d.name for d in registry.list_datasets()} == {"steel", "alu"}
 
 
+def test_training_keeps_an_imported_row_and_never_takes_another_folders_name() -> None:
+    registry.upsert_dataset("parts", "/d/parts", "h1", 66, 6, 60, source="imported", details={"layout": "folder"})
+    same = registry.note_trained_on("parts", "/d/parts", "h2", 67, 6, 61)  # a folder the user imported
+    assert (same.name, same.source, same.details, same.content_hash, same.n_images) == \
+        ("parts", "imported", {"layout": "folder"}, "h2", 67)
+    other = registry.note_trained_on("parts", "/elsewhere/parts", "h3", 5, 0, 5)  # a folder of the same name
+    assert (other.name, other.source, other.path) == ("parts-2", "training", "/elsewhere/parts")
+    assert registry.note_trained_on("parts", "/third/parts", "h4", 5, 0, 5).name == "parts-3"
+    assert registry.note_trained_on("parts", "/elsewhere/parts", "h3", 5, 0, 5).id == other.id
+    assert {d.name: d.path for d in registry.list_datasets()}["parts"] == "/d/parts"
+
+
+def test_a_plain_folder_of_good_parts_registered_by_training_is_offered(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inspect, Review and Train list what dataset_choices gives: a folder of images without images/ counts too."""
+    import cv2
+    import numpy as np
+
+    from engine.data import dataset_choices
+
+    monkeypatch.setattr(config, "DATA_DIR", tmp_path / "data")
+    line = tmp_path / "line"
+    line.mkdir()
+    cv2.imwrite(str(line / "good_001.png"), np.full((32, 32), 128, np.uint8))
+    registry.note_trained_on("line", str(line), "h1", 1, 0, 1)
+    registry.note_trained_on("gone", str(tmp_path / "gone"), "h2", 1, 0, 1)  # deleted since
+    assert dataset_choices() == {"line": line}
+
+
 def test_heartbeat_returns_cancel_request() -> None:
     registry.create_run("r1", status="running", pid=os.getpid())
     assert registry.heartbeat("r1") is False
