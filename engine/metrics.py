@@ -177,9 +177,13 @@ def wilson_upper(failures: np.ndarray | float, n: int, confidence: float = 0.95)
     return np.minimum((centre + spread) / (1 + z * z / n), 1.0)
 
 
+def _evidence_ceiling(max_false_alarm: float) -> float:
+    return min(EVIDENCE_FACTOR * max(max_false_alarm, 0.01), 1.0)  # a goal of 0 asks the evidence of 1 %
+
+
 def good_images_needed(max_false_alarm: float) -> int:
     """The fewest good images on which none flagged bounds false alarms (95 %) within EVIDENCE_FACTOR x the goal."""
-    ceiling = min(EVIDENCE_FACTOR * max_false_alarm, 1.0)
+    ceiling = _evidence_ceiling(max_false_alarm)
     z2 = statistics.NormalDist().inv_cdf(0.95) ** 2
     return max(1, math.ceil(z2 * (1 - ceiling) / ceiling - 1e-9))  # wilson_upper(0, n) = z2 / (n + z2)
 
@@ -193,7 +197,7 @@ def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float
         return (f"{where} holds {n_defect_free} good image{'s' * (n_defect_free != 1)}, too few to vouch for the "
                 f"{max_false_alarm:.0%} false-alarm goal: with none flagged, their 95 % bound is still "
                 f"{float(wilson_upper(0, n_defect_free)):.0%} ({needed} would bring it under "
-                f"{EVIDENCE_FACTOR * max_false_alarm:.0%})")
+                f"{_evidence_ceiling(max_false_alarm):.0%})")
     if n_defective < MIN_DEFECTIVE:
         return (f"{where} holds {n_defective} defective image{'s' * (n_defective != 1)}, too few to show that "
                 f"the model finds defects (at least {MIN_DEFECTIVE})")

@@ -186,6 +186,9 @@ def test_a_run_is_not_ready_on_a_validation_too_small_to_show_its_goals() -> Non
     assert readiness_of({**chosen, "n_defect_free": 0, "n_defective": 3, "false_alarm_rate": None}, 0.05) == \
         (True, None)  # every part defective (NEU-Seg): no claim on false alarms to show
     assert wilson_upper(0, 16) <= 3 * 0.05 < wilson_upper(0, 15)
+    assert readiness_of({**chosen, "n_defect_free": 87, "n_defective": 3}, 0.0)[1].startswith(
+        "validation holds 87 good images")  # a goal of 0 is held to the evidence of 1 %: 88 good images
+    assert readiness_of({**chosen, "n_defect_free": 88, "n_defective": 3}, 0.0) == (True, None)
 
 
 def test_a_run_validated_on_too_few_images_is_judged_by_a_tuning_and_says_so() -> None:
