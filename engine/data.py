@@ -231,6 +231,25 @@ def dataset_hash(samples: list[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
+def seen_in_training(dataset_path: str | Path | None, samples: list[Sample]) -> list[Sample]:
+    """The samples whose image file is byte for byte one that training saw (the train or val split of the folder
+    it trained on): tuning or judging a model on them would measure what it learned, not how it does on new parts."""
+    folder = Path(dataset_path or "")
+    if not dataset_path or not folder.is_dir():
+        return []
+    try:
+        used = [s.image_path for s in scan_dataset(folder, validate=False).samples if s.split in ("train", "val")]
+    except DatasetError:
+        return []
+    by_size: dict[int, list[Path]] = {}
+    for path in used:
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    candidates = [s for s in samples if s.image_path.stat().st_size in by_size]  # equal bytes need equal sizes
+    sizes = {s.image_path.stat().st_size for s in candidates}
+    seen = {hashlib.sha1(p.read_bytes()).digest() for size in sizes for p in by_size[size]}
+    return [s for s in candidates if hashlib.sha1(s.image_path.read_bytes()).digest() in seen]
+
+
 def image_stats(images: list[np.ndarray]) -> tuple[float, float]:
     """Mean and standard deviation of pixel values over a list of images (for normalisation)."""
     values = np.concatenate([im[::4, ::4].ravel() for im in images])

@@ -195,9 +195,8 @@ def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float
     needed = good_images_needed(max_false_alarm)
     if n_defect_free and n_defect_free < needed:
         return (f"{where} holds {n_defect_free} good image{'s' * (n_defect_free != 1)}, too few to vouch for the "
-                f"{max_false_alarm:.0%} false-alarm goal: with none flagged, their 95 % bound is still "
-                f"{float(wilson_upper(0, n_defect_free)):.0%} ({needed} would bring it under "
-                f"{_evidence_ceiling(max_false_alarm):.0%})")
+                f"{max_false_alarm:.0%} false-alarm goal (with none flagged, false alarms could still be "
+                f"{float(wilson_upper(0, n_defect_free)):.0%} at 95 % confidence); it needs at least {needed}")
     if n_defective < MIN_DEFECTIVE:
         return (f"{where} holds {n_defective} defective image{'s' * (n_defective != 1)}, too few to show that "
                 f"the model finds defects (at least {MIN_DEFECTIVE})")

@@ -347,20 +347,20 @@ def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None
     return reason is None, reason
 
 
-def _goal_missed(chosen: dict, max_false_alarm: float) -> str | None:
-    """Which goal a recipe misses on the images it was chosen on, in words; None when it meets them."""
+def _goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
+    """Which goal a recipe misses on the images it was chosen on (`where`), in words; None when it meets them."""
     detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
     if detection is None:
-        return "the validation images hold no defect, so detection could not be measured"
+        return f"the {where} images hold no defect, so detection could not be measured"
     if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
-        return (f"validation false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
+        return (f"{where} false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
                 f"({chosen['n_defect_free']} defect-free images)")
     if chosen.get("goal_on") == "bound" and chosen.get("goal_met") is False:
         return (f"the {chosen['confidence']:.0%} upper bound of false alarms, "
                 f"{chosen['false_alarm_bound']:.1%} at best, is above the {max_false_alarm:.0%} goal "
                 f"({chosen['n_defect_free']} defect-free images are too few to show it)")
     if detection < 0.5:
-        return f"validation detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
+        return f"{where} detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
     return None
 
 
@@ -370,40 +370,45 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
              progress: Progress | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
     """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings.
     The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does.
-    Without `max_false_alarm` the goal is the one the run was trained to (runs.false_alarm_goal)."""
+    Without `max_false_alarm` the goal is the one the run was trained to (runs.false_alarm_goal). Images that
+    training saw (data.seen_in_training) are left out, with a warning."""
+    from engine.data import seen_in_training
+
+    try:
+        info = runs.read_run_json(predictor.run_dir)
+    except EngineError:
+        info = {}
     if max_false_alarm is None:
-        max_false_alarm = run_goal(predictor.run_dir)
-    stats = collect_stats(predictor, samples, thresholds, min_areas, progress=progress)
+        max_false_alarm = runs.false_alarm_goal(info) if info else FALSE_ALARM_GOAL
+    seen = {id(s) for s in seen_in_training((info.get("dataset") or {}).get("path"), samples)}
+    if seen and len(seen) == len(samples):
+        raise RecipeError(f"all {len(samples)} tuning images are images training saw (its train and val splits); "
+                          "tune on labelled images it did not see, e.g. --split test")
+    kept = [s for s in samples if id(s) not in seen]
+    stats = collect_stats(predictor, kept, thresholds, min_areas, progress=progress)
     best = stats.best(max_false_alarm, confidence)
     base = load_recipe(predictor.run_dir)
-    tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe()})
+    tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe(), "left_out_seen": len(seen)})
     if save:
         save_recipe(predictor.run_dir, tuned)
         best["readiness"] = _judge_by_tuning(predictor.run_dir, best, max_false_alarm)
-    return tuned, best, tuning_warnings(best, base)
-
-
-def run_goal(run_dir: Path) -> float:
-    """The false-alarm goal of the run in run_dir (the default goal where its run.json cannot be read)."""
-    try:
-        return runs.false_alarm_goal(runs.read_run_json(run_dir))
-    except EngineError:
-        return FALSE_ALARM_GOAL
+    notes = [f"{len(seen)} of the {len(samples)} tuning images are images training saw (its train and val splits, "
+             f"the same bytes); they were left out"] if seen else []
+    return tuned, best, notes + tuning_warnings(best, base)
 
 
 def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool, str | None]:
     """Readiness of a run judged by a tuning (its validation could not decide): readiness_of, with the goal held on
     the upper confidence bound of false alarms as training holds painted runs to it, whatever the tuning's own
     --confidence."""
-    reason = _goal_missed(best, max_false_alarm)
+    reason = _goal_missed(best, max_false_alarm, "tuning")
     bound = best.get("false_alarm_bound")
     if reason is None and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
         shown = "unknown" if bound is None else f"{bound:.1%}"
         reason = (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {shown}, "
                   f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
                   f"tune with --confidence {best['confidence']:g} on more good images")
-    reason = reason or too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm,
-                                       "the tuning set")
+    reason = reason or too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm, "the tuning set")
     return reason is None, reason
 
 

@@ -2,6 +2,7 @@
 pre-trained starting weights, readiness."""
 
 import csv
+import shutil
 
 import cv2
 import numpy as np
@@ -17,9 +18,9 @@ from engine.recipe import readiness_of, tuning_readiness
 from engine.train import Patience, TrainConfig, get_lr, train
 
 
-def write_set(root, n_defective, n_clean, size=(48, 64), splits=("train", "test"), empty_masks=False):
+def write_set(root, n_defective, n_clean, size=(48, 64), splits=("train", "test"), empty_masks=False, seed=0):
     """A dataset of bright-square defects on noise; every image gets a split from `splits` in turn."""
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     rows = []
@@ -177,7 +178,7 @@ def test_a_run_is_not_ready_on_a_validation_too_small_to_show_its_goals() -> Non
     chosen = {"detection_rate": 1.0, "false_alarm_rate": 0.0, "n_defect_free": 5, "n_defective": 1}
     ready, reason = readiness_of(chosen, 0.05)
     assert not ready and reason.startswith("validation holds 5 good images, too few to vouch for the 5% false-alarm")
-    assert "bound is still 35%" in reason and "(16 would bring it under 15%)" in reason
+    assert "could still be 35% at 95 % confidence); it needs at least 16" in reason
     ready, reason = readiness_of({**chosen, "n_defect_free": 16}, 0.05)
     assert not ready and reason == ("validation holds 1 defective image, too few to show that the model finds "
                                     "defects (at least 3)")
@@ -220,8 +221,16 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     info = runs.read_run_json(config.RUNS_DIR / run_id)
     assert info["ready"] is False and not runs.validation_decides(info)
     assert "--split SPLIT" in runs.next_steps(info)[0] and "decides" in runs.next_steps(info)[0]
+    # Images training saw cannot decide: a copy of its own set (found by content) is refused, and where some of
+    # the tuning images are its own, they are left out.
+    shutil.copytree(data, tmp_path / "copy")
+    with pytest.raises(EngineError, match="all 20 tuning images are images training saw"):
+        tune_run(Predictor.from_run(run_id), select_samples(str(tmp_path / "copy"), "all"), 0.05, 0.95)
+    fresh = write_set(tmp_path / "fresh", n_defective=6, n_clean=14, splits=("test",), seed=1)
+    mixed = select_samples(str(fresh), "all") + select_samples(str(data), "val")
     # Tuning on labelled images decides, by training's rule, and says so; a goal it misses keeps it not ready.
-    _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(data), "all"), 0.05, 0.95)
+    _, best, notes = tune_run(Predictor.from_run(run_id), mixed, 0.05, 0.95)
+    assert notes[0].startswith("14 of the 34 tuning images are images training saw") and best["n_images"] == 20
     after = runs.read_run_json(config.RUNS_DIR / run_id)
     assert after["ready"] is tuning_readiness(best, 0.05)[0] and best["readiness"].startswith(f"run {run_id} is ")
     assert best["goal_met"] is False and after["ready"] is False  # 14 good images cannot bound false alarms at 5 %
