@@ -83,6 +83,14 @@ class BackendChoice(BaseModel):
     rule: str
 
 
+class NewestRun(BaseModel):
+    """A newer run than the default model, not ready, so not answering by default."""
+
+    run: str
+    ready: bool = False
+    ready_reason: str
+
+
 class HealthResponse(BaseModel):
     """Liveness and whether the default model is loaded."""
 
@@ -95,6 +103,8 @@ class HealthResponse(BaseModel):
     default_run: str = Field(description="DEFECTS_API_RUN: `ready` follows the newest ready run, `latest` the newest "
                                          "run with a checkpoint; anything else is a pinned run")
     backend_choice: BackendChoice | None = Field(None, description="how `auto` picked the default model's backend")
+    newest_run: NewestRun | None = Field(None, description="the newest run with a model, where `ready` passed it "
+                                                            "over as not ready (it answers with ?run=)")
     version: str
     host: str = Field(description="name of the machine that answered (its hostname): which replica, behind a "
                                   "load balancer")

@@ -72,6 +72,19 @@ def newest_ready_run() -> Path | None:
     return max(finished, key=lambda item: item[0])[1] if finished else None
 
 
+def newer_not_ready(folder: Path) -> tuple[str, str] | None:
+    """(run id, why not ready) of the newest run with a model, where it is newer than `folder` and not ready: the
+    run a user most likely expects to answer, and why another does; None otherwise."""
+    newest = [p for p in list_run_dirs() if p != config.DEMO_RUN_DIR and (p / "best.pth").is_file()]
+    if not newest or newest[0] == folder:
+        return None
+    try:
+        ready, reason = readiness(read_run_json(newest[0]))
+    except RunNotFound:
+        return None
+    return None if ready else (newest[0].name, reason or "not ready")
+
+
 @lru_cache(maxsize=256)
 def _cached_run_json(path: Path, mtime_ns: int) -> dict[str, Any]:  # mtime in the key: a rewrite is re-read
     return read_run_json(path.parent)
