@@ -125,6 +125,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
     predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     rules = recipe.load_recipe(predictor.run_dir).with_overrides(
         threshold=args.threshold, min_region_px=args.min_region_px, px_per_mm=args.px_per_mm)
+    model = predictor.describe()
+    if not model["ready"]:
+        print(f"warning: run {model['run']} is not ready: {model['ready_reason']}; its verdicts are not to be "
+              "trusted yet", file=sys.stderr)
 
     def show(result: dict, reused: bool) -> None:
         if "error" in result:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import batch, recipe
+from engine import batch, recipe, runs
 from engine.__main__ import main
 from engine.errors import EngineError
 from engine.inference import Predictor
@@ -113,11 +113,15 @@ def test_predict_cli(trained_run: str, inputs: Path, tmp_path: Path, capsys: pyt
     lines = captured.out.strip().splitlines()
     assert len(lines) == 5 and all(": ok" in line or ": defect" in line for line in lines)
     assert f"skipped: {inputs / 'broken.png'}: not a readable" in captured.err
+    ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
+    assert not ready  # the fixture's validation (2 good, 2 defective images) is too small to vouch for it
+    assert f"warning: run {trained_run} is not ready: {reason}; its verdicts are not to be trusted" in captured.err
 
     out = tmp_path / "out"
     assert main(["predict", "--run", trained_run, str(inputs), "--out", str(out), "--min-region-px", "3"]) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last.startswith("6 images:") and "report.html" in last
+    assert f"<b>Not ready:</b> {reason}." in (out / "report.html").read_text()  # the report says so too
     assert main(["predict", "--run", trained_run, str(inputs), "--out", str(out), "--min-region-px", "3",
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
