@@ -147,6 +147,12 @@ def epoch_label(epoch: int | str) -> str:
     return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
 
 
+def own_dataset(info: dict[str, Any], choices: dict[str, Path]) -> str | None:
+    """The name under which `choices` offers the folder the run trained on, if it does."""
+    trained_on = Path((info.get("dataset") or {}).get("path") or "/nonexistent").resolve()
+    return next((name for name, path in choices.items() if path.resolve() == trained_on), None)
+
+
 def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, dict[str, Any], list[int | str], int | None]:
     """The sidebar's run selector and the run's readiness notice.
 

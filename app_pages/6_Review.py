@@ -16,7 +16,7 @@ from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inspection import inspect
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
-from ui import epoch_label, load_predictor, pick_run, sample_folder
+from ui import epoch_label, load_predictor, own_dataset, pick_run, sample_folder
 
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
@@ -51,9 +51,12 @@ with st.sidebar:
     else:
         picked = (saved[0], saved[0])
     choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
+    if st.session_state.get("review_folder_of") != run_id:  # a run starts on the test split of its own dataset
+        own = own_dataset(info, choices)
+        st.session_state.update(review_folder_of=run_id, review_folder=own or sample_dir.name,
+                                review_split="test" if own else "all")
     folder_name = st.selectbox("Folder", list(choices), key="review_folder")
-    split = st.selectbox("Split", ["all", "test", "val", "train"], key="review_split",
-                         index=0 if folder_name == sample_dir.name else 1)
+    split = st.selectbox("Split", ["all", "test", "val", "train"], key="review_split")
     try:
         recipe_threshold = load_recipe(run_folder).threshold
     except EngineError as err:
@@ -90,6 +93,8 @@ for epoch, result in results.items():
     b.metric("IoU", f"{result['iou']:.3f}")
     c.metric("Detection rate", "—" if result["detection_rate"] is None else f"{result['detection_rate']:.0%}")
     d.metric("False-alarm rate", "—" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.0%}")
+    if result["too_few"]:
+        st.caption(f"Note: {result['too_few']}; these rates show little.")
 
 # ---- per-image table, worst first ----------------------------------------------------------------
 first = epochs[0]

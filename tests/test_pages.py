@@ -307,9 +307,19 @@ def test_inspect_tells_when_the_chosen_run_is_gone(trained_run: str) -> None:
 # ---------------------------------------------------------------------------------------- Review
 
 
-def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> None:
+def on_the_sample_folder(at: AppTest) -> AppTest:
+    """Review the sample folder, all of it (a run starts on its own dataset's test split)."""
+    at.sidebar.selectbox(key="review_folder").set_value(config.SAMPLE_DIR.name)
+    return at.sidebar.selectbox(key="review_split").set_value("all").run()
+
+
+def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str, tiny_dataset: Path) -> None:
     at = open_page("app_pages/6_Review.py")
     at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+    # The run's own dataset, on images training did not see, not the synthetic sample folder.
+    assert at.sidebar.selectbox(key="review_folder").value == tiny_dataset.name
+    assert at.sidebar.selectbox(key="review_split").value == "test"
+    on_the_sample_folder(at)
     at.sidebar.select_slider[0].set_range(2, 2).run()
     assert not at.exception
     folder = runs.run_dir(trained_run)
@@ -337,6 +347,7 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str) -> N
 def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, restore_recipe: Path) -> None:
     at = open_page("app_pages/6_Review.py")
     at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+    on_the_sample_folder(at)
     epoch = at.sidebar.select_slider[0].value[0]
     at.number_input(key="review_goal").set_value(25.0)
     at.checkbox(key="review_bound").uncheck()
