@@ -114,6 +114,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             else:
                 print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  detected {row['n_detected']} of "
                       f"{row['n_images']} images")
+        if result["too_few"]:
+            print(f"note: {result['too_few']}; these rates show little")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

@@ -8,11 +8,12 @@ from typing import Any
 
 import numpy as np
 
+from engine import runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
 from engine.inspection import inspect
-from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score
+from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score, too_few_to_show
 from engine.progress import Progress
 from engine.recipe import Recipe, TuneStats, load_recipe
 
@@ -75,6 +76,9 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
               "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
               "model": predictor.describe(), "per_image": per_image,
               "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())}}
+    # Rates on a handful of images say little: where the set is too small to show the run's goals, say so.
+    result["too_few"] = too_few_to_show(result["n_defective"], result["n_defect_free"],
+                                        runs.goal_of(predictor.run_dir), "this set")
     if stats is not None:
         result["sweep"] = stats.table()
     return result

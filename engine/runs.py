@@ -234,6 +234,14 @@ def false_alarm_goal(info: dict[str, Any]) -> float:
     return float((info.get("params") or {}).get("max_false_alarm") or FALSE_ALARM_GOAL)
 
 
+def goal_of(folder: Path) -> float:
+    """false_alarm_goal of the run in `folder`; the default goal where its run.json cannot be read."""
+    try:
+        return false_alarm_goal(read_run_json(folder))
+    except RunNotFound:
+        return FALSE_ALARM_GOAL
+
+
 def next_steps(info: dict[str, Any]) -> list[str]:
     """What a user can do about a run that is not ready (empty for a ready run)."""
     ready, _ = readiness(info)

@@ -58,6 +58,13 @@ def test_cli_names_the_false_alarms_of_good_parts_not_a_dice(trained_run: str, t
     assert len(free) == 1 and re.fullmatch(rf"\s*{DEFECT_FREE}: false alarms \d+ of 16 images", free[0]), free
     typed = [line for line in lines if re.match(r"\s*(scratch|crack|pit|dent|inclusion|patch).*: dice", line)]
     assert typed and all(re.search(r"detected \d+ of \d+ images$", line) for line in typed), lines
+    assert not any(line.startswith("note:") for line in lines)  # 16 good and 24 defective images show the rates
+    # Its test split (2 good, 2 defective images) cannot, and evaluate says so.
+    assert main(["evaluate", "--run", trained_run, "--data", str(tiny_dataset), "--split", "test"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == ("note: this set holds 2 good images, too few to vouch for the 5% false-alarm goal (with none "
+                    "flagged, false alarms could still be 57% at 95 % confidence); it needs at least 16; these rates "
+                    "show little"), last
 
 
 def test_threshold_override_and_cli_json(trained_run: str, tiny_dataset, capsys) -> None:
