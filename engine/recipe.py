@@ -171,8 +171,7 @@ def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
 # --------------------------------------------------------------------------------------- tuning
 
 PAINTED_VALIDATION = ("validated only on defects painted onto its good images, so its detection of real defects is "
-                      "unknown: tune it on labelled real images (`python -m engine tune --run RUN --data DIR`), which "
-                      "decides whether it is ready")
+                      "unknown: a tuning on labelled real images decides whether it is ready")
 
 
 class TuneStats:

@@ -755,8 +755,9 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
     history = [row for row in runs.read_metrics(folder) if row["epoch"] <= start_epoch]
     best = {"score": max((row.get("val_score", row["val_dice"]) for row in history), default=-1.0),
             "epoch": info.get("best_epoch") if history else None, "probs": None, "truths": None}
+    painted = f" ({len(t.data.val_set.defective)} of them painted copies)" if t.data.val_painted else ""
     print(f"run {cfg.run_id}: {count_parameters(t.model):,} parameters ({init_note}), {len(t.data.train_set)} train "
-          f"({len(t.data.train_set.defective)} with a defect) / {len(t.data.val_set)} val images, device "
+          f"({len(t.data.train_set.defective)} with a defect) / {len(t.data.val_set)} val images{painted}, device "
           f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
 
     if cfg.hard_share and start_epoch:  # a resumed run looks again, so its first epoch trains on hard negatives too
@@ -884,9 +885,10 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
         else:
             ready, reason = readiness_of(chosen, cfg.max_false_alarm)
         detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
+        bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
         print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
-              f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}, goal <= {cfg.max_false_alarm:.0%})",
-              flush=True)
+              f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}{bound}, goal <= "
+              f"{cfg.max_false_alarm:.0%})", flush=True)
     elif best["epoch"] is not None:  # a resumed run that did not improve keeps its recipe and readiness
         ready, reason = info.get("ready") is not False, info.get("ready_reason")
     status = "cancelled" if stop_reason == "cancelled" else "completed"
