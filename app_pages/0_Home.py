@@ -45,8 +45,12 @@ elif not own_runs:
 else:
     latest = own_runs[0]
     dice = f"{latest['best_dice']:.3f}" if latest["best_dice"] is not None else "n/a"
-    st.info(f"Latest run **{latest['run_id']}** is {latest['status']} with best validation Dice {dice}. "
-            "Inspect it image by image, review the sample folder, or compare runs.")
+    if latest["ready"] == "no":
+        st.warning(f"Latest run **{latest['run_id']}** is {latest['status']} but **not ready**: "
+                   f"{latest['ready_reason']}. Runs, Inspect and Review give the next steps.")
+    else:
+        st.info(f"Latest run **{latest['run_id']}** is {latest['status']} with best validation Dice {dice}. "
+                "Inspect it image by image, review it on its own images, or compare runs.")
 
 # ---- pages ---------------------------------------------------------------------------------------
 columns = st.columns(3)

@@ -240,6 +240,6 @@ def overview() -> list[dict[str, Any]]:
             "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
-            "ready": runs.ready_label(run.status, run.ready),
+            "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason,
         })
     return rows

@@ -474,9 +474,12 @@ def test_a_not_ready_run_says_so_on_inspect_runs_and_review(trained_run: str) ->
     shutil.copytree(runs.run_dir(trained_run), folder, ignore=shutil.ignore_patterns("export"))
     reason = "validation false alarms 100% above the 5% goal (20 defect-free images)"
     runs.write_run_json(folder, {**runs.read_run_json(folder), "run_id": run_id, "status": "completed",
-                                 "ready": False, "ready_reason": reason})
+                                 "ready": False, "ready_reason": reason, "created_at": "2099-01-01T00:00:00+00:00"})
     registry.rebuild()
     try:
+        home = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT).run()  # the latest run, by far
+        assert f"Latest run **{run_id}** is completed but **not ready**: {reason}." in \
+            "\n".join(w.value for w in home.warning)
         for page, key in (("app_pages/4_Inspect.py", "inspect_run"), ("app_pages/6_Review.py", "review_run")):
             at = open_page(page)
             at.sidebar.selectbox(key=key).set_value(run_id).run()
