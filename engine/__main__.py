@@ -75,7 +75,10 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = next((t for t in (bool, int, float) if t in getattr(types[f.name], "__args__", (types[f.name],))), str)
-        extra = {"help": argparse.SUPPRESS if f.metadata.get("hidden") else f.metadata.get("help", "")}
+        text = f.metadata.get("help", "")
+        if f.default not in (None, "", dataclasses.MISSING) and kind is not bool and "default" not in text.lower():
+            text += f" (default: {f.default})"
+        extra = {"help": argparse.SUPPRESS if f.metadata.get("hidden") else text}
         if kind is bool:  # every boolean option defaults to on and has a --no- flag
             p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", **extra)
             continue

@@ -237,3 +237,21 @@ def test_a_resume_that_finds_a_better_epoch_keeps_the_recipe_the_user_tuned(tiny
     kept = list(folder.glob("recipe.replaced-*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["min_region_px"] == 35
     assert load_recipe(folder).min_region_px == 3
+
+
+def test_train_help_gives_every_option_its_default(capsys: pytest.CaptureFixture) -> None:
+    """The README says `train --help` lists every option with its default, declared once in TrainConfig."""
+    import dataclasses
+    import re
+
+    from engine.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata.get("hidden") or field.default in (None, "") or isinstance(field.default, bool):
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        entry = re.search(rf" {flag} [A-Z_{{}},a-z0-9-]+ (.*?)(?= --[a-z-]+ [A-Z{{]| --no-|$)", text)
+        assert entry and "default" in entry.group(1).lower(), (flag, entry and entry.group(1))
