@@ -258,6 +258,17 @@ def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_p
         assert row.ready is False and row.ready_reason == info["ready_reason"]
 
 
+def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: pytest.CaptureFixture) -> None:
+    from engine.__main__ import main
+
+    assert main(["runs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "status", "ready", "epochs", "best", "validation"]
+    ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
+    line = next(line for line in lines if line.startswith(trained_run))
+    assert not ready and line.endswith(f"(not ready: {reason})")  # the fixture's validation is too small
+
+
 def test_an_older_registry_gains_the_new_columns_and_keeps_its_rows(tmp_path) -> None:
     import sqlite3
 
