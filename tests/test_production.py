@@ -265,7 +265,7 @@ def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: 
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "status", "ready", "epochs", "best", "validation"]
     ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
-    line = next(line for line in lines if line.startswith(trained_run))
+    line = next(line for line in lines if line.split()[0] == trained_run)  # not a copy named after it
     assert not ready and line.endswith(f"(not ready: {reason})")  # the fixture's validation is too small
 
 
