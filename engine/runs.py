@@ -231,7 +231,8 @@ def validation_decides(info: dict[str, Any]) -> bool:
 
 def false_alarm_goal(info: dict[str, Any]) -> float:
     """The false-alarm goal a run was trained to (what `tune` and the Review page hold it to unless told otherwise)."""
-    return float((info.get("params") or {}).get("max_false_alarm") or FALSE_ALARM_GOAL)
+    goal = (info.get("params") or {}).get("max_false_alarm")
+    return FALSE_ALARM_GOAL if goal is None else float(goal)  # a goal of 0 is a goal
 
 
 def goal_of(folder: Path) -> float:

@@ -204,6 +204,7 @@ def test_a_run_validated_on_too_few_images_is_judged_by_a_tuning_and_says_so() -
     assert len(steps) == 2 and "tune --run r" in steps[0] and "at least 3 defective and 16 good" in steps[1]
     missed = {**info, "ready_reason": "validation detection 0% below 50% (1 defective images)"}
     assert runs.next_steps(missed)[0].startswith("train longer") and "tune --run r" in runs.next_steps(missed)[2]
+    assert runs.false_alarm_goal({"params": {"max_false_alarm": 0.0}}) == 0.0 and runs.false_alarm_goal({}) == 0.05
     enough = {**info, "best_val": {"n_defective": 5, "n_defect_free": 58}, "ready_reason": "x"}
     assert runs.validation_decides(enough) and not any("tune" in step for step in runs.next_steps(enough))
 
