@@ -27,7 +27,7 @@ import numpy as np
 
 from engine import runs
 from engine.errors import EngineError
-from engine.metrics import FALSE_ALARM_GOAL, too_few_to_show, wilson_upper
+from engine.metrics import too_few_to_show, wilson_upper
 from engine.progress import Progress
 from engine.storage import atomic_write_json
 
@@ -378,7 +378,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     except EngineError:
         info = {}
     if max_false_alarm is None:
-        max_false_alarm = runs.false_alarm_goal(info) if info else FALSE_ALARM_GOAL
+        max_false_alarm = runs.false_alarm_goal(info)
     seen = {id(s) for s in seen_in_training((info.get("dataset") or {}).get("path"), samples)}
     if seen and len(seen) == len(samples):
         raise RecipeError(f"all {len(samples)} tuning images are images training saw (its train and val splits); "

@@ -281,9 +281,7 @@ def test_tuning_without_defect_free_images_says_so() -> None:
 
 def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_dataset: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    from engine import runs
-
-    from engine import runstore
+    from engine import runs, runstore
 
     run_dir = runs.resolve_run(trained_run)
     before = (run_dir / "recipe.json").read_bytes() if (run_dir / "recipe.json").is_file() else None
