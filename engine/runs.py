@@ -57,12 +57,15 @@ def runs_with_models() -> dict[str, Path]:
             if (folder / "best.pth").is_file() or epochs_saved(folder)}
 
 
+def own_runs_with_model() -> list[Path]:
+    """Run folders with a best.pth, newest first, the shipped demo excluded (what `latest` picks from)."""
+    return [p for p in list_run_dirs() if p != config.DEMO_RUN_DIR and (p / "best.pth").is_file()]
+
+
 def newest_ready_run() -> Path | None:
     """The ready run (see `readiness`) that finished last, the shipped demo excluded; None if there is none."""
     finished = []
-    for folder in list_run_dirs():
-        if folder == config.DEMO_RUN_DIR or not (folder / "best.pth").is_file():
-            continue
+    for folder in own_runs_with_model():
         try:
             info = _cached_run_json(folder / "run.json", (folder / "run.json").stat().st_mtime_ns)
         except (OSError, RunNotFound):
@@ -75,7 +78,7 @@ def newest_ready_run() -> Path | None:
 def newer_not_ready(folder: Path) -> tuple[str, str] | None:
     """(run id, why not ready) of the newest run with a model, where it is newer than `folder` and not ready: the
     run a user most likely expects to answer, and why another does; None otherwise."""
-    newest = [p for p in list_run_dirs() if p != config.DEMO_RUN_DIR and (p / "best.pth").is_file()]
+    newest = own_runs_with_model()
     if not newest or newest[0] == folder:
         return None
     try:
@@ -102,7 +105,7 @@ def resolve_run(run: str | None) -> Path:
             return ready
         run = "demo"
     if run == "latest":
-        with_model = [p for p in list_run_dirs() if (p / "best.pth").is_file() and p != config.DEMO_RUN_DIR]
+        with_model = own_runs_with_model()
         if with_model:
             return with_model[0]
         run = "demo"
