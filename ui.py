@@ -14,6 +14,7 @@ import numpy as np
 import streamlit as st
 
 from engine import runs, synth
+from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
 from engine.progress import Progress, describe
@@ -147,10 +148,16 @@ def epoch_label(epoch: int | str) -> str:
     return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
 
 
-def own_dataset(info: dict[str, Any], choices: dict[str, Path]) -> str | None:
-    """The name under which `choices` offers the folder the run trained on, if it does."""
+def own_test_set(info: dict[str, Any], choices: dict[str, Path]) -> str | None:
+    """The name under which `choices` offers the folder the run trained on, where that folder has a test split
+    (images training did not see); None otherwise."""
     trained_on = Path((info.get("dataset") or {}).get("path") or "/nonexistent").resolve()
-    return next((name for name, path in choices.items() if path.resolve() == trained_on), None)
+    name = next((name for name, path in choices.items() if path.resolve() == trained_on), None)
+    try:
+        has_test = name is not None and any(s.split == "test" for s in scan_dataset(trained_on, validate=False).samples)
+    except EngineError:
+        return None
+    return name if has_test else None
 
 
 def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, dict[str, Any], list[int | str], int | None]:

@@ -16,7 +16,7 @@ from engine.evaluate import evaluate, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inspection import inspect
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
-from ui import epoch_label, load_predictor, own_dataset, pick_run, sample_folder
+from ui import epoch_label, load_predictor, own_test_set, pick_run, sample_folder
 
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
@@ -52,7 +52,7 @@ with st.sidebar:
         picked = (saved[0], saved[0])
     choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
     if st.session_state.get("review_folder_of") != run_id:  # a run starts on the test split of its own dataset
-        own = own_dataset(info, choices)
+        own = own_test_set(info, choices)
         st.session_state.update(review_folder_of=run_id, review_folder=own or sample_dir.name,
                                 review_split="test" if own else "all")
     folder_name = st.selectbox("Folder", list(choices), key="review_folder")

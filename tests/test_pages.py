@@ -344,6 +344,33 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str, tiny
     assert at.selectbox(key="inspect_run").value == trained_run
 
 
+def test_review_of_a_run_whose_dataset_has_no_test_split_starts_on_the_sample_folder(trained_run: str,
+                                                                                    tiny_dataset: Path) -> None:
+    import shutil
+
+    folder = config.DATA_DIR / "no-test-split"
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for image in sorted((tiny_dataset / "images").glob("*.png"))[:3]:
+        shutil.copy(image, folder / "images" / image.name)
+    (folder / "manifest.csv").write_text("id,split\n" + "".join(
+        f"{p.stem},train\n" for p in (folder / "images").glob("*.png")))
+    run_id = "20200103-000000-apptest-no-test-0000"
+    run_folder = config.RUNS_DIR / run_id
+    shutil.copytree(runs.run_dir(trained_run), run_folder, ignore=shutil.ignore_patterns("export"))
+    info = runs.read_run_json(run_folder)
+    runs.write_run_json(run_folder, {**info, "run_id": run_id, "dataset": {**info["dataset"], "path": str(folder)}})
+    registry.rebuild()
+    try:
+        at = open_page("app_pages/6_Review.py")
+        at.sidebar.selectbox(key="review_run").set_value(run_id).run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        assert at.sidebar.selectbox(key="review_folder").value == config.SAMPLE_DIR.name
+        assert at.sidebar.selectbox(key="review_split").value == "all"
+    finally:
+        runs.delete_run(run_id)
+        shutil.rmtree(folder)
+
+
 def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, restore_recipe: Path) -> None:
     at = open_page("app_pages/6_Review.py")
     at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
