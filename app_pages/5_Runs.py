@@ -25,10 +25,12 @@ if not rows:
 table = pd.DataFrame(rows)
 table["threshold"] = [verdict_threshold(runs.run_dir(r["run_id"]), r["threshold"]) for r in rows]  # the recipe's
 table["duration (min)"] = (table["duration_s"].astype(float) / 60).round(1)
-st.dataframe(table[["run_id", "status", "ready", "dataset", "epochs", "best_epoch", "best_dice", "best_iou", "threshold",
-                    "preset", "crop", "batch_size", "lr", "device", "duration (min)", "created_at", "error"]],
+st.dataframe(table[["run_id", "status", "ready", "dataset", "epochs", "best_epoch", "best_dice", "best_iou",
+                    "validated_on", "threshold", "preset", "crop", "batch_size", "lr", "device", "duration (min)",
+                    "created_at", "error"]],
              hide_index=True, key="runs_table",
-             column_config={"best_dice": st.column_config.NumberColumn(format="%.3f"),
+             column_config={"best_dice": st.column_config.NumberColumn(
+                                format="%.3f", help="validation Dice, measured on what validated_on says"),
                             "best_iou": st.column_config.NumberColumn(format="%.3f"),
                             "threshold": st.column_config.NumberColumn(format="%.2f")})
 

@@ -230,7 +230,9 @@ def cmd_runs(args: argparse.Namespace) -> None:
 
     print(f"{'run':<44} {'status':<10} {'ready':<6} {'epochs':>7}         best validation")
     for row in runstore.overview():
-        best = f"dice {row['best_dice']:.4f} @ epoch {row['best_epoch']}" if row["best_dice"] is not None else "no epochs yet"
+        best = (f"dice {row['best_dice']:.4f} @ epoch {row['best_epoch']}"
+                + (" on painted defects" if row["validated_on"] == "painted defects" else "")
+                if row["best_dice"] is not None else "no epochs yet")
         why = f"  (not ready: {row['ready_reason']})" if row["ready"] == "no" and row["ready_reason"] else ""
         print(f"{row['run_id']:<44} {row['status']:<10} {row['ready']:<6} {row['epochs']:>7} epochs  {best}{why}")
 

@@ -241,5 +241,15 @@ def overview() -> list[dict[str, Any]]:
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
             "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason,
+            "validated_on": _validated_on(run.id),
         })
     return rows
+
+
+def _validated_on(run_id: str) -> str:
+    """What a run's best_dice was measured on: "painted defects" (a set of good parts) or "real defects"."""
+    try:
+        painted = (runs.read_run_json(runs.run_dir(run_id)).get("dataset") or {}).get("val_painted")
+    except EngineError:
+        return ""
+    return "painted defects" if painted else "real defects"

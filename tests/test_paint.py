@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import config, recipe, registry, runs, synth
+from engine import config, recipe, registry, runs, runstore, synth
 from engine.__main__ import main
 from engine.errors import EngineError
 from engine.evaluate import select_samples
@@ -139,6 +139,11 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     # Painted defects alone never make a run ready; the next step says how to decide it.
     assert info["ready"] is False and runs.readiness(info)[0] is False
     assert "tune" in runs.next_steps(info)[0]
+    # Tables say its Dice was measured on painted defects, not beside real ones as if alike.
+    assert next(r for r in runstore.overview() if r["run_id"] == run_id)["validated_on"] == "painted defects"
+    capsys.readouterr()
+    assert main(["runs"]) == 0 and "on painted defects  (not ready:" in next(
+        line for line in capsys.readouterr().out.splitlines() if line.startswith(run_id))
     # Tuning on real labelled images decides, by training's own rule, and says so.
     labelled = tmp_path / "labelled"
     synth.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import config, registry, runs
+from engine import config, registry, runs, runstore
 from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
 from engine.errors import EngineError
 from engine.metrics import wilson_upper
@@ -268,6 +268,8 @@ def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: 
     ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
     line = next(line for line in lines if line.split()[0] == trained_run)  # not a copy named after it
     assert not ready and line.endswith(f"(not ready: {reason})")  # the fixture's validation is too small
+    assert "painted" not in line  # its Dice was measured on real labelled defects
+    assert next(r for r in runstore.overview() if r["run_id"] == trained_run)["validated_on"] == "real defects"
 
 
 def test_an_older_registry_gains_the_new_columns_and_keeps_its_rows(tmp_path) -> None:
