@@ -245,12 +245,16 @@ class TuneStats:
                  **{k: _clean(v[i, j]) for k, v in grid.items()}}
                 for i, t in enumerate(self.thresholds) for j, a in enumerate(self.min_areas)]
 
-    def best(self, max_false_alarm: float, confidence: float | None = None) -> dict[str, Any]:
+    def best(self, max_false_alarm: float, confidence: float | None = None, margin: bool = False) -> dict[str, Any]:
         """Highest detection rate with false-alarm rate <= max_false_alarm (ties: fewer false alarms,
         higher Dice, smaller min area, threshold nearer 0.5); `goal_met` False when no cell meets it.
 
         With `confidence` (e.g. 0.95) the goal applies to the upper confidence bound of the false-alarm rate
         rather than the rate measured on these images, so the recipe keeps the goal on new parts too.
+        With `margin`, of the cells within one standard error of the highest detection rate the most cautious one
+        wins (fewest false alarms, then fewest detections, largest min area, highest threshold): for detection
+        measured on a stand-in (painted defects), whose small differences say little about real defects, while
+        the good parts of a new day vary more than validation's (the one-standard-error rule).
         """
         if not any(self.has_defect):
             raise RecipeError("none of the tuning images has a defect, so detection cannot be measured; "
@@ -272,20 +276,26 @@ class TuneStats:
             feasible = false_alarm <= false_alarm.min() + 1e-9
         t_index, a_index = np.meshgrid(np.arange(len(self.thresholds)), np.arange(len(self.min_areas)), indexing="ij")
         # np.lexsort sorts by the last key first; negate what should be largest.
-        order = np.lexsort((
-            np.abs(self.thresholds[t_index] - 0.5).ravel(),
-            self.min_areas[a_index].ravel(),
-            -np.round(grid["dice"], 6).ravel(),
-            np.round(false_alarm, 9).ravel(),
-            -np.round(detection, 9).ravel(),
-            ~feasible.ravel(),
-        ))
+        if margin:
+            top = detection[feasible].max()
+            within = feasible & (detection >= top - math.sqrt(top * (1 - top) / sum(self.has_defect)) - 1e-9)
+            order = np.lexsort((-self.thresholds[t_index].ravel(), -self.min_areas[a_index].ravel(),
+                                np.round(detection, 9).ravel(), np.round(false_alarm, 9).ravel(), ~within.ravel()))
+        else:
+            order = np.lexsort((
+                np.abs(self.thresholds[t_index] - 0.5).ravel(),
+                self.min_areas[a_index].ravel(),
+                -np.round(grid["dice"], 6).ravel(),
+                np.round(false_alarm, 9).ravel(),
+                -np.round(detection, 9).ravel(),
+                ~feasible.ravel(),
+            ))
         i, j = t_index.ravel()[order[0]], a_index.ravel()[order[0]]
         return {"threshold": float(self.thresholds[i]), "min_region_px": int(self.min_areas[j]),
                 "detection_rate": _clean(grid["detection_rate"][i, j]),
                 "false_alarm_rate": _clean(grid["false_alarm_rate"][i, j]), "dice": _clean(grid["dice"][i, j]),
                 "false_alarm_bound": _clean(bound[i, j]), "confidence": confidence or 0.95,
-                "goal_on": "bound" if on_bound else "measured", "goal_met": goal_met,
+                "goal_on": "bound" if on_bound else "measured", "goal_met": goal_met, "cautious": margin,
                 "false_alarms_measured": measured, "max_false_alarm": max_false_alarm,
                 "n_images": len(self.has_defect), "n_defective": int(sum(self.has_defect)),
                 "n_defect_free": len(self.has_defect) - int(sum(self.has_defect))}
@@ -315,6 +325,7 @@ def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | N
     """The recipe `tune` saves: the chosen threshold and min area, the base's pixel size, no other rules."""
     tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",
                                    "dice", "goal_met", "max_false_alarm", "n_images", "n_defective", "n_defect_free")}
+    tuning["cautious"] = best.get("cautious", False)
     tuning.update(context or {})
     tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,

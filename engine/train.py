@@ -875,7 +875,7 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     ready, reason = False, "no epoch finished"
     if best["probs"] is not None:
         chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm,
-                                 PAINTED_CONFIDENCE if info["dataset"].get("val_painted") else None)
+                                 painted=info["dataset"].get("val_painted", False))
         # Validation ran at the training scale; the recipe is applied to images at their own size.
         chosen["min_region_px"] = int(round(chosen["min_region_px"] / cfg.scale**2))
         context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
@@ -886,6 +886,7 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
             ready, reason = readiness_of(chosen, cfg.max_false_alarm)
         detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
         bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
+        bound += "; the most cautious within one standard error of the most detections" if chosen["cautious"] else ""
         print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
               f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}{bound}, goal <= "
               f"{cfg.max_false_alarm:.0%})", flush=True)
@@ -910,10 +911,11 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
 
 
 def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,
-                    max_false_alarm: float, confidence: float | None = None) -> dict:
-    """The recipe training saves: on validation, the most detections with false alarms within the goal (with
-    `confidence`, their upper confidence bound), over thresholds from the best-Dice one upwards (raising it
-    trades a little Dice for fewer false alarms) and minimum region areas; ties go to the higher Dice."""
+                    max_false_alarm: float, painted: bool = False) -> dict:
+    """The recipe training saves: on validation, the most detections with false alarms within the goal, over
+    thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms) and minimum
+    region areas; ties go to the higher Dice. On `painted` validation the goal holds on the upper confidence bound
+    of false alarms and the most cautious recipe within noise of the most detections wins (TuneStats.best)."""
     thresholds = [t for t in DEFAULT_THRESHOLDS if t >= dice_threshold - 1e-9] or [dice_threshold]
     stats = TuneStats(sorted({dice_threshold, *thresholds}))
     for probability, truth in zip(probs, truths):
@@ -924,9 +926,10 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
         return {"threshold": dice_threshold, "min_region_px": 0, "detection_rate": None,
                 "false_alarm_rate": round(flagged / len(truths), 6), "dice": None,
                 "false_alarm_bound": None, "confidence": None, "goal_on": "measured", "goal_met": False,
+                "cautious": False,
                 "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
-    return stats.best(max_false_alarm, confidence)
+    return stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, margin=painted)
 
 
 def _rate(value: float | None) -> str:

@@ -136,6 +136,7 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     tuning = recipe.load_recipe(runs.run_dir(run_id)).tuning
     assert tuning["n_defect_free"] == info["dataset"]["counts"]["val"] and tuning["n_defective"] > 0
     assert tuning["goal_on"] == "bound" and tuning["confidence"] == PAINTED_CONFIDENCE
+    assert tuning["cautious"]  # painted detections are a stand-in: within noise of the most, the cautious recipe
     # Painted defects alone never make a run ready; the next step says how to decide it.
     assert info["ready"] is False and runs.readiness(info)[0] is False
     assert "tune" in runs.next_steps(info)[0]
