@@ -886,10 +886,11 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
             ready, reason = readiness_of(chosen, cfg.max_false_alarm)
         detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
         bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
-        bound += "; the most cautious within one standard error of the most detections" if chosen["cautious"] else ""
+        cautious = ("; of the recipes that meet it, the most cautious within one standard error of the most "
+                    "defects found" if chosen["cautious"] else "")
         print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
               f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}{bound}, goal <= "
-              f"{cfg.max_false_alarm:.0%})", flush=True)
+              f"{cfg.max_false_alarm:.0%}{cautious})", flush=True)
     elif best["epoch"] is not None:  # a resumed run that did not improve keeps its recipe and readiness
         ready, reason = info.get("ready") is not False, info.get("ready_reason")
     status = "cancelled" if stop_reason == "cancelled" else "completed"
