@@ -245,13 +245,13 @@ class TuneStats:
                  **{k: _clean(v[i, j]) for k, v in grid.items()}}
                 for i, t in enumerate(self.thresholds) for j, a in enumerate(self.min_areas)]
 
-    def best(self, max_false_alarm: float, confidence: float | None = None, margin: bool = False) -> dict[str, Any]:
+    def best(self, max_false_alarm: float, confidence: float | None = None, cautious: bool = False) -> dict[str, Any]:
         """Highest detection rate with false-alarm rate <= max_false_alarm (ties: fewer false alarms,
         higher Dice, smaller min area, threshold nearer 0.5); `goal_met` False when no cell meets it.
 
         With `confidence` (e.g. 0.95) the goal applies to the upper confidence bound of the false-alarm rate
         rather than the rate measured on these images, so the recipe keeps the goal on new parts too.
-        With `margin`, of the cells within one standard error of the highest detection rate the most cautious one
+        With `cautious`, of the cells within one standard error of the highest detection rate the most cautious one
         wins (fewest false alarms, then fewest detections, largest min area, highest threshold): for detection
         measured on a stand-in (painted defects), whose small differences say little about real defects, while
         the good parts of a new day vary more than validation's (the one-standard-error rule).
@@ -276,7 +276,7 @@ class TuneStats:
             feasible = false_alarm <= false_alarm.min() + 1e-9
         t_index, a_index = np.meshgrid(np.arange(len(self.thresholds)), np.arange(len(self.min_areas)), indexing="ij")
         # np.lexsort sorts by the last key first; negate what should be largest.
-        if margin:
+        if cautious:
             top = detection[feasible].max()
             within = feasible & (detection >= top - math.sqrt(top * (1 - top) / sum(self.has_defect)) - 1e-9)
             order = np.lexsort((-self.thresholds[t_index].ravel(), -self.min_areas[a_index].ravel(),
@@ -295,7 +295,7 @@ class TuneStats:
                 "detection_rate": _clean(grid["detection_rate"][i, j]),
                 "false_alarm_rate": _clean(grid["false_alarm_rate"][i, j]), "dice": _clean(grid["dice"][i, j]),
                 "false_alarm_bound": _clean(bound[i, j]), "confidence": confidence or 0.95,
-                "goal_on": "bound" if on_bound else "measured", "goal_met": goal_met, "cautious": margin,
+                "goal_on": "bound" if on_bound else "measured", "goal_met": goal_met, "cautious": cautious,
                 "false_alarms_measured": measured, "max_false_alarm": max_false_alarm,
                 "n_images": len(self.has_defect), "n_defective": int(sum(self.has_defect)),
                 "n_defect_free": len(self.has_defect) - int(sum(self.has_defect))}

@@ -930,7 +930,7 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
                 "cautious": False,
                 "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
-    return stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, margin=painted)
+    return stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, cautious=painted)
 
 
 def _rate(value: float | None) -> str:

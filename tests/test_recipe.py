@@ -234,7 +234,7 @@ def test_tuning_on_the_confidence_bound_is_stricter_than_on_the_measured_rate() 
 
 def test_on_a_stand_in_for_detection_the_most_cautious_recipe_within_noise_wins() -> None:
     """Painted validation: 18 of 20 found at the smallest area, 17 of 20 (within one standard error, 6.7 %) from
-    50 px up; with `margin` the cautious cell wins (larger area, higher threshold), without it the most detections."""
+    50 px up; with `cautious` the cautious cell wins (larger area, higher threshold), without it the most detections."""
     stats = TuneStats([0.5, 0.8], [0, 20, 50])
     for k in range(20):
         probability, truth = np.zeros((32, 32), np.float32), np.zeros((32, 32), np.uint8)
@@ -249,7 +249,7 @@ def test_on_a_stand_in_for_detection_the_most_cautious_recipe_within_noise_wins(
         stats.add(probability, np.zeros((32, 32), np.uint8))
     most = stats.best(0.05)
     assert (most["threshold"], most["min_region_px"], most["detection_rate"]) == (0.8, 0, 0.9)
-    cautious = stats.best(0.05, margin=True)
+    cautious = stats.best(0.05, cautious=True)
     assert (cautious["threshold"], cautious["min_region_px"], cautious["detection_rate"]) == (0.8, 50, 0.85)
     assert cautious["false_alarm_rate"] == 0.0 and cautious["cautious"] and not most["cautious"]
 
