@@ -16,7 +16,6 @@ import torch
 from engine import config
 from engine.errors import DatasetError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_raw, read_image, read_mask
-from engine.metrics import FALSE_ALARM_GOAL, MIN_DEFECTIVE, good_images_needed
 
 SPLITS = ("train", "val", "test")
 # (image, rng) -> (painted image, mask, types drawn): engine.paint.paint
@@ -104,28 +103,19 @@ def stratified_splits(items: list[tuple[str, bool]]) -> dict[str, str]:
     within the good ones apart, train gives val one image when it has none (from 2 images of the kind) and test
     one (from 3), lowest hash first, so a handful of labelled defects never all land in train; and val and test
     each give back to train what they hold beyond a tenth of the kind (at least one), highest hash first, so that
-    a handful never mostly leaves train either (6 defects: 4 train, 1 val, 1 test). Where a kind can spare them,
-    val holds the images it needs to vouch for a run (val_evidence; 12 defects: 8 train, 3 val, 1 test)."""
+    a handful never mostly leaves train either (6 defects: 4 train, 1 val, 1 test)."""
     splits = {sample_id: split_for_id(sample_id) for sample_id, _ in items}
     for kind in (True, False):
         ids = sorted((i for i, defective in items if defective == kind),
                      key=lambda i: hashlib.sha1(i.encode()).hexdigest())
         for split, needed in (("val", 2), ("test", 3)):
-            floor = max(int(len(ids) >= needed), val_evidence(kind, len(ids)) if split == "val" else 0)
+            train = [i for i in ids if splits[i] == "train"]
+            if len(ids) >= needed and train and not any(splits[i] == split for i in ids):
+                splits[train[0]] = split
             held = [i for i in ids if splits[i] == split]
-            for moved in [i for i in ids if splits[i] == "train"][:max(0, floor - len(held))]:
-                splits[moved] = split
-            held = [i for i in ids if splits[i] == split]
-            for extra in held[max(1, floor, round(len(ids) * 0.1)):]:
+            for extra in held[max(1, round(len(ids) * 0.1)):]:
                 splits[extra] = "train"
     return splits
-
-
-def val_evidence(defective: bool, count: int) -> int:
-    """How many images of a kind validation needs to vouch for a run at the default goal (metrics.too_few_to_show)
-    where a set's `count` images of that kind can spare them (at most 30 % of them); else 0."""
-    needed = MIN_DEFECTIVE if defective else good_images_needed(FALSE_ALARM_GOAL)
-    return needed if needed <= 0.3 * count else 0
 
 
 def image_folder(root: Path) -> Path:

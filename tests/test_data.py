@@ -16,7 +16,6 @@ from engine.data import (
     stratified_splits,
 )
 from engine.errors import DatasetError
-from engine.metrics import FALSE_ALARM_GOAL, MIN_DEFECTIVE, good_images_needed, too_few_to_show
 
 
 def write_pair(root, sample_id, size=(32, 48), mask_size=None, defect=True, ext=".png", image=None):
@@ -92,14 +91,6 @@ def test_a_handful_of_defects_without_a_manifest_reaches_val_and_test(tmp_path) 
         split = stratified_splits([(name, k < 6) for k, name in enumerate(names)])
         defects = sorted(split[name] for name in names[:6])
         assert defects == ["test", "train", "train", "train", "train", "val"], (offset, defects)
-    # A dozen defects among 150 good parts (a line's first labels): val gets what it needs to vouch for a run
-    # (3 defective, 16 good at the 5 % goal), so the run can become ready; train keeps two thirds of the defects.
-    names = [f"part-{i}" for i in range(162)]
-    split = stratified_splits([(name, k < 12) for k, name in enumerate(names)])
-    val = [k < 12 for k, name in enumerate(names) if split[name] == "val"]
-    assert val.count(True) == MIN_DEFECTIVE and val.count(False) == good_images_needed(FALSE_ALARM_GOAL) == 16
-    assert too_few_to_show(val.count(True), val.count(False), FALSE_ALARM_GOAL) is None
-    assert [split[name] for name in names[:12]].count("train") == 8
 
 
 def test_a_plain_folder_of_images_is_a_set_of_good_parts(tmp_path) -> None:
