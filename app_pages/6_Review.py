@@ -95,6 +95,8 @@ for epoch, result in results.items():
     d.metric("False-alarm rate", "—" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.0%}")
     if result["too_few"]:
         st.caption(f"Note: {result['too_few']}; these rates show little.")
+    if result["goal_missed"]:
+        st.warning(f"{result['goal_missed'][0].upper()}{result['goal_missed'][1:]}.")
 
 # ---- per-image table, worst first ----------------------------------------------------------------
 first = epochs[0]

@@ -119,6 +119,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
                       f"{row['n_images']} images")
         if result["too_few"]:
             print(f"note: {result['too_few']}; these rates show little")
+        if result["goal_missed"]:
+            print(f"note: {'the run is ready (judged on its validation), but ' if model['ready'] else ''}"
+                  f"{result['goal_missed']}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:

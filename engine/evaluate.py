@@ -15,7 +15,7 @@ from engine.inference import Predictor
 from engine.inspection import inspect
 from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score, too_few_to_show
 from engine.progress import Progress
-from engine.recipe import Recipe, TuneStats, load_recipe
+from engine.recipe import Recipe, TuneStats, goal_missed, load_recipe
 
 # per_type keys of images whose manifest names no defect type
 UNTYPED, DEFECT_FREE = "defect (type not given)", "defect-free"
@@ -77,8 +77,11 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
               "model": predictor.describe(), "per_image": per_image,
               "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())}}
     # Rates on a handful of images say little: where the set is too small to show the run's goals, say so.
-    result["too_few"] = too_few_to_show(result["n_defective"], result["n_defect_free"],
-                                        runs.goal_of(predictor.run_dir), "this set")
+    goal = runs.goal_of(predictor.run_dir)
+    result["too_few"] = too_few_to_show(result["n_defective"], result["n_defect_free"], goal, "this set")
+    # Readiness was judged on the run's validation; a set large enough to show that the run misses its goals says so.
+    result["goal_missed"] = (goal_missed(result, goal, "on this set,")
+                             if result["n_defective"] and result["too_few"] is None else None)
     if stats is not None:
         result["sweep"] = stats.table()
     return result

@@ -352,13 +352,14 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
 def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None]:
     """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why: it meets the goals
     on images enough to show them."""
-    reason = (_goal_missed(chosen, max_false_alarm)
+    reason = (goal_missed(chosen, max_false_alarm)
               or too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm))
     return reason is None, reason
 
 
-def _goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
-    """Which goal a recipe misses on the images it was chosen on (`where`), in words; None when it meets them."""
+def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
+    """Which goal a recipe misses on a set of images (`where`: the validation it was chosen on, a tuning set, a set
+    evaluated), in words; None when it meets them."""
     detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
     if detection is None:
         return f"the {where} images hold no defect, so detection could not be measured"
@@ -411,7 +412,7 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
     """Readiness of a run judged by a tuning (its validation could not decide): readiness_of, with the goal held on
     the upper confidence bound of false alarms as training holds painted runs to it, whatever the tuning's own
     --confidence."""
-    reason = _goal_missed(best, max_false_alarm, "tuning")
+    reason = goal_missed(best, max_false_alarm, "tuning")
     bound = best.get("false_alarm_bound")
     if reason is None and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
         shown = "unknown" if bound is None else f"{bound:.1%}"
