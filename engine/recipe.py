@@ -349,11 +349,11 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
     return notes
 
 
-def readiness_of(chosen: dict, max_false_alarm: float) -> tuple[bool, str | None]:
-    """Whether a recipe chosen on validation makes an inspector worth serving, and if not, why: it meets the goals
-    on images enough to show them."""
-    reason = (goal_missed(chosen, max_false_alarm)
-              or too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm))
+def readiness_of(chosen: dict, max_false_alarm: float, where: str = "validation") -> tuple[bool, str | None]:
+    """Whether a recipe chosen on labelled images (`where`: validation, a tuning set) makes an inspector worth serving,
+    and if not, why: it meets the goals on images enough to show them."""
+    reason = (goal_missed(chosen, max_false_alarm, where)
+              or too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm, where))
     return reason is None, reason
 
 
@@ -424,20 +424,27 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
 
 
 def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> str | None:
-    """A run whose validation could not decide (defects painted, none or too few real ones there) is judged
-    by a tuning on real labelled images, defective and good: ready when that recipe meets the goal there, on the
-    upper bound of its false alarms (training's rule, tuning_readiness). Returns what changed, in words, or None
-    where tuning does not decide."""
+    """A finished run's readiness after a tuning on real labelled images, defective and good; returns what it is now,
+    in words, or None where the tuning does not decide. The recipe tune saves is the one served from now on, so:
+    - a run whose validation could not decide (defects painted, none or too few real ones there) is ready when the
+      recipe meets the goal on the upper bound of its false alarms (training's rule for it, tuning_readiness);
+    - a run its validation judged is judged again by the same rule as validation (readiness_of), where the tuning
+      set is large enough to show the goals; on fewer images validation's judgement stands."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
         info = runs.read_run_json(run_dir)
     except EngineError:
         return None
-    if (runs.validation_decides(info) or info.get("status") != "completed"
-            or not best.get("n_defective") or not best.get("n_defect_free")):
+    if info.get("status") != "completed" or not best.get("n_defective") or not best.get("n_defect_free"):
         return None
-    ready, reason = tuning_readiness(best, max_false_alarm)
+    if not runs.validation_decides(info):
+        ready, reason = tuning_readiness(best, max_false_alarm)
+    elif too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm) is None:
+        ready, reason = readiness_of(best, max_false_alarm, "tuning")
+    else:
+        return None
     runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)")
-    return (f"run {run_dir.name} is now ready (tuned on real images)" if ready
-            else f"run {run_dir.name} is not ready: {reason} (tuned on real images)")
+    was = "still" if info.get("ready") is ready else ("now" if ready else "no longer")
+    return (f"run {run_dir.name} is {was} ready (tuned on real images)" if ready
+            else f"run {run_dir.name} is {'not' if was == 'still' else was} ready: {reason} (tuned on real images)")

@@ -238,6 +238,39 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     assert after["ready_reason"].endswith("(tuned on real images)")
 
 
+@pytest.mark.slow
+def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation_judged_ready(tmp_path) -> None:
+    from engine import synth
+    from engine.evaluate import select_samples
+    from engine.inference import Predictor
+    from engine.recipe import tune_run
+
+    data = tmp_path / "vouching"  # validation of 4 defective and 16 good images can vouch (too_few_to_show)
+    synth.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)
+    run_id = train(TrainConfig(data=str(data), epochs=3, init="pretrained", crop=64, batch_size=8,
+                               steps_per_epoch=8, name="judged"))
+    info = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert runs.validation_decides(info) and info["ready"] is True, info["ready_reason"]
+    # Unseen images where good and defective parts are pixel for pixel the same: any recipe flags both or neither.
+    same = write_set(tmp_path / "same", n_defective=4, n_clean=16, splits=("test",), seed=3)
+    image = cv2.imread(str(same / "images" / "im000.png"))
+    for path in (same / "images").iterdir():
+        cv2.imwrite(str(path), image)
+    _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(same), "test"), 0.05)
+    after = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert after["ready"] is False and best["readiness"].startswith(f"run {run_id} is no longer ready: tuning ")
+    assert after["ready_reason"].endswith("(tuned on real images)") and registry.get_run(run_id).ready is False
+    # The recipe served is the one tuned: a tuning on unseen images that meets the goals makes it ready again.
+    fresh = tmp_path / "fresh"
+    synth.generate_dataset(fresh, 100, seed=6, params=synth.SynthParams(size=64, defect_free=0.6), workers=1)
+    _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(fresh), "all"), 0.05)
+    assert best["readiness"] == f"run {run_id} is now ready (tuned on real images)", best
+    assert runs.read_run_json(config.RUNS_DIR / run_id)["ready"] is True
+    # A tuning set too small to show the goals leaves validation's judgement as it is.
+    _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(same), "test")[:6], 0.05)
+    assert best.get("readiness") is None and runs.read_run_json(config.RUNS_DIR / run_id)["ready"] is True
+
+
 def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_path) -> None:
     # Defective and defect-free images are pixel for pixel the same, so any recipe flags both or neither:
     # false alarms 100 % or detection 0 %, never ready.
