@@ -117,11 +117,28 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             else:
                 print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  detected {row['n_detected']} of "
                       f"{row['n_images']} images")
+        if args.per_image:
+            _print_per_image(per_image)
         if result["too_few"]:
             print(f"note: {result['too_few']}; these rates show little")
         if result["goal_missed"]:
             print(f"note: {'the run is ready (judged on its validation), but ' if model['ready'] else ''}"
                   f"{result['goal_missed']}")
+
+
+def _print_per_image(rows: list[dict]) -> None:
+    """One line per image, the wrong verdicts first (missed defects, then false alarms), each by its score."""
+    def outcome(row: dict) -> str:
+        if row["has_defect"]:
+            return "found" if row["flagged"] else "MISSED"
+        return "FALSE ALARM" if row["flagged"] else "passed"
+
+    order = {"MISSED": 0, "FALSE ALARM": 1, "found": 2, "passed": 3}
+    print(f"{'image':>18}  {'truth':<6} {'outcome':<11} {'max prob':>8} {'regions':>7} {'largest px':>10} {'dice':>6}")
+    for row in sorted(rows, key=lambda r: (order[outcome(r)], -r["score"])):
+        dice = f"{row['dice']:.3f}" if row["has_defect"] else "-"
+        print(f"{row['id']:>18}  {'defect' if row['has_defect'] else 'good':<6} {outcome(row):<11} "
+              f"{row['max_score']:>8.3f} {row['regions']:>7} {row['largest_region_px']:>10} {dice:>6}")
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
@@ -316,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     p.add_argument("--threshold", type=_unit_float)
-    p.add_argument("--per-image", action="store_true")
+    p.add_argument("--per-image", action="store_true",
+                   help="one line per image (missed defects and false alarms first); with --json, a per_image list")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 

@@ -65,6 +65,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
             "false_positive_px": int(np.logical_and(pred, truth == 0).sum()),
             "missed_px": int(np.logical_and(~pred, truth > 0).sum()),
             "max_score": float(probability.max()), "score": image_score(probability, recipe.threshold),
+            "regions": len(inspection.regions), "largest_region_px": max((r.area_px for r in inspection.regions),
+                                                                         default=0),
             "defect_types": sample.defect_types,
         })
         if stats is not None:

@@ -72,6 +72,27 @@ def test_cli_names_the_false_alarms_of_good_parts_not_a_dice(trained_run: str, t
                     "show little"), last
 
 
+def test_cli_per_image_lists_every_image_wrong_verdicts_first(trained_run: str, tiny_dataset, capsys) -> None:
+    assert main(["evaluate", "--run", trained_run, "--data", str(tiny_dataset), "--split", "all", "--json",
+                 "--per-image"]) == 0
+    rows = json.loads(capsys.readouterr().out)["per_image"]
+    assert main(["evaluate", "--run", trained_run, "--data", str(tiny_dataset), "--split", "all", "--per-image"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:3] == ["image", "truth", "outcome"])
+    table = [line.split() for line in lines[header + 1:header + 1 + len(rows)]]
+    assert sorted(cells[0] for cells in table) == sorted(row["id"] for row in rows)
+    expected = {row["id"]: ("MISSED" if row["has_defect"] and not row["flagged"] else
+                            "FALSE" if row["flagged"] and not row["has_defect"] else
+                            "found" if row["has_defect"] else "passed") for row in rows}
+    outcomes = [cells[2] for cells in table]
+    assert all(expected[cells[0]] == cells[2] for cells in table)
+    rank = {"MISSED": 0, "FALSE": 1, "found": 2, "passed": 3}
+    assert [rank[o] for o in outcomes] == sorted(rank[o] for o in outcomes)  # the wrong verdicts first
+    by_id = {row["id"]: row for row in rows}
+    assert all(int(cells[-2]) == by_id[cells[0]]["largest_region_px"] for cells in table)
+    assert all((by_id[cells[0]]["largest_region_px"] > 0) == by_id[cells[0]]["flagged"] for cells in table)
+
+
 def test_threshold_override_and_cli_json(trained_run: str, tiny_dataset, capsys) -> None:
     code = main(["evaluate", "--run", trained_run, "--data", str(tiny_dataset), "--split", "all",
                  "--threshold", "0.99", "--json"])
