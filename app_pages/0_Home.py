@@ -71,10 +71,10 @@ else:
 
 st.subheader("Runs")
 if run_rows:
-    st.dataframe(pd.DataFrame(run_rows)[["run_id", "status", "dataset", "epochs", "best_epoch", "best_dice",
-                                         "best_iou", "created_at"]],
-                 hide_index=True, column_config={"best_dice": st.column_config.NumberColumn(format="%.3f"),
-                                                 "best_iou": st.column_config.NumberColumn(format="%.3f")})
+    st.dataframe(pd.DataFrame(run_rows)[["run_id", "status", "ready", "dataset", "epochs", "best_epoch", "best_dice",
+                                         "validated_on", "ready_reason", "created_at"]],
+                 hide_index=True, column_config={"best_dice": st.column_config.NumberColumn(
+                     format="%.3f", help="validation Dice, measured on what validated_on says")})
 else:
     st.caption("No runs yet: train one on the Train page.")
 

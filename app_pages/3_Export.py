@@ -10,7 +10,7 @@ from engine import bench, export, jobs, runs, serving
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 from engine.progress import part
-from ui import progress_bar
+from ui import progress_bar, readiness_notice
 
 st.title(":material/inventory_2: Export")
 st.caption("ONNX for plain CPUs: checked against PyTorch on real images. INT8 (static, per-channel) is kept only "
@@ -26,6 +26,10 @@ run_id = left.selectbox("Run", list(folders), key="export_run")
 folder = folders[run_id]
 epochs = ["best", *[str(e) for e in reversed(runs.epochs_saved(folder))]]
 epoch = right.selectbox("Epoch", epochs, key="export_epoch", help="'best' is the best validation epoch")
+try:
+    readiness_notice(runs.read_run_json(folder))  # an exported model is served as is: say first if it is not ready
+except EngineError as err:
+    st.warning(str(err))
 a, b, c = st.columns(3)
 int8 = a.checkbox("Also quantize to INT8", value=True, key="export_int8")
 max_drop = b.number_input("Largest accepted Dice drop (INT8 vs fp32)", min_value=0.0, max_value=1.0, value=0.01,

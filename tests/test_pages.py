@@ -78,6 +78,10 @@ def test_home_creates_sample_folder_and_lists_runs(trained_run: str) -> None:
     assert all(a.kind in ("onnx", "int8") and Path(a.path).is_file() for a in registry.list_exports())
     run_table = at.dataframe[1].value
     assert trained_run in set(run_table["run_id"])
+    # Whether each run may be served, and why not, where a user looks first.
+    row = run_table.set_index("run_id").loc[trained_run]
+    info = runs.read_run_json(runs.run_dir(trained_run))
+    assert row["ready"] == ("yes" if info["ready"] else "no") and row["ready_reason"] == info["ready_reason"]
     links = {link.proto.page for link in at.get("page_link")}
     assert {"Generate_Data", "Train", "Inspect", "Runs", "Review"} <= links
 
