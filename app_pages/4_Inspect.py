@@ -20,7 +20,16 @@ from engine.inspection import Inspection, inspect
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
 from engine.serving import available_backends
-from ui import epoch_label, for_display, load_predictor, pick_run, probability_cache, progress_bar, sample_folder
+from ui import (
+    epoch_label,
+    for_display,
+    load_predictor,
+    own_test_set,
+    pick_run,
+    probability_cache,
+    progress_bar,
+    sample_folder,
+)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
@@ -54,8 +63,9 @@ except EngineError as err:
 # A request from the Review page: open this run, epochs and sample.
 request = st.session_state.pop("inspect_request", None)
 if request:
-    st.session_state.update({"inspect_run": request["run"], "inspect_source": "Sample folder",
-                             "inspect_sample": request["sample"], "inspect_folder": request.get("folder")})
+    st.session_state.update({"inspect_run": request["run"], "inspect_source": "A folder",
+                             "inspect_sample": request["sample"], "inspect_folder": request.get("folder"),
+                             "inspect_folder_of": request["run"]})
     # A fresh widget key lets the requested epochs be the slider's default value.
     st.session_state["inspect_nonce"] = st.session_state.get("inspect_nonce", 0) + 1
     st.session_state["inspect_epochs_request"] = tuple(request.get("epochs") or ())
@@ -110,15 +120,19 @@ if backend != "torch":
     st.caption(f"The {backend} export holds one model; the epoch slider does not apply.")
 
 # ---- the image -----------------------------------------------------------------------------------
-source = st.radio("Image", ["Sample folder", "Upload"], horizontal=True, key="inspect_source")
+source = st.radio("Image", ["A folder", "Upload"], horizontal=True, key="inspect_source")
 truth: np.ndarray | None = None
 has_mask_file = False
-if source == "Sample folder":
+if source == "A folder":
     folder_choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
+    if st.session_state.get("inspect_folder_of") != run_id:  # a run starts on the test split of its own dataset
+        st.session_state.update(inspect_folder_of=run_id,
+                                inspect_folder=own_test_set(info, folder_choices) or sample_dir.name)
     if st.session_state.get("inspect_folder") not in folder_choices:
         st.session_state["inspect_folder"] = sample_dir.name
     picked_folder = st.selectbox("Folder", list(folder_choices), key="inspect_folder",
-                                 help="The sample folder, or any dataset folder with images/ and masks/")
+                                 help="A run starts on the test split of its own dataset (images training did "
+                                      "not see); or the sample folder, or any dataset folder")
     try:
         samples = {s.id: s for s in scan_dataset(folder_choices[picked_folder], validate=False).samples}
     except EngineError as err:
@@ -126,7 +140,10 @@ if source == "Sample folder":
         st.stop()
     if st.session_state.get("inspect_sample") not in samples:
         st.session_state.pop("inspect_sample", None)
-        st.session_state["inspect_sample"] = next((i for i, s in samples.items() if s.mask_path), next(iter(samples)))
+        # A labelled defect training did not see, where there is one.
+        labelled = [i for i, s in samples.items() if s.defective]
+        st.session_state["inspect_sample"] = next((i for i in labelled if samples[i].split == "test"),
+                                                  next(iter(labelled or samples)))
     sample_id = st.selectbox("Sample", list(samples), key="inspect_sample",
                              format_func=lambda i: f"{i} — {samples[i].kind}")
     sample = samples[sample_id]
@@ -134,7 +151,7 @@ if source == "Sample folder":
 else:
     upload = st.file_uploader("Image file", type=UPLOAD_TYPES, key="inspect_upload")
     if upload is None:
-        st.info("Upload a PNG, JPEG, BMP or TIFF image (up to 20 MB), or switch to the sample folder.")
+        st.info("Upload a PNG, JPEG, BMP or TIFF image (up to 20 MB), or switch to a folder.")
         st.stop()
     raw, name, sample = upload.getvalue(), upload.name, None
 try:

@@ -58,9 +58,10 @@ def restore_recipe(trained_run: str):
         path.write_bytes(before)
 
 
-def sample_with_mask() -> data.Sample:
-    """The first sample of the sample folder that has a mask (the one Inspect opens by default)."""
-    return next(s for s in data.scan_dataset(config.SAMPLE_DIR, validate=False).samples if s.mask_path)
+def sample_with_mask(run_id: str) -> data.Sample:
+    """The image Inspect opens for a run: the first labelled defect of the test split of the run's own dataset."""
+    trained_on = runs.read_run_json(runs.run_dir(run_id))["dataset"]["path"]
+    return next(s for s in data.scan_dataset(trained_on, validate=False).samples if s.defective and s.split == "test")
 
 
 # ---------------------------------------------------------------------------------------- Home
@@ -228,7 +229,9 @@ def test_inspect_dice_equals_engine_dice(trained_run: str) -> None:
     at.sidebar.slider[0].set_value(0.3)
     at.run()
     assert not at.exception
-    sample = sample_with_mask()
+    sample = sample_with_mask(trained_run)  # a run opens on its own dataset's test split, not the sample folder
+    assert at.selectbox(key="inspect_folder").value == Path(runs.read_run_json(runs.run_dir(trained_run))[
+        "dataset"]["path"]).name != config.SAMPLE_DIR.name
     assert at.selectbox(key="inspect_sample").value == sample.id
     predictor = Predictor(runs.run_dir(trained_run), 2)
     pred = predictor.predict_proba(read_image(sample.image_path)) >= 0.3
@@ -261,7 +264,7 @@ def test_inspect_threshold_reuses_probabilities(trained_run: str, monkeypatch: p
         assert not at.exception
     assert calls == [], "moving the threshold ran the network again"
     monkeypatch.undo()
-    sample = sample_with_mask()
+    sample = sample_with_mask(trained_run)
     epoch = at.sidebar.select_slider[0].value[0]
     probability = Predictor(runs.run_dir(trained_run), epoch).predict_proba(read_image(sample.image_path))
     expected = dice_score(probability >= 0.6, read_mask(sample.mask_path))
@@ -277,7 +280,7 @@ def test_inspect_compares_two_epochs(trained_run: str) -> None:
     assert not at.exception
     assert {"Dice (epoch 1)", "Dice (epoch 2)"} <= {m.label for m in at.metric}
     assert "Difference: epoch 1 vs epoch 2" in texts(at)
-    sample = sample_with_mask()
+    sample = sample_with_mask(trained_run)
     image = read_image(sample.image_path)
     masks = [Predictor(runs.run_dir(trained_run), e).predict_proba(image) >= 0.4 for e in (1, 2)]
     expected = mask_difference(*masks)
@@ -488,7 +491,7 @@ def test_inspect_run_with_only_best_checkpoint(trained_run: str) -> None:
         at.sidebar.selectbox(key="inspect_run").set_value("apptest-best-only").run()
         assert not at.exception
         assert not at.sidebar.select_slider  # one model, nothing to slide
-        sample = sample_with_mask()
+        sample = sample_with_mask(trained_run)
         threshold = load_recipe(folder).threshold  # the sliders start at the recipe's threshold
         pred = Predictor(folder, "best").predict_proba(read_image(sample.image_path)) >= threshold
         assert metric(at, "Dice (best)") == f"{dice_score(pred, read_mask(sample.mask_path)):.4f}"
