@@ -884,13 +884,7 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
             ready, reason = False, PAINTED_VALIDATION
         else:
             ready, reason = readiness_of(chosen, cfg.max_false_alarm)
-        detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
-        bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
-        cautious = ("; of the recipes that meet it, the most cautious within one standard error of the most "
-                    "defects found" if chosen["cautious"] else "")
-        print(f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
-              f"detection {_rate(detection)}, false alarms {_rate(false_alarm)}{bound}, goal <= "
-              f"{cfg.max_false_alarm:.0%}{cautious})", flush=True)
+        print(recipe_line(chosen), flush=True)
     elif best["epoch"] is not None:  # a resumed run that did not improve keeps its recipe and readiness
         ready, reason = info.get("ready") is not False, info.get("ready_reason")
     status = "cancelled" if stop_reason == "cancelled" else "completed"
@@ -931,6 +925,21 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
                 "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
     return stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, cautious=painted)
+
+
+def recipe_line(chosen: dict) -> str:
+    """The log line that says which recipe training chose on validation, and by which rule."""
+    bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
+    if chosen["detection_rate"] is not None and not chosen["goal_met"]:
+        rule = "; no recipe meets it: of those with the fewest false alarms, "
+        rule += "the most cautious within one standard error of the most defects found" if chosen["cautious"] else \
+            "the most defects found"
+    else:
+        rule = ("; of the recipes that meet it, the most cautious within one standard error of the most defects found"
+                if chosen["cautious"] else "")
+    return (f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
+            f"detection {_rate(chosen['detection_rate'])}, false alarms {_rate(chosen['false_alarm_rate'])}{bound}, "
+            f"goal <= {chosen['max_false_alarm']:.0%}{rule})")
 
 
 def _rate(value: float | None) -> str:

@@ -217,6 +217,29 @@ def test_validation_without_defects_still_counts_false_alarms_on_its_good_images
                                                  "measured")
 
 
+def test_the_recipe_line_says_when_no_recipe_meets_the_goal() -> None:
+    """On painted validation the goal holds on the 95 % bound: 30 good images cannot show 5 % (with none flagged,
+    8 % at 95 %), and the log must not say the recipe meets it."""
+    import numpy as np
+
+    from engine.train import recipe_line, training_recipe
+
+    defects = [np.zeros((32, 32), np.float32) for _ in range(10)]
+    truths = [np.zeros((32, 32), np.uint8) for _ in range(40)]
+    for probability, truth in zip(defects, truths):
+        probability[8:16, 8:16], truth[8:16, 8:16] = 0.95, 1
+    good = [np.zeros((32, 32), np.float32) for _ in range(30)]
+    good[0][4:20, 4:20] = 1.0  # flagged at every threshold and minimum area
+    chosen = training_recipe(defects + good, truths, 0.5, 0.05, painted=True)
+    assert chosen["goal_met"] is False and chosen["false_alarm_bound"] > 0.05
+    line = recipe_line(chosen)
+    assert "no recipe meets it: of those with the fewest false alarms, the most cautious" in line, line
+    assert "of the recipes that meet it" not in line
+    good[0][:] = 0.0  # 90 good images, none flagged, are enough
+    chosen = training_recipe(defects + good * 3, truths + truths[10:] * 2, 0.5, 0.05, painted=True)
+    assert chosen["goal_met"] and "; of the recipes that meet it, the most cautious" in recipe_line(chosen)
+
+
 def test_a_resume_that_finds_a_better_epoch_keeps_the_recipe_the_user_tuned(tiny_dataset) -> None:
     """Training saves its own recipe for a new best epoch; one the user tuned is kept beside it, not lost."""
     import json
