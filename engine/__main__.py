@@ -211,6 +211,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"{'threshold':>9} {'min_region_px':>13} {'detection':>9} {'false_alarm':>11} {bound_label:>13} {'dice':>6}")
     print(f"{best['threshold']:>9.2f} {best['min_region_px']:>13d} {rate(best['detection_rate']):>9} "
           f"{rate(best['false_alarm_rate']):>11} {rate(best['false_alarm_bound']):>13} {rate(best['dice']):>6}")
+    if best.get("held_out_false_alarm_rate") is not None:
+        print(f"held out: {best['held_out_false_alarm_rate']:.1%} of the {best['n_defect_free']} good images flagged "
+              "where each half is judged by the recipe chosen on the other")
     goal = (f"the {args.confidence:.0%} upper bound of false alarms" if best["goal_on"] == "bound" else "false alarms")
     print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
           f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {args.split} images, "

@@ -13,6 +13,7 @@ Verdict rules, in order:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -197,11 +198,13 @@ class TuneStats:
         self.largest: list[np.ndarray] = []  # per image: largest region area at each threshold
         self.has_defect: list[bool] = []
         self.truth_px = 0
+        self._good_area: dict[int, np.ndarray] = {}  # per good image: its region areas by bin (to leave it out)
 
     def add(self, probability: np.ndarray, truth: np.ndarray) -> None:
         """Add one image's probability map and ground-truth mask."""
         truth = truth.astype(bool)
         largest = np.zeros(len(self.thresholds), np.int64)
+        area_before = None if truth.any() else self._area_in_bin.copy()
         top = float(probability.max()) if probability.size else 0.0
         for i, threshold in enumerate(self.thresholds):
             if threshold > top:
@@ -218,9 +221,40 @@ class TuneStats:
             ok = bins >= 0
             np.add.at(self._area_in_bin[i], bins[ok], areas[ok])
             np.add.at(self._hit_in_bin[i], bins[ok], hits[ok])
+        if area_before is not None:
+            self._good_area[len(self.largest)] = (self._area_in_bin - area_before).astype(np.int32)
         self.largest.append(largest)
         self.has_defect.append(bool(truth.any()))
         self.truth_px += int(truth.sum())
+
+    def without(self, positions: Iterable[int]) -> "TuneStats":
+        """These statistics with some of the good images (by position) left out."""
+        left_out = set(positions)
+        if any(self.has_defect[k] for k in left_out):
+            raise RecipeError("only good images can be left out of tuning statistics")
+        kept = copy.copy(self)
+        kept.largest = [a for k, a in enumerate(self.largest) if k not in left_out]
+        kept.has_defect = [d for k, d in enumerate(self.has_defect) if k not in left_out]
+        kept._area_in_bin = self._area_in_bin - sum((self._good_area[k] for k in left_out), np.zeros_like(
+            self._area_in_bin))
+        kept._good_area = {}  # positions have moved; a copy is not left out of again
+        return kept
+
+    def held_out_false_alarm_rate(self, max_false_alarm: float, confidence: float | None = None,
+                                  cautious: bool = False) -> float | None:
+        """False alarms of the recipe rule (best) on good images it was not chosen on, two-fold: the good images are
+        split alternately in two halves, a recipe is chosen without one half, and that half is judged under it. A
+        recipe chosen on the very images that judge it can stop just short of each of them; this rate cannot.
+        None where there are fewer than two good images or no defective one."""
+        good = [k for k, defective in enumerate(self.has_defect) if not defective]
+        if len(good) < 2 or len(good) == len(self.has_defect):
+            return None
+        flagged = 0
+        for held in (good[0::2], good[1::2]):
+            chosen = self.without(held).best(max_false_alarm, confidence, cautious)
+            t = int(np.searchsorted(self.thresholds, chosen["threshold"]))
+            flagged += sum(int(self.largest[k][t] >= max(chosen["min_region_px"], 1)) for k in held)
+        return round(flagged / len(good), 6)
 
     def grid(self) -> dict[str, np.ndarray]:
         """Detection rate, false-alarm rate and Dice for every (threshold, min area), each of shape (T, A)."""
@@ -326,6 +360,8 @@ def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | N
     tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",
                                    "dice", "goal_met", "max_false_alarm", "n_images", "n_defective", "n_defect_free")}
     tuning["cautious"] = best.get("cautious", False)
+    if best.get("held_out_false_alarm_rate") is not None:
+        tuning["held_out_false_alarm_rate"] = best["held_out_false_alarm_rate"]
     tuning.update(context or {})
     tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,
@@ -354,7 +390,19 @@ def readiness_of(chosen: dict, max_false_alarm: float, where: str = "validation"
     and if not, why: it meets the goals on images enough to show them."""
     reason = (goal_missed(chosen, max_false_alarm, where)
               or too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm, where))
+    reason = reason or held_out_missed(chosen, max_false_alarm, where)
     return reason is None, reason
+
+
+def held_out_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
+    """Why the recipe rule misses the false-alarm goal on good images it was not chosen on
+    (TuneStats.held_out_false_alarm_rate), in words; None when it does not, or where that was not measured."""
+    held_out = chosen.get("held_out_false_alarm_rate")
+    if held_out is None or held_out <= max_false_alarm + 1e-9:
+        return None
+    return (f"{where} false alarms {held_out:.0%} above the {max_false_alarm:.0%} goal where each half of its "
+            f"{chosen['n_defect_free']} good images is judged by the recipe chosen on the other half "
+            f"({chosen['false_alarm_rate']:.0%} on the images the recipe was chosen on)")
 
 
 def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
@@ -398,6 +446,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     kept = [s for s in samples if id(s) not in seen]
     stats = collect_stats(predictor, kept, thresholds, min_areas, progress=progress)
     best = stats.best(max_false_alarm, confidence)
+    best["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm, confidence)
     base = load_recipe(predictor.run_dir)
     tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe(), "left_out_seen": len(seen)})
     if save:
@@ -420,6 +469,7 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
                   f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
                   f"tune with --confidence {best['confidence']:g} on more good images")
     reason = reason or too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm, "the tuning set")
+    reason = reason or held_out_missed(best, max_false_alarm, "tuning")
     return reason is None, reason
 
 

@@ -924,12 +924,17 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
                 "cautious": False,
                 "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
                 "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
-    return stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, cautious=painted)
+    chosen = stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, cautious=painted)
+    if not painted:  # readiness (readiness_of) also asks the rule to hold on good images it was not chosen on
+        chosen["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm)
+    return chosen
 
 
 def recipe_line(chosen: dict) -> str:
     """The log line that says which recipe training chose on validation, and by which rule."""
     bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
+    if chosen.get("held_out_false_alarm_rate") is not None:
+        bound += f", {chosen['held_out_false_alarm_rate']:.1%} held out"
     if chosen["detection_rate"] is not None and not chosen["goal_met"]:
         rule = "; no recipe meets it: of those with the fewest false alarms, "
         rule += "the most cautious within one standard error of the most defects found" if chosen["cautious"] else \

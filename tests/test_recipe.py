@@ -339,3 +339,36 @@ def test_tune_cli_errors_are_one_line(trained_run: str, tmp_path: Path, capsys: 
     assert main(["tune", "--run", trained_run, "--data", str(tmp_path), "--min-areas", "a,b"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert len(errors) == 3 and all(line.startswith("error: ") for line in errors)
+
+
+def test_leaving_good_images_out_of_tuning_statistics_equals_never_adding_them() -> None:
+    """TuneStats.without (what the held-out false-alarm rate chooses on) gives the grid of the images it keeps."""
+    rng = np.random.default_rng(0)
+    images = []
+    for k in range(24):
+        probability = rng.random((24, 24)).astype(np.float32) ** 3  # scattered regions of every size
+        truth = np.zeros((24, 24), np.uint8)
+        if k < 8:
+            truth[4:12, 6:14] = 1
+            probability[4:12, 6:14] = 0.9
+        images.append((probability, truth))
+    everything, kept = TuneStats(), TuneStats()
+    for k, (probability, truth) in enumerate(images):
+        everything.add(probability, truth)
+        if k < 8 or k % 3:
+            kept.add(probability, truth)
+    left_out = [k for k in range(8, 24) if not k % 3]
+    for key, values in everything.without(left_out).grid().items():
+        np.testing.assert_array_equal(values, kept.grid()[key], err_msg=key)
+    with pytest.raises(RecipeError, match="only good images"):
+        everything.without([0])
+    # The held-out rate judges each half of the good images under the recipe chosen without it.
+    rate = everything.held_out_false_alarm_rate(0.05)
+    good = list(range(8, 24))
+    expected = 0
+    for held in (good[0::2], good[1::2]):
+        chosen = everything.without(held).best(0.05)
+        flagged = [inspect(images[k][0], Recipe(threshold=chosen["threshold"],
+                                                min_region_px=chosen["min_region_px"])).flagged for k in held]
+        expected += sum(flagged)
+    assert rate == round(expected / 16, 6) > everything.best(0.05)["false_alarm_rate"]  # 1 of 16, 0 of 16

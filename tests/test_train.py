@@ -240,6 +240,35 @@ def test_the_recipe_line_says_when_no_recipe_meets_the_goal() -> None:
     assert chosen["goal_met"] and "; of the recipes that meet it, the most cautious" in recipe_line(chosen)
 
 
+def test_a_recipe_that_stops_just_short_of_its_good_images_is_judged_on_held_out_ones() -> None:
+    """Three of 20 good validation images hold a defect-like spot at 0.81-0.88: the recipe chosen on all of them
+    (threshold above 0.88) flags none, but chosen on the half without them it flags all three. Readiness asks the
+    rule to hold on good images it was not chosen on."""
+    import numpy as np
+
+    from engine.recipe import readiness_of
+    from engine.train import recipe_line, training_recipe
+
+    defects = [np.zeros((32, 32), np.float32) for _ in range(5)]
+    good = [np.zeros((32, 32), np.float32) for _ in range(20)]
+    truths = [np.zeros((32, 32), np.uint8) for _ in range(25)]
+    for probability, truth in zip(defects, truths):
+        probability[8:18, 8:18], truth[8:18, 8:18] = 0.99, 1
+    for position, level in zip((1, 3, 5), (0.81, 0.84, 0.88)):  # all in the second half (odd positions)
+        good[position][8:18, 8:18] = level
+    chosen = training_recipe(defects + good, truths, 0.5, 0.05)
+    assert chosen["threshold"] > 0.88 and chosen["false_alarm_rate"] == 0.0 and chosen["detection_rate"] == 1.0
+    assert chosen["held_out_false_alarm_rate"] == 0.15 and "15.0% held out" in recipe_line(chosen)
+    ready, reason = readiness_of(chosen, 0.05)
+    assert not ready and reason == ("validation false alarms 15% above the 5% goal where each half of its 20 good "
+                                    "images is judged by the recipe chosen on the other half (0% on the images "
+                                    "the recipe was chosen on)")
+    for position in (1, 3, 5):  # no spot anywhere: held out as on the images themselves
+        good[position][:] = 0.0
+    chosen = training_recipe(defects + good, truths, 0.5, 0.05)
+    assert chosen["held_out_false_alarm_rate"] == 0.0 and readiness_of(chosen, 0.05) == (True, None)
+
+
 def test_a_resume_that_finds_a_better_epoch_keeps_the_recipe_the_user_tuned(tiny_dataset) -> None:
     """Training saves its own recipe for a new best epoch; one the user tuned is kept beside it, not lost."""
     import json
