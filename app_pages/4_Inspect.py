@@ -142,7 +142,8 @@ if source == "A folder":
         st.session_state.pop("inspect_sample", None)
         # A labelled defect training did not see, where there is one.
         labelled = [i for i, s in samples.items() if s.defective]
-        st.session_state["inspect_sample"] = next((i for i in labelled if samples[i].split == "test"),
+        own = picked_folder == own_test_set(info, folder_choices)  # its test split: images training did not see
+        st.session_state["inspect_sample"] = next((i for i in labelled if own and samples[i].split == "test"),
                                                   next(iter(labelled or samples)))
     sample_id = st.selectbox("Sample", list(samples), key="inspect_sample",
                              format_func=lambda i: f"{i} — {samples[i].kind}")

@@ -169,7 +169,7 @@ def pick(page: object, label: str, option: str) -> None:
 
 def test_home(page: object, server: str, shots: Path) -> None:
     open_settled(page, server, "", "Home", "Metal-surface")
-    assert page.get_by_text("Next step").is_visible()
+    assert page.get_by_text("Next step", exact=True).is_visible()  # the heading, not "next steps" in a notice
     check_and_shoot(page, shots, "Home")
     page.locator('[data-testid="stPageLink"]').filter(has_text="Inspect").click()
     page.wait_for_selector("h1:has-text('Inspect')")
