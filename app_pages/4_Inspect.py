@@ -126,8 +126,9 @@ has_mask_file = False
 if source == "A folder":
     folder_choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
     if st.session_state.get("inspect_folder_of") != run_id:  # a run starts on the test split of its own dataset
-        st.session_state.update(inspect_folder_of=run_id,
-                                inspect_folder=own_test_set(info, folder_choices) or sample_dir.name)
+        own_folder = own_test_set(info, folder_choices)
+        st.session_state.update(inspect_folder_of=run_id, inspect_own_folder=own_folder,
+                                inspect_folder=own_folder or sample_dir.name)
     if st.session_state.get("inspect_folder") not in folder_choices:
         st.session_state["inspect_folder"] = sample_dir.name
     picked_folder = st.selectbox("Folder", list(folder_choices), key="inspect_folder",
@@ -142,7 +143,7 @@ if source == "A folder":
         st.session_state.pop("inspect_sample", None)
         # A labelled defect training did not see, where there is one.
         labelled = [i for i, s in samples.items() if s.defective]
-        own = picked_folder == own_test_set(info, folder_choices)  # its test split: images training did not see
+        own = picked_folder == st.session_state.get("inspect_own_folder")  # its test split: not seen in training
         st.session_state["inspect_sample"] = next((i for i in labelled if own and samples[i].split == "test"),
                                                   next(iter(labelled or samples)))
     sample_id = st.selectbox("Sample", list(samples), key="inspect_sample",

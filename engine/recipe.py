@@ -495,6 +495,7 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
     else:
         return None
     runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)")
-    was = "still" if info.get("ready") is ready else ("now" if ready else "no longer")
-    return (f"run {run_dir.name} is {was} ready (tuned on real images)" if ready
-            else f"run {run_dir.name} is {'not' if was == 'still' else was} ready: {reason} (tuned on real images)")
+    before, _ = runs.readiness(info)
+    change = ("still" if before else "now") if ready else ("no longer" if before else "not")
+    return (f"run {run_dir.name} is {change} ready (tuned on real images)" if ready
+            else f"run {run_dir.name} is {change} ready: {reason} (tuned on real images)")

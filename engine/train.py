@@ -935,13 +935,12 @@ def recipe_line(chosen: dict) -> str:
     bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
     if chosen.get("held_out_false_alarm_rate") is not None:
         bound += f", {chosen['held_out_false_alarm_rate']:.1%} held out"
+    picked = ("the most cautious within one standard error of the most defects found" if chosen["cautious"]
+              else "the most defects found")
     if chosen["detection_rate"] is not None and not chosen["goal_met"]:
-        rule = "; no recipe meets it: of those with the fewest false alarms, "
-        rule += "the most cautious within one standard error of the most defects found" if chosen["cautious"] else \
-            "the most defects found"
+        rule = f"; no recipe meets it: of those with the fewest false alarms, {picked}"
     else:
-        rule = ("; of the recipes that meet it, the most cautious within one standard error of the most defects found"
-                if chosen["cautious"] else "")
+        rule = f"; of the recipes that meet it, {picked}" if chosen["cautious"] else ""
     return (f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
             f"detection {_rate(chosen['detection_rate'])}, false alarms {_rate(chosen['false_alarm_rate'])}{bound}, "
             f"goal <= {chosen['max_false_alarm']:.0%}{rule})")
