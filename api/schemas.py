@@ -64,6 +64,8 @@ class PredictResponse(BaseModel):
     """The verdict, regions and optional mask for one image."""
 
     model: ModelInfo
+    warning: str | None = Field(None, description="what this verdict does not vouch for: the run is not ready, "
+                                                  "or the demo model answered (trained on generated images only)")
     image: ImageSize
     threshold: float
     verdict: Literal["ok", "defect"]

@@ -228,6 +228,7 @@ def list_runs() -> list[registry.Run]:
 def overview() -> list[dict[str, Any]]:
     """One row per run for tables, newest first, from the registry once it is brought up to the folders."""
     rows: list[dict[str, Any]] = []
+    sources = {d.content_hash: d.source for d in reversed(registry.list_datasets())}  # the newest row wins
     for run in list_runs():
         params = run.params
         rows.append({
@@ -240,16 +241,21 @@ def overview() -> list[dict[str, Any]]:
             "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
-            "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason,
-            "validated_on": _validated_on(run.id),
+            "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason or "",
+            "validated_on": _validated_on(run.id, sources.get(run.dataset_hash)),
         })
     return rows
 
 
-def _validated_on(run_id: str) -> str:
-    """What a run's best_dice was measured on: "painted defects" (a set of good parts) or "real defects"."""
+def _validated_on(run_id: str, source: str | None) -> str:
+    """What a run's best_dice was measured on: "painted defects" (painted onto good parts), "generated images" (the
+    demo, or a set the generator made, by its registered `source`) or "labelled defects" (the user's own)."""
     try:
         painted = (runs.read_run_json(runs.run_dir(run_id)).get("dataset") or {}).get("val_painted")
     except EngineError:
         return ""
-    return "painted defects" if painted else "real defects"
+    if painted or source == "painted":
+        return "painted defects"
+    if run_id == "demo" or source in ("generated", "sample"):
+        return "generated images"
+    return "labelled defects"

@@ -148,6 +148,20 @@ def run_reference(run_dir: Path) -> str:
     return "demo" if run_dir.resolve() == config.DEMO_RUN_DIR.resolve() else run_dir.name
 
 
+def serving_warning(predictor: Predictor) -> str | None:
+    """What a verdict of this model does not vouch for, in one line: a run not ready, or the demo (trained on
+    generated images, not on the user's parts; with the user's newest run and why it is not the one answering)."""
+    if not predictor.ready:
+        return (f"run {run_reference(predictor.run_dir)} is not ready ({predictor.ready_reason}); its verdicts are "
+                "not validated for use on a line")
+    if run_reference(predictor.run_dir) != "demo":
+        return None
+    newest = runs.newer_not_ready(predictor.run_dir)
+    mine = (f"; your newest run {newest[0]} is not ready ({newest[1]})" if newest
+            else "; train one on your own images with `python -m engine train --data DIR`")
+    return f"answered by the demo model, trained on generated images only, not on your parts{mine}"
+
+
 def model_catalog() -> list[dict[str, Any]]:
     """Every run folder with what it can serve: run, name, status, best epoch and Dice, threshold, backends."""
     catalog = []
@@ -232,7 +246,8 @@ def predict_bytes(predictor: Predictor, data: bytes, name: str = "upload", thres
         recipe = recipe.with_overrides(threshold=threshold)
     prediction = predictor.predict(image, recipe.threshold)
     inspection = inspect(prediction.probability, recipe)
-    answer: dict[str, Any] = {"model": predictor.describe(), **inspection.as_dict()}
+    answer: dict[str, Any] = {"model": predictor.describe(), "warning": serving_warning(predictor),
+                              **inspection.as_dict()}
     if return_mask:  # the counted regions, as in the batch report and on the pages
         answer["mask_png_base64"] = base64.b64encode(encode_png(inspection.mask * 255)).decode("ascii")
     answer["timings_ms"] = {"decode": round((decoded - start) * 1000, 2),

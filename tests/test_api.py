@@ -164,11 +164,19 @@ def test_a_run_marked_not_ready_says_so_on_health_models_and_predict(make_client
     assert next(r for r in listed["runs"] if r["run"] == "demo")["ready"] is True  # completed before the rule
     answer = post(client, _png(sample))
     assert answer.status_code == 200 and answer.json()["model"]["ready"] is False
+    assert answer.json()["warning"] == f"run {run_id} is not ready ({reason}); its verdicts are not validated for " \
+                                       "use on a line"
     assert health["newest_run"] is None  # pinned: nothing passed over
     # Following the newest ready run, /health names the newer run it passed over, and why.
-    passed = make_client(DEFECTS_API_RUN="ready").get("/health").json()
+    following = make_client(DEFECTS_API_RUN="ready")
+    passed = following.get("/health").json()
     assert passed["model"]["run"] != run_id and passed["ready"] is True
     assert passed["newest_run"] == {"run": run_id, "ready": False, "ready_reason": reason}
+    # An answer from the demo says so, and names the user's newest run it passed over.
+    demo = post(following, _png(sample), run="demo").json()
+    assert demo["model"]["run"] == "demo" and demo["model"]["ready"] is True
+    assert demo["warning"].startswith("answered by the demo model, trained on generated images only")
+    assert f"your newest run {run_id} is not ready ({reason})" in demo["warning"]
 
 
 def test_a_default_run_with_a_damaged_checkpoint_is_503_not_a_bad_request(make_client, trained_run: str,

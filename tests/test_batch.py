@@ -115,7 +115,7 @@ def test_predict_cli(trained_run: str, inputs: Path, tmp_path: Path, capsys: pyt
     assert f"skipped: {inputs / 'broken.png'}: not a readable" in captured.err
     ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
     assert not ready  # the fixture's validation (2 good, 2 defective images) is too small to vouch for it
-    assert f"warning: run {trained_run} is not ready: {reason}; its verdicts are not to be trusted" in captured.err
+    assert f"warning: run {trained_run} is not ready ({reason}); its verdicts are not validated" in captured.err
 
     out = tmp_path / "out"
     assert main(["predict", "--run", trained_run, str(inputs), "--out", str(out), "--min-region-px", "3"]) == 0

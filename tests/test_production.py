@@ -302,7 +302,10 @@ def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: 
     line = next(line for line in lines if line.split()[0] == trained_run)  # not a copy named after it
     assert not ready and line.endswith(f"(not ready: {reason})")  # the fixture's validation is too small
     assert "painted" not in line  # its Dice was measured on real labelled defects
-    assert next(r for r in runstore.overview() if r["run_id"] == trained_run)["validated_on"] == "real defects"
+    rows = {r["run_id"]: r for r in runstore.overview()}
+    assert rows[trained_run]["validated_on"] == "labelled defects"
+    assert rows["demo"]["validated_on"] == "generated images"  # the shipped demo never saw a real part
+    assert rows["demo"]["ready"] == "yes" and rows["demo"]["ready_reason"] == ""  # not "None" in the tables
 
 
 def test_an_older_registry_gains_the_new_columns_and_keeps_its_rows(tmp_path) -> None:
