@@ -88,7 +88,7 @@ st.caption("Only good parts so far? The generator's defects are painted onto you
            "training with the Train page's paint share; such a run is not ready until tuned on a few real "
            "labelled defects. Where you have a handful of real defects, the Train page's paint share moves those "
            "instead.")
-sources = {name: path for name, path in data.dataset_choices().items()}
+sources = {name: path for name, path in data.dataset_choices(trainable=True).items()}
 FOLDER, UPLOAD = "a folder on this machine", "images I upload"
 pick = st.selectbox("Good images from", [UPLOAD, FOLDER, *sources], key="paint_from")
 left, mid, right = st.columns(3)

@@ -55,7 +55,7 @@ active = jobs.active_runs()
 # ---- a new run -----------------------------------------------------------------------------------
 with settings:
     st.subheader("New run")
-    choices = data.dataset_choices()
+    choices = data.dataset_choices(trainable=True)
     if not choices:
         st.info("No dataset yet: make one on the Generate data page.")
     dataset = st.selectbox("Dataset", list(choices), key="train_dataset")

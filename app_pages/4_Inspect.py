@@ -190,6 +190,11 @@ with st.sidebar:
             left, right = st.columns(2)
             left.metric(f"Dice ({labels[epoch]})", f"{dice_score(inspection.mask, truth):.4f}")
             right.metric(f"IoU ({labels[epoch]})", f"{iou_score(inspection.mask, truth):.4f}")
+    elif sample is not None and sample.defective:  # sorted into a defect folder: a verdict, no outline
+        st.info(f"This image was sorted as {sample.defect_types}, without a mask: it should be flagged, and Dice "
+                "needs an outline.")
+        for epoch, inspection in inspections.items():
+            st.metric(f"Verdict ({labels[epoch]})", inspection.verdict)
     elif sample is not None:
         st.info("This sample has no mask file, so it is defect-free: every flagged pixel is a false alarm.")
         for epoch, inspection in inspections.items():
@@ -198,7 +203,8 @@ with st.sidebar:
         st.info("Uploaded images have no ground-truth mask; Dice and IoU need a sample with a mask.")
 
 # ---- views ---------------------------------------------------------------------------------------
-shown_truth = truth if truth is not None else (np.zeros(image.shape, np.uint8) if sample is not None else None)
+shown_truth = truth if truth is not None else (
+    np.zeros(image.shape, np.uint8) if sample is not None and not sample.defective else None)
 top = st.columns(3)
 top[0].image(for_display(to_display(image)), caption=f"Input: {name}", width="stretch")
 if shown_truth is not None:

@@ -72,7 +72,8 @@ with st.sidebar:
 
 epochs = [picked[0]] if picked[0] == picked[1] else list(picked)
 folder = choices[folder_name]
-state = tuple((folder / sub).stat().st_mtime if (folder / sub).is_dir() else 0.0 for sub in ("images", "masks"))
+# images/ and masks/, or good/ and the defect folders of a folder sorted by verdict
+state = tuple(sub.stat().st_mtime for sub in sorted(folder.iterdir()) if sub.is_dir()) if folder.is_dir() else ()
 results: dict[int | str, dict] = {}
 try:
     for epoch in epochs:
@@ -89,8 +90,9 @@ for epoch, result in results.items():
     st.markdown(f"**{epoch_label(epoch)}** on {folder_name} ({split}, {result['n_images']} images, "
                 f"{result['n_defective']} with defects) at threshold {threshold:.2f}")
     a, b, c, d = st.columns(4)
-    a.metric("Dice", f"{result['dice']:.3f}")
-    b.metric("IoU", f"{result['iou']:.3f}")
+    a.metric("Dice", "—" if result["dice"] is None else f"{result['dice']:.3f}",
+             help=None if result["dice"] is not None else "No masks: the folder is sorted by verdict only")
+    b.metric("IoU", "—" if result["iou"] is None else f"{result['iou']:.3f}")
     c.metric("Detection rate", "—" if result["detection_rate"] is None else f"{result['detection_rate']:.0%}")
     d.metric("False-alarm rate", "—" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.0%}")
     if result["too_few"]:
@@ -125,7 +127,8 @@ if rows:
     views = st.columns(2 + len(epochs))
     views[0].image(to_display(image), caption="Input", width="stretch")
     views[1].image(overlay(image, truth if truth is not None else np.zeros(image.shape, np.uint8), color=(40, 200, 80)), width="stretch",
-                   caption="Ground truth" if truth is not None else "No mask file: defect-free")
+                   caption="Ground truth" if truth is not None else (
+                       f"Sorted as {sample.defect_types}: no outline" if sample.defective else "No mask file: defect-free"))
     for view, epoch in zip(views[2:], epochs):
         mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
         prediction = load_predictor(str(run_folder), epoch, mtime).predict(image, threshold)

@@ -112,11 +112,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}; run {model['run']}, "
               f"epoch {model['epoch']}, {model['backend']}{'' if model['ready'] else ', NOT READY'})")
         for name, row in result["per_type"].items():
-            if row["dice"] is None:  # good parts: what counts is how many were flagged
+            if not row["n_defective"]:  # good parts: what counts is how many were flagged
                 print(f"{name:>18}: false alarms {row['n_false_alarms']} of {row['n_images']} images")
             else:
-                print(f"{name:>18}: dice {row['dice']:.4f}  iou {row['iou']:.4f}  detected {row['n_detected']} of "
-                      f"{row['n_images']} images")
+                pixels = "" if row["dice"] is None else f"dice {row['dice']:.4f}  iou {row['iou']:.4f}  "
+                print(f"{name:>18}: {pixels}detected {row['n_detected']} of {row['n_images']} images")
         if args.per_image:
             _print_per_image(per_image)
         if result["too_few"]:
@@ -136,7 +136,7 @@ def _print_per_image(rows: list[dict]) -> None:
     order = {"MISSED": 0, "FALSE ALARM": 1, "found": 2, "passed": 3}
     print(f"{'image':>18}  {'truth':<6} {'outcome':<11} {'max prob':>8} {'regions':>7} {'largest px':>10} {'dice':>6}")
     for row in sorted(rows, key=lambda r: (order[outcome(r)], -r["score"])):
-        dice = f"{row['dice']:.3f}" if row["has_defect"] else "-"
+        dice = f"{row['dice']:.3f}" if row["has_defect"] and row["dice"] is not None else "-"
         print(f"{row['id']:>18}  {'defect' if row['has_defect'] else 'good':<6} {outcome(row):<11} "
               f"{row['max_score']:>8.3f} {row['regions']:>7} {row['largest_region_px']:>10} {dice:>6}")
 
@@ -192,10 +192,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
     from engine.serving import open_predictor
 
     thresholds = _number_list(args.thresholds, float) if args.thresholds else recipe.DEFAULT_THRESHOLDS
-    min_areas = _number_list(args.min_areas, int) if args.min_areas else recipe.DEFAULT_MIN_AREAS
+    min_areas = _number_list(args.min_areas, int) if args.min_areas else None  # the run's own grid
     predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
-    context = {"data": str(Path(args.data).resolve()), "split": args.split}
+    split = "sorted" if any(not s.outlined for s in samples) else args.split  # a folder sorted by verdict: all of it
+    context = {"data": str(Path(args.data).resolve()), "split": split}
     with _progress_bar("predicting") as progress:
         _, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
                                          min_areas, context, save=not args.no_save, progress=progress)
@@ -215,7 +216,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
               "where each half is judged by the recipe chosen on the other")
     goal = (f"the {args.confidence:.0%} upper bound of false alarms" if best["goal_on"] == "bound" else "false alarms")
     print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
-          f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {args.split} images, "
+          f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {split} images, "
           f"goal: {goal} <= {best['max_false_alarm']:g})")
     if best.get("readiness"):
         print(best["readiness"])
@@ -367,7 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the goal to this upper confidence bound of the false-alarm rate (e.g. 0.95), not to "
                         "the rate measured on the tuning images: the goal then holds on new parts too")
     p.add_argument("--thresholds", help="comma-separated thresholds to try (default 0.05..0.95, 0.97, 0.98, 0.99)")
-    p.add_argument("--min-areas", help="comma-separated minimum region areas in px to try")
+    p.add_argument("--min-areas", help="comma-separated minimum region areas in px to try (default: the grid "
+                                       "training tunes on, in px of the full-size image)")
     p.add_argument("--no-save", action="store_true", help="print the best setting without saving the recipe")
     p.set_defaults(func=cmd_tune)
 

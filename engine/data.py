@@ -48,6 +48,12 @@ class Sample:
         return self.mask_path is not None if self.has_defect is None else self.has_defect
 
     @property
+    def outlined(self) -> bool:
+        """Whether its defect pixels are known: a mask, or no defect. An image sorted into a defect folder without a
+        mask counts for image verdicts (detection, false alarms, ranking) but not for pixel metrics."""
+        return self.mask_path is not None or not self.defective
+
+    @property
     def kind(self) -> str:
         """Its defect types, else "defect (type not given)" or "defect-free": what a list of samples shows."""
         return self.defect_types or ("defect (type not given)" if self.defective else "defect-free")
@@ -60,6 +66,7 @@ class DatasetReport:
     root: Path
     samples: list[Sample]
     problems: list[str] = field(default_factory=list)
+    sorted_by_folder: bool = False  # good/ and defect folders, no masks and no splits (see scan_sorted)
 
     def split(self, name: str) -> list[Sample]:
         """Samples of one split."""
@@ -143,16 +150,65 @@ def _listed_as_defective(row: dict[str, str]) -> bool:
         return False
 
 
+GOOD_FOLDERS = ("good", "ok")  # names of the folder of good parts in a folder sorted by verdict
+
+
+def images_in(folder: Path) -> list[Path]:
+    """The image files directly in a folder (by extension, hidden ones left out), sorted by name."""
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+                  and not p.name.startswith("."))
+
+
+def sorted_folders(root: Path) -> tuple[Path, list[Path]] | None:
+    """(good folder, defect folders) where DIR is sorted by verdict: no DIR/images, no images directly in DIR, a
+    good/ (or ok/) folder and at least one other folder of images; else None."""
+    if not root.is_dir() or (root / "images").is_dir() or images_in(root):
+        return None
+    folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and images_in(p)]
+    good = [p for p in folders if p.name.lower() in GOOD_FOLDERS]
+    defect = [p for p in folders if p.name.lower() not in GOOD_FOLDERS]
+    return (good[0], defect) if len(good) == 1 and defect else None
+
+
+def scan_sorted(root: Path, good: Path, defect_folders: list[Path], validate: bool = True) -> DatasetReport:
+    """A folder sorted by verdict (DIR/good/ and DIR/<defect kind>/ of images, no masks): what a line has in its
+    bins of passed and rejected parts. Every image is one sample of split "test" (id "<folder>-<name>"); those
+    outside good/ are defective, typed by their folder's name, with no outline, so they tune and evaluate a
+    run's verdicts (detection, false alarms, ranking) but give no pixel metrics and cannot train."""
+    samples, problems = [], []
+    for folder in [good, *defect_folders]:
+        defective = folder is not good
+        for path in images_in(folder):
+            sample = Sample(f"{folder.name}-{path.stem}", path, None, "test", folder.name if defective else "",
+                            has_defect=defective)
+            if validate:
+                try:
+                    check_pair(sample)
+                except ImageError as err:
+                    problems.append(str(err))
+                    continue
+            samples.append(sample)
+    if not any(s.defective for s in samples) or all(s.defective for s in samples):
+        raise DatasetError(f"{root}: a folder sorted by verdict needs readable images in {good.name}/ and in at "
+                           "least one folder of defective parts")
+    return DatasetReport(root, samples, problems, sorted_by_folder=True)
+
+
 def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
-    """Find image/mask pairs in DIR/images and DIR/masks; with validate, decode each and report problems."""
+    """Find image/mask pairs in DIR/images and DIR/masks (or DIR's images: good parts; or DIR/good/ and defect
+    folders: scan_sorted); with validate, decode each and report problems."""
     root = Path(root)
+    sorted_layout = sorted_folders(root)
+    if sorted_layout is not None:
+        return scan_sorted(root, *sorted_layout, validate=validate)
     image_dir, mask_dir = image_folder(root), root / "masks"
     if not image_dir.is_dir():
         named = config.DATA_DIR / root.name
         if len(root.parts) == 1 and root.name not in ("", ".", "..") and named.is_dir():  # the name of an import
             raise DatasetError(f"{root}: no such folder here; the dataset imported as {root.name} is --data {named}")
         raise DatasetError(f"{root}: no images found; a dataset is a folder of images (good parts), or DIR/images/ "
-                           "with DIR/masks/ holding a mask of the same name for each image with a defect")
+                           "with DIR/masks/ holding a mask of the same name for each image with a defect, or DIR/good/ beside "
+                           "folders of defective parts (to tune and evaluate a run on verdicts alone)")
     manifest = _read_manifest(root)
     masks = {p.stem: p for p in mask_dir.glob("*.png")} if mask_dir.is_dir() else {}
     samples, problems, unsplit = [], [], set()
@@ -529,14 +585,17 @@ def register_dataset(path: str | Path, source: str = "imported", details: dict |
                                    details=details)
 
 
-def dataset_choices() -> dict[str, Path]:
-    """Datasets a user can pick: registered ones whose folder still exists plus folders under DATA_DIR with images/."""
+def dataset_choices(trainable: bool = False) -> dict[str, Path]:
+    """Datasets a user can pick: registered ones whose folder still exists plus folders under DATA_DIR with images/;
+    folders sorted by verdict (no masks) too, unless `trainable`."""
     from engine import config, registry
 
     choices: dict[str, Path] = {}
     for dataset in registry.list_datasets():
-        if image_folder(Path(dataset.path)).is_dir():  # DIR/images, or a plain folder of good parts
-            choices.setdefault(dataset.name, Path(dataset.path))
+        path = Path(dataset.path)
+        # DIR/images, or a plain folder of good parts, or good/ beside defect folders (to review and tune on)
+        if image_folder(path).is_dir() or (not trainable and sorted_folders(path) is not None):
+            choices.setdefault(dataset.name, path)
     known = {path.resolve() for path in choices.values()}
     if config.DATA_DIR.is_dir():
         for folder in sorted(p for p in config.DATA_DIR.iterdir() if (p / "images").is_dir()):

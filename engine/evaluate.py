@@ -23,9 +23,9 @@ SWEEP_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 
 def select_samples(data: str | Path, split: str = "test") -> list[Sample]:
-    """Samples of a dataset split (`all` for every image)."""
+    """Samples of a dataset split (`all` for every image; a folder sorted by verdict has no splits: all of it)."""
     report = scan_dataset(data)
-    samples = report.samples if split == "all" else report.split(split)
+    samples = report.samples if split == "all" or report.sorted_by_folder else report.split(split)
     if not samples:
         raise DatasetError(f"{data}: no images in split '{split}' (splits: {report.counts()})")
     return samples
@@ -55,22 +55,26 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
         probability = predictor.predict_proba(image)
         inspection = inspect(probability, recipe)
         verdict, pred = inspection.verdict, inspection.mask.astype(bool)
-        metrics.add(pred, truth, flagged=verdict == "defect")
-        untyped = UNTYPED if truth.any() else DEFECT_FREE
+        outlined = sample.outlined  # an image sorted into a defect folder holds a defect whose pixels are unknown
+        defective = bool(truth.any()) or not outlined
+        metrics.add(pred, truth, flagged=verdict == "defect", defective=defective)
+        untyped = UNTYPED if defective else DEFECT_FREE
         for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {untyped}:
-            by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect")
-        per_image.append({
-            "id": sample.id, "dice": dice_score(pred, truth), "iou": iou_score(pred, truth),
-            "has_defect": bool(truth.any()), "flagged": verdict == "defect",
-            "false_positive_px": int(np.logical_and(pred, truth == 0).sum()),
-            "missed_px": int(np.logical_and(~pred, truth > 0).sum()),
+            by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect",
+                                                              defective=defective)
+        per_image.append({  # pixel figures only where the defect's pixels are known
+            "id": sample.id, "dice": dice_score(pred, truth) if outlined else None,
+            "iou": iou_score(pred, truth) if outlined else None,
+            "has_defect": defective, "flagged": verdict == "defect",
+            "false_positive_px": int(np.logical_and(pred, truth == 0).sum()) if outlined else None,
+            "missed_px": int(np.logical_and(~pred, truth > 0).sum()) if outlined else None,
             "max_score": float(probability.max()), "score": image_score(probability, recipe.threshold),
             "regions": len(inspection.regions), "largest_region_px": max((r.area_px for r in inspection.regions),
                                                                          default=0),
             "defect_types": sample.defect_types,
         })
         if stats is not None:
-            stats.add(probability, truth)
+            stats.add(probability, truth, defective)
         if progress:
             progress(i + 1, len(samples), "images")
     scores, labels = [row["score"] for row in per_image], [row["has_defect"] for row in per_image]
@@ -91,8 +95,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
 
 def _type_summary(metrics: SetMetrics) -> dict[str, Any]:
     result = metrics.result()
-    keys = ("dice", "iou", "mean_image_dice", "detection_rate", "false_alarm_rate", "n_images", "n_detected",
-            "n_false_alarms")
+    keys = ("dice", "iou", "mean_image_dice", "detection_rate", "false_alarm_rate", "n_images", "n_defective",
+            "n_detected", "n_false_alarms")
     summary = {key: result[key] for key in keys}
     if not result["n_defective"]:  # nothing to segment: Dice would be 1 or 0 on a single stray pixel
         summary.update(dice=None, iou=None, mean_image_dice=None)

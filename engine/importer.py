@@ -4,6 +4,8 @@ Accepted sources:
 - our dataset folder: SRC/images/<id>.<ext>, SRC/masks/<id>.<ext>, optional SRC/manifest.csv or meta.csv
   (id, split, defect_types); or a plain folder of images (SRC/<id>.<ext>: good parts, with SRC/masks/ optional);
   without a manifest split, images are split by id, stratified so that a few defects do not all go to train;
+- a folder sorted by verdict: SRC/good/ beside folders of defective parts (SRC/crack/, ...), no masks; copied as
+  it is, for tuning and evaluating a run on verdicts (engine.data.scan_sorted), not for training;
 - MVTec-AD (one category): SRC/train/good/, SRC/test/<type>/, SRC/ground_truth/<type>/<name>_mask.png;
   train/good is split train with a deterministic 10% moved to val, test/* is split test;
 - class-map masks in either (pixel values 1..K, optional SRC/classes.txt naming class 1..K one per line):
@@ -33,9 +35,17 @@ import cv2
 import numpy as np
 
 from engine import config
-from engine.data import SPLITS, dataset_hash, scan_dataset, split_for_id, stratified_splits
+from engine.data import (
+    SPLITS,
+    dataset_hash,
+    images_in,
+    scan_dataset,
+    sorted_folders,
+    split_for_id,
+    stratified_splits,
+)
 from engine.errors import DatasetError, ImageError
-from engine.imageio import IMAGE_EXTENSIONS, decode_raw, encode_png
+from engine.imageio import decode_raw, encode_png
 from engine.progress import Progress
 from engine.storage import atomic_write_text, staged_folder
 
@@ -53,7 +63,7 @@ class ImportReport:
     name: str
     path: Path
     source: Path
-    layout: str  # "folder", "flat" (a plain folder of images) or "mvtec"
+    layout: str  # "folder", "flat" (a plain folder of images), "sorted" (good/ and defect folders) or "mvtec"
     linked: bool = False
     in_place: bool = False  # SRC already was DATA_DIR/NAME: registered without copying
     class_map: bool = False
@@ -85,8 +95,9 @@ class ImportReport:
         if self.defect_fraction is not None:
             out.append(f"mean defect fraction of defective images: {self.defect_fraction:.4f}")
         c = self.counts
-        counts = (f"{c.get('images', 0)} images ({c.get('defective', 0)} defective, {c.get('defect_free', 0)} "
-                  f"defect-free; train {c.get('train', 0)}, val {c.get('val', 0)}, test {c.get('test', 0)})")
+        splits = ("" if self.layout == "sorted"  # no splits: every image tunes or evaluates
+                  else f"; train {c.get('train', 0)}, val {c.get('val', 0)}, test {c.get('test', 0)}")
+        counts = f"{c.get('images', 0)} images ({c.get('defective', 0)} defective, {c.get('defect_free', 0)} defect-free{splits})"
         if self.already_imported_as:
             renamed = "" if self.name == self.already_imported_as else (
                 f"; not registered again as {self.name}: train with --data {self.path}")
@@ -94,8 +105,10 @@ class ImportReport:
                        f"copied{renamed}")
         else:
             how = "registered in place" if self.in_place else ("linked" if self.linked else "copied")
+            use = (f"tune or evaluate a run with --data {self.path} (sorted by verdict, no masks: not for training)"
+                   if self.layout == "sorted" else f"train with --data {self.path}")
             out.append(f"{self.name} ({self.path}): {counts}, {self.layout} layout, {how} in {self.seconds:.1f}s; "
-                       f"train with --data {self.path}")
+                       f"{use}")
         return out
 
 
@@ -126,6 +139,8 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
     final = data_dir / name
     if final.resolve() == src.resolve():
         return _register_in_place(src, name, start)
+    if sorted_folders(src) is not None:
+        return _import_sorted(src, name, link, start)
     layout, entries, problems = _gather(src)
     classes = _read_classes(src)
     report = ImportReport(name=name, path=final, source=src.resolve(), layout=layout, linked=link, problems=problems)
@@ -151,6 +166,41 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
     registry.upsert_dataset(name, str(final.resolve()), report.content_hash, report.counts["images"],
                             report.counts["defective"], report.counts["defect_free"], source="imported",
                             details=details)
+    return report
+
+
+def _import_sorted(src: Path, name: str, link: bool, start: float) -> ImportReport:
+    """Copy (or link) a folder sorted by verdict as it is, validate and register it."""
+    from engine import registry
+
+    final = Path(config.DATA_DIR) / name
+    report = ImportReport(name=name, path=final, source=src.resolve(), layout="sorted", linked=link)
+    good, defect_folders = sorted_folders(src)
+    with staged_folder(final) as tmp:
+        for folder in [good, *defect_folders]:
+            (tmp / folder.name).mkdir()
+            for path in images_in(folder):
+                if link:
+                    (tmp / folder.name / path.name).symlink_to(path.resolve())
+                else:
+                    shutil.copy2(path, tmp / folder.name / path.name)
+        scanned = scan_dataset(tmp, validate=True)
+        report.problems, report.counts = list(scanned.problems), scanned.counts()
+        report.per_type = dict(Counter(s.defect_types for s in scanned.samples if s.defective))
+        report.content_hash = dataset_hash(scanned.samples)
+        existing = registry.find_dataset_by_hash(report.content_hash)
+        if existing is not None and Path(existing.path).is_dir():
+            report.already_imported_as, report.path = existing.name, Path(existing.path)
+            report.seconds = time.perf_counter() - start
+            return report
+        if final.exists():
+            raise DatasetError(f"{final} already exists with other content; choose another --name")
+        os.rename(tmp, final)
+    report.seconds = time.perf_counter() - start
+    registry.upsert_dataset(name, str(final.resolve()), report.content_hash, report.counts["images"],
+                            report.counts["defective"], report.counts["defect_free"], source="imported",
+                            details={"source": str(report.source), "layout": "sorted", "linked": link,
+                                     "per_type": report.per_type, "problems": report.problems[:50]})
     return report
 
 
@@ -184,16 +234,11 @@ def _register_in_place(folder: Path, name: str, start: float) -> ImportReport:
 # --------------------------------------------------------------------------------------- layouts
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."))
-
-
 def _gather(src: Path) -> tuple[str, list[_Entry], list[str]]:
     """Detect the layout of src and list its images with mask, split and defect types."""
     if (src / "images").is_dir():
         return ("folder", *_gather_folder(src, src / "images"))
-    if _images_in(src):  # a plain folder of images: good parts, unless masks/ holds some
+    if images_in(src):  # a plain folder of images: good parts, unless masks/ holds some
         return ("flat", *_gather_folder(src, src))
     if (src / "train" / "good").is_dir() or ((src / "test").is_dir() and (src / "ground_truth").is_dir()):
         return ("mvtec", *_gather_mvtec(src))
@@ -223,12 +268,12 @@ def _gather_folder(src: Path, image_dir: Path) -> tuple[list[_Entry], list[str]]
     masks: dict[str, Path] = {}
     problems: list[str] = []
     if (src / "masks").is_dir():
-        for path in _images_in(src / "masks"):
+        for path in images_in(src / "masks"):
             # Several masks for one id (a.png and a.bmp): prefer PNG, the documented format.
             if path.stem not in masks or path.suffix.lower() == ".png":
                 masks[path.stem] = path
     entries, seen = [], set()
-    for path in _images_in(image_dir):
+    for path in images_in(image_dir):
         if path.stem in seen:
             problems.append(f"images/{path.name}: another image has the id '{path.stem}'; skipped")
             continue
@@ -250,7 +295,7 @@ def _gather_folder(src: Path, image_dir: Path) -> tuple[list[_Entry], list[str]]
 
 def _gather_mvtec(src: Path) -> tuple[list[_Entry], list[str]]:
     entries, problems = [], []
-    good = _images_in(src / "train" / "good") if (src / "train" / "good").is_dir() else []
+    good = images_in(src / "train" / "good") if (src / "train" / "good").is_dir() else []
     # A deterministic 10% of train/good goes to val: the ids with the smallest hashes.
     ranked = sorted(good, key=lambda p: hashlib.sha1(p.stem.encode()).hexdigest())
     n_val = round(len(good) * VAL_SHARE) if len(good) >= 10 else min(1, len(good) - 1)
@@ -262,7 +307,7 @@ def _gather_mvtec(src: Path) -> tuple[list[_Entry], list[str]]:
     test = src / "test"
     for folder in sorted(p for p in test.iterdir() if p.is_dir()) if test.is_dir() else []:
         defect_type = folder.name
-        for path in _images_in(folder):
+        for path in images_in(folder):
             entry_id = f"test_{_slug(defect_type)}_{path.stem}"
             if defect_type == "good":
                 entries.append(_Entry(entry_id, path, None, "test"))

@@ -47,13 +47,20 @@ class SetMetrics:
     defective_total: int = 0
     clean_flagged: int = 0
     clean_total: int = 0
+    unoutlined: int = 0  # defective images without a mask: verdicts only
 
-    def add(self, pred: np.ndarray, truth: np.ndarray, flagged: bool) -> None:
+    def add(self, pred: np.ndarray, truth: np.ndarray, flagged: bool, defective: bool | None = None) -> None:
         """Add one image's binary prediction, its ground truth, and whether the image was flagged (the verdict
-        of inspection.inspect, which alone decides it)."""
+        of inspection.inspect, which alone decides it). `defective` True with an empty truth is an image known to
+        hold a defect whose pixels are not (sorted into a defect folder): it counts for the verdicts only."""
         pred, truth = pred.astype(bool), truth.astype(bool)
-        tp = int(np.logical_and(pred, truth).sum())
         n_pred, n_true = int(pred.sum()), int(truth.sum())
+        if defective and n_true == 0:
+            self.defective_total += 1
+            self.defective_flagged += flagged
+            self.unoutlined += 1
+            return
+        tp = int(np.logical_and(pred, truth).sum())
         self.tp += tp
         self.fp += n_pred - tp
         self.fn += n_true - tp
@@ -68,18 +75,23 @@ class SetMetrics:
             self.clean_flagged += flagged
 
     def result(self) -> dict[str, float | int | None]:
-        """Set-level metrics: pixel-total Dice/IoU/precision/recall, mean per-image Dice, image-level rates."""
+        """Set-level metrics: pixel-total Dice/IoU/precision/recall, mean per-image Dice, image-level rates (pixel
+        metrics are None where every defective image lacks an outline)."""
         denominator = 2 * self.tp + self.fp + self.fn
-        return {
+        no_pixels = self.unoutlined > 0 and self.unoutlined == self.defective_total
+        pixel = {
             "dice": 1.0 if denominator == 0 else 2 * self.tp / denominator,
             "iou": 1.0 if denominator == 0 else self.tp / (self.tp + self.fp + self.fn),
             "precision": self.tp / (self.tp + self.fp) if self.tp + self.fp else None,
             "recall": self.tp / (self.tp + self.fn) if self.tp + self.fn else None,
             "mean_image_dice": float(np.mean(self.per_image_dice)) if self.per_image_dice else None,
             "mean_image_iou": float(np.mean(self.per_image_iou)) if self.per_image_iou else None,
+        }
+        return {
+            **({key: None for key in pixel} if no_pixels else pixel),
             "detection_rate": self.defective_flagged / self.defective_total if self.defective_total else None,
             "false_alarm_rate": self.clean_flagged / self.clean_total if self.clean_total else None,
-            "n_images": len(self.per_image_dice),
+            "n_images": self.defective_total + self.clean_total,
             "n_defective": self.defective_total,
             "n_defect_free": self.clean_total,
             "n_detected": self.defective_flagged,

@@ -39,6 +39,12 @@ DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05
 DEFAULT_MIN_AREAS = (0, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
 
 
+def min_areas_at(scale: float) -> tuple[int, ...]:
+    """The default minimum areas in px of the full-size image for a model that sees images resized by `scale`: the
+    grid training tunes on at the model's scale, so a later tuning can reach every recipe training could."""
+    return tuple(sorted({int(round(a / scale**2)) for a in DEFAULT_MIN_AREAS}))
+
+
 class RecipeError(EngineError):
     """A recipe file or value is invalid."""
 
@@ -199,12 +205,17 @@ class TuneStats:
         self.has_defect: list[bool] = []
         self.truth_px = 0
         self._good_area: dict[int, np.ndarray] = {}  # per good image: its region areas by bin (to leave it out)
+        self.unoutlined = 0  # defective images without a mask (counted for detection, not Dice)
 
-    def add(self, probability: np.ndarray, truth: np.ndarray) -> None:
-        """Add one image's probability map and ground-truth mask."""
+    def add(self, probability: np.ndarray, truth: np.ndarray, defective: bool | None = None) -> None:
+        """Add one image's probability map and ground-truth mask; `defective` True with an empty mask is an image
+        known to hold a defect whose pixels are not (sorted into a defect folder): it counts for detection only."""
         truth = truth.astype(bool)
+        defective = bool(truth.any()) or bool(defective)
+        if defective and not truth.any():
+            self.unoutlined += 1
         largest = np.zeros(len(self.thresholds), np.int64)
-        area_before = None if truth.any() else self._area_in_bin.copy()
+        area_before = None if defective else self._area_in_bin.copy()
         top = float(probability.max()) if probability.size else 0.0
         for i, threshold in enumerate(self.thresholds):
             if threshold > top:
@@ -216,6 +227,8 @@ class TuneStats:
             areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
             hits = np.bincount(labels[truth], minlength=count)[1:]
             largest[i] = areas.max()
+            if defective and not truth.any():
+                continue  # its regions are neither hits nor false positives: Dice leaves it out
             # Bin each region by the largest min-area it still passes; suffix sums later give "area >= a".
             bins = np.searchsorted(self._edges, areas, side="right") - 1
             ok = bins >= 0
@@ -224,7 +237,7 @@ class TuneStats:
         if area_before is not None:
             self._good_area[len(self.largest)] = (self._area_in_bin - area_before).astype(np.int32)
         self.largest.append(largest)
-        self.has_defect.append(bool(truth.any()))
+        self.has_defect.append(defective)
         self.truth_px += int(truth.sum())
 
     def without(self, positions: Iterable[int]) -> "TuneStats":
@@ -270,6 +283,8 @@ class TuneStats:
         hit = np.cumsum(self._hit_in_bin[:, ::-1], axis=1)[:, ::-1]
         denominator = predicted + self.truth_px
         dice = np.where(denominator > 0, 2 * hit / np.maximum(denominator, 1), 1.0)
+        if self.unoutlined and self.unoutlined == sum(self.has_defect):
+            dice = np.full(dice.shape, np.nan)  # no defect's pixels are known
         return {"detection_rate": detection, "false_alarm_rate": false_alarm, "dice": dice}
 
     def table(self) -> list[dict[str, float]]:
@@ -319,7 +334,7 @@ class TuneStats:
             order = np.lexsort((
                 np.abs(self.thresholds[t_index] - 0.5).ravel(),
                 self.min_areas[a_index].ravel(),
-                -np.round(grid["dice"], 6).ravel(),
+                -np.round(np.nan_to_num(grid["dice"], nan=0.0), 6).ravel(),
                 np.round(false_alarm, 9).ravel(),
                 -np.round(detection, 9).ravel(),
                 ~feasible.ravel(),
@@ -349,7 +364,7 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
     stats = TuneStats(thresholds, min_areas)
     for index, sample in enumerate(samples):
         image, truth = load_pair(sample)
-        stats.add(predictor.predict_proba(image), truth)
+        stats.add(predictor.predict_proba(image), truth, defective=not sample.outlined or None)
         if progress:
             progress(index + 1, len(samples), "images")
     return stats
@@ -424,12 +439,13 @@ def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation")
 
 
 def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None = None, confidence: float | None = None,
-             thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
+             thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] | None = None,
              context: dict[str, Any] | None = None, save: bool = True,
              progress: Progress | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
     """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings.
     The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does.
-    Without `max_false_alarm` the goal is the one the run was trained to (runs.false_alarm_goal). Images that
+    Without `max_false_alarm` the goal is the one the run was trained to (runs.false_alarm_goal); without `min_areas`
+    the grid training tunes on, at the run's scale (min_areas_at). Images that
     training saw (data.seen_in_training) are left out, with a warning."""
     from engine.data import seen_in_training
 
@@ -444,6 +460,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
         raise RecipeError(f"all {len(samples)} tuning images are images training saw (its train and val splits); "
                           "tune on labelled images it did not see, e.g. --split test")
     kept = [s for s in samples if id(s) not in seen]
+    min_areas = min_areas_at(predictor.scale) if min_areas is None else min_areas
     stats = collect_stats(predictor, kept, thresholds, min_areas, progress=progress)
     best = stats.best(max_false_alarm, confidence)
     best["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm, confidence)

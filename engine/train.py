@@ -553,6 +553,10 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
     with every automatic value resolved (what run.json stores) and the data. Each process of a group (rank)
     augments with its own random stream."""
     report = scan_dataset(cfg.data)
+    if report.sorted_by_folder:
+        raise DatasetError(f"{cfg.data} is sorted into good and defect folders without masks: that tunes and evaluates "
+                           "a run (`tune`, `evaluate`), but training needs masks; train on its good folder alone "
+                           "(defects are painted on), then tune the run on the whole folder")
     for problem in report.problems:
         print(f"warning: {problem}", file=sys.stderr)
     train_samples, val_samples, carved = report.training_splits(cfg.val_fraction)

@@ -104,3 +104,76 @@ def test_threshold_override_and_cli_json(trained_run: str, tiny_dataset, capsys)
     assert result["n_images"] == 40
     assert (config.RUNS_DIR / trained_run / "recipe.json").is_file()  # training saved a recipe
     assert np.isfinite(result["dice"])
+
+
+@pytest.fixture
+def sorted_folder(tiny_dataset, tmp_path):
+    """The tiny dataset's images sorted by verdict, as a line keeps passed and rejected parts: good/ and scratch/,
+    no masks; returns (folder, the same samples with their masks)."""
+    import shutil
+
+    samples = select_samples(tiny_dataset, "all")
+    folder = tmp_path / "bins"
+    for sample in samples:
+        bin_ = folder / ("scratch" if sample.defective else "good")
+        bin_.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample.image_path, bin_ / sample.image_path.name)
+    return folder, samples
+
+
+def test_a_folder_sorted_by_verdict_gives_the_same_verdict_figures_without_masks(trained_run: str,
+                                                                                 sorted_folder) -> None:
+    from engine.data import scan_dataset
+
+    folder, with_masks = sorted_folder
+    report = scan_dataset(folder)
+    assert report.sorted_by_folder and not report.problems
+    assert report.counts()["defective"] == sum(s.defective for s in with_masks) > 0
+    assert report.counts()["defect_free"] == sum(not s.defective for s in with_masks) > 0
+    assert {s.defect_types for s in report.samples if s.defective} == {"scratch"}
+    assert not any(s.outlined for s in report.samples if s.defective)
+    sorted_samples = select_samples(folder, "val")  # no splits in a sorted folder: every image
+    assert len(sorted_samples) == len(with_masks)
+
+    predictor = Predictor.from_run(trained_run)
+    recipe = Recipe(threshold=0.3, min_region_px=2)
+    masked, verdicts_only = evaluate(predictor, with_masks, recipe=recipe), evaluate(predictor, sorted_samples,
+                                                                                       recipe=recipe)
+    for key in ("n_images", "n_defective", "n_defect_free", "n_detected", "n_false_alarms", "detection_rate",
+                "false_alarm_rate", "auroc", "average_precision"):
+        assert verdicts_only[key] == masked[key], key
+    assert masked["dice"] is not None
+    assert all(verdicts_only[key] is None for key in ("dice", "iou", "precision", "recall", "mean_image_dice"))
+    assert verdicts_only["per_type"]["scratch"]["n_detected"] == masked["n_detected"]
+    assert all(row["dice"] is None for row in verdicts_only["per_image"] if row["has_defect"])
+
+
+def test_tuning_on_a_sorted_folder_sees_the_verdict_grid_of_the_masked_set(trained_run: str, sorted_folder) -> None:
+    from engine.recipe import collect_stats
+
+    folder, with_masks = sorted_folder
+    predictor = Predictor.from_run(trained_run)
+    thresholds, areas = [0.1, 0.3, 0.5, 0.7], [0, 2, 8, 32]
+    masked = collect_stats(predictor, with_masks, thresholds, areas).grid()
+    verdicts_only = collect_stats(predictor, select_samples(folder, "all"), thresholds, areas)
+    grid = verdicts_only.grid()
+    np.testing.assert_array_equal(grid["detection_rate"], masked["detection_rate"])
+    np.testing.assert_array_equal(grid["false_alarm_rate"], masked["false_alarm_rate"])
+    assert np.isnan(grid["dice"]).all()  # no defect's pixels are known
+    best = verdicts_only.best(0.5)
+    assert best["dice"] is None and best["detection_rate"] is not None
+
+
+def test_a_sorted_folder_reports_a_corrupt_image_and_cannot_train(sorted_folder, capsys) -> None:
+    from engine.data import scan_dataset
+
+    folder, _ = sorted_folder
+    (folder / "scratch" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    report = scan_dataset(folder)
+    assert len(report.problems) == 1 and "broken.png" in report.problems[0]
+    assert main(["evaluate", "--run", "latest", "--data", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +scratch: detected \d+ of \d+ images$", out, re.M)  # no Dice without the defect's pixels
+    assert re.search(r"^ +dice: n/a$", out, re.M)
+    assert main(["train", "--data", str(folder), "--epochs", "1"]) == 2  # a data error
+    assert "sorted into good and defect folders without masks" in capsys.readouterr().err

@@ -287,3 +287,22 @@ def test_an_image_that_declares_a_huge_size_is_skipped_with_its_size(tmp_path: P
     assert report.counts["images"] == 4
     assert any("bomb.png: declares 60000x60000 px" in problem and problem.endswith("skipped")
                for problem in report.problems), report.problems
+
+
+def test_a_folder_sorted_by_verdict_is_imported_as_it_is_for_tuning_not_training(tmp_path: Path) -> None:
+    src = tmp_path / "bins"
+    for i in range(4):
+        write(src / "good" / f"g{i}.png", texture(i))
+    for i in range(3):
+        write(src / "crack" / f"c{i}.png", texture(10 + i))
+    write(src / "dent" / "d0.png", texture(20))
+    (src / "crack" / "broken.png").write_bytes(b"not an image")
+    report = import_dataset(src, "bins")
+    assert report.layout == "sorted" and report.counts["defective"] == 4 and report.counts["defect_free"] == 4
+    assert report.per_type == {"crack": 3, "dent": 1}
+    assert any("broken.png" in problem for problem in report.problems)  # reported, the others imported
+    assert "not for training" in report.lines()[-1] and "train 0" not in report.lines()[-1]
+    scanned = scan_dataset(report.path)
+    assert scanned.sorted_by_folder and {s.defect_types for s in scanned.samples if s.defective} == {"crack", "dent"}
+    assert registry.find_dataset_by_hash(report.content_hash).name == "bins"
+    assert main(["train", "--data", str(report.path), "--epochs", "1"]) == 2  # no masks: a clear refusal

@@ -397,6 +397,54 @@ def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, re
     assert at.sidebar.slider(key=f"review_thr_{trained_run}").value == pytest.approx(saved.threshold)
 
 
+def test_review_of_a_folder_sorted_by_verdict_shows_verdicts_and_tunes_on_them(trained_run: str, tiny_dataset: Path,
+                                                                              restore_recipe: Path) -> None:
+    import shutil
+
+    from engine.importer import import_dataset
+
+    bins = config.DATA_DIR.parent / "bins-source"
+    for sample in select_samples(tiny_dataset, "all"):
+        folder = bins / ("scratch" if sample.defective else "good")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(sample.image_path, folder / sample.image_path.name)
+    report = import_dataset(bins, "line-bins")
+    assert report.layout == "sorted" and "not for training" in report.lines()[-1]
+    try:
+        at = open_page("app_pages/6_Review.py")
+        at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+        at.sidebar.selectbox(key="review_folder").set_value("line-bins").run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        expected = evaluate(Predictor.from_run(trained_run), select_samples(report.path, "all"),
+                            load_recipe(restore_recipe).threshold)
+        assert expected["dice"] is None and metric(at, "Dice") == "—"  # no masks, no Dice
+        assert metric(at, "Detection rate") == f"{expected['detection_rate']:.0%}"
+        table = at.dataframe(key="review_table").value
+        assert len(table) == expected["n_images"] == report.counts["images"]
+        at.checkbox(key="review_bound").uncheck()
+        at.button(key="review_tune").click().run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        epoch = at.sidebar.select_slider[0].value[0] if at.sidebar.select_slider else "best"
+        expected, result, _ = tune_run(Predictor(restore_recipe, epoch), select_samples(report.path, "all"),
+                                       runs.false_alarm_goal(runs.read_run_json(restore_recipe)), save=False)
+        saved = load_recipe(restore_recipe)
+        assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
+        # the images training saw (the run's own train and val splits, sorted here too) are left out by content
+        assert 0 < saved.tuning["n_defective"] == result["n_defective"] < report.counts["defective"]
+        assert saved.tuning["dice"] is None
+        table = at.dataframe(key="review_table").value  # as shown at the tuned recipe
+        rejected = int(table.index[table["truth"] == "defect"][0])
+        at.session_state["review_table"] = {"selection": {"rows": [rejected], "columns": []}}
+        at.run()
+        assert any("Sorted as scratch: no outline" in c for image in at.image for c in image.captions)
+        at.button(key="review_open").click().run()  # Inspect: a verdict to check, no Dice without an outline
+        assert not at.exception and "sorted as scratch, without a mask" in "\n".join(i.value for i in at.sidebar.info)
+        assert not [m for m in at.sidebar.metric if m.label.startswith("Dice")]
+    finally:
+        shutil.rmtree(bins)
+        shutil.rmtree(report.path)
+
+
 # ---------------------------------------------------------------------------------------- Runs
 
 

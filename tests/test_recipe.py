@@ -372,3 +372,13 @@ def test_leaving_good_images_out_of_tuning_statistics_equals_never_adding_them()
                                                 min_region_px=chosen["min_region_px"])).flagged for k in held]
         expected += sum(flagged)
     assert rate == round(expected / 16, 6) > everything.best(0.05)["false_alarm_rate"]  # 1 of 16, 0 of 16
+
+
+def test_tuning_reaches_every_minimum_area_training_could_at_the_run_scale() -> None:
+    from engine.recipe import DEFAULT_MIN_AREAS, min_areas_at
+
+    # Training tunes on the model's view (a 1,000 px region at scale 0.5 is 4,000 px of the full-size image) and
+    # saves full-size areas; a later tuning on full-size images needs the same reach.
+    assert min_areas_at(1.0) == DEFAULT_MIN_AREAS
+    assert min_areas_at(0.5) == tuple(4 * a for a in DEFAULT_MIN_AREAS)
+    assert min_areas_at(0.25)[-1] == 16000
