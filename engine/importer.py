@@ -37,6 +37,7 @@ import numpy as np
 from engine import config
 from engine.data import (
     SPLITS,
+    DatasetReport,
     dataset_hash,
     images_in,
     scan_dataset,
@@ -146,19 +147,10 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
     report = ImportReport(name=name, path=final, source=src.resolve(), layout=layout, linked=link, problems=problems)
     with staged_folder(final) as tmp:  # written whole beside `final`, renamed at the end: a failure leaves nothing
         _write(entries, tmp, classes, link, report, progress)
-        scanned = scan_dataset(tmp, validate=False)
-        report.problems.extend(scanned.problems)
-        report.counts = scanned.counts()
-        report.content_hash = dataset_hash(scanned.samples)
-        existing = registry.find_dataset_by_hash(report.content_hash)
-        if existing is not None and Path(existing.path).is_dir():
-            report.already_imported_as, report.path = existing.name, Path(existing.path)
-            report.seconds = time.perf_counter() - start
-            return report
-        if final.exists():
-            raise DatasetError(f"{final} already exists with other content; choose another --name")
-        os.rename(tmp, final)
+        _publish(tmp, final, report, validate=False)
     report.seconds = time.perf_counter() - start
+    if report.already_imported_as:
+        return report
     details = {"source": str(report.source), "layout": layout, "linked": link, "class_map": report.class_map,
                "classes": report.classes, "per_type": report.per_type, "sizes": report.sizes,
                "defect_fraction": report.defect_fraction, "splits": {s: report.counts.get(s, 0) for s in SPLITS},
@@ -184,24 +176,35 @@ def _import_sorted(src: Path, name: str, link: bool, start: float) -> ImportRepo
                     (tmp / folder.name / path.name).symlink_to(path.resolve())
                 else:
                     shutil.copy2(path, tmp / folder.name / path.name)
-        scanned = scan_dataset(tmp, validate=True)
-        report.problems, report.counts = list(scanned.problems), scanned.counts()
-        report.per_type = dict(Counter(s.defect_types for s in scanned.samples if s.defective))
-        report.content_hash = dataset_hash(scanned.samples)
-        existing = registry.find_dataset_by_hash(report.content_hash)
-        if existing is not None and Path(existing.path).is_dir():
-            report.already_imported_as, report.path = existing.name, Path(existing.path)
-            report.seconds = time.perf_counter() - start
-            return report
-        if final.exists():
-            raise DatasetError(f"{final} already exists with other content; choose another --name")
-        os.rename(tmp, final)
+        scanned = _publish(tmp, final, report, validate=True)
+    report.per_type = dict(Counter(s.defect_types for s in scanned.samples if s.defective))
     report.seconds = time.perf_counter() - start
+    if report.already_imported_as:
+        return report
     registry.upsert_dataset(name, str(final.resolve()), report.content_hash, report.counts["images"],
                             report.counts["defective"], report.counts["defect_free"], source="imported",
                             details={"source": str(report.source), "layout": "sorted", "linked": link,
                                      "per_type": report.per_type, "problems": report.problems[:50]})
     return report
+
+
+def _publish(tmp: Path, final: Path, report: ImportReport, validate: bool) -> DatasetReport:
+    """Scan the staged folder into the report and rename it to `final`; where the same content is already
+    imported, leave it (the staging is removed) and point the report at the import that exists."""
+    from engine import registry
+
+    scanned = scan_dataset(tmp, validate=validate)
+    report.problems.extend(scanned.problems)
+    report.counts = scanned.counts()
+    report.content_hash = dataset_hash(scanned.samples)
+    existing = registry.find_dataset_by_hash(report.content_hash)
+    if existing is not None and Path(existing.path).is_dir():
+        report.already_imported_as, report.path = existing.name, Path(existing.path)
+        return scanned
+    if final.exists():
+        raise DatasetError(f"{final} already exists with other content; choose another --name")
+    os.rename(tmp, final)
+    return scanned
 
 
 def _register_in_place(folder: Path, name: str, start: float) -> ImportReport:
