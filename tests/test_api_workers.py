@@ -111,6 +111,10 @@ def test_api_workers_start_answer_alike_and_stop_cleanly(tmp_path: Path) -> None
                     if before == after:
                         by_pid.setdefault(before, []).extend(answers)
         assert set(by_pid) == worker_pids
+        # No run of the user's own: every answer says that the demo, trained on generated images, answered it.
+        warnings = {a["warning"] for answers in by_pid.values() for a in answers}
+        assert warnings == {"answered by the demo model, trained on generated images only, not on your parts; train "
+                            "one on your own images with `python -m engine train --data DIR`"}
         for number in range(len(images)):  # the same image gets the same answer from every worker
             answers = {_verdict(a) for pid_answers in by_pid.values() for a in pid_answers[number::len(images)]}
             assert len(answers) == 1, answers
