@@ -151,6 +151,7 @@ def _listed_as_defective(row: dict[str, str]) -> bool:
 
 
 GOOD_FOLDERS = ("good", "ok")  # names of the folder of good parts in a folder sorted by verdict
+MASK_FOLDERS = ("masks", "mask", "ground_truth", "labels")
 
 
 def images_in(folder: Path) -> list[Path]:
@@ -165,6 +166,8 @@ def sorted_folders(root: Path) -> tuple[Path, list[Path]] | None:
     if not root.is_dir() or (root / "images").is_dir() or images_in(root):
         return None
     folders = [p for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".") and images_in(p)]
+    if any(p.name.lower() in MASK_FOLDERS for p in folders):
+        return None  # masks beside the bins: not a layout of ours, and never defective parts
     good = [p for p in folders if p.name.lower() in GOOD_FOLDERS]
     defect = [p for p in folders if p.name.lower() not in GOOD_FOLDERS]
     return (good[0], defect) if len(good) == 1 and defect else None

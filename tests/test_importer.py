@@ -306,3 +306,12 @@ def test_a_folder_sorted_by_verdict_is_imported_as_it_is_for_tuning_not_training
     assert scanned.sorted_by_folder and {s.defect_types for s in scanned.samples if s.defective} == {"crack", "dent"}
     assert registry.find_dataset_by_hash(report.content_hash).name == "bins"
     assert main(["train", "--data", str(report.path), "--epochs", "1"]) == 2  # no masks: a clear refusal
+
+
+def test_masks_beside_sorted_bins_are_never_taken_for_defective_parts(tmp_path: Path) -> None:
+    src = tmp_path / "bins"
+    write(src / "good" / "g0.png", texture(0))
+    write(src / "crack" / "c0.png", texture(1))
+    write(src / "masks" / "c0.png", np.full((32, 40), 255, np.uint8))
+    with pytest.raises(DatasetError, match="no images found"):
+        scan_dataset(src)
