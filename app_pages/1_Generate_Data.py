@@ -135,7 +135,9 @@ if onto.strip():
 # ---- bring your own images -------------------------------------------------------------------------
 st.header("Import your own images")
 st.caption("A folder on this machine with images/ and masks/ (optional manifest.csv), one MVTec-AD category "
-           "(train/good, test/<type>, ground_truth/<type>), or masks holding class ids 1..K.")
+           "(train/good, test/<type>, ground_truth/<type>), or masks holding class ids 1..K. A folder sorted by "
+           "verdict, good/ beside a folder of rejected parts per defect kind, no masks, is kept as it is: it tunes "
+           "and reviews a run on the Review page, but cannot train one.")
 with st.form("import"):
     source = st.text_input("Folder to import", placeholder="/path/to/dataset", key="import_src")
     import_name = st.text_input("Name for the imported dataset", value="imported", key="import_name")

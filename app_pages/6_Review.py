@@ -20,7 +20,9 @@ from ui import epoch_label, load_predictor, own_test_set, pick_run, sample_folde
 
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
-           "and how Dice and false alarms move with the threshold. Click a row to look at the image.")
+           "and how Dice and false alarms move with the threshold. Click a row to look at the image. A folder "
+           "sorted by verdict (good/ beside a folder of rejected parts per defect kind, imported with `python -m "
+           "engine import`) needs no masks: it gives the verdict rates and tunes on them.")
 
 
 @st.cache_data(max_entries=8, ttl=1800, show_spinner="Evaluating every image…")
