@@ -113,7 +113,9 @@ if len(epochs) == 2:
     table = table.merge(other, on="id")
     table["Δ dice"] = table["dice B"] - table["dice"]
     columns[2:2] = ["dice B", "Δ dice"]
-table = table.sort_values(["dice", "false_positive_px"], ascending=[True, False]).reset_index(drop=True)[columns]
+# Worst first by Dice; an image sorted into a defect folder has none, so it ranks as a miss (0) or a find (1).
+table["rank"] = table["dice"].fillna(table["flagged"].astype(float))
+table = table.sort_values(["rank", "false_positive_px"], ascending=[True, False]).reset_index(drop=True)[columns]
 st.subheader("Per image" + (f" ({epoch_label(first)}; dice B = {epoch_label(epochs[1])})" if len(epochs) == 2 else ""))
 selection = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="review_table",
                          column_config={c: st.column_config.NumberColumn(format="%.3f")
