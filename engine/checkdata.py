@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from engine import config, runs
-from engine.data import Sample, image_folder, scan_dataset
+from engine.data import Sample, image_folder, scan_dataset, sorted_folders
 from engine.errors import DatasetError
 
 
@@ -35,6 +35,9 @@ def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
         if not data:
             raise _missing(f"run {folder.name} does not record its dataset", "; pass --data DIR")
     data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
+    if sorted_folders(data) is not None:
+        raise DatasetError(f"{data} is sorted by verdict, without masks: these checks compare Dice, which needs "
+                           "masks; pass a folder with images/ and masks/, or leave --data out")
     if not image_folder(data).is_dir():
         raise _missing(f"dataset {data} not found", " (needed for the parity and accuracy checks); restore it, "
                                                      "or point to a copy with --data DIR")

@@ -177,3 +177,12 @@ def test_a_sorted_folder_reports_a_corrupt_image_and_cannot_train(sorted_folder,
     assert re.search(r"^ +dice: n/a$", out, re.M)
     assert main(["train", "--data", str(folder), "--epochs", "1"]) == 2  # a data error
     assert "sorted into good and defect folders without masks" in capsys.readouterr().err
+
+
+def test_export_and_bench_refuse_a_sorted_folder_for_their_dice_checks(trained_run: str, sorted_folder,
+                                                                       capsys) -> None:
+    folder, _ = sorted_folder
+    for command in (["export", "--run", trained_run, "--data", str(folder)],
+                    ["bench", "--run", trained_run, "--data", str(folder), "--iterations", "1"]):
+        assert main(command) == 2
+        assert "sorted by verdict, without masks: these checks compare Dice" in capsys.readouterr().err
