@@ -511,7 +511,14 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
         ready, reason = readiness_of(best, max_false_alarm, "tuning")
     else:
         return None
-    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)")
+    detection, false_alarm = best.get("detection_rate") or 0.0, best.get("false_alarm_rate") or 0.0
+    # Where the tuning's images meet the goals as measured, only their number kept the run from ready.
+    short_of_images = (not ready and detection >= 0.5 and false_alarm <= max_false_alarm + 1e-9
+                       and held_out_missed(best, max_false_alarm) is None)
+    tuned_on = {"n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"],
+                "flagged": round(false_alarm * best["n_defect_free"]), "short_of_images": short_of_images}
+    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)",
+                    tuned_on=tuned_on)
     before, _ = runs.readiness(info)
     change = ("still" if before else "now") if ready else ("no longer" if before else "not")
     return (f"run {run_dir.name} is {change} ready (tuned on real images)" if ready

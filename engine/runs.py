@@ -254,6 +254,8 @@ def next_steps(info: dict[str, Any]) -> list[str]:
     if info.get("status") != "completed":
         return ["wait for the run to finish, or resume it with `python -m engine train --resume RUN`"]
     run_id = info.get("run_id", "RUN")
+    if info.get("tuned_on"):
+        return _after_tuning(run_id, info["tuned_on"], false_alarm_goal(info))
     counts = (info.get("dataset") or {}).get("counts") or {}
     steps = [f"train longer: `python -m engine train --resume {run_id} --minutes 30`"]
     if counts.get("defective", 0) < 50:
@@ -273,3 +275,17 @@ def next_steps(info: dict[str, Any]) -> list[str]:
     if info.get("ready_reason") in (None, thin) or not val.get("n_defective"):  # nothing measured against the model
         return [tune, give_val]
     return [*steps, tune, give_val]  # it missed a goal, on validation too small to decide
+
+
+def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[str]:
+    """next_steps of a run that a tuning on real images judged not ready (recipe._judge_by_tuning)."""
+    had = (f"the last tuning had {tuned_on['n_defective']} defective and {tuned_on['n_defect_free']} good images, "
+           f"{tuned_on['flagged']} of them flagged")
+    more = (f"tune again on more images the run did not train on, at least {MIN_DEFECTIVE} defective and "
+            f"{good_images_needed(goal)} good (with none of those flagged they show the {goal:.0%} goal; {had}): "
+            f"`python -m engine tune --run {run_id} --data DIR`")
+    retrain = (f"train longer (`python -m engine train --resume {run_id} --minutes 30`), or again on more good "
+               "images or with some of the tuning's defects outlined in the set (a mask each)")
+    if tuned_on.get("short_of_images"):
+        return [more, f"or {retrain}"]
+    return [f"the model itself misses the goals on real images ({had}): {retrain}", more]

@@ -895,6 +895,7 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     if status == "cancelled":
         ready, reason = False, "training was cancelled"
     info.pop("before_resume", None)
+    info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
                 wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None)
     runstore.save(folder, info)

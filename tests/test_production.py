@@ -236,6 +236,10 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     assert after["ready"] is tuning_readiness(best, 0.05)[0] and best["readiness"].startswith(f"run {run_id} is ")
     assert best["goal_met"] is False and after["ready"] is False  # 14 good images cannot bound false alarms at 5 %
     assert after["ready_reason"].endswith("(tuned on real images)")
+    # What to do next follows the tuning, not training's validation: the images met the goals but were too few.
+    assert after["tuned_on"] == {"n_defective": 6, "n_defect_free": 14, "flagged": 0, "short_of_images": True}
+    assert runs.next_steps(after)[0].startswith("tune again on more images") and "had 6 defective and 14 good" in (
+        runs.next_steps(after)[0])
 
 
 @pytest.mark.slow
@@ -260,6 +264,8 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     after = runs.read_run_json(config.RUNS_DIR / run_id)
     assert after["ready"] is False and best["readiness"].startswith(f"run {run_id} is no longer ready: tuning ")
     assert after["ready_reason"].endswith("(tuned on real images)") and registry.get_run(run_id).ready is False
+    assert after["tuned_on"]["short_of_images"] is False  # the model missed on enough images: more cannot help
+    assert runs.next_steps(after)[0].startswith("the model itself misses the goals on real images")
     # The recipe served is the one tuned: a tuning on unseen images that meets the goals makes it ready again.
     fresh = tmp_path / "fresh"
     synth.generate_dataset(fresh, 100, seed=6, params=synth.SynthParams(size=64, defect_free=0.6), workers=1)
