@@ -320,6 +320,8 @@ def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_datase
         saved = recipe.load_recipe(run_dir)
         assert saved.source == "tuned" and saved.min_region_px in (0, 4, 16)
         assert saved.tuning["split"] == "all" and saved.tuning["max_false_alarm"] == 0.5
+        # As readiness and the Review page: the goal held on the 95 % bound unless told otherwise.
+        assert saved.tuning["goal_on"] == "bound" and saved.tuning["confidence"] == 0.95
         image = next((tiny_dataset / "images").glob("*.png"))
         assert main(["predict", "--run", trained_run, str(image), "--json"]) == 0
         result = json.loads(capsys.readouterr().out)["results"][0]
