@@ -294,9 +294,28 @@ class TuneStats:
                  **{k: _clean(v[i, j]) for k, v in grid.items()}}
                 for i, t in enumerate(self.thresholds) for j, a in enumerate(self.min_areas)]
 
+    @staticmethod
+    def _tied_verdicts(feasible: np.ndarray, detection: np.ndarray, false_alarm: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """The cells that tie with the best on verdicts (feasible, most detections, then fewest false alarms), and
+        each one's distance in grid steps from the nearest end of its threshold's run of tied min areas (a run:
+        detection and false alarms only fall as the min area grows)."""
+        detection, false_alarm = np.round(detection, 9), np.round(false_alarm, 9)
+        top = detection[feasible].max()
+        tied = feasible & (detection == top) & (false_alarm == false_alarm[feasible & (detection == top)].min())
+        margin = np.zeros(tied.shape, np.int64)
+        for i in np.flatnonzero(tied.any(axis=1)):
+            run = np.flatnonzero(tied[i])
+            margin[i, run] = np.minimum(run - run[0], run[-1] - run)
+        return tied, margin
+
     def best(self, max_false_alarm: float, confidence: float | None = None, cautious: bool = False) -> dict[str, Any]:
-        """Highest detection rate with false-alarm rate <= max_false_alarm (ties: fewer false alarms,
-        higher Dice, smaller min area, threshold nearer 0.5); `goal_met` False when no cell meets it.
+        """Highest detection rate with false-alarm rate <= max_false_alarm, then fewest false alarms; of the
+        recipes that tie on those verdicts, the threshold with the highest Dice and, at it, the min area midway
+        along the run of tied ones (nearer the larger; then the threshold nearer 0.5). The smallest tied area sits
+        at the edge of the regions validation's good images show, the largest at the edge of its defects', and a
+        new day's parts vary more than either (where validation's good images are clean, every area from 0 ties).
+        `goal_met` False when no cell meets the goal.
 
         With `confidence` (e.g. 0.95) the goal applies to the upper confidence bound of the false-alarm rate
         rather than the rate measured on these images, so the recipe keeps the goal on new parts too.
@@ -331,14 +350,10 @@ class TuneStats:
             order = np.lexsort((-self.thresholds[t_index].ravel(), -self.min_areas[a_index].ravel(),
                                 np.round(detection, 9).ravel(), np.round(false_alarm, 9).ravel(), ~within.ravel()))
         else:
-            order = np.lexsort((
-                np.abs(self.thresholds[t_index] - 0.5).ravel(),
-                self.min_areas[a_index].ravel(),
-                -np.round(np.nan_to_num(grid["dice"], nan=0.0), 6).ravel(),
-                np.round(false_alarm, 9).ravel(),
-                -np.round(detection, 9).ravel(),
-                ~feasible.ravel(),
-            ))
+            tied, margin = self._tied_verdicts(feasible, detection, false_alarm)
+            dice = np.where(tied, np.round(np.nan_to_num(grid["dice"], nan=0.0), 6), -1.0)
+            order = np.lexsort((np.abs(self.thresholds[t_index] - 0.5).ravel(), -self.min_areas[a_index].ravel(),
+                                -margin.ravel(), -dice.max(axis=1)[t_index].ravel(), ~tied.ravel()))
         i, j = t_index.ravel()[order[0]], a_index.ravel()[order[0]]
         return {"threshold": float(self.thresholds[i]), "min_region_px": int(self.min_areas[j]),
                 "detection_rate": _clean(grid["detection_rate"][i, j]),

@@ -914,8 +914,9 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
                     max_false_alarm: float, painted: bool = False) -> dict:
     """The recipe training saves: on validation, the most detections with false alarms within the goal, over
     thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms) and minimum
-    region areas; ties go to the higher Dice. On `painted` validation the goal holds on the upper confidence bound
-    of false alarms and the most cautious recipe within noise of the most detections wins (TuneStats.best)."""
+    region areas; of those that tie on verdicts, the highest Dice and the min area midway along the tie. On
+    `painted` validation the goal holds on the upper confidence bound of false alarms and the most cautious recipe
+    within noise of the most detections wins (TuneStats.best)."""
     thresholds = [t for t in DEFAULT_THRESHOLDS if t >= dice_threshold - 1e-9] or [dice_threshold]
     stats = TuneStats(sorted({dice_threshold, *thresholds}))
     for probability, truth in zip(probs, truths):

@@ -177,11 +177,25 @@ def test_tuning_finds_the_min_area_that_removes_glints() -> None:
         stats.add(probability, np.zeros_like(probability, np.uint8))
     best = stats.best(max_false_alarm=0.0)
     assert best["goal_met"] and best["detection_rate"] == 1.0 and best["false_alarm_rate"] == 0.0
-    assert best["min_region_px"] == 10  # the smallest area that drops the 9-px glints
+    # 10, 20 and 50 px drop the 9-px glints and keep the 64-px defects: the middle one stands farthest from both.
+    assert best["min_region_px"] == 20
     assert best["threshold"] == 0.5 and best["dice"] == 1.0  # every threshold in (0.02, 0.8] is exact; 0.5 wins ties
     grid = {(r["threshold"], r["min_region_px"]): r for r in stats.table()}
     assert grid[(0.5, 0)]["false_alarm_rate"] == 1.0 and grid[(0.9, 0)]["detection_rate"] == 0.0
     assert grid[(0.5, 100)]["detection_rate"] == 0.0
+
+
+def test_on_clean_good_images_the_min_area_is_not_left_at_zero() -> None:
+    """Where validation's good images show no region at all, every min area up to the defects' ties on verdicts;
+    the smallest (0: any speck flags a part) is the edge of what they show, so the middle of the run is served."""
+    stats = TuneStats(thresholds=[0.5], min_areas=[0, 5, 10, 20, 50, 100])
+    for probability in square_maps(6, 0.8):  # 64-px defects
+        stats.add(probability, truth_of(probability))
+    for _ in range(20):
+        stats.add(blank(), np.zeros(blank().shape, np.uint8))
+    best = stats.best(max_false_alarm=0.05)
+    assert best["detection_rate"] == 1.0 and best["false_alarm_rate"] == 0.0
+    assert best["min_region_px"] == 10  # of the tied 0, 5, 10, 20, 50: the middle
 
 
 def stats_with_one_blob(thresholds, min_areas, n_clean: int) -> TuneStats:
@@ -353,6 +367,8 @@ def test_leaving_good_images_out_of_tuning_statistics_equals_never_adding_them()
         if k < 8:
             truth[4:12, 6:14] = 1
             probability[4:12, 6:14] = 0.9
+        if k == 23:  # one good part with a mark nearly as large as the defects (49 px against 64)
+            probability[14:21, 14:21] = 0.9
         images.append((probability, truth))
     everything, kept = TuneStats(), TuneStats()
     for k, (probability, truth) in enumerate(images):
@@ -373,6 +389,7 @@ def test_leaving_good_images_out_of_tuning_statistics_equals_never_adding_them()
         flagged = [inspect(images[k][0], Recipe(threshold=chosen["threshold"],
                                                 min_region_px=chosen["min_region_px"])).flagged for k in held]
         expected += sum(flagged)
+    # Chosen on all 16, the recipe stops just above the mark (50 px); chosen without it, midway below it.
     assert rate == round(expected / 16, 6) > everything.best(0.05)["false_alarm_rate"]  # 1 of 16, 0 of 16
 
 
