@@ -92,9 +92,11 @@ for epoch, result in results.items():
     st.markdown(f"**{epoch_label(epoch)}** on {folder_name} ({split}, {result['n_images']} images, "
                 f"{result['n_defective']} with defects) at threshold {threshold:.2f}")
     a, b, c, d = st.columns(4)
-    a.metric("Dice", "—" if result["dice"] is None else f"{result['dice']:.3f}",
-             help=None if result["dice"] is not None else "No masks: the folder is sorted by verdict only")
-    b.metric("IoU", "—" if result["iou"] is None else f"{result['iou']:.3f}")
+    outlined = result["n_defective"] and result["dice"] is not None  # else Dice reads 1.0 for nothing drawn
+    a.metric("Dice", f"{result['dice']:.3f}" if outlined else "—", help=None if outlined else (
+        "No masks: the folder is sorted by verdict only" if result["n_defective"]
+        else "No defective image here: nothing to outline"))
+    b.metric("IoU", f"{result['iou']:.3f}" if outlined else "—")
     c.metric("Detection rate", "—" if result["detection_rate"] is None else f"{result['detection_rate']:.0%}")
     d.metric("False-alarm rate", "—" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.0%}")
     if result["too_few"]:

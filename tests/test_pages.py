@@ -397,6 +397,24 @@ def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, re
     assert at.sidebar.slider(key=f"review_thr_{trained_run}").value == pytest.approx(saved.threshold)
 
 
+def test_review_of_a_folder_of_good_parts_only_shows_no_dice(trained_run: str) -> None:
+    import shutil
+
+    folder = config.DATA_DIR / "all-good"
+    synth.generate_dataset(folder, 6, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    try:
+        at = open_page("app_pages/6_Review.py")
+        at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+        at.sidebar.selectbox(key="review_folder").set_value("all-good").run()
+        at.sidebar.selectbox(key="review_split").set_value("all").run()
+        assert not at.exception and not at.error, [e.value for e in at.error]
+        # Nothing to outline: the set's Dice would read 1.000 where nothing is drawn.
+        assert metric(at, "Dice") == "—" and metric(at, "IoU") == "—"
+        assert metric(at, "Detection rate") == "—" and metric(at, "False-alarm rate") != "—"
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_review_of_a_folder_sorted_by_verdict_shows_verdicts_and_tunes_on_them(trained_run: str, tiny_dataset: Path,
                                                                               restore_recipe: Path) -> None:
     import shutil
