@@ -187,7 +187,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     """Pick threshold and min region size for the best detection within the false-alarm budget; save the recipe."""
-    from engine import recipe
+    from engine import recipe, runs
     from engine.evaluate import select_samples
     from engine.serving import open_predictor
 
@@ -220,6 +220,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
           f"goal: {goal} <= {best['max_false_alarm']:g})")
     if best.get("readiness"):
         print(best["readiness"])
+        for step in runs.next_steps(runs.read_run_json(predictor.run_dir)):
+            print(f"  next: {step}")
 
 
 def _number_list(text: str, kind: type) -> list:

@@ -328,9 +328,15 @@ def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_datase
                      "--max-false-alarm", "0.5", "--min-areas", "0,4,16"])
         assert code == 0
         out = capsys.readouterr().out.strip().splitlines()
-        assert out[-2].startswith("recipe saved to") and "threshold" in out[-2]
-        # The fixture's validation (2 good, 2 defective images) is too small to decide: this tuning does.
-        assert not runs.validation_decides(info) and out[-1].startswith(f"run {trained_run} is ")
+        saved_line = next(line for line in out if line.startswith("recipe saved to"))
+        assert "threshold" in saved_line and out[out.index(saved_line) + 1].startswith(f"run {trained_run} is ")
+        # The fixture's validation (2 good, 2 defective images) is too small to decide: this tuning does, and where
+        # the run is not ready, what to do next follows.
+        judged = next(line for line in out if line.startswith(f"run {trained_run} is "))
+        assert not runs.validation_decides(info)
+        steps = [line for line in out if line.startswith("  next: ")]
+        assert steps == [f"  next: {step}" for step in runs.next_steps(runs.read_run_json(run_dir))]
+        assert bool(steps) == ("not ready" in judged or "no longer ready" in judged)
         saved = recipe.load_recipe(run_dir)
         assert saved.source == "tuned" and saved.min_region_px in (0, 4, 16)
         assert saved.tuning["split"] == "all" and saved.tuning["max_false_alarm"] == 0.5
