@@ -200,6 +200,22 @@ def good_images_needed(max_false_alarm: float) -> int:
     return max(1, math.ceil(z2 * (1 - ceiling) / ceiling - 1e-9))  # wilson_upper(0, n) = z2 / (n + z2)
 
 
+def good_images_to_bound(flagged: int, max_false_alarm: float, confidence: float = 0.95,
+                         most: int = 100_000) -> int | None:
+    """The fewest good images on which `flagged` of them flagged keeps the upper confidence bound of false alarms
+    within the goal; None where no number up to `most` does (a goal of 0 with a false alarm, say)."""
+    low, high = max(flagged, 1), most
+    if float(wilson_upper(flagged, high, confidence)) > max_false_alarm + 1e-9:
+        return None
+    while low < high:  # the bound falls as images are added at the same count flagged
+        middle = (low + high) // 2
+        if float(wilson_upper(flagged, middle, confidence)) <= max_false_alarm + 1e-9:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
 def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float,
                     where: str = "validation") -> str | None:
     """Why a labelled set (`where`) is too small to show that a model meets its goals, in words; None when it is not.

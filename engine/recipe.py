@@ -28,7 +28,7 @@ import numpy as np
 
 from engine import runs
 from engine.errors import EngineError
-from engine.metrics import too_few_to_show, wilson_upper
+from engine.metrics import good_images_needed, good_images_to_bound, too_few_to_show, wilson_upper
 from engine.progress import Progress
 from engine.storage import atomic_write_json
 
@@ -527,11 +527,15 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
     else:
         return None
     detection, false_alarm = best.get("detection_rate") or 0.0, best.get("false_alarm_rate") or 0.0
+    flagged = round(false_alarm * best["n_defect_free"])
     # Where the tuning's images meet the goals as measured, only their number kept the run from ready.
     short_of_images = (not ready and detection >= 0.5 and false_alarm <= max_false_alarm + 1e-9
                        and held_out_missed(best, max_false_alarm) is None)
-    tuned_on = {"n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"],
-                "flagged": round(false_alarm * best["n_defect_free"]), "short_of_images": short_of_images}
+    on_bound = best.get("goal_on") == "bound" or not runs.validation_decides(info)
+    tuned_on = {"n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"], "flagged": flagged,
+                "held_out_false_alarm_rate": best.get("held_out_false_alarm_rate"), "short_of_images": short_of_images,
+                "good_needed": (good_images_to_bound(flagged, max_false_alarm, best.get("confidence") or 0.95)
+                                if on_bound else good_images_needed(max_false_alarm))}
     runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)",
                     tuned_on=tuned_on)
     before, _ = runs.readiness(info)

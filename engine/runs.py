@@ -280,12 +280,18 @@ def next_steps(info: dict[str, Any]) -> list[str]:
 def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[str]:
     """next_steps of a run that a tuning on real images judged not ready (recipe._judge_by_tuning)."""
     had = (f"the last tuning had {tuned_on['n_defective']} defective and {tuned_on['n_defect_free']} good images, "
-           f"{tuned_on['flagged']} of them flagged")
-    more = (f"tune again on more images the run did not train on, at least {MIN_DEFECTIVE} defective and "
-            f"{good_images_needed(goal)} good (with none of those flagged they show the {goal:.0%} goal; {had}): "
-            f"`python -m engine tune --run {run_id} --data DIR`")
+           f"{tuned_on['flagged']} of the good ones flagged")
+    needed = tuned_on.get("good_needed")
+    tune = f"`python -m engine tune --run {run_id} --data DIR`"
     retrain = (f"train longer (`python -m engine train --resume {run_id} --minutes 30`), or again on more good "
                "images or with some of the tuning's defects outlined in the set (a mask each)")
     if tuned_on.get("short_of_images"):
-        return [more, f"or {retrain}"]
-    return [f"the model itself misses the goals on real images ({had}): {retrain}", more]
+        show = (f"{needed} good images with no more than {tuned_on['flagged']} flagged show the {goal:.0%} goal"
+                if needed else f"more good images show the {goal:.0%} goal")
+        return [f"tune again on more images the run did not train on: {show} ({had}): {tune}", f"or {retrain}"]
+    held_out = tuned_on.get("held_out_false_alarm_rate")
+    if held_out is not None and held_out > goal + 1e-9:
+        had += (f"; {held_out:.0%} flagged where each half of them was judged by the recipe chosen on the other "
+                f"half")
+    return [f"the model misses the goals on real images ({had}): {retrain}",
+            f"or tune again on other images the run did not train on: {tune}"]
