@@ -315,7 +315,8 @@ class TuneStats:
         along the run of tied ones (nearer the larger; then the threshold nearer 0.5). The smallest tied area sits
         at the edge of the regions validation's good images show, the largest at the edge of its defects', and a
         new day's parts vary more than either (where validation's good images are clean, every area from 0 ties).
-        `goal_met` False when no cell meets the goal.
+        Where no image is defect-free (false alarms not measured), the tie goes to the highest Dice, then the
+        smaller min area. `goal_met` False when no cell meets the goal.
 
         With `confidence` (e.g. 0.95) the goal applies to the upper confidence bound of the false-alarm rate
         rather than the rate measured on these images, so the recipe keeps the goal on new parts too.
@@ -352,8 +353,12 @@ class TuneStats:
         else:
             tied, margin = self._tied_verdicts(feasible, detection, false_alarm)
             dice = np.where(tied, np.round(np.nan_to_num(grid["dice"], nan=0.0), 6), -1.0)
-            order = np.lexsort((np.abs(self.thresholds[t_index] - 0.5).ravel(), -self.min_areas[a_index].ravel(),
-                                -margin.ravel(), -dice.max(axis=1)[t_index].ravel(), ~tied.ravel()))
+            nearer_half = np.abs(self.thresholds[t_index] - 0.5).ravel()
+            if measured:
+                order = np.lexsort((nearer_half, -self.min_areas[a_index].ravel(), -margin.ravel(),
+                                    -dice.max(axis=1)[t_index].ravel(), ~tied.ravel()))
+            else:  # every part defective: no good images' regions to keep away from, so the best Dice
+                order = np.lexsort((nearer_half, self.min_areas[a_index].ravel(), -dice.ravel(), ~tied.ravel()))
         i, j = t_index.ravel()[order[0]], a_index.ravel()[order[0]]
         return {"threshold": float(self.thresholds[i]), "min_region_px": int(self.min_areas[j]),
                 "detection_rate": _clean(grid["detection_rate"][i, j]),
