@@ -53,6 +53,10 @@ class Sample:
         mask counts for image verdicts (detection, false alarms, ranking) but not for pixel metrics."""
         return self.mask_path is not None or not self.defective
 
+    def holds_defect(self, truth: np.ndarray) -> bool:
+        """Whether the image holds a defect, given its decoded mask: pixels in it, or sorted into a defect folder."""
+        return bool(truth.any()) or not self.outlined
+
     @property
     def kind(self) -> str:
         """Its defect types, else "defect (type not given)" or "defect-free": what a list of samples shows."""

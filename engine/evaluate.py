@@ -56,7 +56,7 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
         inspection = inspect(probability, recipe)
         verdict, pred = inspection.verdict, inspection.mask.astype(bool)
         outlined = sample.outlined  # an image sorted into a defect folder holds a defect whose pixels are unknown
-        defective = bool(truth.any()) or not outlined
+        defective = sample.holds_defect(truth)
         metrics.add(pred, truth, flagged=verdict == "defect", defective=defective)
         untyped = UNTYPED if defective else DEFECT_FREE
         for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {untyped}:

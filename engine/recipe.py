@@ -384,7 +384,7 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
     stats = TuneStats(thresholds, min_areas)
     for index, sample in enumerate(samples):
         image, truth = load_pair(sample)
-        stats.add(predictor.predict_proba(image), truth, defective=not sample.outlined or None)
+        stats.add(predictor.predict_proba(image), truth, defective=sample.holds_defect(truth))
         if progress:
             progress(index + 1, len(samples), "images")
     return stats
