@@ -54,20 +54,24 @@ def _missing(what: str, advice: str) -> DatasetError:
 @contextmanager
 def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[Path, str, bool]]:
     """Labelled images for export's parity and accuracy checks: (folder, a sentence saying which, whether they
-    stand in for a dataset that is gone).
+    stand in for the user's labelled images).
 
     `--data` if given, else the run's own dataset; if that has moved: the run's shipped check set, else
-    images generated for the purpose (deleted afterwards), so an export never fails for a missing folder.
+    images generated for the purpose (deleted afterwards), so an export never fails for a missing folder. Where
+    the images hold no labelled defect (a set of good parts), defects are painted onto some of them, as the run's
+    validation did, so that Dice compares defects rather than only false-alarm pixels.
     """
     if data is not None:
-        yield dataset_for_run(folder, data), f"checked on {data} (--data)", False
+        with _with_defects(folder, dataset_for_run(folder, data), f"checked on {data} (--data)") as found:
+            yield found
         return
     try:
         dataset = dataset_for_run(folder)
     except DatasetError as err:
         dataset, missing = None, err.missing
     if dataset is not None:  # outside the try: an error of the caller's body must not land in that except
-        yield dataset, f"checked on the run's dataset {dataset}", False
+        with _with_defects(folder, dataset, f"checked on the run's dataset {dataset}") as found:
+            yield found
         return
     ask = "pass --data DIR to check on your own labelled images"
     if (folder / CHECK_FOLDER / "images").is_dir():
@@ -78,6 +82,28 @@ def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[P
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
         synth.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
         yield Path(tmp), f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; {ask}", True
+
+
+PAINTED_CHECK_IMAGES = 48
+
+
+@contextmanager
+def _with_defects(folder: Path, dataset: Path, note: str) -> Iterator[tuple[Path, str, bool]]:
+    """The dataset as it is where an image holds a labelled defect, else a temporary copy of some of its images,
+    about half of them with the run's kinds of defect painted on."""
+    if any(s.defective for s in scan_dataset(dataset, validate=False).samples):
+        yield dataset, note, False
+        return
+    from engine.paint import params_for
+    from engine.paintset import paint_check_set
+
+    params = params_for((runs.read_run_json(folder).get("params") or {}).get("paint_types"))
+    with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
+        painted = paint_check_set(dataset, tmp, PAINTED_CHECK_IMAGES, params)
+        n_images = len(list((Path(tmp) / "images").iterdir()))
+        yield Path(tmp), (f"{note}; none of its images holds a labelled defect, so the checks ran on {n_images} of "
+                          f"them, {painted} with defects painted on (a stand-in for real defects, as the run's "
+                          "validation used)"), True
 
 
 def pick_samples(data: Path, splits: tuple[str, ...], limit: int | None = None) -> list[Sample]:

@@ -82,9 +82,21 @@ def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: fl
             "seconds": seconds, "dataset": dataset}
 
 
+def paint_check_set(onto: str | Path, out: str | Path, count: int, params: PaintParams | None = None) -> int:
+    """A small set for a run's checks where no image holds a labelled defect: up to `count` of the images in `onto`,
+    evenly spread, half of them with defects painted on (seeded), all in split val, written into the folder `out`
+    (not registered); returns how many hold a painted defect."""
+    sources = good_images(onto)
+    if len(sources) > count:
+        sources = [sources[i] for i in np.linspace(0, len(sources) - 1, count).round().astype(int)]
+    rows, _, _ = _paint_into(Path(out), sources, len(sources), 0.5, 0, params, None, split="val")
+    return sum(row["synthetic"] for row in rows)
+
+
 def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, seed: int, params: PaintParams | None,
-                progress: Progress | None) -> tuple[list[dict[str, Any]], list[str], float]:
-    """paint_dataset's writing, into the folder `out`: (manifest rows, skipped-image lines, seconds)."""
+                progress: Progress | None, split: str | None = None) -> tuple[list[dict[str, Any]], list[str], float]:
+    """paint_dataset's writing, into the folder `out`: (manifest rows, skipped-image lines, seconds); every image in
+    `split` if given, else split by id."""
     start, rows, skipped = time.perf_counter(), [], []
     width = max(6, len(str(count - 1)))
     attempt = 0
@@ -106,7 +118,7 @@ def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, 
         write_png(out / "images" / f"{sample_id}.png", np.round(image * 255).astype(np.uint8), durable=False)
         if types:
             write_png(out / "masks" / f"{sample_id}.png", mask * np.uint8(255), durable=False)
-        rows.append({"id": sample_id, "split": split_for_id(sample_id), "defect_types": " ".join(types),
+        rows.append({"id": sample_id, "split": split or split_for_id(sample_id), "defect_types": " ".join(types),
                      "defect_fraction": round(float(mask.mean()), 6) if types else 0.0,
                      "synthetic": int(bool(types)), "source": str(source)})
         if progress:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import cv2
@@ -274,3 +275,25 @@ def test_generate_onto_never_writes_into_the_good_images_folder(surfaces: list[n
     with pytest.raises(EngineError, match="did not write"):
         paint_dataset(good, good, 3)
     assert sorted(p.name for p in good.iterdir()) == before
+
+
+def test_export_of_a_good_parts_only_run_checks_on_painted_defects(tmp_path: Path) -> None:
+    from engine import export
+
+    data = tmp_path / "good-only"
+    synth.generate_dataset(data, 24, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    assert main(["train", "--data", str(data), "--epochs", "1", "--steps-per-epoch", "3", "--base", "8",
+                 "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none", "--name", "good-export"]) == 0
+    run_id = max((p for p in config.RUNS_DIR.glob("*good-export*")), key=lambda p: p.stat().st_mtime).name
+    files = sorted(p.relative_to(data) for p in data.rglob("*"))
+    report = export.export_run(run_id, int8=True, calibration_images=4)
+    # No image of the set holds a defect: the Dice of the INT8 gate is measured on painted ones, and it says so.
+    assert "none of its images holds a labelled defect" in report["check_data"] and report["check_data_is_fallback"]
+    assert report["check_data"] in report["messages"]
+    checked, painted = map(int, re.search(r"ran on (\d+) of them, (\d+) with defects painted on",
+                                          report["check_data"]).groups())
+    assert checked == report["artifacts"][0]["metrics"]["n_val_images"] == 24 and 0 < painted < checked
+    assert not any("false-alarm pixels only" in line for line in report["messages"])
+    assert report["gate"]["fp32_dice"] == report["artifacts"][0]["metrics"]["val_dice"]
+    assert not Path(report["dataset"]).exists()  # the painted copies are gone again, the set untouched
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == files
