@@ -214,7 +214,7 @@ with top[2]:
     height, width = image.shape
     st.markdown(f"**{name}** · {width}×{height} px · run **{run_id}**")
     if sample is not None:
-        st.caption(f"{sample.kind} · split {sample.split}")
+        st.caption(f"{sample.kind} · {sample.place}")
 for epoch, inspection in inspections.items():
     st.markdown(f"**{labels[epoch]}** — threshold {threshold:.2f}")
     heat, over, facts = st.columns(3)

@@ -117,6 +117,9 @@ if len(epochs) == 2:
     columns[2:2] = ["dice B", "Δ dice"]
 # Worst first by Dice; an image sorted into a defect folder has none, so it ranks as a miss (0) or a find (1).
 table["rank"] = table["dice"].fillna(table["flagged"].astype(float))
+# Without an outlined defect (a folder sorted by verdict) Dice says nothing: only false-alarm pixels are left.
+if not table.loc[table["has_defect"], "dice"].notna().any():
+    columns = [c for c in columns if c not in ("dice", "iou", "dice B", "Δ dice", "missed_px")]
 table = table.sort_values(["rank", "false_positive_px"], ascending=[True, False]).reset_index(drop=True)[columns]
 st.subheader("Per image" + (f" ({epoch_label(first)}; dice B = {epoch_label(epochs[1])})" if len(epochs) == 2 else ""))
 selection = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="review_table",

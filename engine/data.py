@@ -41,6 +41,7 @@ class Sample:
     split: str
     defect_types: str = ""
     has_defect: bool | None = None  # from the mask's pixels once decoded; None: not looked at yet
+    sorted_into: str = ""  # the folder of a set sorted by verdict it was found in (scan_sorted); such sets have no splits
 
     @property
     def defective(self) -> bool:
@@ -56,6 +57,11 @@ class Sample:
     def holds_defect(self, truth: np.ndarray) -> bool:
         """Whether the image holds a defect, given its decoded mask: pixels in it, or sorted into a defect folder."""
         return bool(truth.any()) or not self.outlined
+
+    @property
+    def place(self) -> str:
+        """Where it sits in its dataset, for lists: its split, or the folder of a set sorted by verdict."""
+        return f"folder {self.sorted_into}/" if self.sorted_into else f"split {self.split}"
 
     @property
     def kind(self) -> str:
@@ -187,7 +193,7 @@ def scan_sorted(root: Path, good: Path, defect_folders: list[Path], validate: bo
         defective = folder is not good
         for path in images_in(folder):
             sample = Sample(f"{folder.name}-{path.stem}", path, None, "test", folder.name if defective else "",
-                            has_defect=defective)
+                            has_defect=defective, sorted_into=folder.name)
             if validate:
                 try:
                     check_pair(sample)

@@ -489,8 +489,10 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     if save:
         save_recipe(predictor.run_dir, tuned)
         best["readiness"] = _judge_by_tuning(predictor.run_dir, best, max_false_alarm)
+    named = [s.id for s in samples if id(s) in seen]
     notes = [f"{len(seen)} of the {len(samples)} tuning images are images training saw (its train and val splits, "
-             f"the same bytes); they were left out"] if seen else []
+             f"the same bytes); they were left out: {', '.join(named[:5])}{' ...' if len(named) > 5 else ''}"
+             ] if seen else []
     return tuned, best, notes + tuning_warnings(best, base)
 
 

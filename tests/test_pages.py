@@ -439,6 +439,7 @@ def test_review_of_a_folder_sorted_by_verdict_shows_verdicts_and_tunes_on_them(t
         assert metric(at, "Detection rate") == f"{expected['detection_rate']:.0%}"
         table = at.dataframe(key="review_table").value
         assert len(table) == expected["n_images"] == report.counts["images"]
+        assert "dice" not in table and "missed_px" not in table  # no outlines: no empty pixel columns
         missed = [row for row in expected["per_image"] if row["has_defect"] and not row["flagged"]]
         assert missed  # the fixture's model misses some; those rejects come first, though they have no Dice
         assert set(table["id"][: len(missed)]) == {row["id"] for row in missed}
@@ -461,6 +462,7 @@ def test_review_of_a_folder_sorted_by_verdict_shows_verdicts_and_tunes_on_them(t
         at.button(key="review_open").click().run()  # Inspect: a verdict to check, no Dice without an outline
         assert not at.exception and "sorted as scratch, without a mask" in "\n".join(i.value for i in at.sidebar.info)
         assert not [m for m in at.sidebar.metric if m.label.startswith("Dice")]
+        assert any(c.value == "scratch · folder scratch/" for c in at.caption)  # where it was sorted, not a split
     finally:
         shutil.rmtree(bins)
         shutil.rmtree(report.path)

@@ -237,6 +237,8 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     # Tuning on labelled images decides, by training's rule, and says so; a goal it misses keeps it not ready.
     _, best, notes = tune_run(Predictor.from_run(run_id), mixed, 0.05, 0.95)
     assert notes[0].startswith("14 of the 34 tuning images are images training saw") and best["n_images"] == 20
+    seen_ids = [s.id for s in select_samples(str(data), "val")]
+    assert notes[0].endswith(f"left out: {', '.join(seen_ids[:5])} ...")  # named, so the user can find them
     after = runs.read_run_json(config.RUNS_DIR / run_id)
     assert after["ready"] is tuning_readiness(best, 0.05)[0] and best["readiness"].startswith(f"run {run_id} is ")
     assert best["goal_met"] is False and after["ready"] is False  # 14 good images cannot bound false alarms at 5 %
