@@ -16,6 +16,7 @@ from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
 from engine.inference import ONNX_FILES, Predictor, preprocess_image
 from engine.progress import Progress, part, silent
+from engine.recipe import load_recipe
 from engine.serving import available_backends
 
 BENCH_SIZE = 256
@@ -128,7 +129,9 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     predictors = {label: Predictor(folder, backend=backend, device=device,
                                    path=checkpoint if backend == "torch" else None)
                   for label, backend, device in bench_targets(folder)}
-    threshold = next(iter(predictors.values())).threshold  # one threshold, so Dice differences are the models'
+    # Dice under the run's recipe (threshold and minimum region), as export's gate, evaluate and inspect measure it;
+    # one recipe for every row, so Dice differences are the models'.
+    recipe = load_recipe(folder)
     stage = f"timing {len(predictors)} backends at {size}x{size}"
     threads = torch.get_num_threads()
     torch.set_num_threads(config.cpu_threads())  # the same number of threads as ONNX Runtime sessions use
@@ -140,7 +143,7 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     rows = []
     for i, (label, predictor) in enumerate(predictors.items()):
         progress(0.6 + 0.4 * i / len(predictors), 1.0, f"test Dice of {label}")
-        result = evaluate(predictor, samples, threshold)
+        result = evaluate(predictor, samples)
         rows.append({"backend": label, "file": predictor.path.name, "epoch": predictor.epoch,
                      "size_bytes": predictor.path.stat().st_size, **timing[label], "dice": result["dice"],
                      "n_images": result["n_images"]})
@@ -152,7 +155,8 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
         row["dice_drop"] = reference["dice"] - row["dice"]
     progress(1.0, 1.0, "done")
     return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
-            "iterations": iterations, "threshold": threshold, "machine": machine_description(),
+            "iterations": iterations, "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
+            "machine": machine_description(),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                          "openvino": _openvino_version() if openvino_available() else None},
             "rows": rows}
@@ -176,7 +180,8 @@ def bench_markdown(result: dict[str, Any]) -> str:
     """The benchmark as a markdown table, with the machine and settings above it."""
     lines = [f"Run `{result['run_id']}`, {result['size']}x{result['size']} batch-1 latency over "
              f"{result['iterations']} interleaved iterations, throughput at batch {THROUGHPUT_BATCH}, Dice on the "
-             f"{result['split']} split ({result['rows'][0]['n_images']} images). Machine: {result['machine']}; "
+             f"{result['split']} split ({result['rows'][0]['n_images']} images) under the run's recipe (threshold "
+             f"{result['threshold']:.2f}, minimum region {result.get('min_region_px', 0)} px). Machine: {result['machine']}; "
              f"torch {result['versions']['torch']}, onnxruntime {result['versions']['onnxruntime']}"
              f"{', openvino ' + result['versions']['openvino'] if result['versions'].get('openvino') else ''}. "
              f"Images: {result.get('check_data', 'the run dataset')}.",

@@ -194,7 +194,9 @@ def test_evaluate_agrees_across_backends(trained_run: str, tiny_dataset: Path, e
     assert results["int8"]["dice"] == pytest.approx(results["torch"]["dice"], abs=0.02)
 
 
-def test_bench_prints_a_table_of_every_backend(trained_run: str, exported: dict, capsys) -> None:
+def test_bench_prints_a_table_of_every_backend(trained_run: str, tiny_dataset: Path, exported: dict, capsys) -> None:
+    from engine.evaluate import evaluate, select_samples
+
     code = main(["bench", "--run", trained_run, "--iterations", "4", "--warmup", "1", "--size", "64"])
     out = capsys.readouterr().out
     assert code == 0
@@ -207,6 +209,10 @@ def test_bench_prints_a_table_of_every_backend(trained_run: str, exported: dict,
     by_backend = {row["backend"]: row for row in result["rows"]}
     assert by_backend["onnx"]["dice"] == pytest.approx(by_backend["torch-cpu"]["dice"], abs=1e-4)
     assert by_backend["torch-cpu"]["file"] == "best.pth"  # the checkpoint the ONNX files came from
+    # The Dice is the one evaluate reports on those images: under the run's recipe, not another threshold.
+    expected = evaluate(Predictor.from_run(trained_run), select_samples(tiny_dataset, result["split"]))
+    assert by_backend["torch-cpu"]["dice"] == pytest.approx(expected["dice"])
+    assert (result["threshold"], result["min_region_px"]) == (expected["threshold"], expected["min_region_px"])
     for row in result["rows"]:
         assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"] and row["throughput_ips"] > 0
         folder = runs.run_dir(trained_run) / ("" if row["backend"].startswith("torch") else "export")
