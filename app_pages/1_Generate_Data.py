@@ -8,6 +8,8 @@ from engine import config, data, importer, paintset, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS
+from engine.paint import PaintParams, params_for
+from engine.synth import DEFECT_TYPES
 from ui import for_display, run_with_progress
 
 st.title(":material/science: Generate data")
@@ -26,9 +28,9 @@ def preview_images(size: int, defect_free: float, difficulty: float, tint: float
 
 
 @st.cache_data(max_entries=8, show_spinner="Painting the preview…")
-def painted_preview(onto: str, seed: int) -> list[tuple]:
-    """Four of the folder's good images with painted defects (cached per folder and seed)."""
-    return paintset.preview(onto, n=4, seed=seed)
+def painted_preview(onto: str, seed: int, params: PaintParams) -> list[tuple]:
+    """Four of the folder's good images with painted defects (cached per folder, seed and parameters)."""
+    return paintset.preview(onto, n=4, seed=seed, params=params)
 
 
 with st.sidebar:
@@ -114,9 +116,18 @@ else:
 paint_count = mid.number_input("Painted set size", min_value=1, max_value=20000, value=200, step=50,
                                key="paint_count")
 paint_free = right.slider("Left defect-free", 0.0, 0.9, 0.4, 0.05, key="paint_free")
+left, mid, right = st.columns(3)
+paint_types = left.multiselect("Defect types", DEFECT_TYPES, key="paint_types", placeholder="all of them",
+                               help="the kinds your line looks for; every kind when none is picked")
+paint_size = mid.number_input("Defect size", min_value=0.0, max_value=100000.0, value=0.0, step=0.1,
+                              key="paint_size", help="the side of the square defects are drawn to: a share of each "
+                              "image's short side (0 to 1) or px (above 1); 0: the whole short side")
+paint_most = right.number_input("Defects per image (at most)", min_value=1, max_value=10, value=2,
+                                key="paint_most")
 if onto.strip():
     try:
-        samples = painted_preview(onto.strip(), int(seed))
+        params = params_for(",".join(paint_types) or None, size=float(paint_size), count=int(paint_most))
+        samples = painted_preview(onto.strip(), int(seed), params)
     except EngineError as err:
         st.error(str(err))
     else:
@@ -126,7 +137,7 @@ if onto.strip():
         if st.button("Write the painted dataset", key="paint_go"):
             result = run_with_progress("Painting…", lambda report: paintset.paint_dataset(
                 onto.strip(), synth.dataset_dir(paint_name), int(paint_count), float(paint_free), int(seed),
-                progress=report))
+                params, progress=report))
             if result is not None:
                 st.success(f"Dataset **{paint_name}**: {result['images']} images ({result['defective']} with painted "
                            f"defects, {result['defect_free']} left defect-free, {len(result['skipped'])} unreadable "

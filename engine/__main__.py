@@ -19,8 +19,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.onto:
         return _paint_onto(args)
+    if args.defect_size is not None:
+        raise EngineError("--defect-size sizes defects painted onto your images: it goes with --onto (generated "
+                          "images are --size px, their defects sized to them)")
     params = synth.SynthParams(size=args.size, defect_free=args.defect_free, difficulty=args.difficulty,
                                tint=args.tint)
+    if args.max_defects is not None:
+        params.max_defects = args.max_defects
     params.defect_weights = synth.only_types(params.defect_weights, args.types)
     with _progress_bar("generating") as progress:
         result = synth.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
@@ -36,7 +41,8 @@ def _paint_onto(args: argparse.Namespace) -> None:
 
     if args.out == str(config.SAMPLE_DIR):
         raise EngineError("--onto needs --out DIR: the folder to write the painted dataset to")
-    params = params_for(args.types, args.difficulty)
+    params = params_for(args.types, args.difficulty, 0.0 if args.defect_size is None else args.defect_size,
+                        2 if args.max_defects is None else args.max_defects)
     with _progress_bar("painting") as progress:
         result = paint_dataset(args.onto, args.out, args.count, args.defect_free, args.seed, params, progress)
     print(f"{args.out}: {result['images']} images ({result['defective']} with painted defects, "
@@ -327,6 +333,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--types", help="comma-separated defect types to draw (default: all)")
     p.add_argument("--onto", help="paint the defects onto the defect-free images of this folder instead of "
                                   "generated surfaces (needs --out)")
+    p.add_argument("--defect-size", type=float, help="with --onto: the side of the square defects are drawn to, a "
+                                                     "share of each image's short side (0 to 1) or px (> 1); "
+                                                     "default: the whole short side")
+    p.add_argument("--max-defects", type=int, help="most defects per defective image (default: 3 generated, "
+                                                   "2 painted)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model (one run)")

@@ -13,11 +13,12 @@ Seeded by the caller's generator: the same seed paints the same.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import cv2
 import numpy as np
 
+from engine.errors import EngineError
 from engine.synth import DEFECT_TYPES, SynthParams, draw_defects, only_types
 
 MIN_SIDE = 24  # a window smaller than this has no room for a defect
@@ -33,22 +34,39 @@ def _default_weights() -> dict[str, float]:
 
 @dataclass(frozen=True)
 class PaintParams:
-    """What is painted: defect mix, count, difficulty, and the window the defects are drawn in."""
+    """What is painted: defect mix, count, difficulty, and the size of the square the defects are drawn in."""
 
     defect_weights: dict[str, float] = field(default_factory=_default_weights)
     max_defects: int = 2  # 1..max_defects per painted image
     difficulty: float = 0.5  # 0 easy (high contrast, wide) .. 1 hard (thin, low contrast)
-    window: float = 0.0  # side of the window: 0 = the image's short side, <= 1 a share of it, > 1 pixels
+    window: float = 0.0  # side of the square defects are sized to: 0 = the image's short side, <= 1 a share of it, > 1 px
 
     def synth(self) -> SynthParams:
         """The generator's parameters for these."""
         return SynthParams(defect_weights=dict(self.defect_weights), max_defects=self.max_defects,
                            difficulty=self.difficulty)
 
+    def on_crops(self, scale: float, short_side: float) -> PaintParams:
+        """The same defects painted on training crops of images resized by `scale` whose short side is `short_side`
+        px at full size: a size given as a share of the image or in px becomes px of the crops (at least MIN_SIDE);
+        the default (0) stays each crop's short side."""
+        if self.window <= 0:
+            return self
+        full = self.window * short_side if self.window <= 1 else self.window
+        return replace(self, window=max(float(MIN_SIDE), full * scale))
 
-def params_for(types: str | None, difficulty: float = 0.5) -> PaintParams:
-    """PaintParams that draw only the comma-separated defect `types` (every type when None or empty)."""
-    return PaintParams(defect_weights=only_types(_default_weights(), types), difficulty=difficulty)
+
+def params_for(types: str | None, difficulty: float = 0.5, size: float = 0.0, count: int = 2) -> PaintParams:
+    """PaintParams that draw only the comma-separated defect `types` (every type when None or empty), 1..`count`
+    defects per image, sized to a square of side `size` (a share of the image's short side when <= 1, px when > 1,
+    the whole short side when 0); EngineError for a size or count that cannot be painted."""
+    if size < 0 or 1 < size < MIN_SIDE:
+        raise EngineError(f"defect size {size:g}: give a share of the image's short side (0 to 1) or at least "
+                          f"{MIN_SIDE} px")
+    if count < 1:
+        raise EngineError(f"defects per image {count}: give at least 1")
+    return PaintParams(defect_weights=only_types(_default_weights(), types), max_defects=int(count),
+                       difficulty=difficulty, window=float(size))
 
 
 def window_side(shape: tuple[int, int], window: float) -> int:

@@ -131,6 +131,10 @@ class TrainConfig:
     paint_types: str | None = option(None, "the generator's defect types to paint, comma-separated, of "
                                            f"{','.join(DEFECT_TYPES)} (default: all): the kinds your line looks "
                                            "for; where a set has labelled defects, those are moved instead")
+    paint_size: float = option(0.0, "size of the painted defects: the side of the square they are drawn to, as a "
+                                    "share of the image's short side (0 to 1) or in px of the full-size image (> 1); "
+                                    "default 0: each training crop (at validation, each image)")
+    paint_count: int = option(2, "most painted defects per painted crop or image (1 to this many)")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
@@ -197,7 +201,8 @@ class TrainConfig:
             raise EngineError(f"--batch-size {self.batch_size} does not split evenly over {processes} processes")
         if self.batches == "device" and self.paint:
             raise EngineError("--batches device cannot paint defects (painting runs on the CPU); use --batches loader")
-        params_for(self.paint_types)  # an unknown defect type is named now, not after the data is read
+        # an unknown defect type, a size or count that cannot be painted is named now, not after the data is read
+        params_for(self.paint_types, size=self.paint_size, count=self.paint_count)
 
     @property
     def epoch_limit(self) -> int | None:
@@ -586,10 +591,11 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
         print(f"training geometry: scale {cfg.scale:g}, crop {cfg.crop} px (from image and defect sizes)", flush=True)
     if cfg.hard_share is None:
         cfg = replace(cfg, hard_share=HARD_SHARE_WHEN_PAINTING if cfg.paint else 0.0)
-    paint_params = params_for(cfg.paint_types)
+    paint_params = params_for(cfg.paint_types, size=cfg.paint_size, count=cfg.paint_count)  # full-size images
+    on_crops = paint_params.on_crops(cfg.scale, float(np.median([min(image.shape) for image, _ in train_pairs])))
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=rank_seed(cfg.seed, rank),
                                     scale=cfg.scale, pairs=train_pairs, paint_share=cfg.paint,
-                                    painter=partial(paint, params=paint_params))
+                                    painter=partial(paint, params=on_crops))
     if cfg.paint and train_set.defective:  # the set's own defects look like its defects; the generator's may not
         bank = DefectBank([train_set.pairs[i] for i in train_set.defective])
         train_set.painter = bank.transplant

@@ -76,6 +76,45 @@ def test_only_the_defect_types_asked_for_are_painted(surfaces: list[np.ndarray],
     assert "unknown defect type(s) scratches" in capsys.readouterr().err
 
 
+def test_defect_size_and_count_are_options_in_px_or_a_share_of_the_image(surfaces: list[np.ndarray], tmp_path: Path,
+                                                                         capsys) -> None:
+    image = surfaces[2]  # 128 x 128
+    for size, side in ((40, 40), (0.25, 32)):
+        for seed in range(12):
+            _, mask, types = paint(image, np.random.default_rng(seed), params_for(None, size=size, count=1))
+            ys, xs = np.nonzero(mask)
+            assert len(types) == 1 and np.ptp(ys) < side and np.ptp(xs) < side  # all of it inside a square that side
+    for size, count in ((-0.5, 2), (5, 2), (0.5, 0)):
+        with pytest.raises(EngineError, match="defect size|defects per image"):
+            params_for(None, size=size, count=count)
+    # Training paints crops of images resized by its scale: px of the full-size image and shares of it follow.
+    assert params_for(None, size=200).on_crops(0.5, 500).window == 100
+    assert params_for(None, size=0.4).on_crops(0.5, 500).window == 100
+    assert params_for(None, size=30).on_crops(0.25, 500).window == 24  # never below what can be painted
+    assert params_for(None).on_crops(0.5, 500).window == 0  # the default: each crop's short side
+    # generate --onto takes both; train names a size it cannot paint before it reads any data.
+    good = tmp_path / "good"
+    good.mkdir()
+    cv2.imwrite(str(good / "part.png"), np.round(image * 255).astype(np.uint8))
+    out = tmp_path / "small-defects"
+    assert main(["generate", "--onto", str(good), "--out", str(out), "--count", "6", "--defect-free", "0",
+                 "--defect-size", "0.25", "--max-defects", "1"]) == 0
+    for mask_path in (out / "masks").iterdir():
+        ys, xs = np.nonzero(read_mask(mask_path))
+        assert np.ptp(ys) < 32 and np.ptp(xs) < 32
+    assert main(["generate", "--out", str(tmp_path / "gen"), "--defect-size", "0.5"]) == 2
+    # train paints its crops at the size asked for, brought to its scale, and validation at full size.
+    from engine.train import TrainConfig, prepare_data
+
+    goods = tmp_path / "good-set"
+    synth.generate_dataset(goods, 6, seed=2, params=synth.SynthParams(size=128, defect_free=1.0), workers=1)
+    _, data = prepare_data(TrainConfig(data=str(goods), paint_size=64, paint_count=1, scale=0.5, crop=32))
+    on_crops = data.train_set.painter.keywords["params"]
+    assert (on_crops.window, on_crops.max_defects) == (32, 1)
+    assert main(["train", "--data", "no-such-folder", "--paint", "0.5", "--paint-size", "5"]) == 2
+    assert "defect size 5" in capsys.readouterr().err
+
+
 def test_images_without_room_are_left_unchanged(surfaces: list[np.ndarray]) -> None:
     rng = np.random.default_rng(0)
     for image in (np.full((64, 64), 0.5, np.float32), np.zeros((80, 80), np.float32), surfaces[0][:20, :20]):
@@ -182,11 +221,24 @@ def test_generate_page_previews_painted_samples_and_writes_the_set(tmp_path: Pat
     captions = [caption for image in at.image for caption in image.captions]
     expected = [", ".join(types) for _, _, types in paint_preview(good, n=4, seed=0)]
     assert expected and all(caption in captions for caption in expected)  # the engine's own painted samples
+    # The kinds, size and count asked for are what the preview paints, and what is written.
+    at.multiselect(key="paint_types").set_value(["pit"])
+    at.number_input(key="paint_size").set_value(32.0)
+    at.number_input(key="paint_most").set_value(1).run()
+    assert not at.exception and not at.error
+    params = params_for("pit", size=32, count=1)
+    captions = [caption for image in at.image for caption in image.captions]
+    expected = [", ".join(types) for _, _, types in paint_preview(good, n=4, seed=0, params=params)]
+    assert expected and set(expected) == {"pit"} and all(caption in captions for caption in expected)
     at.text_input(key="paint_name").set_value("apptest-painted")
     at.number_input(key="paint_count").set_value(6)
     at.button(key="paint_go").click().run()
     assert not at.exception and "apptest-painted" in at.success[0].value
     assert len(list((config.DATA_DIR / "apptest-painted" / "images").iterdir())) == 6
+    rows = list(csv.DictReader((config.DATA_DIR / "apptest-painted" / "manifest.csv").open()))
+    assert {row["defect_types"] for row in rows if row["synthetic"] == "1"} == {"pit"}
+    at.number_input(key="paint_size").set_value(5.0).run()  # neither a share nor enough px: said so, not painted
+    assert not at.exception and "defect size 5" in at.error[0].value
 
 
 def test_uploaded_good_images_are_kept_once_checked_and_corrupt_ones_reported(tmp_path: Path) -> None:
