@@ -102,6 +102,11 @@ with settings:
                                           "the kinds your line looks for (empty: all). A model taught every kind "
                                           "flags every other mark on a good part too (KolektorSDD's cracks: image "
                                           "AP 0.97 with scratch and crack against 0.69 with all)")
+        paint_size = st.number_input("Size of painted defects", 0.0, 100000.0, DEFAULTS.paint_size, step=0.1,
+                                     key="train_paint_size", disabled=paint == 0.0,
+                                     help="the side of the square the generator's defects are drawn to: a share of "
+                                          "the image's short side (0 to 1) or px of the full-size image (above 1); "
+                                          "0: each training crop. Smaller where your defects are far smaller")
         init = st.selectbox("Starting weights", ["auto", "none"], key="train_init",
                             help="auto: the shipped pre-trained weights (default model size); none: from scratch")
         nproc = st.number_input("Training processes", 1, 64, DEFAULTS.nproc, key="train_nproc",
@@ -122,7 +127,7 @@ with settings:
                 minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
                 batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
                 paint=None if paint == "auto" else float(paint), paint_types=",".join(paint_types) or None,
-                nproc=int(nproc)))
+                paint_size=float(paint_size), nproc=int(nproc)))
         except EngineError as err:
             st.error(str(err))
         else:

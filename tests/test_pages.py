@@ -167,6 +167,7 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     at.number_input(key="train_steps").set_value(2)
     at.select_slider(key="train_paint").set_value(0.2).run()
     at.multiselect(key="train_paint_types").set_value(["pit", "crack"])
+    at.number_input(key="train_paint_size").set_value(0.5)
     at.run()
     at.button(key="train_start").click().run()
     assert not at.exception and not at.error, [e.value for e in at.error]
@@ -183,6 +184,7 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     assert final.epochs_done == 1 and len(registry.epoch_metrics(run.id)) == 1
     assert final.params["crop"] == 32 and final.params["steps_per_epoch"] == 2
     assert final.params["paint"] == 0.2 and final.params["paint_types"] == "pit,crack"
+    assert final.params["paint_size"] == 0.5
     at.run()
     assert not at.exception
     assert "completed: epoch 1/1" in at.get("progress")[0].proto.text
