@@ -97,7 +97,9 @@ def _with_defects(folder: Path, dataset: Path, note: str) -> Iterator[tuple[Path
     from engine.paint import params_for
     from engine.paintset import paint_check_set
 
-    params = params_for((runs.read_run_json(folder).get("params") or {}).get("paint_types"))
+    trained = runs.read_run_json(folder).get("params") or {}  # painted as the run's validation was
+    params = params_for(trained.get("paint_types"), size=trained.get("paint_size") or 0.0,
+                        count=trained.get("paint_count") or 2)
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
         painted = paint_check_set(dataset, tmp, PAINTED_CHECK_IMAGES, params)
         n_images = len(list((Path(tmp) / "images").iterdir()))
