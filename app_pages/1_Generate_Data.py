@@ -8,7 +8,7 @@ from engine import config, data, importer, paintset, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS
-from engine.paint import PaintParams, params_for
+from engine.paint import DEFECTS_PER_IMAGE, PaintParams, params_for
 from engine.synth import DEFECT_TYPES
 from ui import for_display, run_with_progress
 
@@ -122,7 +122,7 @@ paint_types = left.multiselect("Defect types", DEFECT_TYPES, key="paint_types", 
 paint_size = mid.number_input("Defect size", min_value=0.0, max_value=100000.0, value=0.0, step=0.1,
                               key="paint_size", help="the side of the square defects are drawn to: a share of each "
                               "image's short side (0 to 1) or px (above 1); 0: the whole short side")
-paint_most = right.number_input("Defects per image (at most)", min_value=1, max_value=10, value=2,
+paint_most = right.number_input("Defects per image (at most)", min_value=1, max_value=10, value=DEFECTS_PER_IMAGE,
                                 key="paint_most")
 if onto.strip():
     try:

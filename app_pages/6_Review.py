@@ -92,7 +92,7 @@ for epoch, result in results.items():
     st.markdown(f"**{epoch_label(epoch)}** on {folder_name} ({split}, {result['n_images']} images, "
                 f"{result['n_defective']} with defects) at threshold {threshold:.2f}")
     a, b, c, d = st.columns(4)
-    outlined = result["n_defective"] and result["dice"] is not None  # else Dice reads 1.0 for nothing drawn
+    outlined = result["n_outlined_defective"] > 0  # else Dice reads 1.0 for nothing drawn, or None without masks
     a.metric("Dice", f"{result['dice']:.3f}" if outlined else "—", help=None if outlined else (
         "No masks: the folder is sorted by verdict only" if result["n_defective"]
         else "No defective image here: nothing to outline"))
@@ -117,8 +117,8 @@ if len(epochs) == 2:
     columns[2:2] = ["dice B", "Δ dice"]
 # Worst first by Dice; an image sorted into a defect folder has none, so it ranks as a miss (0) or a find (1).
 table["rank"] = table["dice"].fillna(table["flagged"].astype(float))
-# Without an outlined defect (a folder sorted by verdict) Dice says nothing: only false-alarm pixels are left.
-if not table.loc[table["has_defect"], "dice"].notna().any():
+# Without an outlined defect (good parts only, a folder sorted by verdict) only false-alarm pixels are left.
+if not results[first]["n_outlined_defective"]:
     columns = [c for c in columns if c not in ("dice", "iou", "dice B", "Δ dice", "missed_px")]
 table = table.sort_values(["rank", "false_positive_px"], ascending=[True, False]).reset_index(drop=True)[columns]
 st.subheader("Per image" + (f" ({epoch_label(first)}; dice B = {epoch_label(epochs[1])})" if len(epochs) == 2 else ""))

@@ -36,13 +36,13 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _paint_onto(args: argparse.Namespace) -> None:
     """`generate --onto GOOD_DIR`: the generator's defects painted onto the user's own defect-free images."""
-    from engine.paint import params_for
+    from engine.paint import DEFECTS_PER_IMAGE, params_for
     from engine.paintset import paint_dataset
 
     if args.out == str(config.SAMPLE_DIR):
         raise EngineError("--onto needs --out DIR: the folder to write the painted dataset to")
     params = params_for(args.types, args.difficulty, 0.0 if args.defect_size is None else args.defect_size,
-                        2 if args.max_defects is None else args.max_defects)
+                        DEFECTS_PER_IMAGE if args.max_defects is None else args.max_defects)
     with _progress_bar("painting") as progress:
         result = paint_dataset(args.onto, args.out, args.count, args.defect_free, args.seed, params, progress)
     print(f"{args.out}: {result['images']} images ({result['defective']} with painted defects, "

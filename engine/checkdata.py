@@ -94,15 +94,14 @@ def _with_defects(folder: Path, dataset: Path, note: str) -> Iterator[tuple[Path
     if any(s.defective for s in scan_dataset(dataset, validate=False).samples):
         yield dataset, note, False
         return
-    from engine.paint import params_for
+    from engine.paint import DEFECTS_PER_IMAGE, params_for
     from engine.paintset import paint_check_set
 
     trained = runs.read_run_json(folder).get("params") or {}  # painted as the run's validation was
     params = params_for(trained.get("paint_types"), size=trained.get("paint_size") or 0.0,
-                        count=trained.get("paint_count") or 2)
+                        count=trained.get("paint_count") or DEFECTS_PER_IMAGE)
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
-        painted = paint_check_set(dataset, tmp, PAINTED_CHECK_IMAGES, params)
-        n_images = len(list((Path(tmp) / "images").iterdir()))
+        n_images, painted = paint_check_set(dataset, tmp, PAINTED_CHECK_IMAGES, params)
         yield Path(tmp), (f"{note}; none of its images holds a labelled defect, so the checks ran on {n_images} of "
                           f"them, {painted} with defects painted on (a stand-in for real defects, as the run's "
                           "validation used)"), True

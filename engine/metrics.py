@@ -93,6 +93,7 @@ class SetMetrics:
             "false_alarm_rate": self.clean_flagged / self.clean_total if self.clean_total else None,
             "n_images": self.defective_total + self.clean_total,
             "n_defective": self.defective_total,
+            "n_outlined_defective": self.defective_total - self.unoutlined,  # 0: pixel figures say nothing here
             "n_defect_free": self.clean_total,
             "n_detected": self.defective_flagged,
             "n_false_alarms": self.clean_flagged,

@@ -26,6 +26,7 @@ MIN_NOISE = 1e-3  # a surface flatter than this (a blank or saturated image) is 
 VISIBLE = 1.5 / 255  # a pixel counts as changed (and so as defect) when it moved by more: it survives 8 bits
 MAX_BLUR = 3.0  # px: a softer surface still gets defects this sharp (the estimate grows with coarse texture)
 MIN_BLUR = 0.35  # px: below this the defects are drawn as they are (the generator's own rule)
+DEFECTS_PER_IMAGE = 2  # painted defects per painted image or crop: 1 up to this many
 
 
 def _default_weights() -> dict[str, float]:
@@ -37,7 +38,7 @@ class PaintParams:
     """What is painted: defect mix, count, difficulty, and the size of the square the defects are drawn in."""
 
     defect_weights: dict[str, float] = field(default_factory=_default_weights)
-    max_defects: int = 2  # 1..max_defects per painted image
+    max_defects: int = DEFECTS_PER_IMAGE  # 1..max_defects per painted image
     difficulty: float = 0.5  # 0 easy (high contrast, wide) .. 1 hard (thin, low contrast)
     window: float = 0.0  # side of the square defects are sized to: 0 = the image's short side, <= 1 a share of it, > 1 px
 
@@ -56,7 +57,8 @@ class PaintParams:
         return replace(self, window=max(float(MIN_SIDE), full * scale))
 
 
-def params_for(types: str | None, difficulty: float = 0.5, size: float = 0.0, count: int = 2) -> PaintParams:
+def params_for(types: str | None, difficulty: float = 0.5, size: float = 0.0,
+               count: int = DEFECTS_PER_IMAGE) -> PaintParams:
     """PaintParams that draw only the comma-separated defect `types` (every type when None or empty), 1..`count`
     defects per image, sized to a square of side `size` (a share of the image's short side when <= 1, px when > 1,
     the whole short side when 0); EngineError for a size or count that cannot be painted."""

@@ -82,15 +82,16 @@ def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: fl
             "seconds": seconds, "dataset": dataset}
 
 
-def paint_check_set(onto: str | Path, out: str | Path, count: int, params: PaintParams | None = None) -> int:
+def paint_check_set(onto: str | Path, out: str | Path, count: int, params: PaintParams | None = None
+                    ) -> tuple[int, int]:
     """A small set for a run's checks where no image holds a labelled defect: up to `count` of the images in `onto`,
     evenly spread, half of them with defects painted on (seeded), all in split val, written into the folder `out`
-    (not registered); returns how many hold a painted defect."""
+    (not registered); returns how many images it holds and how many of them a painted defect."""
     sources = good_images(onto)
     if len(sources) > count:
         sources = [sources[i] for i in np.linspace(0, len(sources) - 1, count).round().astype(int)]
     rows, _, _ = _paint_into(Path(out), sources, len(sources), 0.5, 0, params, None, split="val")
-    return sum(row["synthetic"] for row in rows)
+    return len(rows), sum(row["synthetic"] for row in rows)
 
 
 def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, seed: int, params: PaintParams | None,

@@ -475,7 +475,8 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
         info = {}
     if max_false_alarm is None:
         max_false_alarm = runs.false_alarm_goal(info)
-    seen = {id(s) for s in seen_in_training((info.get("dataset") or {}).get("path"), samples)}
+    seen_samples = seen_in_training((info.get("dataset") or {}).get("path"), samples)
+    seen = {id(s) for s in seen_samples}
     if seen and len(seen) == len(samples):
         raise RecipeError(f"all {len(samples)} tuning images are images training saw (its train and val splits); "
                           "tune on labelled images it did not see, e.g. --split test")
@@ -489,7 +490,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     if save:
         save_recipe(predictor.run_dir, tuned)
         best["readiness"] = _judge_by_tuning(predictor.run_dir, best, max_false_alarm)
-    named = [s.id for s in samples if id(s) in seen]
+    named = [s.id for s in seen_samples]
     notes = [f"{len(seen)} of the {len(samples)} tuning images are images training saw (its train and val splits, "
              f"the same bytes); they were left out: {', '.join(named[:5])}{' ...' if len(named) > 5 else ''}"
              ] if seen else []

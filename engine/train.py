@@ -59,7 +59,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
-from engine.paint import DefectBank, PaintParams, paint, params_for
+from engine.paint import DEFECTS_PER_IMAGE, DefectBank, PaintParams, paint, params_for
 from engine.recipe import (
     DEFAULT_THRESHOLDS,
     PAINTED_VALIDATION,
@@ -134,7 +134,7 @@ class TrainConfig:
     paint_size: float = option(0.0, "size of the painted defects: the side of the square they are drawn to, as a "
                                     "share of the image's short side (0 to 1) or in px of the full-size image (> 1); "
                                     "default 0: each training crop (at validation, each image)")
-    paint_count: int = option(2, "most painted defects per painted crop or image (1 to this many)")
+    paint_count: int = option(DEFECTS_PER_IMAGE, "most painted defects per painted crop or image (1 to this many)")
     val_fraction: float = option(0.15, "share of train used for validation when the set has no val split")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
