@@ -544,9 +544,9 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
                 "held_out_false_alarm_rate": best.get("held_out_false_alarm_rate"), "short_of_images": short_of_images,
                 "good_needed": (good_images_to_bound(flagged, max_false_alarm, best.get("confidence") or 0.95)
                                 if on_bound else good_images_needed(max_false_alarm))}
-    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"{reason} (tuned on real images)",
+    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"tuned on real images: {reason}",
                     tuned_on=tuned_on)
     before, _ = runs.readiness(info)
     change = ("still" if before else "now") if ready else ("no longer" if before else "not")
     return (f"run {run_dir.name} is {change} ready (tuned on real images)" if ready
-            else f"run {run_dir.name} is {change} ready: {reason} (tuned on real images)")
+            else f"run {run_dir.name} is {change} ready (tuned on real images): {reason}")

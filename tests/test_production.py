@@ -3,6 +3,7 @@ pre-trained starting weights, readiness."""
 
 import csv
 import shutil
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -242,7 +243,7 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     after = runs.read_run_json(config.RUNS_DIR / run_id)
     assert after["ready"] is tuning_readiness(best, 0.05)[0] and best["readiness"].startswith(f"run {run_id} is ")
     assert best["goal_met"] is False and after["ready"] is False  # 14 good images cannot bound false alarms at 5 %
-    assert after["ready_reason"].endswith("(tuned on real images)")
+    assert after["ready_reason"].startswith("tuned on real images: ")
     # What to do next follows the tuning, not training's validation: the images met the goals but were too few.
     assert after["tuned_on"]["short_of_images"] is True and after["tuned_on"]["flagged"] == 0
     step = runs.next_steps(after)[0]
@@ -270,8 +271,8 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
         cv2.imwrite(str(path), image)
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(same), "test"), 0.05)
     after = runs.read_run_json(config.RUNS_DIR / run_id)
-    assert after["ready"] is False and best["readiness"].startswith(f"run {run_id} is no longer ready: tuning ")
-    assert after["ready_reason"].endswith("(tuned on real images)") and registry.get_run(run_id).ready is False
+    assert after["ready"] is False and best["readiness"].startswith(f"run {run_id} is no longer ready (tuned on real images): tuning ")
+    assert after["ready_reason"].startswith("tuned on real images: ") and registry.get_run(run_id).ready is False
     assert after["tuned_on"]["short_of_images"] is False  # the model missed on enough images: more cannot help
     assert runs.next_steps(after)[0].startswith("the model misses the goals on real images")
     # The recipe served is the one tuned: a tuning on unseen images that meets the goals makes it ready again.
