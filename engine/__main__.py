@@ -257,8 +257,12 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_runs(args: argparse.Namespace) -> None:
-    from engine import runstore
+    from engine import runs, runstore
 
+    if args.delete:
+        runs.delete_run(args.delete)
+        print(f"deleted run {args.delete}: its folder and its registry rows")
+        return
     print(f"{'run':<44} {'status':<10} {'ready':<6} {'epochs':>7}         best validation")
     for row in runstore.overview():
         best = (f"dice {row['best_dice']:.4f} @ epoch {row['best_epoch']}"
@@ -318,6 +322,9 @@ class _progress_bar:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
+    from engine.paint import DEFECTS_PER_IMAGE
+    from engine.synth import SynthParams
+
     # Over 60 lines on purpose: only declarations, one sub-parser per command in the order `--help` lists them.
     parser = argparse.ArgumentParser(prog="python -m engine", description="Metal-surface defect segmentation.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
@@ -336,8 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-size", type=float, help="with --onto: the side of the square defects are drawn to, a "
                                                      "share of each image's short side (0 to 1) or px (> 1); "
                                                      "default: the whole short side")
-    p.add_argument("--max-defects", type=int, help="most defects per defective image (default: 3 generated, "
-                                                   "2 painted)")
+    p.add_argument("--max-defects", type=int, help="most defects per defective image (default: "
+                                                   f"{SynthParams().max_defects} generated, {DEFECTS_PER_IMAGE} painted)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model (one run)")
@@ -418,7 +425,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("runs", help="list runs from the registry")
+    p = sub.add_parser("runs", help="list runs from the registry, or delete one")
+    p.add_argument("--delete", metavar="RUN", help="delete this run: its folder (checkpoints, exports) and its "
+                                                   "registry rows (not the demo run, nor a run still training)")
     p.set_defaults(func=cmd_runs)
     p = sub.add_parser("registry", help="registry maintenance")
     p.add_argument("action", choices=["rebuild"])

@@ -271,7 +271,8 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
         cv2.imwrite(str(path), image)
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(same), "test"), 0.05)
     after = runs.read_run_json(config.RUNS_DIR / run_id)
-    assert after["ready"] is False and best["readiness"].startswith(f"run {run_id} is no longer ready (tuned on real images): tuning ")
+    assert after["ready"] is False
+    assert best["readiness"].startswith(f"run {run_id} is no longer ready (tuned on real images): tuning ")
     assert after["ready_reason"].startswith("tuned on real images: ") and registry.get_run(run_id).ready is False
     assert after["tuned_on"]["short_of_images"] is False  # the model missed on enough images: more cannot help
     assert runs.next_steps(after)[0].startswith("the model misses the goals on real images")
@@ -321,6 +322,20 @@ def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: 
     assert rows[trained_run]["validated_on"] == "labelled defects"
     assert rows["demo"]["validated_on"] == "generated images"  # the shipped demo never saw a real part
     assert rows["demo"]["ready"] == "yes" and rows["demo"]["ready_reason"] == ""  # not "None" in the tables
+
+
+def test_runs_delete_removes_a_finished_run_and_refuses_the_demo(runs_dir: Path, capsys: pytest.CaptureFixture
+                                                                 ) -> None:
+    from engine.__main__ import main
+
+    run_id = "cli-delete-me"
+    runstore.save(runs_dir / run_id, {"run_id": run_id, "name": run_id, "status": "cancelled"})
+    assert registry.get_run(run_id) is not None
+    assert main(["runs", "--delete", run_id]) == 0
+    assert f"deleted run {run_id}" in capsys.readouterr().out
+    assert not (runs_dir / run_id).exists() and registry.get_run(run_id) is None
+    assert main(["runs", "--delete", "demo"]) != 0
+    assert "cannot be deleted" in capsys.readouterr().err and runs.run_dir("demo").is_dir()
 
 
 def test_an_older_registry_gains_the_new_columns_and_keeps_its_rows(tmp_path) -> None:
