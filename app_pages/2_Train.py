@@ -59,7 +59,7 @@ with settings:
     if not choices:
         st.info("No dataset yet: make one on the Generate data page.")
     dataset = st.selectbox("Dataset", list(choices), key="train_dataset")
-    unusable = False
+    unusable, good_only = False, False
     if dataset:
         try:
             counts = data.scan_dataset(choices[dataset], validate=False).counts()
@@ -69,6 +69,9 @@ with settings:
         else:
             st.caption(f"{counts['images']} images ({counts['defective']} with defects): "
                        f"{counts['train']} train / {counts['val']} val / {counts['test']} test")
+            good_only = counts["images"] > 0 and not counts["defective"]
+    # A set of good parts alone learns the generator's defects: which kinds is the user's first choice there.
+    painting = st.container()
     name = st.text_input("Run name", value=dataset or "run", key="train_name")
     preset = st.selectbox("Model size", list(PRESETS), index=list(PRESETS).index(DEFAULTS.preset),
                           key="train_preset", format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
@@ -96,12 +99,16 @@ with settings:
                                  "a little on image AP); else the generator's, so that a set of good images alone can "
                                  "train a model: its validation is painted too, so the run ends not ready until tuned "
                                  "on a few real labelled defects")
-        paint_types = st.multiselect("Defect types to paint", DEFECT_TYPES, key="train_paint_types",
-                                     disabled=paint == 0.0, placeholder="all of them",
-                                     help="the generator's defects to paint where a set has no labelled ones: "
-                                          "the kinds your line looks for (empty: all). A model taught every kind "
-                                          "flags every other mark on a good part too (KolektorSDD's cracks: image "
-                                          "AP 0.97 with scratch and crack against 0.69 with all)")
+        if good_only:
+            painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
+                             "images. Name the kinds your line looks for: a model taught every kind flags the other "
+                             "marks of good parts too.")
+        paint_types = (painting if good_only else st).multiselect(
+            "Defect types to paint", DEFECT_TYPES, key="train_paint_types", disabled=paint == 0.0,
+            placeholder="all of them", help="the generator's defects to paint where a set has no labelled ones: the "
+            "kinds your line looks for (empty: all). A model taught every kind flags every other mark on a good part "
+            "too (KolektorSDD's cracks from good parts only: image AP 0.97 with scratch and crack against 0.69 with "
+            "all)")
         paint_size = st.number_input("Size of painted defects", 0.0, 100000.0, DEFAULTS.paint_size, step=0.1,
                                      key="train_paint_size", disabled=paint == 0.0,
                                      help="the side of the square the generator's defects are drawn to: a share of "

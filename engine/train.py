@@ -601,6 +601,10 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
         train_set.painter = bank.transplant
         print(f"painting: the {len(bank)} labelled defects of the training images, moved onto defect-free crops",
               flush=True)
+    elif cfg.paint and not cfg.paint_types:
+        print("painting: every kind of the generator's defects; name the kinds your line looks for with "
+              "--paint-types (e.g. scratch,crack): a model taught every kind flags the other marks of good parts too",
+              flush=True)
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:

@@ -194,6 +194,26 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     assert [b for b in at.button if b.key == f"resume_{run.id}"]  # resume is offered
 
 
+def test_train_asks_which_defects_to_paint_up_front_for_a_set_of_good_parts(tiny_dataset: Path) -> None:
+    import shutil
+
+    folder = config.DATA_DIR / "train-all-good"
+    synth.generate_dataset(folder, 6, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    try:
+        at = open_page("app_pages/2_Train.py")
+        at.selectbox(key="train_dataset").set_value("train-all-good").run()
+        assert not at.exception
+        # Nothing labelled: the kinds to paint are the first choice, beside the dataset, not under Advanced.
+        assert "train_paint_types" not in [m.key for m in at.expander[0].multiselect]
+        assert "train_paint_types" in [m.key for m in at.multiselect]
+        assert any("Name the kinds your line looks for" in c.value for c in at.caption)
+        at.selectbox(key="train_dataset").set_value(tiny_dataset.name).run()  # labelled defects: under Advanced
+        assert "train_paint_types" in [m.key for m in at.expander[0].multiselect]
+        assert not any("Name the kinds your line looks for" in c.value for c in at.caption)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def test_train_refuses_a_batch_that_does_not_split_over_the_processes(tiny_dataset: Path) -> None:
     at = open_page("app_pages/2_Train.py")
     at.selectbox(key="train_dataset").set_value(tiny_dataset.name)
