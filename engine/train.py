@@ -958,12 +958,14 @@ def recipe_line(chosen: dict) -> str:
     else:
         rule = f"; of the recipes that meet it, {picked}" if chosen["cautious"] else ""
     return (f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
-            f"detection {_rate(chosen['detection_rate'])}, false alarms {_rate(chosen['false_alarm_rate'])}{bound}, "
+            f"detection {_rate(chosen['detection_rate'], chosen['n_defective'])}, false alarms "
+            f"{_rate(chosen['false_alarm_rate'], chosen['n_defect_free'])}{bound}, "
             f"goal <= {chosen['max_false_alarm']:.0%}{rule})")
 
 
-def _rate(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
+def _rate(value: float | None, n: int) -> str:
+    """A rate with the count it was measured on ("5 of 5, 100.0%"): on a handful of images the count says more."""
+    return "n/a" if value is None else f"{round(value * n)} of {n}, {value:.1%}"
 
 
 def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:

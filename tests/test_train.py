@@ -259,6 +259,8 @@ def test_a_recipe_that_stops_just_short_of_its_good_images_is_judged_on_held_out
     chosen = training_recipe(defects + good, truths, 0.5, 0.05)
     assert chosen["threshold"] > 0.88 and chosen["false_alarm_rate"] == 0.0 and chosen["detection_rate"] == 1.0
     assert chosen["held_out_false_alarm_rate"] == 0.15 and "15.0% held out" in recipe_line(chosen)
+    # On a handful of images the counts say more than the rates: "detection 5 of 5, 100.0%".
+    assert "(validation: detection 5 of 5, 100.0%, false alarms 0 of 20, 0.0%, 15.0% held out" in recipe_line(chosen)
     ready, reason = readiness_of(chosen, 0.05)
     assert not ready and reason == ("validation false alarms 15% above the 5% goal where each half of its 20 good "
                                     "images is judged by the recipe chosen on the other half (0% on the images "
