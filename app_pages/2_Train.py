@@ -102,13 +102,13 @@ with settings:
         if good_only:
             painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
                              "images. Name the kinds your line looks for: a model taught every kind flags the other "
-                             "marks of good parts too.")
+                             "marks of good parts too, and one taught some kinds finds the others less.")
         paint_types = (painting if good_only else st).multiselect(
             "Defect types to paint", DEFECT_TYPES, key="train_paint_types", disabled=paint == 0.0,
             placeholder="all of them", help="the generator's defects to paint where a set has no labelled ones: the "
-            "kinds your line looks for (empty: all). A model taught every kind flags every other mark on a good part "
-            "too (KolektorSDD's cracks from good parts only: image AP 0.97 with scratch and crack against 0.69 with "
-            "all)")
+            "kinds your line looks for (empty: all). KolektorSDD's cracks from good parts only: image AP 0.92-0.97 "
+            "with scratch and crack against 0.65-0.67 with all, which flag the blobs good parts carry; but half as "
+            "many painted pits, dents and stains found (docs/RESULTS.md)")
         paint_size = st.number_input("Size of painted defects", 0.0, 100000.0, DEFAULTS.paint_size, step=0.1,
                                      key="train_paint_size", disabled=paint == 0.0,
                                      help="the side of the square the generator's defects are drawn to: a share of "
