@@ -36,7 +36,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def _paint_onto(args: argparse.Namespace) -> None:
     """`generate --onto GOOD_DIR`: the generator's defects painted onto the user's own defect-free images."""
-    from engine.paint import DEFECTS_PER_IMAGE, params_for
+    from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, params_for
     from engine.paintset import paint_dataset
 
     if args.out == str(config.SAMPLE_DIR):
@@ -48,6 +48,9 @@ def _paint_onto(args: argparse.Namespace) -> None:
     print(f"{args.out}: {result['images']} images ({result['defective']} with painted defects, "
           f"{result['defect_free']} defect-free, {len(result['skipped'])} unreadable skipped) onto {args.onto} "
           f"in {result['seconds']:.1f}s")
+    if not args.types:
+        print(f"note: every kind of the generator's defects was painted; name the kinds your line looks for with "
+              f"--types (e.g. scratch,crack): {EVERY_KIND}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -343,8 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defect-size", type=float, help="with --onto: the side of the square defects are drawn to, a "
                                                      "share of each image's short side (0 to 1) or px (> 1); "
                                                      "default: the whole short side")
-    p.add_argument("--max-defects", type=int, help="most defects per defective image (default: "
-                                                   f"{SynthParams().max_defects} generated, {DEFECTS_PER_IMAGE} painted)")
+    p.add_argument("--max-defects", type=int, help=f"most defects per defective image (default: "
+                   f"{SynthParams().max_defects} generated, {DEFECTS_PER_IMAGE} painted)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model (one run)")

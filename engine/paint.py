@@ -27,6 +27,9 @@ VISIBLE = 1.5 / 255  # a pixel counts as changed (and so as defect) when it move
 MAX_BLUR = 3.0  # px: a softer surface still gets defects this sharp (the estimate grows with coarse texture)
 MIN_BLUR = 0.35  # px: below this the defects are drawn as they are (the generator's own rule)
 DEFECTS_PER_IMAGE = 2  # painted defects per painted image or crop: 1 up to this many
+# Said where every kind is painted because none was named (KolektorSDD, docs/RESULTS.md, fourteenth session).
+EVERY_KIND = ("a model taught every kind flags the other marks of good parts too, and one taught some kinds finds the "
+              "others less")
 
 
 def _default_weights() -> dict[str, float]:

@@ -59,7 +59,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
-from engine.paint import DEFECTS_PER_IMAGE, DefectBank, PaintParams, paint, params_for
+from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, DefectBank, PaintParams, paint, params_for
 from engine.recipe import (
     DEFAULT_THRESHOLDS,
     PAINTED_VALIDATION,
@@ -603,8 +603,7 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
               flush=True)
     elif cfg.paint and not cfg.paint_types:
         print("painting: every kind of the generator's defects; name the kinds your line looks for with "
-              "--paint-types (e.g. scratch,crack): a model taught every kind flags the other marks of good parts too",
-              flush=True)
+              f"--paint-types (e.g. scratch,crack): {EVERY_KIND}", flush=True)
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:

@@ -97,8 +97,10 @@ def test_defect_size_and_count_are_options_in_px_or_a_share_of_the_image(surface
     good.mkdir()
     cv2.imwrite(str(good / "part.png"), np.round(image * 255).astype(np.uint8))
     out = tmp_path / "small-defects"
+    capsys.readouterr()
     assert main(["generate", "--onto", str(good), "--out", str(out), "--count", "6", "--defect-free", "0",
-                 "--defect-size", "0.25", "--max-defects", "1"]) == 0
+                 "--defect-size", "0.25", "--max-defects", "1", "--types", "scratch,pit"]) == 0
+    assert "name the kinds" not in capsys.readouterr().out  # they were named
     for mask_path in (out / "masks").iterdir():
         ys, xs = np.nonzero(read_mask(mask_path))
         assert np.ptp(ys) < 32 and np.ptp(xs) < 32
@@ -138,6 +140,7 @@ def test_generate_onto_reports_a_corrupt_image_and_goes_on(tmp_path: Path, capsy
     captured = capsys.readouterr()
     assert captured.err.count("part9.png") == 1  # reported once, then left out
     assert "10 images" in captured.out and "1 unreadable skipped" in captured.out
+    assert "name the kinds your line looks for with --types" in captured.out  # every kind was painted
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert len(rows) == 10 and {row["synthetic"] for row in rows} == {"0", "1"}
     for row in rows:
@@ -162,7 +165,9 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     assert main(["train", "--data", str(data), "--epochs", "2", "--steps-per-epoch", "4",  # no --paint: the default
                  "--base", "8", "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none",
                  "--name", "paint-test"]) == 0
-    assert "no labelled defect in the" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no labelled defect in the" in out
+    assert "painting: every kind of the generator's defects; name the kinds your line looks for" in out
     run_id = max((p for p in config.RUNS_DIR.glob("*paint-test*")), key=lambda p: p.stat().st_mtime).name
     info = runs.read_run_json(runs.run_dir(run_id))
     assert info["dataset"]["val_painted"] is True and info["params"]["paint"] == PAINT_WITHOUT_LABELS
