@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 from engine import data, jobs, registry, runs, runstore
 from engine.errors import EngineError
 from engine.model import PRESETS
+from engine.paint import EVERY_KIND
 from engine.synth import DEFECT_TYPES
 from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
 from ui import readiness_notice
@@ -101,8 +102,7 @@ with settings:
                                  "on a few real labelled defects")
         if good_only:
             painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
-                             "images. Name the kinds your line looks for: a model taught every kind flags the other "
-                             "marks of good parts too, and one taught some kinds finds the others less.")
+                             f"images. Name the kinds your line looks for: {EVERY_KIND}.")
         paint_types = (painting if good_only else st).multiselect(
             "Defect types to paint", DEFECT_TYPES, key="train_paint_types", disabled=paint == 0.0,
             placeholder="all of them", help="the generator's defects to paint where a set has no labelled ones: the "
