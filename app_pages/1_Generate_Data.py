@@ -8,7 +8,7 @@ from engine import config, data, importer, paintset, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS
-from engine.paint import DEFECTS_PER_IMAGE, PaintParams, params_for
+from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, PaintParams, params_for
 from engine.synth import DEFECT_TYPES
 from ui import for_display, run_with_progress
 
@@ -118,7 +118,7 @@ paint_count = mid.number_input("Painted set size", min_value=1, max_value=20000,
 paint_free = right.slider("Left defect-free", 0.0, 0.9, 0.4, 0.05, key="paint_free")
 left, mid, right = st.columns(3)
 paint_types = left.multiselect("Defect types", DEFECT_TYPES, key="paint_types", placeholder="all of them",
-                               help="the kinds your line looks for; every kind when none is picked")
+                               help=f"the kinds your line looks for; every kind when none is picked ({EVERY_KIND})")
 paint_size = mid.number_input("Defect size", min_value=0.0, max_value=100000.0, value=0.0, step=0.1,
                               key="paint_size", help="the side of the square defects are drawn to: a share of each "
                               "image's short side (0 to 1) or px (above 1); 0: the whole short side")
