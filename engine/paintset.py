@@ -63,8 +63,8 @@ def store_good_images(files: list[tuple[str, bytes]], folder: str | Path) -> tup
 def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: float = 0.4, seed: int = 0,
                   params: PaintParams | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Write a dataset folder of `count` images made from the good images in `onto` (cycled through): a share
-    `defect_free` left as they are, the others with painted defects and their exact masks; the manifest marks
-    painted images `synthetic`. An unreadable image is reported once and left out. Registers the folder; returns
+    `defect_free` left as they are, the others with painted defects and their exact masks, split by source image;
+    the manifest marks painted images `synthetic`. An unreadable image is reported once and left out. Registers the folder; returns
     counts."""
     sources, out = good_images(onto), Path(out)
     if count < 1:
@@ -97,7 +97,8 @@ def paint_check_set(onto: str | Path, out: str | Path, count: int, params: Paint
 def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, seed: int, params: PaintParams | None,
                 progress: Progress | None, split: str | None = None) -> tuple[list[dict[str, Any]], list[str], float]:
     """paint_dataset's writing, into the folder `out`: (manifest rows, skipped-image lines, seconds); every image in
-    `split` if given, else split by id."""
+    `split` if given, else split by its source image, so that every image painted from one good image lands in the
+    same split (validation and test never hold a part that training saw under other painted defects)."""
     start, rows, skipped = time.perf_counter(), [], []
     width = max(6, len(str(count - 1)))
     attempt = 0
@@ -119,7 +120,7 @@ def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, 
         write_png(out / "images" / f"{sample_id}.png", np.round(image * 255).astype(np.uint8), durable=False)
         if types:
             write_png(out / "masks" / f"{sample_id}.png", mask * np.uint8(255), durable=False)
-        rows.append({"id": sample_id, "split": split or split_for_id(sample_id), "defect_types": " ".join(types),
+        rows.append({"id": sample_id, "split": split or split_for_id(source.name), "defect_types": " ".join(types),
                      "defect_fraction": round(float(mask.mean()), 6) if types else 0.0,
                      "synthetic": int(bool(types)), "source": str(source)})
         if progress:

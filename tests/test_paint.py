@@ -143,6 +143,8 @@ def test_generate_onto_reports_a_corrupt_image_and_goes_on(tmp_path: Path, capsy
     assert "name the kinds your line looks for with --types" in captured.out  # every kind was painted
     rows = list(csv.DictReader((out / "manifest.csv").open()))
     assert len(rows) == 10 and {row["synthetic"] for row in rows} == {"0", "1"}
+    for source in {row["source"] for row in rows}:  # a part painted twice never sits in two splits
+        assert len({row["split"] for row in rows if row["source"] == source}) == 1
     for row in rows:
         image = read_image(out / "images" / f"{row['id']}.png")
         source = read_image(row["source"])
