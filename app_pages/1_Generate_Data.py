@@ -107,7 +107,8 @@ if pick == UPLOAD:
         else:
             kept, problems = paintset.store_good_images([(f.name, f.getvalue()) for f in uploads], folder)
             onto = str(folder)
-            st.caption(f"{len(kept)} image(s) kept in {onto}")
+            st.caption(f"{len(kept)} image(s) kept in {onto}: the Train page offers them as dataset "
+                       f"'{folder.name}' too, to train on directly (defects painted as it trains)")
             for problem in problems:
                 st.warning(f"left out: {problem}")
 else:

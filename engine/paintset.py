@@ -42,9 +42,10 @@ def upload_folder(dataset_name: str) -> Path:
 
 def store_good_images(files: list[tuple[str, bytes]], folder: str | Path) -> tuple[list[Path], list[str]]:
     """Keep uploaded defect-free images (name, bytes) in folder, each checked by decoding it first and written
-    atomically as it came (a file already kept with the same bytes is left as it is); returns the files kept and
-    one line per upload left out (corrupt, not an image)."""
-    kept, problems = [], []
+    atomically as it came (a file already kept with the same bytes is left as it is), and register the folder as a
+    dataset of good parts (to train on directly, painting as it trains); returns the files kept and one line per
+    upload left out (corrupt, not an image)."""
+    kept, problems, written = [], [], False
     for name, data in files:
         stem, suffix = Path(name).stem or "image", Path(name).suffix.lower()
         target = Path(folder) / f"{stem}{suffix if suffix in IMAGE_EXTENSIONS else '.png'}"
@@ -57,6 +58,9 @@ def store_good_images(files: list[tuple[str, bytes]], folder: str | Path) -> tup
             problems.append(str(err))
             continue
         kept.append(atomic_write_bytes(target, data))
+        written = True
+    if written:  # the page calls this on every rerun: register once per new upload, not on every rerun
+        register_dataset(folder, source="uploaded")
     return kept, problems
 
 

@@ -261,6 +261,10 @@ def test_uploaded_good_images_are_kept_once_checked_and_corrupt_ones_reported(tm
     assert any("truncated.png" in p for p in problems) and any("notes.txt" in p for p in problems)
     assert [p.name for p in good_images(tmp_path / "uploads")] == ["escape.png", "part-1.png"]
     assert (tmp_path / "uploads" / "part-1.png").read_bytes() == png
+    # The uploads are a dataset of good parts: the Train page offers them, to paint as it trains.
+    from engine.data import dataset_choices
+
+    assert dataset_choices(trainable=True)["uploads"] == tmp_path / "uploads"
 
 
 def test_generate_page_offers_uploading_good_images_first() -> None:
