@@ -50,6 +50,15 @@ def curves(rows: list[dict]) -> go.Figure:
     return figure
 
 
+def name_after_dataset() -> None:
+    """Name the run after the dataset just picked, unless the user named it (a keyed text box keeps its first
+    value, the first dataset's name, however the dataset changes)."""
+    state = st.session_state
+    if state.get("train_name") in (None, "", state.get("train_name_auto")):
+        state["train_name"] = state["train_dataset"] or "run"
+    state["train_name_auto"] = state["train_dataset"] or "run"
+
+
 settings, monitor_column = st.columns([1, 2], gap="large")
 active = jobs.active_runs()
 
@@ -59,7 +68,8 @@ with settings:
     choices = data.dataset_choices(trainable=True)
     if not choices:
         st.info("No dataset yet: make one on the Generate data page.")
-    dataset = st.selectbox("Dataset", list(choices), key="train_dataset")
+    dataset = st.selectbox("Dataset", list(choices), key="train_dataset", on_change=name_after_dataset)
+    st.session_state.setdefault("train_name_auto", dataset or "run")
     unusable, good_only = False, False
     if dataset:
         try:

@@ -207,9 +207,14 @@ def test_train_asks_which_defects_to_paint_up_front_for_a_set_of_good_parts(tiny
         assert "train_paint_types" not in [m.key for m in at.expander[0].multiselect]
         assert "train_paint_types" in [m.key for m in at.multiselect]
         assert any("Name the kinds your line looks for" in c.value for c in at.caption)
+        assert at.text_input(key="train_name").value == "train-all-good"  # the run is named after the set picked
         at.selectbox(key="train_dataset").set_value(tiny_dataset.name).run()  # labelled defects: under Advanced
+        assert at.text_input(key="train_name").value == tiny_dataset.name
         assert "train_paint_types" in [m.key for m in at.expander[0].multiselect]
         assert not any("Name the kinds your line looks for" in c.value for c in at.caption)
+        at.text_input(key="train_name").set_value("my-run").run()  # a name the user gives stays
+        at.selectbox(key="train_dataset").set_value("train-all-good").run()
+        assert at.text_input(key="train_name").value == "my-run"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
