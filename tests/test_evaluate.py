@@ -68,8 +68,8 @@ def test_cli_names_the_false_alarms_of_good_parts_not_a_dice(trained_run: str, t
     assert main(["evaluate", "--run", trained_run, "--data", str(tiny_dataset), "--split", "test"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == ("note: this set holds 2 good images, too few to vouch for the 5% false-alarm goal (with none "
-                    "flagged, false alarms could still be 57% at 95 % confidence); it needs at least 16; these rates "
-                    "show little"), last
+                    "flagged, false alarms could still be 57% at 95 % confidence); it needs at least 16 to keep that "
+                    "within 15%, and 52, none flagged, to show 5% itself; these rates show little"), last
 
 
 def test_cli_per_image_lists_every_image_wrong_verdicts_first(trained_run: str, tiny_dataset, capsys) -> None:

@@ -179,7 +179,8 @@ def test_a_run_is_not_ready_on_a_validation_too_small_to_show_its_goals() -> Non
     chosen = {"detection_rate": 1.0, "false_alarm_rate": 0.0, "n_defect_free": 5, "n_defective": 1}
     ready, reason = readiness_of(chosen, 0.05)
     assert not ready and reason.startswith("validation holds 5 good images, too few to vouch for the 5% false-alarm")
-    assert "could still be 35% at 95 % confidence); it needs at least 16" in reason
+    assert "could still be 35% at 95 % confidence); it needs at least 16 to keep that within 15%, and 52, none " \
+           "flagged, to show 5% itself" in reason
     ready, reason = readiness_of({**chosen, "n_defect_free": 16}, 0.05)
     assert not ready and reason == ("validation holds 1 defective image, too few to show that the model finds "
                                     "defects (at least 3)")
