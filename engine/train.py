@@ -49,6 +49,7 @@ from engine.metrics import (
     best_threshold,
     image_score,
     threshold_sweep,
+    too_few_to_show,
 )
 from engine.model import (
     PRESETS,
@@ -894,7 +895,8 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
         context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
         info["recipe"] = save_recipe_for(folder, chosen, context)
         if info["dataset"].get("val_painted"):  # its detection was measured on painted defects only
-            ready, reason = False, PAINTED_VALIDATION
+            few = too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], cfg.max_false_alarm)
+            ready, reason = False, PAINTED_VALIDATION + (f"; besides, {few}" if few else "")
         else:
             ready, reason = readiness_of(chosen, cfg.max_false_alarm)
         print(recipe_line(chosen), flush=True)

@@ -186,6 +186,8 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     assert tuning["cautious"]  # painted detections are a stand-in: within noise of the most, the cautious recipe
     # Painted defects alone never make a run ready; the next step says how to decide it.
     assert info["ready"] is False and runs.readiness(info)[0] is False
+    # Nor could its few good validation images show the false-alarm goal, and the reason says that too.
+    assert tuning["n_defect_free"] < 16 and "; besides, validation holds" in info["ready_reason"]
     assert "tune" in runs.next_steps(info)[0]
     # Tables say its Dice was measured on painted defects, not beside real ones as if alike.
     assert next(r for r in runstore.overview() if r["run_id"] == run_id)["validated_on"] == "painted defects"
