@@ -263,8 +263,9 @@ def next_steps(info: dict[str, Any]) -> list[str]:
     if validation_decides(info):
         return steps
     tune = (f"tune on real labelled defects with some good images that training did not use: `python -m engine "
-            f"tune --run {run_id} --data DIR --split SPLIT` (this decides whether the run is ready); no masks are "
-            "needed where DIR is sorted by verdict: DIR/good/ beside a folder of rejected parts per defect kind")
+            f"tune --run {run_id} --data DIR --split SPLIT` (SPLIT: test, or all for a folder of its own), or the "
+            "Review page's 'Tune and save' (this decides whether the run is ready); no masks are needed where DIR is "
+            "sorted by verdict: DIR/good/ beside a folder of rejected parts per defect kind")
     if (info.get("dataset") or {}).get("val_painted"):
         return [tune, "or add those labelled defects to the set and train again (a set with labelled defects is "
                       "not painted unless --paint is given)"]
