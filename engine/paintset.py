@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.data import register_dataset, split_for_id
+from engine.data import register_dataset, scan_dataset, split_for_id
 from engine.errors import DatasetError, EngineError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_upload, read_image, write_png
 from engine.paint import PaintParams, paint
@@ -23,12 +23,17 @@ MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "synthetic
 
 
 def good_images(folder: str | Path) -> list[Path]:
-    """The images of a folder of defect-free images: DIR/images/* of a dataset folder, else DIR/* itself."""
+    """The defect-free images of a folder: of a dataset folder, its images without a defect (a real defect under a
+    painted one would be missing from the mask), else every image of DIR itself."""
     root = Path(folder)
-    base = root / "images" if (root / "images").is_dir() else root
-    if not base.is_dir():
+    if (root / "images").is_dir():
+        found = sorted(s.image_path for s in scan_dataset(root, validate=False).samples if not s.defective)
+        if not found:
+            raise DatasetError(f"{root}: every image of this dataset holds a defect; paint onto defect-free images")
+        return found
+    if not root.is_dir():
         raise DatasetError(f"{root}: not a folder; pass a folder of defect-free images (or a dataset folder)")
-    found = sorted(p for p in base.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    found = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
     if not found:
         raise DatasetError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
     return found

@@ -12,7 +12,7 @@ import pytest
 
 from engine import config, recipe, registry, runs, runstore, synth
 from engine.__main__ import main
-from engine.errors import EngineError
+from engine.errors import DatasetError, EngineError
 from engine.evaluate import select_samples
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor
@@ -267,6 +267,24 @@ def test_uploaded_good_images_are_kept_once_checked_and_corrupt_ones_reported(tm
     from engine.data import dataset_choices
 
     assert dataset_choices(trainable=True)["uploads"] == tmp_path / "uploads"
+
+
+def test_painting_onto_a_dataset_takes_only_its_defect_free_images(tmp_path: Path) -> None:
+    from engine.paintset import good_images
+
+    mixed = tmp_path / "mixed"
+    synth.generate_dataset(mixed, 12, seed=4, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
+    clean = {p.stem for p in (mixed / "images").iterdir()} - {p.stem for p in (mixed / "masks").iterdir()}
+    assert clean and [p.stem for p in good_images(mixed)] == sorted(clean)  # a real defect has no painted mask
+    for mask in (mixed / "masks").iterdir():
+        (mixed / "images" / f"{mask.stem}.png").unlink()
+        mask.unlink()
+    (mixed / "manifest.csv").unlink()
+    assert len(good_images(mixed)) == len(clean)
+    bad = tmp_path / "all-defective"
+    synth.generate_dataset(bad, 4, seed=4, params=synth.SynthParams(size=64, defect_free=0.0), workers=1)
+    with pytest.raises(DatasetError, match="every image of this dataset holds a defect"):
+        good_images(bad)
 
 
 def test_generate_page_offers_uploading_good_images_first() -> None:
