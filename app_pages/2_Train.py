@@ -205,7 +205,7 @@ with monitor_column:
             st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
             tail = jobs.log_tail(run_id)
             if tail:
-                st.code(tail, language="text")
+                st.code(tail, language="text", wrap_lines=True)
 
     if was_active:
         st.fragment(show, run_every=2)(watched)
@@ -226,4 +226,4 @@ with monitor_column:
                 else:
                     st.rerun()
         with st.expander("Training log"):
-            st.code(jobs.log_tail(watched) or "(no log)", language="text")
+            st.code(jobs.log_tail(watched) or "(no log)", language="text", wrap_lines=True)
