@@ -73,8 +73,8 @@ def paint_dataset(onto: str | Path, out: str | Path, count: int, defect_free: fl
                   params: PaintParams | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Write a dataset folder of `count` images made from the good images in `onto` (cycled through): a share
     `defect_free` left as they are, the others with painted defects and their exact masks, split by source image;
-    the manifest marks painted images `synthetic`. An unreadable image is reported once and left out. Registers the folder; returns
-    counts."""
+    the manifest marks painted images `synthetic`. An unreadable image is reported once and left out. Registers
+    the folder; returns counts."""
     sources, out = good_images(onto), Path(out)
     if count < 1:
         raise EngineError("--count must be at least 1")
