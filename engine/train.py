@@ -611,8 +611,8 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
         val_pairs = painted_validation(val_pairs, cfg.seed, paint_params)
         print(f"note: no real defect in the {len(val_samples)} validation images, so validation adds copies of about "
               f"half of them with defects painted on (marked val_painted in run.json); the recipe holds the "
-              f"false-alarm goal at {PAINTED_CONFIDENCE:.0%} confidence on the real ones; check the model on real defects with "
-              f"`evaluate`", flush=True)
+              f"false-alarm goal at {PAINTED_CONFIDENCE:.0%} confidence on the real ones; check the model on real "
+              f"defects with `evaluate`", flush=True)
     val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False, scale=cfg.scale, pairs=val_pairs)
     mean, std = image_stats([image for image, _ in train_set.pairs])
     return cfg, TrainData(train_set, val_set, mean, std, report.counts(), dataset_hash(report.samples), carved,
