@@ -597,14 +597,8 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
     train_set = SegmentationDataset(train_samples, crop=cfg.crop, augment=True, seed=rank_seed(cfg.seed, rank),
                                     scale=cfg.scale, pairs=train_pairs, paint_share=cfg.paint,
                                     painter=partial(paint, params=on_crops))
-    if cfg.paint and train_set.defective:  # the set's own defects look like its defects; the generator's may not
-        bank = DefectBank([train_set.pairs[i] for i in train_set.defective])
-        train_set.painter = bank.transplant
-        print(f"painting: the {len(bank)} labelled defects of the training images, moved onto defect-free crops",
-              flush=True)
-    elif cfg.paint and not cfg.paint_types:
-        print("painting: every kind of the generator's defects; name the kinds your line looks for with "
-              f"--paint-types (e.g. scratch,crack): {EVERY_KIND}", flush=True)
+    if cfg.paint:
+        choose_painter(cfg, train_set)
     val_pairs = [load_pair(s) for s in val_samples]
     val_painted = cfg.paint > 0 and not any(mask.any() for _, mask in val_pairs)
     if val_painted:
@@ -622,6 +616,19 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of process `rank` of a group; process 0 (and a job alone) keeps the run's own seed."""
     return seed + 1_000_003 * rank
+
+
+def choose_painter(cfg: TrainConfig, train_set: SegmentationDataset) -> None:
+    """Paint the set's own labelled defects, moved, where it has some (they look like its defects; the generator's
+    may not); else keep the generator's, and say so where every kind of them is painted."""
+    if train_set.defective:
+        bank = DefectBank([train_set.pairs[i] for i in train_set.defective])
+        train_set.painter = bank.transplant
+        print(f"painting: the {len(bank)} labelled defects of the training images, moved onto defect-free crops",
+              flush=True)
+    elif not cfg.paint_types:
+        print("painting: every kind of the generator's defects; name the kinds your line looks for with "
+              f"--paint-types (e.g. scratch,crack): {EVERY_KIND}", flush=True)
 
 
 def painted_validation(pairs: list[tuple[np.ndarray, np.ndarray]], seed: int,
