@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.data import register_dataset, scan_dataset, split_for_id
+from engine.data import register_dataset, scan_dataset, stratified_splits
 from engine.errors import DatasetError, EngineError, ImageError
 from engine.imageio import IMAGE_EXTENSIONS, decode_upload, read_image, write_png
 from engine.paint import PaintParams, paint
@@ -107,7 +107,9 @@ def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, 
                 progress: Progress | None, split: str | None = None) -> tuple[list[dict[str, Any]], list[str], float]:
     """paint_dataset's writing, into the folder `out`: (manifest rows, skipped-image lines, seconds); every image in
     `split` if given, else split by its source image, so that every image painted from one good image lands in the
-    same split (validation and test never hold a part that training saw under other painted defects)."""
+    same split (validation and test never hold a part that training saw under other painted defects), val and test
+    one source each from a handful of them (data.stratified_splits)."""
+    by_source = stratified_splits([(source.name, False) for source in sources])
     start, rows, skipped = time.perf_counter(), [], []
     width = max(6, len(str(count - 1)))
     attempt = 0
@@ -129,7 +131,7 @@ def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, 
         write_png(out / "images" / f"{sample_id}.png", np.round(image * 255).astype(np.uint8), durable=False)
         if types:
             write_png(out / "masks" / f"{sample_id}.png", mask * np.uint8(255), durable=False)
-        rows.append({"id": sample_id, "split": split or split_for_id(source.name), "defect_types": " ".join(types),
+        rows.append({"id": sample_id, "split": split or by_source[source.name], "defect_types": " ".join(types),
                      "defect_fraction": round(float(mask.mean()), 6) if types else 0.0,
                      "synthetic": int(bool(types)), "source": str(source)})
         if progress:

@@ -269,6 +269,22 @@ def test_uploaded_good_images_are_kept_once_checked_and_corrupt_ones_reported(tm
     assert dataset_choices(trainable=True)["uploads"] == tmp_path / "uploads"
 
 
+def test_a_painted_set_keeps_each_part_in_one_split_and_gives_val_and_test_one_of_a_few(tmp_path: Path) -> None:
+    from engine.paintset import paint_dataset
+
+    good = tmp_path / "three-parts"
+    good.mkdir()
+    for seed in range(3):
+        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
+        cv2.imwrite(str(good / f"part{seed}.png"), image)
+    paint_dataset(good, tmp_path / "painted", 12, defect_free=0.3, seed=1)
+    rows = list(csv.DictReader((tmp_path / "painted" / "manifest.csv").open()))
+    sources = {row["source"] for row in rows}
+    splits = {source: {row["split"] for row in rows if row["source"] == source} for source in sources}
+    assert all(len(found) == 1 for found in splits.values())  # never one part on both sides
+    assert sorted(found.pop() for found in splits.values()) == ["test", "train", "val"]
+
+
 def test_painting_onto_a_dataset_takes_only_its_defect_free_images(tmp_path: Path) -> None:
     from engine.paintset import good_images
 
