@@ -23,6 +23,15 @@ from engine.synth import DEFECT_TYPES
 from engine.train import PAINT_WITHOUT_LABELS, PAINTED_CONFIDENCE, painted_validation
 
 
+def good_parts(folder: Path, n: int) -> Path:
+    """A folder of n defect-free parts, rendered by the generator at 96 px."""
+    folder.mkdir(parents=True)
+    for seed in range(n):
+        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
+        cv2.imwrite(str(folder / f"part{seed}.png"), image)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def surfaces() -> list[np.ndarray]:
     """Real-looking defect-free surfaces: the generator's, rendered without defects, in three shapes."""
@@ -127,11 +136,7 @@ def test_images_without_room_are_left_unchanged(surfaces: list[np.ndarray]) -> N
 
 
 def test_generate_onto_reports_a_corrupt_image_and_goes_on(tmp_path: Path, capsys) -> None:
-    good = tmp_path / "good"
-    good.mkdir()
-    for seed in range(4):
-        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
-        cv2.imwrite(str(good / f"part{seed}.png"), image)
+    good = good_parts(tmp_path / "good", 4)
     (good / "part9.png").write_bytes(b"not an image at all")
     out = tmp_path / "painted"
     capsys.readouterr()
@@ -218,11 +223,7 @@ def test_painted_validation_keeps_every_good_image_and_adds_painted_copies(surfa
 def test_generate_page_previews_painted_samples_and_writes_the_set(tmp_path: Path) -> None:
     from tests.test_pages import open_page
 
-    good = tmp_path / "good-parts"
-    good.mkdir()
-    for seed in range(5):
-        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
-        cv2.imwrite(str(good / f"part{seed}.png"), image)
+    good = good_parts(tmp_path / "good-parts", 5)
     at = open_page("app_pages/1_Generate_Data.py")
     at.selectbox(key="paint_from").set_value("a folder on this machine").run()
     at.text_input(key="paint_folder").set_value(str(good)).run()
@@ -272,11 +273,7 @@ def test_uploaded_good_images_are_kept_once_checked_and_corrupt_ones_reported(tm
 def test_a_painted_set_keeps_each_part_in_one_split_and_gives_val_and_test_one_of_a_few(tmp_path: Path) -> None:
     from engine.paintset import paint_dataset
 
-    good = tmp_path / "three-parts"
-    good.mkdir()
-    for seed in range(3):
-        image, _, _ = synth.render_sample(seed, synth.SynthParams(size=96), defect_free=True)
-        cv2.imwrite(str(good / f"part{seed}.png"), image)
+    good = good_parts(tmp_path / "three-parts", 3)
     paint_dataset(good, tmp_path / "painted", 12, defect_free=0.3, seed=1)
     rows = list(csv.DictReader((tmp_path / "painted" / "manifest.csv").open()))
     sources = {row["source"] for row in rows}
