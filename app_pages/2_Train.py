@@ -83,6 +83,9 @@ with settings:
             good_only = counts["images"] > 0 and not counts["defective"]
     # A set of good parts alone learns the generator's defects: which kinds is the user's first choice there.
     painting = st.container()
+    if good_only:
+        painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
+                         f"images. Name the kinds your line looks for: {EVERY_KIND}.")
     name = st.text_input("Run name", value=dataset or "run", key="train_name")
     preset = st.selectbox("Model size", list(PRESETS), index=list(PRESETS).index(DEFAULTS.preset),
                           key="train_preset", format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
@@ -110,9 +113,6 @@ with settings:
                                  "a little on image AP); else the generator's, so that a set of good images alone can "
                                  "train a model: its validation is painted too, so the run ends not ready until tuned "
                                  "on a few real labelled defects")
-        if good_only:
-            painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
-                             f"images. Name the kinds your line looks for: {EVERY_KIND}.")
         paint_types = (painting if good_only else st).multiselect(
             "Defect types to paint", DEFECT_TYPES, key="train_paint_types", disabled=paint == 0.0,
             placeholder="all of them", help="the generator's defects to paint where a set has no labelled ones: the "

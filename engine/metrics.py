@@ -222,9 +222,9 @@ def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float
     """Why a labelled set (`where`) is too small to show that a model meets its goals, in words; None when it is not.
     A set without good images makes no claim on false alarms (a line where every part is defective)."""
     needed = good_images_needed(max_false_alarm)
-    to_show = good_images_to_bound(0, max_false_alarm)  # None for a goal of 0: no number of images shows it
-    shown = f", and {to_show}, none flagged, to show {max_false_alarm:.0%} itself" if to_show else ""
     if n_defect_free and n_defect_free < needed:
+        to_show = good_images_to_bound(0, max_false_alarm)  # None for a goal of 0: no number of images shows it
+        shown = f", and {to_show}, none flagged, to show {max_false_alarm:.0%} itself" if to_show else ""
         return (f"{where} holds {n_defect_free} good image{'s' * (n_defect_free != 1)}, too few to vouch for the "
                 f"{max_false_alarm:.0%} false-alarm goal (with none flagged, false alarms could still be "
                 f"{float(wilson_upper(0, n_defect_free)):.0%} at 95 % confidence); it needs at least {needed} "

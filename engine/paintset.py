@@ -109,7 +109,7 @@ def _paint_into(out: Path, sources: list[Path], count: int, defect_free: float, 
     `split` if given, else split by its source image, so that every image painted from one good image lands in the
     same split (validation and test never hold a part that training saw under other painted defects), val and test
     one source each from a handful of them (data.stratified_splits)."""
-    by_source = stratified_splits([(source.name, False) for source in sources])
+    by_source = {} if split else stratified_splits([(source.name, False) for source in sources])
     start, rows, skipped = time.perf_counter(), [], []
     width = max(6, len(str(count - 1)))
     attempt = 0
