@@ -29,6 +29,8 @@ class ModelInfo(BaseModel):
                                           "goal on validation), or the run has not completed")
     ready_reason: str | None = Field(None, description="why the run is not ready")
     not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
+    ready_note: str | None = Field(None, description="where a ready run is ready provisionally: what its validation "
+                                                     "held too few images to show (the detection goal, a rare kind)")
 
 
 class ImageSize(BaseModel):

@@ -98,6 +98,13 @@ with settings:
         epochs = None  # the wall-time budget ends the run
     device = st.radio("Device", DEVICES, horizontal=True, key="train_device",
                       help=None if len(DEVICES) > 1 else "No CUDA GPU found; training runs on the CPU.")
+    false_alarm_col, detection_col = st.columns(2)
+    max_false_alarm = false_alarm_col.number_input(
+        "Max false alarms (%)", 0.0, 100.0, DEFAULTS.max_false_alarm * 100, 0.5, key="train_goal_false_alarm",
+        help="the share of good parts the run may flag; a run whose recipe cannot keep to it is not ready")
+    goal_detection = detection_col.number_input(
+        "Min detection (%)", 0.0, 100.0, DEFAULTS.goal_detection * 100, 1.0, key="train_goal_detection",
+        help="the share of defective parts the run must find on validation to be ready (your line's goal)")
     with st.expander("Advanced"):
         crop = st.select_slider("Crop (px)", ["auto", 32, 64, 96, 128, 160, 192, 256], value="auto", key="train_crop",
                                 help="auto: chosen from the image and defect sizes")
@@ -144,7 +151,8 @@ with settings:
                 minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
                 batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
                 paint=None if paint == "auto" else float(paint), paint_types=",".join(paint_types) or None,
-                paint_size=float(paint_size), nproc=int(nproc)))
+                paint_size=float(paint_size), nproc=int(nproc), max_false_alarm=max_false_alarm / 100,
+                goal_detection=goal_detection / 100))
         except EngineError as err:
             st.error(str(err))
         else:

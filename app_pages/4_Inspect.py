@@ -16,7 +16,7 @@ from engine.drawing import create_heatmap, difference_image, mask_difference, ov
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
 from engine.inference import Predictor, model_file
-from engine.inspection import Inspection, inspect
+from engine.inspection import Inspection, inspect, why_counted
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
 from engine.serving import available_backends
@@ -226,15 +226,15 @@ for epoch, inspection in inspections.items():
         if inspection.flagged:
             st.markdown(f":red-background[**Verdict: defect**] {len(regions)} region(s), max score {max_score:.2f}")
             # A static table: much lighter for the browser than a data grid on every threshold move.
-            st.table(pd.DataFrame([{"bbox x,y,w,h": ",".join(map(str, r.bbox)), "area px": r.area_px,
-                                    "max score": f"{r.max_score:.2f}", "shape": r.shape}
+            st.table(pd.DataFrame([{"bbox x,y,w,h": ",".join(map(str, r.bbox)), "shape": r.shape,
+                                    "counted": why_counted(r, inspection.recipe)}
                                    for r in regions[:MAX_REGIONS_SHOWN]]).set_index("bbox x,y,w,h"))
             if len(regions) > MAX_REGIONS_SHOWN:
                 st.caption(f"… and {len(regions) - MAX_REGIONS_SHOWN} smaller regions")
         else:
-            size = f" of {run_recipe.min_region_px} px or more" if run_recipe.min_region_px > 1 else ""
-            st.markdown(f":green-background[**Verdict: ok**] no region{size} at or above {threshold:.2f} "
-                        f"(max score {max_score:.2f})")
+            why = (f"no region at or above {threshold:.2f}" if max_score < threshold
+                   else f"no region counts under the rule ({inspection.recipe.describe()})")
+            st.markdown(f":green-background[**Verdict: ok**] {why} (max score {max_score:.2f})")
 
 if len(inspections) == 2:
     (epoch_a, a), (epoch_b, b) = inspections.items()

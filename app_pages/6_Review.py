@@ -12,9 +12,10 @@ import streamlit as st
 from engine import config, data, runs
 from engine.drawing import overlay, to_display
 from engine.errors import EngineError
-from engine.evaluate import evaluate, select_samples
+from engine.evaluate import evaluate, found_by_group, select_samples
 from engine.imageio import read_image, read_mask
 from engine.inspection import inspect
+from engine.metrics import SIZE_BANDS
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
 from ui import epoch_label, load_predictor, own_test_set, pick_run, sample_folder
 
@@ -103,13 +104,17 @@ for epoch, result in results.items():
         st.caption(f"Note: {result['too_few']}; these rates show little.")
     if result["goal_missed"]:
         st.warning(f"{result['goal_missed'][0].upper()}{result['goal_missed'][1:]}.")
+    if found_by_group(result):
+        st.dataframe(pd.DataFrame(found_by_group(result)), hide_index=True, key=f"review_groups_{epoch}",
+                     column_config={"detection": st.column_config.NumberColumn(format="percent")})
 
 # ---- per-image table, worst first ----------------------------------------------------------------
 first = epochs[0]
 table = pd.DataFrame(results[first]["per_image"])
 table["verdict"] = table["flagged"].map({True: "defect", False: "ok"})
 table["truth"] = table["has_defect"].map({True: "defect", False: "ok"})
-columns = ["id", "dice", "iou", "verdict", "truth", "false_positive_px", "missed_px", "max_score", "defect_types"]
+columns = ["id", "dice", "iou", "verdict", "truth", "false_positive_px", "missed_px", "max_score", "defect_types",
+           "size_band", "dropped"]
 if len(epochs) == 2:
     other = pd.DataFrame(results[epochs[1]]["per_image"])[["id", "dice"]].rename(columns={"dice": "dice B"})
     table = table.merge(other, on="id")
@@ -120,6 +125,15 @@ table["rank"] = table["dice"].fillna(table["flagged"].astype(float))
 # Without an outlined defect (good parts only, a folder sorted by verdict) only false-alarm pixels are left.
 if not results[first]["n_outlined_defective"]:
     columns = [c for c in columns if c not in ("dice", "iou", "dice B", "Δ dice", "missed_px")]
+kinds, sizes = st.columns(2)
+pick_kinds = kinds.multiselect("Defect kinds", sorted({k for row in table["kinds"] for k in row}), key="review_kinds",
+                               help="Show only images of these kinds (none picked: all)")
+pick_sizes = sizes.multiselect("Defect sizes", [b for b in SIZE_BANDS if b in results[first]["by_size"]],
+                               key="review_sizes", help="Show only images whose defects cover this share of the image")
+if pick_kinds:
+    table = table[table["kinds"].map(lambda row: bool(set(pick_kinds) & set(row)))]
+if pick_sizes:
+    table = table[table["size_band"].isin(pick_sizes)]
 table = table.sort_values(["rank", "false_positive_px"], ascending=[True, False]).reset_index(drop=True)[columns]
 st.subheader("Per image" + (f" ({epoch_label(first)}; dice B = {epoch_label(epochs[1])})" if len(epochs) == 2 else ""))
 selection = st.dataframe(table, hide_index=True, on_select="rerun", selection_mode="single-row", key="review_table",
@@ -174,9 +188,13 @@ st.caption(f"Finds the threshold and minimum region size that flag the most defe
            f"while keeping false alarms on its defect-free images under your goal, and saves them as the run's "
            f"recipe (used by Inspect, `predict` and the API). Uses {epoch_label(first)}; tune on images the model "
            "was not trained on.")
-goal_col, bound_col, button_col = st.columns([1, 2, 1])
+goal_col, detect_col, bound_col, button_col = st.columns([1, 1, 2, 1])
 goal = goal_col.number_input("Max false alarms (%)", 0.0, 100.0, runs.false_alarm_goal(info) * 100, 0.5,
                              key="review_goal", help="The run's own goal (train's --max-false-alarm) until changed.")
+goal_detection = detect_col.number_input("Min detection (%)", 0.0, 100.0, runs.detection_goal(info) * 100, 1.0,
+                                         key="review_goal_detection",
+                                         help="The share of defective parts the recipe must find for the run to be "
+                                              "ready: the run's own goal (train's --goal-detection) until changed.")
 on_bound = bound_col.checkbox("Hold the goal at 95 % confidence", value=True, key="review_bound",
                               help="Apply the goal to the upper 95 % bound of the false-alarm rate, not to the rate "
                                    "measured on these images, so it also holds on new parts. Needs many defect-free "
@@ -187,7 +205,8 @@ if button_col.button("Tune and save", key="review_tune", type="primary"):
         with st.spinner("Scoring every image…"):
             tuned, result, notes = tune_run(load_predictor(str(run_folder), first, mtime),
                                             select_samples(folder, split), goal / 100, 0.95 if on_bound else None,
-                                            context={"data": str(folder), "split": split})
+                                            context={"data": str(folder), "split": split},
+                                            goal_detection=goal_detection / 100)
     except (EngineError, OSError) as err:
         st.error(f"Cannot tune on this folder: {err}")
     else:
@@ -196,7 +215,7 @@ if button_col.button("Tune and save", key="review_tune", type="primary"):
         alarms = "not measured" if result["false_alarm_rate"] is None else f"{result['false_alarm_rate']:.1%}"
         # Shown after the rerun that moves the threshold sliders (here and on Inspect) to the saved recipe.
         st.session_state["review_saved"] = (result["goal_met"], [
-            f"Recipe saved: threshold {tuned.threshold:.2f}, minimum region {tuned.min_region_px} px. "
+            f"Recipe saved: {tuned.describe()}. "
             f"On these {result['n_images']} images: detection {result['detection_rate']:.1%}, "
             f"false alarms {alarms}{bound_text}." + (f" The {result['readiness']}." if result.get("readiness") else ""),
             *notes])

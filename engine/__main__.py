@@ -99,6 +99,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from engine.evaluate import evaluate, select_samples
+    from engine.recipe import Recipe
     from engine.serving import open_predictor
 
     predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
@@ -118,7 +119,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             count = f"  ({result[counts[key][0]]} of {result[counts[key][1]]})" if key in counts else ""
             print(f"{key:>18}: {'n/a' if value is None else f'{value:.4f}'}{count}")
         model = result["model"]
-        print(f"{'n_images':>18}: {result['n_images']}  (threshold {result['threshold']:.2f}; run {model['run']}, "
+        rule = Recipe.from_dict(result["recipe"]).describe()
+        print(f"{'n_images':>18}: {result['n_images']}  ({rule}; run {model['run']}, "
               f"epoch {model['epoch']}, {model['backend']}{'' if model['ready'] else ', NOT READY'})")
         for name, row in result["per_type"].items():
             if not row["n_defective"]:  # good parts: what counts is how many were flagged
@@ -126,6 +128,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             else:
                 pixels = "" if row["dice"] is None else f"dice {row['dice']:.4f}  iou {row['iou']:.4f}  "
                 print(f"{name:>18}: {pixels}detected {row['n_detected']} of {row['n_images']} images")
+        for band, row in result["by_size"].items():
+            print(f"{'size ' + band:>18}: detected {row['n_detected']} of {row['n_defective']} images")
         if args.per_image:
             _print_per_image(per_image)
         if result["too_few"]:
@@ -207,8 +211,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     split = "sorted" if any(not s.outlined for s in samples) else args.split  # a folder sorted by verdict: all of it
     context = {"data": str(Path(args.data).resolve()), "split": split}
     with _progress_bar("predicting") as progress:
-        _, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
-                                         min_areas, context, save=not args.no_save, progress=progress)
+        tuned, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
+                                             min_areas, context, save=not args.no_save, progress=progress,
+                                             goal_detection=args.goal_detection)
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
     where = "not saved (--no-save)" if args.no_save else f"saved to {predictor.run_dir / recipe.RECIPE_FILE}"
@@ -224,13 +229,29 @@ def cmd_tune(args: argparse.Namespace) -> None:
         print(f"held out: {best['held_out_false_alarm_rate']:.1%} of the {best['n_defect_free']} good images flagged "
               "where each half is judged by the recipe chosen on the other")
     goal = (f"the {args.confidence:.0%} upper bound of false alarms" if best["goal_on"] == "bound" else "false alarms")
-    print(f"recipe {where}: threshold {best['threshold']:.2f}, min_region_px {best['min_region_px']} "
+    _print_by_kind(best, tuned.describe())
+    print(f"recipe {where}: {tuned.describe()} "
           f"({best['n_defective']} defective and {best['n_defect_free']} defect-free {split} images, "
-          f"goal: {goal} <= {best['max_false_alarm']:g})")
+          f"goal: {goal} <= {best['max_false_alarm']:g}, detection >= {best['goal_detection']:g})")
     if best.get("readiness"):
         print(best["readiness"])
         for step in runs.next_steps(runs.read_run_json(predictor.run_dir)):
             print(f"  next: {step}")
+
+
+def _print_by_kind(best: dict, rule: str) -> None:
+    """Defective images found per kind and size band under the chosen rule and, where it has a sure tier, under the
+    best single minimum area: what each candidate rule costs per kind."""
+    plain = best.get("without_sure_tier")
+    columns = f"{'chosen':>10}" + (f" {'one min area':>13}" if plain else "")
+    print(f"found per kind and size ({rule}" + (f"; one min area: {plain['recipe']})" if plain else ")"))
+    print(f"{'':>18} {columns}")
+    for group in ("per_kind", "by_size"):
+        for name, counts in best[group].items():
+            other = plain[group].get(name, {"found": 0}) if plain else None
+            line = f"{counts['found']:>3} of {counts['n']:<4}" + (f" {other['found']:>6} of {counts['n']:<4}"
+                                                                  if other else "")
+            print(f"{name:>18} {line}")
 
 
 def _number_list(text: str, kind: type) -> list:
@@ -391,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply the goal to this upper confidence bound of the false-alarm rate, so that it holds on "
                         "new parts too, as readiness and the Review page do (default 0.95; 0.5 holds it on the rate "
                         "measured on the tuning images)")
+    p.add_argument("--goal-detection", type=_unit_float,
+                   help="lowest acceptable share of defective images found (default: the goal the run was trained "
+                        "to, train's --goal-detection)")
     p.add_argument("--thresholds", help="comma-separated thresholds to try (default 0.05..0.95, 0.97, 0.98, 0.99)")
     p.add_argument("--min-areas", help="comma-separated minimum region areas in px to try (default: the grid "
                                        "training tunes on, in px of the full-size image)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -62,6 +63,11 @@ class Sample:
     def place(self) -> str:
         """Where it sits in its dataset, for lists: its split, or the folder of a set sorted by verdict."""
         return f"folder {self.sorted_into}/" if self.sorted_into else f"split {self.split}"
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The defect types its manifest names, one each ("crack;stain" gives two); empty where none is named."""
+        return tuple(sorted({t.strip() for t in re.split(r"[;+]", self.defect_types) if t.strip()}))
 
     @property
     def kind(self) -> str:
@@ -522,6 +528,7 @@ class DefectBatchSampler(torch.utils.data.Sampler):
 
 # Automatic training geometry: thin defects must stay visible, the image must keep enough context.
 MIN_DEFECT_WIDTH_PX = 5  # the thinnest defects (10th percentile of widths) stay at least this wide
+MIN_SMALLEST_DEFECT_PX = 3  # and the smallest of all (a rare kind of small pits among wide defects) this wide
 MIN_SHORT_SIDE_PX = 224  # images are not shrunk below this short side
 CROP_RANGE = (128, 192)  # crops follow the (scaled) short side within this range, in steps of 32
 
@@ -544,15 +551,16 @@ def defect_widths(masks: list[np.ndarray]) -> np.ndarray:
 def auto_geometry(pairs: list[tuple[np.ndarray, np.ndarray]]) -> tuple[float, int]:
     """Training scale and crop from the images' sizes and the defects' widths (the choice `train` makes alone).
 
-    Scale: as small as keeps the median short side >= MIN_SHORT_SIDE_PX and the thinnest defects >=
-    MIN_DEFECT_WIDTH_PX wide, in steps of 1/8, never above 1. Crop: the scaled short side, in steps of 32,
-    within CROP_RANGE.
+    Scale: as small as keeps the median short side >= MIN_SHORT_SIDE_PX, the thinnest defects >=
+    MIN_DEFECT_WIDTH_PX wide and the smallest one >= MIN_SMALLEST_DEFECT_PX, in steps of 1/8, never above 1. Crop:
+    the scaled short side, in steps of 32, within CROP_RANGE.
     """
     short = float(np.median([min(image.shape) for image, _ in pairs]))
     widths = defect_widths([mask for _, mask in pairs])
     need = MIN_SHORT_SIDE_PX / short
     if len(widths):
-        need = max(need, MIN_DEFECT_WIDTH_PX / max(float(np.percentile(widths, 10)), 1e-3))
+        need = max(need, MIN_DEFECT_WIDTH_PX / max(float(np.percentile(widths, 10)), 1e-3),
+                   MIN_SMALLEST_DEFECT_PX / max(float(widths.min()), 1e-3))
     scale = min(1.0, math.ceil(need * 8) / 8)
     crop = int(np.clip(int(short * scale) // 32 * 32, *CROP_RANGE))
     return scale, crop

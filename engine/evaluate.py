@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +11,18 @@ from engine import runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
-from engine.inspection import inspect
-from engine.metrics import SetMetrics, auroc, average_precision, dice_score, image_score, iou_score, too_few_to_show
+from engine.inspection import Inspection, find_regions, inspect, why_counted
+from engine.metrics import (
+    SIZE_BANDS,
+    SetMetrics,
+    auroc,
+    average_precision,
+    dice_score,
+    image_score,
+    iou_score,
+    size_band,
+    too_few_to_show,
+)
 from engine.progress import Progress
 from engine.recipe import Recipe, TuneStats, goal_missed, load_recipe
 
@@ -46,51 +55,87 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
         recipe = recipe.with_overrides(threshold=threshold)
     metrics = SetMetrics()
     by_type: dict[str, SetMetrics] = {}  # an image counts for every defect type it holds
+    by_size: dict[str, SetMetrics] = {}  # a defective image counts in the size band of its defects' share
     per_image = []
-    # The sweep (Review's chart) uses tuning's grid at the recipe's minimum area: the rates it shows are the
+    # The sweep (Review's chart) uses tuning's grid at the recipe's region rule: the rates it shows are the
     # verdicts inspect would give at each threshold, gathered per image, so no probability map is kept.
-    stats = TuneStats(SWEEP_THRESHOLDS, [recipe.min_region_px]) if sweep else None
+    sure = [recipe.sure_score] if recipe.sure_score is not None else []
+    stats = TuneStats(SWEEP_THRESHOLDS, {recipe.min_region_px, recipe.sure_min_px}, sure) if sweep else None
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
         probability = predictor.predict_proba(image)
         inspection = inspect(probability, recipe)
         verdict, pred = inspection.verdict, inspection.mask.astype(bool)
-        outlined = sample.outlined  # an image sorted into a defect folder holds a defect whose pixels are unknown
         defective = sample.holds_defect(truth)
         metrics.add(pred, truth, flagged=verdict == "defect", defective=defective)
         untyped = UNTYPED if defective else DEFECT_FREE
-        for defect_type in set(filter(None, re.split(r"[;+]", sample.defect_types))) or {untyped}:
+        for defect_type in sample.kinds or (untyped,):
             by_type.setdefault(defect_type, SetMetrics()).add(pred, truth, flagged=verdict == "defect",
                                                               defective=defective)
-        per_image.append({  # pixel figures only where the defect's pixels are known
-            "id": sample.id, "dice": dice_score(pred, truth) if outlined else None,
-            "iou": iou_score(pred, truth) if outlined else None,
-            "has_defect": defective, "flagged": verdict == "defect",
-            "false_positive_px": int(np.logical_and(pred, truth == 0).sum()) if outlined else None,
-            "missed_px": int(np.logical_and(~pred, truth > 0).sum()) if outlined else None,
-            "max_score": float(probability.max()), "score": image_score(probability, recipe.threshold),
-            "regions": len(inspection.regions), "largest_region_px": max((r.area_px for r in inspection.regions),
-                                                                         default=0),
-            "defect_types": sample.defect_types,
-        })
+        fraction = float(truth.astype(bool).mean())
+        if fraction > 0:  # an image without its defect's pixels has no size
+            by_size.setdefault(size_band(fraction), SetMetrics()).add(pred, truth, flagged=verdict == "defect")
+        per_image.append(_image_row(sample, probability, truth, inspection, defective))
         if stats is not None:
             stats.add(probability, truth, defective)
         if progress:
             progress(i + 1, len(samples), "images")
     scores, labels = [row["score"] for row in per_image], [row["has_defect"] for row in per_image]
     result = {**metrics.result(), "auroc": auroc(scores, labels), "average_precision": average_precision(scores, labels),
-              "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
+              "threshold": recipe.threshold, "min_region_px": recipe.min_region_px, "recipe": recipe.rules(),
               "model": predictor.describe(), "per_image": per_image,
-              "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())}}
+              "per_type": {name: _type_summary(m) for name, m in sorted(by_type.items())},
+              "by_size": {band: _type_summary(by_size[band]) for band in SIZE_BANDS if band in by_size}}
     # Rates on a handful of images say little: where the set is too small to show the run's goals, say so.
-    goal = runs.goal_of(predictor.run_dir)
+    goal, goal_detection = runs.goals_of(predictor.run_dir)
     result["too_few"] = too_few_to_show(result["n_defective"], result["n_defect_free"], goal, "this set")
     # Readiness was judged on the run's validation; a set large enough to show that the run misses its goals says so.
-    result["goal_missed"] = (goal_missed(result, goal, "on this set,")
+    result["goal_missed"] = (goal_missed(result, goal, "on this set,", goal_detection)
                              if result["n_defective"] and result["too_few"] is None else None)
     if stats is not None:
-        result["sweep"] = stats.table()
+        result["sweep"] = stats.rule_table(recipe)
     return result
+
+
+def found_by_group(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Detection per defect kind and per size band of an evaluate result, one row each with counts (for tables)."""
+    rows = [{"group": f"kind: {name}", "defective images": row["n_defective"], "found": row["n_detected"],
+             "detection": row["detection_rate"]}
+            for name, row in result["per_type"].items() if row["n_defective"]]
+    return rows + [{"group": f"size: {band} of the image", "defective images": row["n_defective"],
+                    "found": row["n_detected"], "detection": row["detection_rate"]}
+                   for band, row in result["by_size"].items()]
+
+
+def _image_row(sample: Sample, probability: np.ndarray, truth: np.ndarray, inspection: Inspection,
+               defective: bool) -> dict[str, Any]:
+    """One image's result: its verdict, pixel figures where its defect's pixels are known, and why regions counted
+    or were dropped."""
+    recipe, pred, flagged = inspection.recipe, inspection.mask.astype(bool), inspection.flagged
+    outlined = sample.outlined  # an image sorted into a defect folder holds a defect whose pixels are unknown
+    fraction = float(truth.astype(bool).mean())
+    return {
+        "id": sample.id, "dice": dice_score(pred, truth) if outlined else None,
+        "iou": iou_score(pred, truth) if outlined else None, "has_defect": defective, "flagged": flagged,
+        "false_positive_px": int(np.logical_and(pred, truth == 0).sum()) if outlined else None,
+        "missed_px": int(np.logical_and(~pred, truth > 0).sum()) if outlined else None,
+        "max_score": float(probability.max()), "score": image_score(probability, recipe.threshold),
+        "regions": len(inspection.regions),
+        "largest_region_px": max((r.area_px for r in inspection.regions), default=0),
+        "defect_types": sample.defect_types, "kinds": list(sample.kinds), "defect_fraction": fraction,
+        "size_band": size_band(fraction) if fraction > 0 else None,
+        "counted": [why_counted(region, recipe) for region in inspection.regions[:5]],
+        "dropped": _dropped(probability, recipe) if defective and not flagged else None,
+    }
+
+
+def _dropped(probability: np.ndarray, recipe: Recipe) -> str | None:
+    """Why a part with regions above the threshold was passed: the largest region the recipe's rule did not count."""
+    regions = find_regions(probability, recipe.threshold)
+    if not regions:
+        return None
+    return (f"{len(regions)} region(s) at or above {recipe.threshold:.2f} not counted by the rule "
+            f"({recipe.describe()}); the largest: {regions[0].area_px} px at peak {regions[0].max_score:.2f}")
 
 
 def _type_summary(metrics: SetMetrics) -> dict[str, Any]:

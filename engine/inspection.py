@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-if TYPE_CHECKING:  # recipe.py builds on this module; the annotation needs no import at run time
+if TYPE_CHECKING:  # the annotation needs no import at run time (recipe.py imports the registry's readers)
     from engine.recipe import Recipe
 
 SCRATCH_ELONGATION = 4.0
@@ -83,12 +83,13 @@ class Inspection:
 def inspect(probability: np.ndarray, recipe: Recipe) -> Inspection:
     """The verdict of one probability map under a recipe.
 
-    Regions at the threshold that reach their minimum area (per shape where the recipe says so) count; any
-    counted region makes a defect, unless the recipe tolerates a total defect fraction and they stay within it.
+    Regions at the threshold that reach their minimum area (per shape where the recipe says so) count, and so do
+    smaller ones whose peak reaches the recipe's sure score, from its sure minimum area; any counted region makes
+    a defect, unless the recipe tolerates a total defect fraction and they stay within it.
     """
-    floor = min([recipe.min_region_px, *recipe.min_region_px_by_shape.values()])
-    regions, mask = _regions(probability, recipe.threshold, floor,
-                             keep=lambda region: region.area_px >= max(1, recipe.min_area_for(region.shape)))
+    floor = min([recipe.min_region_px, *recipe.min_region_px_by_shape.values(),
+                 *([recipe.sure_min_px] if recipe.sure_score is not None else [])])
+    regions, mask = _regions(probability, recipe.threshold, floor, keep=lambda region: counts(region, recipe))
     if recipe.px_per_mm:
         for region in regions:
             region.area_mm2 = region.area_px / recipe.px_per_mm**2
@@ -97,6 +98,23 @@ def inspect(probability: np.ndarray, recipe: Recipe) -> Inspection:
         if inspection.counted_fraction <= recipe.max_total_defect_fraction:
             inspection.verdict = "ok"
     return inspection
+
+
+def counts(region: Region, recipe: Recipe) -> bool:
+    """Whether a region counts under a recipe: it reaches its minimum area, or its peak reaches the sure score and
+    its area the sure minimum (a small defect the model is sure of)."""
+    if region.area_px >= max(1, recipe.min_area_for(region.shape)):
+        return True
+    return (recipe.sure_score is not None and region.max_score >= recipe.sure_score
+            and region.area_px >= max(1, recipe.sure_min_px))
+
+
+def why_counted(region: Region, recipe: Recipe) -> str:
+    """Why a counted region counts, in words ("140 px at peak 0.98, sure")."""
+    by_area = region.area_px >= max(1, recipe.min_area_for(region.shape))
+    rule = (f"at least {recipe.min_area_for(region.shape)} px" if by_area
+            else f"peak at or above the sure score {recipe.sure_score:.4g}")
+    return f"{region.area_px} px at peak {region.max_score:.2f} ({rule})"
 
 
 def region_shape(elongation: float) -> str:

@@ -18,6 +18,14 @@ FALSE_ALARM_GOAL = 0.05  # the share of good parts a run may flag, unless told o
 # 5 % goal), and it holds MIN_DEFECTIVE defective images (one found defect shows little about the next).
 EVIDENCE_FACTOR = 3.0
 MIN_DEFECTIVE = 3
+DETECTION_GOAL = 0.9  # the share of defective parts a run must find on validation to be ready, unless told otherwise
+# Defect size bands, by the share of the image an image's labelled defects cover (upper bounds, exclusive).
+SIZE_BANDS = {"< 0.1 %": 0.001, "0.1-1 %": 0.01, "1-10 %": 0.1, "> 10 %": math.inf}
+
+
+def size_band(fraction: float) -> str:
+    """The SIZE_BANDS name of a defect covering `fraction` of its image."""
+    return next(band for band, upper in SIZE_BANDS.items() if fraction < upper)
 
 
 def dice_score(pred: np.ndarray, truth: np.ndarray) -> float:
@@ -233,3 +241,16 @@ def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float
         return (f"{where} holds {n_defective} defective image{'s' * (n_defective != 1)}, too few to show that "
                 f"the model finds defects (at least {MIN_DEFECTIVE})")
     return None
+
+
+def weak_groups(chosen: dict, where: str = "validation") -> str | None:
+    """The kinds and size bands of defect of which the recipe finds under half on `where`, among those with at least
+    MIN_DEFECTIVE images, in words ("blowhole: 0 of 16 found on validation"); None where there are none, or only one
+    group of each (then it is the detection rate itself)."""
+    weak = []
+    for name, groups in (("kind", chosen.get("per_kind") or {}), ("size", chosen.get("by_size") or {})):
+        if len(groups) < 2:
+            continue
+        weak += [f"{'defects of ' if name == 'size' else ''}{group}: {c['found']} of {c['n']} found on {where}"
+                 for group, c in groups.items() if c["n"] >= MIN_DEFECTIVE and c["found"] < c["n"] / 2]
+    return "; ".join(weak) or None

@@ -28,7 +28,17 @@ import numpy as np
 
 from engine import runs
 from engine.errors import EngineError
-from engine.metrics import good_images_needed, good_images_to_bound, too_few_to_show, wilson_upper
+from engine.metrics import (
+    DETECTION_GOAL,
+    MIN_DEFECTIVE,
+    SIZE_BANDS,
+    good_images_needed,
+    good_images_to_bound,
+    size_band,
+    too_few_to_show,
+    weak_groups,
+    wilson_upper,
+)
 from engine.progress import Progress
 from engine.storage import atomic_write_json
 
@@ -37,6 +47,9 @@ SHAPES = ("scratch-like", "spot-like")
 # Up to 0.95 in steps of 0.05, then 0.97-0.99: a well-trained model scores most pixels near 0 or 1.
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2)) + (0.97, 0.98, 0.99)
 DEFAULT_MIN_AREAS = (0, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000)
+# Peak scores at which a region smaller than the min area still counts (the sure tier), tuned with the rest.
+DEFAULT_SURE_SCORES = (0.9, 0.95, 0.98, 0.99, 0.995, 0.999)
+NEVER_PX = 2**31 - 1  # a minimum area no region reaches: with a sure tier, only regions the model is sure of count
 
 
 def min_areas_at(scale: float) -> tuple[int, ...]:
@@ -58,6 +71,8 @@ class Recipe:
     max_total_defect_fraction: float | None = None  # None: any counted region makes the part a defect
     px_per_mm: float | None = None  # pixels per millimetre; regions then get area_mm2
     min_region_px_by_shape: dict[str, int] = field(default_factory=dict)  # e.g. {"spot-like": 40}
+    sure_score: float | None = None  # a region whose peak reaches this counts from sure_min_px (None: no sure tier)
+    sure_min_px: int = 0
     source: str = "default"  # "default" (run threshold), "tuned", "manual"
     tuning: dict[str, Any] | None = None  # what `tune` measured when it chose these values
 
@@ -87,16 +102,29 @@ class Recipe:
                               f"use {' or '.join(SHAPES)}")
         self.min_region_px_by_shape = {k: _non_negative_int(v, f"min_region_px_by_shape[{k}]")
                                        for k, v in self.min_region_px_by_shape.items()}
+        if self.sure_score is not None:
+            if not isinstance(self.sure_score, (int, float)) or not 0.0 < float(self.sure_score) <= 1.0:
+                raise RecipeError(f"recipe sure_score must be above 0 and at most 1, or null, got {self.sure_score!r}")
+            self.sure_score = float(self.sure_score)
+        self.sure_min_px = _non_negative_int(self.sure_min_px, "sure_min_px")
 
     def min_area_for(self, shape: str) -> int:
         """Smallest area (px) a region of this shape needs to count."""
         return self.min_region_px_by_shape.get(shape, self.min_region_px)
 
+    def describe(self) -> str:
+        """The region rule in words ("threshold 0.90, min region 500 px, or 20 px where the peak reaches 0.99")."""
+        main = "no region counts by area alone" if self.min_region_px >= NEVER_PX else f"min region {self.min_region_px} px"
+        sure = (f", or {self.sure_min_px} px where its peak reaches {self.sure_score:.4g}"
+                if self.sure_score is not None else "")
+        return f"threshold {self.threshold:.2f}, {main}{sure}"
+
     def rules(self) -> dict[str, Any]:
         """The values that decide a verdict (what per-image results carry)."""
         return {"threshold": self.threshold, "min_region_px": self.min_region_px,
                 "max_total_defect_fraction": self.max_total_defect_fraction, "px_per_mm": self.px_per_mm,
-                "min_region_px_by_shape": dict(self.min_region_px_by_shape), "source": self.source}
+                "min_region_px_by_shape": dict(self.min_region_px_by_shape), "sure_score": self.sure_score,
+                "sure_min_px": self.sure_min_px, "source": self.source}
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly dict of every field (what recipe.json holds)."""
@@ -182,62 +210,84 @@ PAINTED_VALIDATION = ("validated only on defects painted onto its good images, s
 
 
 class TuneStats:
-    """What the threshold x min-area grid needs from each image, gathered once per image.
+    """What the recipe grid needs from each image, gathered once per image.
 
-    Per image and threshold: the area of the largest region (decides whether the image is flagged at every
-    min area). Per threshold and min-area bin: summed region areas and true-defect pixels inside them
-    (set-level Dice of the counted regions). Memory is O(images x thresholds + thresholds x areas).
+    The grid: threshold x minimum area x sure score x minimum area of sure regions (the sure axis 0 is "no sure
+    tier"). Per image and threshold: the area of its largest region, and per sure score the area of its largest
+    region that reaches it (together they decide whether the image is flagged at every cell). Per threshold, area
+    bin and peak bin: summed region areas and true-defect pixels inside them (set-level Dice of the counted regions).
+    Memory is O(images x thresholds x sure scores + thresholds x areas x sure scores).
     """
 
     def __init__(self, thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
-                 min_areas: Iterable[int] = DEFAULT_MIN_AREAS) -> None:
+                 min_areas: Iterable[int] = DEFAULT_MIN_AREAS, sure_scores: Iterable[float] = ()) -> None:
         self.thresholds = np.asarray(sorted(set(float(t) for t in thresholds)), np.float64)
-        self.min_areas = np.asarray(sorted(set(int(a) for a in min_areas)), np.int64)
-        if not len(self.thresholds) or not len(self.min_areas):
+        self.sure_scores = np.asarray(sorted(set(float(s) for s in sure_scores)), np.float64)
+        areas = set(int(a) for a in min_areas)
+        if not len(self.thresholds) or not areas:
             raise RecipeError("tuning needs at least one threshold and one minimum area")
-        if self.thresholds.min() < 0 or self.thresholds.max() > 1 or self.min_areas.min() < 0:
+        if self.thresholds.min() < 0 or self.thresholds.max() > 1 or min(areas) < 0:
             raise RecipeError("tuning thresholds must lie in [0, 1] and minimum areas be >= 0")
+        if len(self.sure_scores) and (self.sure_scores.min() <= 0 or self.sure_scores.max() > 1):
+            raise RecipeError("tuning sure scores must lie in (0, 1]")
+        # With a sure tier, "no other region counts" is a minimum area too: only sure regions flag a part.
+        self.min_areas = np.asarray(sorted(areas | ({NEVER_PX} if len(self.sure_scores) else set())), np.int64)
         self._edges = np.maximum(self.min_areas, 1)  # a region has at least one pixel
-        shape = (len(self.thresholds), len(self.min_areas))
+        shape = (len(self.thresholds), len(self.min_areas), len(self.sure_scores) + 1)  # peak bin 0: below them all
         self._area_in_bin = np.zeros(shape, np.int64)
         self._hit_in_bin = np.zeros(shape, np.int64)
         self.largest: list[np.ndarray] = []  # per image: largest region area at each threshold
+        self.largest_sure: list[np.ndarray] = []  # per image (T, S): largest area of the regions reaching each score
         self.has_defect: list[bool] = []
+        self.kinds: list[tuple[str, ...]] = []  # per image: its defect kinds (empty for a good one or none named)
+        self.fractions: list[float] = []  # per image: share of the image its labelled defects cover
         self.truth_px = 0
         self._good_area: dict[int, np.ndarray] = {}  # per good image: its region areas by bin (to leave it out)
         self.unoutlined = 0  # defective images without a mask (counted for detection, not Dice)
 
-    def add(self, probability: np.ndarray, truth: np.ndarray, defective: bool | None = None) -> None:
+    def add(self, probability: np.ndarray, truth: np.ndarray, defective: bool | None = None,
+            kinds: Iterable[str] = ()) -> None:
         """Add one image's probability map and ground-truth mask; `defective` True with an empty mask is an image
-        known to hold a defect whose pixels are not (sorted into a defect folder): it counts for detection only."""
+        known to hold a defect whose pixels are not (sorted into a defect folder): it counts for detection only.
+        `kinds` names its defect kinds, for detection per kind."""
         truth = truth.astype(bool)
         defective = bool(truth.any()) or bool(defective)
         if defective and not truth.any():
             self.unoutlined += 1
         largest = np.zeros(len(self.thresholds), np.int64)
+        largest_sure = np.zeros((len(self.thresholds), len(self.sure_scores)), np.int64)
         area_before = None if defective else self._area_in_bin.copy()
         top = float(probability.max()) if probability.size else 0.0
         for i, threshold in enumerate(self.thresholds):
             if threshold > top:
                 break  # thresholds are ascending: nothing above this one either
-            mask = (probability >= threshold).astype(np.uint8)
-            count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            count, labels, stats, _ = cv2.connectedComponentsWithStats((probability >= threshold).astype(np.uint8),
+                                                                       connectivity=8)
             if count <= 1:
                 continue
             areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
             hits = np.bincount(labels[truth], minlength=count)[1:]
+            # A region's peak bin: how many sure scores its highest pixel reaches (scores ascend, so they nest).
+            peaks = sum(((np.bincount(labels[probability >= s], minlength=count)[1:] > 0).astype(np.int64)
+                         for s in self.sure_scores if s <= top), np.zeros_like(areas))
             largest[i] = areas.max()
+            for s in range(len(self.sure_scores)):
+                reaching = areas[peaks > s]
+                largest_sure[i, s] = reaching.max() if len(reaching) else 0
             if defective and not truth.any():
                 continue  # its regions are neither hits nor false positives: Dice leaves it out
             # Bin each region by the largest min-area it still passes; suffix sums later give "area >= a".
             bins = np.searchsorted(self._edges, areas, side="right") - 1
             ok = bins >= 0
-            np.add.at(self._area_in_bin[i], bins[ok], areas[ok])
-            np.add.at(self._hit_in_bin[i], bins[ok], hits[ok])
+            np.add.at(self._area_in_bin[i], (bins[ok], peaks[ok]), areas[ok])
+            np.add.at(self._hit_in_bin[i], (bins[ok], peaks[ok]), hits[ok])
         if area_before is not None:
             self._good_area[len(self.largest)] = (self._area_in_bin - area_before).astype(np.int32)
         self.largest.append(largest)
+        self.largest_sure.append(largest_sure)
         self.has_defect.append(defective)
+        self.kinds.append(tuple(kinds) if defective else ())
+        self.fractions.append(float(truth.mean()) if truth.size else 0.0)
         self.truth_px += int(truth.sum())
 
     def without(self, positions: Iterable[int]) -> "TuneStats":
@@ -246,12 +296,34 @@ class TuneStats:
         if any(self.has_defect[k] for k in left_out):
             raise RecipeError("only good images can be left out of tuning statistics")
         kept = copy.copy(self)
-        kept.largest = [a for k, a in enumerate(self.largest) if k not in left_out]
-        kept.has_defect = [d for k, d in enumerate(self.has_defect) if k not in left_out]
+        for name in ("largest", "largest_sure", "has_defect", "kinds", "fractions"):
+            setattr(kept, name, [v for k, v in enumerate(getattr(self, name)) if k not in left_out])
         kept._area_in_bin = self._area_in_bin - sum((self._good_area[k] for k in left_out), np.zeros_like(
             self._area_in_bin))
         kept._good_area = {}  # positions have moved; a copy is not left out of again
         return kept
+
+    def without_sure_tier(self) -> "TuneStats":
+        """These statistics with no sure tier in the grid (a single minimum area), for comparison."""
+        if not len(self.sure_scores):
+            return self
+        plain = copy.copy(self)
+        plain.sure_scores = np.zeros(0)
+        plain.min_areas, plain._edges = self.min_areas[:-1], self._edges[:-1]  # NEVER_PX is the last
+        plain._area_in_bin = self._area_in_bin[:, :-1].sum(axis=2, keepdims=True)
+        plain._hit_in_bin = self._hit_in_bin[:, :-1].sum(axis=2, keepdims=True)
+        plain.largest_sure = [np.zeros((len(self.thresholds), 0), np.int64) for _ in self.largest]
+        plain._good_area = {}
+        return plain
+
+    def flagged(self, chosen: dict[str, Any]) -> np.ndarray:
+        """Per image, whether the recipe cell `chosen` (a `best` result, or a Recipe's rules) flags it."""
+        t = int(np.searchsorted(self.thresholds, chosen["threshold"] - 1e-9))
+        flags = np.stack(self.largest)[:, t] >= max(chosen["min_region_px"], 1)
+        if chosen.get("sure_score") is not None:
+            s = int(np.searchsorted(self.sure_scores, chosen["sure_score"] - 1e-9))
+            flags |= np.stack(self.largest_sure)[:, t, s] >= max(chosen.get("sure_min_px") or 0, 1)
+        return flags
 
     def held_out_false_alarm_rate(self, max_false_alarm: float, confidence: float | None = None,
                                   cautious: bool = False) -> float | None:
@@ -265,72 +337,148 @@ class TuneStats:
         flagged = 0
         for held in (good[0::2], good[1::2]):
             chosen = self.without(held).best(max_false_alarm, confidence, cautious)
-            t = int(np.searchsorted(self.thresholds, chosen["threshold"]))
-            flagged += sum(int(self.largest[k][t] >= max(chosen["min_region_px"], 1)) for k in held)
+            flagged += int(self.flagged(chosen)[held].sum())
         return round(flagged / len(good), 6)
 
-    def grid(self) -> dict[str, np.ndarray]:
-        """Detection rate, false-alarm rate and Dice for every (threshold, min area), each of shape (T, A)."""
+    def breakdown(self, chosen: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
+        """Defective images found under the recipe cell `chosen`, per kind and per size band, with counts."""
+        flags = self.flagged(chosen)
+        per_kind: dict[str, dict[str, int]] = {}
+        by_size: dict[str, dict[str, int]] = {band: {"n": 0, "found": 0} for band in SIZE_BANDS}
+        for k, defective in enumerate(self.has_defect):
+            if not defective:
+                continue
+            for kind in self.kinds[k]:
+                counts = per_kind.setdefault(kind, {"n": 0, "found": 0})
+                counts["n"], counts["found"] = counts["n"] + 1, counts["found"] + int(flags[k])
+            if self.fractions[k] > 0:  # an image without its defect's pixels has no size
+                band = by_size[size_band(self.fractions[k])]
+                band["n"], band["found"] = band["n"] + 1, band["found"] + int(flags[k])
+        return {"per_kind": dict(sorted(per_kind.items())), "by_size": {b: c for b, c in by_size.items() if c["n"]}}
+
+    def _full_grid(self) -> dict[str, np.ndarray]:
+        """Detection, false alarms and Dice at every cell, each of shape (T, A, S + 1, A); `valid` marks the cells
+        that are distinct rules that can flag a part (without a sure tier, its minimum area means nothing)."""
         if not self.largest:
             raise RecipeError("no images were added to the tuning statistics")
-        largest = np.stack(self.largest)  # (N, T)
-        flagged = largest[:, :, None] >= self._edges[None, None, :]  # (N, T, A)
+        n_sure, edges = len(self.sure_scores), self._edges
+        main = np.stack(self.largest)[:, :, None] >= edges  # (N, T, A)
+        sure = np.stack(self.largest_sure)[:, :, :, None] >= edges  # (N, T, S, A)
+        no_tier = np.zeros((*sure.shape[:2], 1, sure.shape[3]), bool)
+        flagged = main[:, :, :, None, None] | np.concatenate([no_tier, sure], axis=2)[:, :, None]  # (N, T, A, S+1, A)
         defective = np.asarray(self.has_defect)
         with np.errstate(invalid="ignore"):
             detection = flagged[defective].mean(axis=0) if defective.any() else np.full(flagged.shape[1:], np.nan)
             false_alarm = flagged[~defective].mean(axis=0) if (~defective).any() else np.full(flagged.shape[1:], np.nan)
-        predicted = np.cumsum(self._area_in_bin[:, ::-1], axis=1)[:, ::-1]  # area of regions >= each min area
-        hit = np.cumsum(self._hit_in_bin[:, ::-1], axis=1)[:, ::-1]
+        # A region in area bin a and peak bin b counts at (A, S, As) when a >= A, or S > 0, b >= S and a >= As.
+        a, b, big, s, small = np.ix_(*(np.arange(n) for n in (len(edges), n_sure + 1, len(edges), n_sure + 1,
+                                                               len(edges))))
+        counts = (a >= big) | ((s > 0) & (b >= s) & (a >= small))
+        predicted = np.einsum("tab,abxyz->txyz", self._area_in_bin, counts)
+        hit = np.einsum("tab,abxyz->txyz", self._hit_in_bin, counts)
         denominator = predicted + self.truth_px
         dice = np.where(denominator > 0, 2 * hit / np.maximum(denominator, 1), 1.0)
         if self.unoutlined and self.unoutlined == sum(self.has_defect):
             dice = np.full(dice.shape, np.nan)  # no defect's pixels are known
-        return {"detection_rate": detection, "false_alarm_rate": false_alarm, "dice": dice}
+        valid = np.ones(dice.shape, bool)
+        valid[:, :, 0, 1:] = False
+        valid[:, self.min_areas >= NEVER_PX, 0, :] = False  # no tier and no area: a rule that flags nothing
+        return {"detection_rate": detection, "false_alarm_rate": false_alarm, "dice": dice, "valid": valid}
+
+    def grid(self) -> dict[str, np.ndarray]:
+        """Detection rate, false-alarm rate and Dice for every (threshold, min area) without a sure tier, (T, A)."""
+        real = self.min_areas < NEVER_PX
+        return {k: v[:, real, 0, 0] for k, v in self._full_grid().items() if k != "valid"}
 
     def table(self) -> list[dict[str, float]]:
-        """One row per (threshold, min area) with its rates and Dice."""
+        """One row per (threshold, min area) without a sure tier, with its rates and Dice."""
         grid = self.grid()
+        areas = self.min_areas[self.min_areas < NEVER_PX]
         return [{"threshold": float(t), "min_region_px": int(a),
                  **{k: _clean(v[i, j]) for k, v in grid.items()}}
-                for i, t in enumerate(self.thresholds) for j, a in enumerate(self.min_areas)]
+                for i, t in enumerate(self.thresholds) for j, a in enumerate(areas)]
+
+    def rule_table(self, recipe: Recipe) -> list[dict[str, float]]:
+        """One row per threshold with the rates and Dice of the recipe's region rule at it (its minimum area and sure
+        tier, which must be on the grid): what the verdicts of inspect would be at each threshold."""
+        a = int(np.searchsorted(self.min_areas, recipe.min_region_px))
+        s = 0 if recipe.sure_score is None else 1 + int(np.searchsorted(self.sure_scores, recipe.sure_score - 1e-12))
+        small = int(np.searchsorted(self.min_areas, recipe.sure_min_px)) if s else 0
+        on_grid = a < len(self.min_areas) and self.min_areas[a] == recipe.min_region_px and (
+            not s or (s <= len(self.sure_scores) and self.min_areas[small] == recipe.sure_min_px))
+        if not on_grid:
+            raise RecipeError("the recipe's region rule is not on this tuning grid")
+        grid = self._full_grid()
+        return [{"threshold": float(t), "min_region_px": recipe.min_region_px,
+                 **{k: _clean(v[i, a, s, small]) for k, v in grid.items() if k != "valid"}}
+                for i, t in enumerate(self.thresholds)]
 
     @staticmethod
     def _tied_verdicts(feasible: np.ndarray, detection: np.ndarray, false_alarm: np.ndarray
                        ) -> tuple[np.ndarray, np.ndarray]:
         """The cells that tie with the best on verdicts (feasible, most detections, then fewest false alarms), and
-        each one's distance in grid steps from the nearest end of its threshold's run of tied min areas (a run:
-        detection and false alarms only fall as the min area grows)."""
+        each one's distance in grid steps from the nearest end of its run of tied min areas (axis 1; a run: detection
+        and false alarms only fall as the min area grows)."""
         detection, false_alarm = np.round(detection, 9), np.round(false_alarm, 9)
         top = detection[feasible].max()
         tied = feasible & (detection == top) & (false_alarm == false_alarm[feasible & (detection == top)].min())
-        margin = np.zeros(tied.shape, np.int64)
-        for i in np.flatnonzero(tied.any(axis=1)):
-            run = np.flatnonzero(tied[i])
+        rows = np.moveaxis(tied, 1, -1).reshape(-1, tied.shape[1])
+        margin = np.zeros(rows.shape, np.int64)
+        for i in np.flatnonzero(rows.any(axis=1)):
+            run = np.flatnonzero(rows[i])
             margin[i, run] = np.minimum(run - run[0], run[-1] - run)
-        return tied, margin
+        return tied, np.moveaxis(margin.reshape(np.moveaxis(tied, 1, -1).shape), -1, 1)
+
+    def _order(self, grid: dict[str, np.ndarray], feasible: np.ndarray, detection: np.ndarray,
+               false_alarm: np.ndarray, cautious: bool, measured: bool) -> np.ndarray:
+        """The grid's cells (flat indices) in best's order of preference, the best first."""
+        t, a, s, small = (index.ravel() for index in np.indices(feasible.shape))
+        thresholds, areas, smalls = self.thresholds[t], self.min_areas[a], self.min_areas[small]
+        sure = s > 0
+        # np.lexsort sorts by the last key first; negate what should be largest.
+        if cautious:  # the most cautious cell within one standard error of the most detections
+            top = detection[feasible].max()
+            within = feasible & (detection >= top - math.sqrt(top * (1 - top) / sum(self.has_defect)) - 1e-9)
+            order = np.lexsort((-thresholds, -s, -smalls, -areas, sure, np.round(detection, 9).ravel(),
+                                np.round(false_alarm, 9).ravel(), ~within.ravel()))
+        else:
+            tied, margin = self._tied_verdicts(feasible, detection, false_alarm)
+            dice = np.where(tied, np.round(np.nan_to_num(grid["dice"], nan=0.0), 6), -1.0)
+            nearer_half = np.abs(thresholds - 0.5)
+            if measured:
+                row_dice = np.broadcast_to(dice.max(axis=1, keepdims=True), dice.shape).ravel()
+                order = np.lexsort((nearer_half, -s, -smalls, -areas, -margin.ravel(), -row_dice, sure,
+                                    ~tied.ravel()))
+            else:  # every part defective: no good images' regions to keep away from, so the best Dice
+                order = np.lexsort((nearer_half, smalls, areas, -dice.ravel(), sure, ~tied.ravel()))
+        return order
 
     def best(self, max_false_alarm: float, confidence: float | None = None, cautious: bool = False) -> dict[str, Any]:
         """Highest detection rate with false-alarm rate <= max_false_alarm, then fewest false alarms; of the
-        recipes that tie on those verdicts, the threshold with the highest Dice and, at it, the min area midway
-        along the run of tied ones (nearer the larger; then the threshold nearer 0.5). The smallest tied area sits
-        at the edge of the regions validation's good images show, the largest at the edge of its defects', and a
-        new day's parts vary more than either (where validation's good images are clean, every area from 0 ties).
-        Where no image is defect-free (false alarms not measured), the tie goes to the highest Dice, then the
-        smaller min area. `goal_met` False when no cell meets the goal.
+        recipes that tie on those verdicts, one without a sure tier where one ties, then the threshold with the
+        highest Dice and, at it, the min area midway along the run of tied ones (nearer the larger; then the
+        threshold nearer 0.5). The smallest tied area sits at the edge of the regions validation's good images show,
+        the largest at the edge of its defects', and a new day's parts vary more than either (where validation's
+        good images are clean, every area from 0 ties). Where no image is defect-free (false alarms not measured),
+        the tie goes to the highest Dice, then the smaller min area. `goal_met` False when no cell meets the goal.
+
+        A sure tier (sure_score, sure_min_px) also counts a region smaller than the min area whose peak reaches the
+        sure score: small defects the model is sure of are kept while larger, fainter marks of good parts are not.
 
         With `confidence` (e.g. 0.95) the goal applies to the upper confidence bound of the false-alarm rate
         rather than the rate measured on these images, so the recipe keeps the goal on new parts too.
         With `cautious`, of the cells within one standard error of the highest detection rate the most cautious one
-        wins (fewest false alarms, then fewest detections, largest min area, highest threshold): for detection
-        measured on a stand-in (painted defects), whose small differences say little about real defects, while
-        the good parts of a new day vary more than validation's (the one-standard-error rule).
+        wins (fewest false alarms, then fewest detections, no sure tier, largest min area, highest threshold): for
+        detection measured on a stand-in (painted defects), whose small differences say little about real defects,
+        while the good parts of a new day vary more than validation's (the one-standard-error rule).
         """
         if not any(self.has_defect):
             raise RecipeError("none of the tuning images has a defect, so detection cannot be measured; "
                               "tune on a split with defective images")
         if confidence is not None and not 0.5 <= confidence < 1.0:
             raise RecipeError(f"confidence must be at least 0.5 and below 1, got {confidence!r}")
-        grid = self.grid()
+        grid = self._full_grid()
+        valid = grid["valid"]
         detection = np.nan_to_num(grid["detection_rate"], nan=0.0)
         false_alarm = grid["false_alarm_rate"]
         measured = not np.isnan(false_alarm).all()
@@ -339,31 +487,19 @@ class TuneStats:
         bound = (wilson_upper(false_alarm * n_clean, n_clean, confidence or 0.95) if n_clean
                  else np.full_like(false_alarm, np.nan))
         on_bound = confidence is not None and n_clean > 0
-        feasible = (bound if on_bound else false_alarm) <= max_false_alarm + 1e-9
+        feasible = valid & ((bound if on_bound else false_alarm) <= max_false_alarm + 1e-9)
         goal_met = bool(feasible.any())
         if not goal_met:  # nothing meets the goal: fewest false alarms first
-            feasible = false_alarm <= false_alarm.min() + 1e-9
-        t_index, a_index = np.meshgrid(np.arange(len(self.thresholds)), np.arange(len(self.min_areas)), indexing="ij")
-        # np.lexsort sorts by the last key first; negate what should be largest.
-        if cautious:
-            top = detection[feasible].max()
-            within = feasible & (detection >= top - math.sqrt(top * (1 - top) / sum(self.has_defect)) - 1e-9)
-            order = np.lexsort((-self.thresholds[t_index].ravel(), -self.min_areas[a_index].ravel(),
-                                np.round(detection, 9).ravel(), np.round(false_alarm, 9).ravel(), ~within.ravel()))
-        else:
-            tied, margin = self._tied_verdicts(feasible, detection, false_alarm)
-            dice = np.where(tied, np.round(np.nan_to_num(grid["dice"], nan=0.0), 6), -1.0)
-            nearer_half = np.abs(self.thresholds[t_index] - 0.5).ravel()
-            if measured:
-                order = np.lexsort((nearer_half, -self.min_areas[a_index].ravel(), -margin.ravel(),
-                                    -dice.max(axis=1)[t_index].ravel(), ~tied.ravel()))
-            else:  # every part defective: no good images' regions to keep away from, so the best Dice
-                order = np.lexsort((nearer_half, self.min_areas[a_index].ravel(), -dice.ravel(), ~tied.ravel()))
-        i, j = t_index.ravel()[order[0]], a_index.ravel()[order[0]]
+            feasible = valid & (false_alarm <= false_alarm[valid].min() + 1e-9)
+        order = self._order(grid, feasible, detection, false_alarm, cautious, measured)
+        cell = np.unravel_index(order[0], valid.shape)
+        i, j, k = cell[0], cell[1], cell[2]
         return {"threshold": float(self.thresholds[i]), "min_region_px": int(self.min_areas[j]),
-                "detection_rate": _clean(grid["detection_rate"][i, j]),
-                "false_alarm_rate": _clean(grid["false_alarm_rate"][i, j]), "dice": _clean(grid["dice"][i, j]),
-                "false_alarm_bound": _clean(bound[i, j]), "confidence": confidence or 0.95,
+                "sure_score": float(self.sure_scores[k - 1]) if k else None,
+                "sure_min_px": int(self.min_areas[cell[3]]) if k else 0,
+                "detection_rate": _clean(grid["detection_rate"][cell]),
+                "false_alarm_rate": _clean(grid["false_alarm_rate"][cell]), "dice": _clean(grid["dice"][cell]),
+                "false_alarm_bound": _clean(bound[cell]), "confidence": confidence or 0.95,
                 "goal_on": "bound" if on_bound else "measured", "goal_met": goal_met, "cautious": cautious,
                 "false_alarms_measured": measured, "max_false_alarm": max_false_alarm,
                 "n_images": len(self.has_defect), "n_defective": int(sum(self.has_defect)),
@@ -376,18 +512,23 @@ def _clean(value: float) -> float | None:
 
 
 def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float] = DEFAULT_THRESHOLDS,
-                  min_areas: Iterable[int] = DEFAULT_MIN_AREAS,
+                  min_areas: Iterable[int] = DEFAULT_MIN_AREAS, sure_scores: Iterable[float] = (),
                   progress: Progress | None = None) -> TuneStats:
     """Predict each sample once and gather the tuning statistics (the grid is then evaluated without the model)."""
     from engine.data import load_pair
 
-    stats = TuneStats(thresholds, min_areas)
+    stats = TuneStats(thresholds, min_areas, sure_scores)
     for index, sample in enumerate(samples):
         image, truth = load_pair(sample)
-        stats.add(predictor.predict_proba(image), truth, defective=sample.holds_defect(truth))
+        stats.add(predictor.predict_proba(image), truth, defective=sample.holds_defect(truth), kinds=sample.kinds)
         if progress:
             progress(index + 1, len(samples), "images")
     return stats
+
+
+def at_scale(px: int, scale: float) -> int:
+    """A minimum area measured on images resized by `scale` in px of the full-size image (NEVER_PX stays NEVER_PX)."""
+    return px if px >= NEVER_PX else min(int(round(px / scale**2)), NEVER_PX - 1)
 
 
 def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
@@ -395,11 +536,13 @@ def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | N
     tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",
                                    "dice", "goal_met", "max_false_alarm", "n_images", "n_defective", "n_defect_free")}
     tuning["cautious"] = best.get("cautious", False)
-    if best.get("held_out_false_alarm_rate") is not None:
-        tuning["held_out_false_alarm_rate"] = best["held_out_false_alarm_rate"]
+    for key in ("held_out_false_alarm_rate", "per_kind", "by_size", "goal_detection"):
+        if best.get(key) is not None:
+            tuning[key] = best[key]
     tuning.update(context or {})
     tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,
+                  sure_score=best.get("sure_score"), sure_min_px=best.get("sure_min_px") or 0,
                   source="tuned", tuning=tuning)
 
 
@@ -420,13 +563,34 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
     return notes
 
 
-def readiness_of(chosen: dict, max_false_alarm: float, where: str = "validation") -> tuple[bool, str | None]:
+def readiness_of(chosen: dict, max_false_alarm: float, where: str = "validation",
+                 goal_detection: float = DETECTION_GOAL) -> tuple[bool, str | None]:
     """Whether a recipe chosen on labelled images (`where`: validation, a tuning set) makes an inspector worth serving,
-    and if not, why: it meets the goals on images enough to show them."""
-    reason = (goal_missed(chosen, max_false_alarm, where)
-              or too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm, where))
-    reason = reason or held_out_missed(chosen, max_false_alarm, where)
+    and if not, why: it meets both goals on images enough to show them, and finds at least half of every kind and
+    size of defect there is enough of to judge. The reason names the kinds and sizes found least."""
+    weak = weak_groups(chosen, where)
+    missed = goal_missed(chosen, max_false_alarm, where, goal_detection)
+    if missed:
+        return False, missed + (f"; {weak}" if weak else "")
+    reason = (too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm, where)
+              or held_out_missed(chosen, max_false_alarm, where) or weak)
     return reason is None, reason
+
+
+def provisional(chosen: dict, goal_detection: float = DETECTION_GOAL, where: str = "validation") -> str | None:
+    """What a ready recipe's images are too few to show, in words: the detection goal (too few defective images to
+    bound its misses within EVIDENCE_FACTOR x the goal's, metrics.good_images_needed), and kinds too rare to judge;
+    None where they show everything."""
+    notes, n = [], chosen.get("n_defective") or 0
+    needed = good_images_needed(1 - goal_detection)
+    if n < needed:
+        found = round((chosen.get("detection_rate") or 0) * n)
+        notes.append(f"{where} holds {n} defective images ({found} found), too few to show the {goal_detection:.0%} "
+                     f"detection goal (at least {needed})")
+    rare = [f"{kind} ({c['n']})" for kind, c in (chosen.get("per_kind") or {}).items() if c["n"] < MIN_DEFECTIVE]
+    if rare:
+        notes.append(f"too few to judge on {where}: {', '.join(rare)}")
+    return "; ".join(notes) or None
 
 
 def held_out_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
@@ -440,7 +604,8 @@ def held_out_missed(chosen: dict, max_false_alarm: float, where: str = "validati
             f"({chosen['false_alarm_rate']:.0%} on the images the recipe was chosen on)")
 
 
-def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
+def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation",
+                goal_detection: float = DETECTION_GOAL) -> str | None:
     """Which goal a recipe misses on a set of images (`where`: the validation it was chosen on, a tuning set, a set
     evaluated), in words; None when it meets them."""
     detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
@@ -453,19 +618,24 @@ def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation")
         return (f"the {chosen['confidence']:.0%} upper bound of false alarms, "
                 f"{chosen['false_alarm_bound']:.1%} at best, is above the {max_false_alarm:.0%} goal "
                 f"({chosen['n_defect_free']} defect-free images are too few to show it)")
-    if detection < 0.5:
-        return f"{where} detection {detection:.0%} below 50% ({chosen['n_defective']} defective images)"
+    if detection < goal_detection - 1e-9:
+        n = chosen["n_defective"]
+        return (f"{where} detection {detection:.0%} below the {goal_detection:.0%} goal ({round(detection * n)} of {n} "
+                "defective images found)")
     return None
 
 
 def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None = None, confidence: float | None = None,
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] | None = None,
              context: dict[str, Any] | None = None, save: bool = True,
-             progress: Progress | None = None) -> tuple[Recipe, dict[str, Any], list[str]]:
+             progress: Progress | None = None, goal_detection: float | None = None,
+             sure_scores: Iterable[float] = DEFAULT_SURE_SCORES) -> tuple[Recipe, dict[str, Any], list[str]]:
     """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings.
-    The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does.
-    Without `max_false_alarm` the goal is the one the run was trained to (runs.false_alarm_goal); without `min_areas`
-    the grid training tunes on, at the run's scale (min_areas_at). Images that
+    The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does, and its
+    "per_kind" and "by_size" the defective images found per kind and size band.
+    Without `max_false_alarm` and `goal_detection` the goals are the ones the run was trained to
+    (runs.false_alarm_goal, runs.detection_goal); without `min_areas` the grid training tunes on, at the run's scale
+    (min_areas_at). Images that
     training saw (data.seen_in_training) are left out, with a warning."""
     from engine.data import seen_in_training
 
@@ -475,6 +645,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
         info = {}
     if max_false_alarm is None:
         max_false_alarm = runs.false_alarm_goal(info)
+    goal_detection = runs.detection_goal(info) if goal_detection is None else goal_detection
     seen_samples = seen_in_training((info.get("dataset") or {}).get("path"), samples)
     seen = {id(s) for s in seen_samples}
     if seen and len(seen) == len(samples):
@@ -482,9 +653,14 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
                           "tune on labelled images it did not see, e.g. --split test")
     kept = [s for s in samples if id(s) not in seen]
     min_areas = min_areas_at(predictor.scale) if min_areas is None else min_areas
-    stats = collect_stats(predictor, kept, thresholds, min_areas, progress=progress)
+    stats = collect_stats(predictor, kept, thresholds, min_areas, sure_scores, progress=progress)
     best = stats.best(max_false_alarm, confidence)
     best["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm, confidence)
+    best.update(stats.breakdown(best), goal_detection=goal_detection)
+    if best["sure_score"] is not None:  # what a single minimum area would have found, kind by kind
+        plain = stats.without_sure_tier().best(max_false_alarm, confidence)
+        best["without_sure_tier"] = {"recipe": Recipe(plain["threshold"], plain["min_region_px"]).describe(),
+                                     "detection_rate": plain["detection_rate"], **stats.breakdown(plain)}
     base = load_recipe(predictor.run_dir)
     tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe(), "left_out_seen": len(seen)})
     if save:
@@ -501,7 +677,7 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
     """Readiness of a run judged by a tuning (its validation could not decide): readiness_of, with the goal held on
     the upper confidence bound of false alarms as training holds painted runs to it, whatever the tuning's own
     --confidence."""
-    reason = goal_missed(best, max_false_alarm, "tuning")
+    reason = goal_missed(best, max_false_alarm, "tuning", best.get("goal_detection", DETECTION_GOAL))
     bound = best.get("false_alarm_bound")
     if reason is None and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
         shown = "unknown" if bound is None else f"{bound:.1%}"
@@ -531,13 +707,14 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
     if not runs.validation_decides(info):
         ready, reason = tuning_readiness(best, max_false_alarm)
     elif too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm) is None:
-        ready, reason = readiness_of(best, max_false_alarm, "tuning")
+        ready, reason = readiness_of(best, max_false_alarm, "tuning", best.get("goal_detection", DETECTION_GOAL))
     else:
         return None
     detection, false_alarm = best.get("detection_rate") or 0.0, best.get("false_alarm_rate") or 0.0
     flagged = round(false_alarm * best["n_defect_free"])
     # Where the tuning's images meet the goals as measured, only their number kept the run from ready.
-    short_of_images = (not ready and detection >= 0.5 and false_alarm <= max_false_alarm + 1e-9
+    goal_detection = best.get("goal_detection", DETECTION_GOAL)
+    short_of_images = (not ready and detection >= goal_detection - 1e-9 and false_alarm <= max_false_alarm + 1e-9
                        and held_out_missed(best, max_false_alarm) is None)
     on_bound = best.get("goal_on") == "bound" or not runs.validation_decides(info)
     tuned_on = {"n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"], "flagged": flagged,

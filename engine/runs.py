@@ -14,7 +14,14 @@ from typing import Any
 
 from engine import config
 from engine.errors import RunNotFound
-from engine.metrics import FALSE_ALARM_GOAL, MIN_DEFECTIVE, good_images_needed, too_few_to_show
+from engine.metrics import (
+    DETECTION_GOAL,
+    FALSE_ALARM_GOAL,
+    MIN_DEFECTIVE,
+    good_images_needed,
+    too_few_to_show,
+    weak_groups,
+)
 from engine.storage import atomic_write_json, atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
@@ -238,6 +245,22 @@ def false_alarm_goal(info: dict[str, Any]) -> float:
     return FALSE_ALARM_GOAL if goal is None else float(goal)  # a goal of 0 is a goal
 
 
+def detection_goal(info: dict[str, Any]) -> float:
+    """The detection goal a run was trained to (what `tune` holds it to unless told otherwise); DETECTION_GOAL for runs
+    from before the goal was the line's to set."""
+    goal = (info.get("params") or {}).get("goal_detection")
+    return DETECTION_GOAL if goal is None else float(goal)
+
+
+def goals_of(folder: Path) -> tuple[float, float]:
+    """(false-alarm goal, detection goal) of the run in `folder`; the defaults where its run.json cannot be read."""
+    try:
+        info = read_run_json(folder)
+    except RunNotFound:
+        return FALSE_ALARM_GOAL, DETECTION_GOAL
+    return false_alarm_goal(info), detection_goal(info)
+
+
 def goal_of(folder: Path) -> float:
     """false_alarm_goal of the run in `folder`; the default goal where its run.json cannot be read."""
     try:
@@ -258,6 +281,10 @@ def next_steps(info: dict[str, Any]) -> list[str]:
         return _after_tuning(run_id, info["tuned_on"], false_alarm_goal(info))
     counts = (info.get("dataset") or {}).get("counts") or {}
     steps = [f"train longer: `python -m engine train --resume {run_id} --minutes 30`"]
+    weak = weak_groups((info.get("recipe") or {}).get("tuning") or {})
+    if weak:  # one kind or size of defect is found far less than the rest
+        steps.append(f"give it more labelled images of what it finds least ({weak}); where you have none, paint "
+                     "that kind: `--paint 0.5 --paint-types KIND` (and `--paint-size` for small ones)")
     if counts.get("defective", 0) < 50:
         steps.append(f"label more defective images (this set has {counts.get('defective', 0)})")
     if validation_decides(info):

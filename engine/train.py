@@ -42,6 +42,7 @@ from engine.data import (
 from engine.errors import DatasetError, EngineError
 from engine.inspection import inspect
 from engine.metrics import (
+    DETECTION_GOAL,
     FALSE_ALARM_GOAL,
     SetMetrics,
     auroc,
@@ -62,12 +63,15 @@ from engine.model import (
 )
 from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, DefectBank, PaintParams, paint, params_for
 from engine.recipe import (
+    DEFAULT_SURE_SCORES,
     DEFAULT_THRESHOLDS,
     PAINTED_VALIDATION,
     RECIPE_FILE,
     Recipe,
     TuneStats,
+    at_scale,
     load_recipe,
+    provisional,
     readiness_of,
     save_recipe,
     tuned_recipe,
@@ -144,6 +148,8 @@ class TrainConfig:
     patience_after: float = option(0.75, "share of the budget after which patience counts")
     max_false_alarm: float = option(FALSE_ALARM_GOAL, "false-alarm goal of the saved recipe on validation; a run that "
                                           "misses it is marked not ready")
+    goal_detection: float = option(DETECTION_GOAL, "detection goal: the share of validation's defective images the "
+                                                   "saved recipe must find for the run to be ready")
     steps_per_epoch: int | None = option(None, "steps per epoch (default: one pass over the training images, "
                                                "at least 50)")
     device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda"))
@@ -216,8 +222,8 @@ _RANGES = (("epochs", 1, math.inf), ("minutes", 0.01, math.inf), ("base", 1, 512
            ("batch_size", 1, 4096), ("crop", 16, 4096), ("scale", 0.05, 4.0), ("train_fraction", 0.001, 1.0),
            ("defect_share", 0.0, 1.0), ("hard_share", 0.0, 1.0), ("paint", 0.0, 1.0), ("val_fraction", 0.01, 0.9),
            ("weight_decay", 0.0, 10.0), ("patience", 1, math.inf), ("patience_after", 0.0, 1.0),
-           ("max_false_alarm", 0.0, 1.0), ("steps_per_epoch", 1, math.inf), ("threads", 1, 4096),
-           ("workers", 0, 256))
+           ("max_false_alarm", 0.0, 1.0), ("goal_detection", 0.0, 1.0), ("steps_per_epoch", 1, math.inf),
+           ("threads", 1, 4096), ("workers", 0, 256))
 
 
 def pick_device(device: str) -> torch.device:
@@ -855,7 +861,8 @@ def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, mo
     if improved:
         info["threshold"] = best_threshold(threshold_sweep(val_probs, val_truths))
         save_checkpoint(folder / "best.pth", model, {**meta, "threshold": info["threshold"]})
-        best.update(score=val["score"], epoch=epoch, probs=val_probs, truths=val_truths)
+        best.update(score=val["score"], epoch=epoch, probs=val_probs, truths=val_truths,
+                    kinds=[sample.kinds for sample in data.val_set.samples] if not data.val_painted else None)
         info.update(best_epoch=epoch, best_dice=val["dice"], best_iou=val["iou"], best_score=val["score"],
                     best_val=val)
     ap = "n/a" if val["average_precision"] is None else f"{val['average_precision']:.4f}"
@@ -896,16 +903,20 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     ready, reason = False, "no epoch finished"
     if best["probs"] is not None:
         chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm,
-                                 painted=info["dataset"].get("val_painted", False))
+                                 painted=info["dataset"].get("val_painted", False), kinds=best.get("kinds"),
+                                 goal_detection=cfg.goal_detection)
         # Validation ran at the training scale; the recipe is applied to images at their own size.
-        chosen["min_region_px"] = int(round(chosen["min_region_px"] / cfg.scale**2))
+        chosen["min_region_px"] = at_scale(chosen["min_region_px"], cfg.scale)
+        chosen["sure_min_px"] = at_scale(chosen.get("sure_min_px") or 0, cfg.scale)
         context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
         info["recipe"] = save_recipe_for(folder, chosen, context)
         if info["dataset"].get("val_painted"):  # its detection was measured on painted defects only
             few = too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], cfg.max_false_alarm)
             ready, reason = False, PAINTED_VALIDATION + (f"; besides, {few}" if few else "")
+            info["ready_note"] = None
         else:
-            ready, reason = readiness_of(chosen, cfg.max_false_alarm)
+            ready, reason = readiness_of(chosen, cfg.max_false_alarm, goal_detection=cfg.goal_detection)
+            info["ready_note"] = provisional(chosen, cfg.goal_detection) if ready else None
         print(recipe_line(chosen), flush=True)
     elif best["epoch"] is not None:  # a resumed run that did not improve keeps its recipe and readiness
         ready, reason = info.get("ready") is not False, info.get("ready_reason")
@@ -921,7 +932,8 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
           f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "
           f"{info.get('train_images_per_s', 0)} img/s vs model alone {model_speed:.1f} img/s", flush=True)
     if ready:
-        print(f"ready: {cfg.run_id}", flush=True)
+        note = f" (provisional: {info['ready_note']})" if info.get("ready_note") else ""
+        print(f"ready: {cfg.run_id}{note}", flush=True)
     else:
         print(f"NOT READY: {info['ready_reason']}", flush=True)
         for step in runs.next_steps(info):
@@ -929,21 +941,23 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
 
 
 def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,
-                    max_false_alarm: float, painted: bool = False) -> dict:
+                    max_false_alarm: float, painted: bool = False, kinds: list[tuple[str, ...]] | None = None,
+                    goal_detection: float = DETECTION_GOAL) -> dict:
     """The recipe training saves: on validation, the most detections with false alarms within the goal, over
-    thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms) and minimum
-    region areas; of those that tie on verdicts, the highest Dice and the min area midway along the tie. On
-    `painted` validation the goal holds on the upper confidence bound of false alarms and the most cautious recipe
-    within noise of the most detections wins (TuneStats.best)."""
+    thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms), minimum
+    region areas and sure tiers (a smaller region counts where its peak reaches a sure score); of those that tie on
+    verdicts, the highest Dice and the min area midway along the tie. On `painted` validation the goal holds on the
+    upper confidence bound of false alarms and the most cautious recipe within noise of the most detections wins
+    (TuneStats.best). `kinds` names each image's defect kinds, for detection per kind."""
     thresholds = [t for t in DEFAULT_THRESHOLDS if t >= dice_threshold - 1e-9] or [dice_threshold]
-    stats = TuneStats(sorted({dice_threshold, *thresholds}))
-    for probability, truth in zip(probs, truths):
-        stats.add(probability, truth)
+    stats = TuneStats(sorted({dice_threshold, *thresholds}), sure_scores=DEFAULT_SURE_SCORES)
+    for k, (probability, truth) in enumerate(zip(probs, truths)):
+        stats.add(probability, truth, kinds=kinds[k] if kinds else ())
     if not any(stats.has_defect):  # nothing to detect on validation: keep the Dice threshold, no area rule
         at_threshold = int(np.searchsorted(stats.thresholds, dice_threshold - 1e-9))
         flagged = sum(bool(largest[at_threshold]) for largest in stats.largest)  # the good images still count
-        return {"threshold": dice_threshold, "min_region_px": 0, "detection_rate": None,
-                "false_alarm_rate": round(flagged / len(truths), 6), "dice": None,
+        return {"threshold": dice_threshold, "min_region_px": 0, "sure_score": None, "sure_min_px": 0,
+                "detection_rate": None, "false_alarm_rate": round(flagged / len(truths), 6), "dice": None,
                 "false_alarm_bound": None, "confidence": None, "goal_on": "measured", "goal_met": False,
                 "cautious": False,
                 "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
@@ -951,6 +965,7 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
     chosen = stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, cautious=painted)
     if not painted:  # readiness (readiness_of) also asks the rule to hold on good images it was not chosen on
         chosen["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm)
+    chosen.update(stats.breakdown(chosen), goal_detection=goal_detection)
     return chosen
 
 
@@ -965,10 +980,13 @@ def recipe_line(chosen: dict) -> str:
         rule = f"; no recipe meets it: of those with the fewest false alarms, {picked}"
     else:
         rule = f"; of the recipes that meet it, {picked}" if chosen["cautious"] else ""
-    return (f"recipe: threshold {chosen['threshold']:.2f}, min region {chosen['min_region_px']} px (validation: "
+    applied = Recipe(chosen["threshold"], chosen["min_region_px"], sure_score=chosen.get("sure_score"),
+                     sure_min_px=chosen.get("sure_min_px") or 0).describe()
+    kinds = "".join(f"; {kind} {c['found']} of {c['n']}" for kind, c in (chosen.get("per_kind") or {}).items())
+    return (f"recipe: {applied} (validation: "
             f"detection {_rate(chosen['detection_rate'], chosen['n_defective'])}, false alarms "
             f"{_rate(chosen['false_alarm_rate'], chosen['n_defect_free'])}{bound}, "
-            f"goal <= {chosen['max_false_alarm']:.0%}{rule})")
+            f"goal <= {chosen['max_false_alarm']:.0%}{rule}{kinds})")
 
 
 def _rate(value: float | None, n: int) -> str:

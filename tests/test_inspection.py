@@ -23,33 +23,57 @@ from engine.data import scan_dataset
 from engine.evaluate import evaluate
 from engine.imageio import read_image, read_mask
 from engine.inference import Predictor
-from engine.inspection import Inspection, inspect
+from engine.inspection import Inspection, inspect, why_counted
 from engine.recipe import Recipe, save_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def case(tiny_dataset: Path) -> tuple[str, Path, Recipe, Inspection]:
-    """A real run (fine-tuned from the shipped weights, so it finds several defects per image) whose recipe
-    drops the smaller regions of one image."""
+def trained(tiny_dataset: Path) -> str:
+    """A real run, fine-tuned from the shipped weights, so it finds several defects per image."""
     from engine.train import TrainConfig, train
 
-    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=2, init="pretrained", crop=64, batch_size=8,
-                               steps_per_epoch=8, name="one-verdict"))
-    folder = runs.run_dir(run_id)
+    return train(TrainConfig(data=str(tiny_dataset), epochs=2, init="pretrained", crop=64, batch_size=8,
+                             steps_per_epoch=8, name="one-verdict"))
+
+
+def recipe_that_leaves_one_out(probability: np.ndarray, threshold: float, rule: str) -> Recipe | None:
+    """A recipe under which some region of the map counts and another does not: by minimum area alone ("min-area":
+    only the largest counts), or by the sure tier ("sure-tier": a smaller region the model is surer of counts,
+    a larger fainter one does not), or None where the map has no such regions."""
+    regions = inspect(probability, Recipe(threshold=threshold)).regions
+    if rule == "min-area":
+        areas = sorted({r.area_px for r in regions})
+        return Recipe(threshold=threshold, min_region_px=areas[-1]) if len(areas) >= 2 else None
+    for large in regions:  # largest first; no region reaches the minimum area, so only sure ones count
+        small = [r for r in regions if r.area_px < large.area_px and r.max_score > large.max_score]
+        if small:  # the sure score midway below the small region's peak, away from float noise between backends
+            below = max(r.max_score for r in regions if r.max_score < small[0].max_score)
+            if small[0].max_score - below > 1e-3:
+                return Recipe(threshold=threshold, min_region_px=regions[0].area_px + 1,
+                              sure_score=(small[0].max_score + below) / 2, sure_min_px=1)
+    return None
+
+
+@pytest.fixture(scope="module", params=["min-area", "sure-tier"])
+def case(request: pytest.FixtureRequest, trained: str, tiny_dataset: Path) -> tuple[str, Path, Recipe, Inspection]:
+    """The run, with a recipe that drops some regions of one image and counts others: by minimum area, or a small
+    sure region counted below the minimum area while a larger faint one is not."""
+    folder = runs.run_dir(trained)
     predictor = Predictor(folder)
     for threshold in (0.5, 0.3, 0.2, 0.1, 0.05):
         for sample in scan_dataset(tiny_dataset, validate=False).samples:
             probability = predictor.predict_proba(read_image(sample.image_path))
-            areas = sorted({r.area_px for r in inspect(probability, Recipe(threshold=threshold)).regions})
-            if len(areas) >= 2:
-                recipe = Recipe(threshold=threshold, min_region_px=areas[-1])  # only the largest region counts
+            recipe = recipe_that_leaves_one_out(probability, threshold, request.param)
+            if recipe is not None:
                 save_recipe(folder, recipe)
                 expected = inspect(probability, recipe)
                 assert expected.flagged and len(expected.regions) < len(inspect(probability, Recipe(threshold=threshold)).regions)
-                return run_id, sample.image_path, recipe, expected
-    pytest.skip("no image of the tiny set has two regions at any threshold")
+                if request.param == "sure-tier":  # the region that counts is below the minimum area
+                    assert all(r.area_px < recipe.min_region_px for r in expected.regions)
+                return trained, sample.image_path, recipe, expected
+    pytest.skip(f"no image of the tiny set has regions that the {request.param} rule tells apart")
 
 
 def boxes(regions: list) -> list[list[int]]:
@@ -97,6 +121,9 @@ def test_the_inspect_page_shows_the_same_verdict_and_regions(case) -> None:
     shown = "\n".join(str(m.value) for m in at.markdown)
     assert f"**Verdict: {expected.verdict}**" in shown
     assert f"{len(expected.regions)} region(s)" in shown
+    (table,) = at.table  # each counted region says why it counts: "14 px at peak 0.93 (peak at or above ...)"
+    assert table.value["counted"].tolist()[: len(expected.regions)] == [why_counted(r, expected.recipe)
+                                                                        for r in expected.regions][:len(table.value)]
 
 
 def test_reviews_threshold_sweep_counts_verdicts_as_inspect_does(case, tiny_dataset: Path) -> None:

@@ -418,8 +418,8 @@ def test_review_tunes_and_saves_the_recipe_the_engine_would(trained_run: str, re
                                    save=False)
     saved = load_recipe(restore_recipe)
     assert saved.source == "tuned" and saved.tuning["split"] == "all"
-    assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
-    assert f"threshold {expected.threshold:.2f}, minimum region {expected.min_region_px} px" in texts(at)
+    assert saved.rules() == expected.rules()  # threshold, minimum area and sure tier
+    assert f"Recipe saved: {expected.describe()}." in texts(at)
     assert f"detection {result['detection_rate']:.1%}" in texts(at)
     assert at.sidebar.slider(key=f"review_thr_{trained_run}").value == pytest.approx(saved.threshold)
 

@@ -156,14 +156,18 @@ def test_a_run_that_flags_every_good_part_is_not_ready(tmp_path) -> None:
     assert not ready and "false alarms 100%" in reason
     ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.4}, 0.05)
     assert not ready and "detection 40%" in reason
-    assert readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8}, 0.05) == (True, None)
+    # 80 % found clears the old 50 % floor but not the line's detection goal (90 % unless it says otherwise).
+    ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8}, 0.05)
+    assert not ready and "detection 80% below the 90% goal (4 of 5 defective images found)" in reason
+    assert readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8}, 0.05, goal_detection=0.8) == (
+        True, None)
     # A goal held on the 95 % bound and missed is missed, however few false alarms were measured.
-    ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8, "goal_on": "bound",
+    ready, reason = readiness_of({**chosen, "false_alarm_rate": 0.0, "detection_rate": 1.0, "goal_on": "bound",
                                   "goal_met": False, "confidence": 0.95, "false_alarm_bound": 0.07}, 0.05)
     assert not ready and "upper bound of false alarms, 7.0% at best" in reason
     # A run judged by tuning (its validation could not decide) is held to the bound even when the tuning chose on
     # the measured rate: none of 20 good images flagged does not show 5 %.
-    measured = {**chosen, "false_alarm_rate": 0.0, "detection_rate": 0.8, "goal_on": "measured", "goal_met": True,
+    measured = {**chosen, "false_alarm_rate": 0.0, "detection_rate": 1.0, "goal_on": "measured", "goal_met": True,
                 "confidence": 0.95, "false_alarm_bound": 0.119, "n_defect_free": 20}
     assert readiness_of(measured, 0.05) == (True, None)
     ready, reason = tuning_readiness(measured, 0.05)
