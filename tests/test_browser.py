@@ -261,7 +261,7 @@ def test_review(page: object, server: str, shots: Path, shown_run: str) -> None:
     open_settled(page, server, "Review", "Review", "Review a folder")
     pick(page, "Run", shown_run)
     settle(page)
-    grid = page.locator('[data-testid="stDataFrame"]').first
+    grid = page.locator('.st-key-review_table [data-testid="stDataFrame"]')  # the per-image table, not by kind
     box = grid.bounding_box()
     page.mouse.click(box["x"] + 16, box["y"] + 35 + 17)  # the selection cell of the first (worst) row
     page.get_by_role("heading", name=re.compile(r"^Image \d+")).wait_for()
