@@ -48,6 +48,10 @@ MAX_DICE_DROP = 0.01  # default INT8 accuracy gate (validation Dice, fp32 ONNX m
 PARITY_IMAGES = 8
 CALIBRATION_IMAGES = 32
 REPORT_FILE = "report.json"
+# INT8 format: QDQ, uint8 activations, int8 weights per channel. reduce_range keeps weights to 7 bits, so on
+# AVX2 CPUs without VNNI the U8S8 kernels' VPMADDUBSW (16-bit sums of two u8 x s8 products) cannot saturate:
+# 2 x 255 x 64 < 32767. Measured in docs/BENCHMARKS.md against full-range U8S8, U8U8 and QOperator.
+QUANTIZATION = {"format": "QDQ", "activations": "uint8", "weights": "int8", "reduce_range": True}
 
 
 
@@ -139,8 +143,9 @@ class _Calibration:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mean: float, std: float,
-                  stride: int, metadata: dict[str, Any], exclude_head: bool = False) -> dict[str, Any]:
-    """Static INT8 (QDQ, per-channel weights, uint8 activations) of fp32_path into out_path; returns settings."""
+                  stride: int, metadata: dict[str, Any], exclude_head: bool = False,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Static INT8 of fp32_path into out_path (QUANTIZATION unless `options` overrides some); returns the settings."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -154,6 +159,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
     class Reader(_Calibration, CalibrationDataReader):
         pass
 
+    chosen = {**QUANTIZATION, **(options or {})}
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as work:
         prepared = Path(work) / "prepared.onnx"
         # auto_merge: the decoder's Concat joins tensors whose symbolic sizes the inference cannot prove equal.
@@ -163,12 +170,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
         # Keeping the 1x1 head in fp32 was measured: no Dice gain, and ~35% slower (it dequantizes the
         # full-resolution features), so by default everything is quantized.
         exclude = [convs[-1].name] if exclude_head and convs else []
-        settings = {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8",
-                    "calibration": "minmax", "calibration_images": len(images), "excluded_nodes": exclude}
+        settings = {**chosen, "per_channel": True, "calibration": "minmax", "calibration_images": len(images),
+                    "excluded_nodes": exclude}
         quantized = Path(work) / "quantized.onnx"
-        quantize_static(str(prepared), str(quantized), Reader(images, mean, std, stride), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
+        quantize_static(str(prepared), str(quantized), Reader(images, mean, std, stride),
+                        quant_format=getattr(QuantFormat, chosen["format"]), per_channel=True,
+                        reduce_range=chosen["reduce_range"], activation_type=types[chosen["activations"]],
+                        weight_type=types[chosen["weights"]], calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=exclude)
         proto = onnx.load(str(quantized))
     set_metadata(proto, {**metadata, "format": "int8", "quantization": settings})
     write_staged(out_path, proto.SerializeToString(), out_path)
