@@ -61,6 +61,8 @@ def _max_drop(report: dict[str, Any], gate: dict[str, Any] | None) -> float:
 
 def describe(backend: str, entry: dict[str, Any], where: str) -> str:
     """One line for a gate result: passed or failed, the Dice against fp32, and by how much."""
+    if "error" in entry:
+        return f"{backend} failed its accuracy gate{where}: it does not run here ({entry['error']})"
     drop, limit = entry["dice_drop"], entry["max_dice_drop"]
     verdict = f"{'passed' if entry['accepted'] else 'failed'} its accuracy gate{where}"
     reference = f" vs ONNX fp32 {entry['reference_dice']:.4f}" if "reference_dice" in entry else ""
@@ -115,7 +117,7 @@ def _rechecked(run_dir: Path, report: dict[str, Any], backends: list[str], measu
         if missing:
             try:
                 entries = {**entries, **recheck(run_dir, report, missing)}
-            except EngineError as err:  # no check images, or a file that will not load: not served, and why
+            except EngineError as err:  # no check images, or the fp32 reference will not load: not served, and why
                 return {name: Verdict(name, False, f"{name} could not be re-checked on this CPU ({err})", True)
                         for name in backends}
             try:
@@ -152,11 +154,15 @@ def recheck(run_dir: Path, report: dict[str, Any], backends: list[str]) -> dict[
         samples = pick_samples(dataset, ("val", "test", "train"), RECHECK_IMAGES)
         reference = evaluate(Predictor(run_dir, backend="onnx"), samples)["dice"]
         for backend in backends:
-            dice = evaluate(Predictor(run_dir, backend=backend), samples)["dice"]
+            checked = {"cpu_flags": cpu_flags(), "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            try:
+                dice = evaluate(Predictor(run_dir, backend=backend), samples)["dice"]
+            except EngineError as err:  # e.g. OpenVINO bf16 does not compile on a CPU without AVX-512
+                results[backend] = {**checked, "accepted": False, "error": str(err)}
+                continue
             limit = _max_drop(report, (report.get("gates") or {}).get(backend))
             results[backend] = {
-                "accepted": within_gate(reference, dice, limit), "val_dice": dice, "reference_dice": reference,
-                "dice_drop": reference - dice, "max_dice_drop": limit, "n_images": len(samples),
-                "cpu_flags": cpu_flags(), "check_data": note,
-                "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                **checked, "accepted": within_gate(reference, dice, limit), "val_dice": dice,
+                "reference_dice": reference, "dice_drop": reference - dice, "max_dice_drop": limit,
+                "n_images": len(samples), "check_data": note}
     return results

@@ -194,3 +194,15 @@ def test_openvino_writes_nothing_under_the_home_folder(trained_run: str, exporte
     env = {**os.environ, "HOME": str(tmp_path), "DEFECTS_RUNS_DIR": str(config.RUNS_DIR)}
     subprocess.run([sys.executable, "-c", script], cwd=config.ROOT, env=env, check=True, timeout=120)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backend_that_does_not_run_on_this_cpu_is_refused_alone(make_run: MakeRun) -> None:
+    folder = make_run("gates-broken")
+    edit_report(folder, lambda r: fake_flags(r, ["avx2"]))
+    int8 = folder / "export" / "model.int8.onnx"
+    int8.write_bytes(int8.read_bytes()[:1000])  # as a file no runtime here can load
+    found = serving.backend_verdicts(folder)
+    assert not found["int8"].accepted and "does not run here" in found["int8"].reason
+    assert all(v.accepted for name, v in found.items() if not name.endswith("int8")), found
+    assert serving.auto_backend(folder).backend in serving.gated_backends(folder)
+    assert "does not run here" in serving.auto_backend(folder).refused["int8"]
