@@ -292,23 +292,23 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
             old.unlink(missing_ok=True)
 
     if int8 and not entries["int8"]["accepted"]:
-        report["serves_instead"] = serves_instead(folder, entries["onnx"]["metrics"]["latency_p50_ms"])
+        report["serves_instead"] = serves_instead(folder)
         report["messages"].append(report["serves_instead"]["message"])
     runstore.mirror(folder)
     progress(1.0, 1.0, "done")
     return report
 
 
-def serves_instead(folder: Path, onnx_p50_ms: float) -> dict[str, Any]:
+def serves_instead(folder: Path) -> dict[str, Any]:
     """What `auto` serves on this machine now that INT8 was rejected, and its batch-1 p50 at 256x256."""
-    from engine.serving import auto_backend
+    from engine.serving import auto_backend, choice_p50
 
     choice = auto_backend(folder)
-    backend = choice.backend if choice else "onnx"
-    p50 = (choice.p50_ms.get(backend) if choice else None) or onnx_p50_ms
+    backend, p50 = (choice.backend, choice_p50(folder, choice)) if choice else ("torch", None)
+    speed = f", {p50:.1f} ms p50 per {BENCH_SIZE}x{BENCH_SIZE} image" if p50 is not None else ""
     return {"backend": backend, "latency_p50_ms": p50,
-            "message": f"INT8 is not served: `auto` serves {backend} instead, {p50:.1f} ms p50 per {BENCH_SIZE}x"
-                       f"{BENCH_SIZE} image on this machine ({machine_description()})"}
+            "message": f"INT8 is not served: `auto` serves {backend} instead{speed} on this machine "
+                       f"({machine_description()})"}
 
 
 def _check_fp32(folder: Path, staged_onnx: Path, reference: Predictor, check_images: list[np.ndarray],
