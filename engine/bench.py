@@ -10,8 +10,8 @@ import cv2
 import numpy as np
 
 from engine import config
-from engine.cpuflags import cpu_flags, cpu_model
 from engine.checkdata import NO_DEFECT_NOTE, check_data, run_folder
+from engine.cpuflags import cpu_flags, cpu_model
 from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
 from engine.inference import ONNX_FILES, Predictor, preprocess_image

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from engine import config, runs
-from engine.errors import EngineError, GateFailed, RunNotFound
 from engine.cpuflags import cpu_flags
+from engine.errors import EngineError, GateFailed, RunNotFound
 from engine.gates import read_export_report, verdicts
 from engine.imageio import MAX_PIXELS, decode_upload, encode_png
 from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
