@@ -317,9 +317,11 @@ class OpenVinoModel:
             if shape is not None:
                 model.reshape(list(shape))
             return self.core.compile_model(model, "CPU", self.settings)
-        except RuntimeError as err:  # OpenVINO reports unreadable files as RuntimeError
-            raise EngineError(f"{self.path}: not a model OpenVINO can load ({str(err).splitlines()[0][:200]}); "
-                              "export it again") from err
+        except RuntimeError as err:  # OpenVINO reports unreadable files, and kernels this CPU lacks, as RuntimeError
+            # Its first lines only say where in OpenVINO it was raised; the cause comes after them.
+            lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith("Exception from")]
+            raise EngineError(f"{self.path}: OpenVINO cannot load or compile it for this CPU "
+                              f"({(lines or [str(err)])[0][:200]}); export it again if the file is damaged") from err
 
     def _request(self, shape: tuple[int, ...]) -> Any:
         """This thread's infer request for a shape, compiling the shape first if it is new."""

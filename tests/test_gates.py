@@ -208,3 +208,23 @@ def test_a_backend_that_does_not_run_on_this_cpu_is_refused_alone(make_run: Make
     assert all(v.accepted for name, v in found.items() if not name.endswith("int8")), found
     assert serving.auto_backend(folder).backend in serving.gated_backends(folder)
     assert "does not run here" in serving.auto_backend(folder).refused["int8"]
+
+
+@pytest.mark.skipif(not serving.openvino_available(), reason="openvino is not installed here")
+def test_on_openvinos_avx2_path_the_int8_file_keeps_its_gate(make_run: MakeRun) -> None:
+    # OpenVINO's CPU kernels honour ONEDNN_MAX_CPU_ISA, so its AVX2-only path can be taken on any x86 CPU (ONNX
+    # Runtime has no such switch; its AVX2 path is covered by the weight-pair check above). With the export's flags
+    # faked, the process re-checks every backend on that path.
+    folder = make_run("gates-avx2")
+    edit_report(folder, lambda r: fake_flags(r, ["avx2"]))
+    script = ("import json, sys; from pathlib import Path; from engine import serving; "
+              "found = serving.backend_verdicts(Path(sys.argv[1])); "
+              "print(json.dumps({name: [v.accepted, v.reason] for name, v in found.items()}))")
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    done = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=config.ROOT, env=env, check=True,
+                          timeout=300, capture_output=True, text=True)
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["openvino-int8"][0] and found["int8"][0] and found["openvino"][0], found
+    assert "re-checked on this CPU" in found["openvino-int8"][1]
+    accepted, reason = found["openvino-bf16"]  # no bf16 kernels on AVX2: refused as not running, or passed
+    assert accepted or "does not run here" in reason, reason
