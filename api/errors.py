@@ -10,14 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from api.serving import ModelUnavailable
-from engine.errors import EngineError, ImageError, RunNotFound
+from engine.errors import EngineError, GateFailed, ImageError, RunNotFound
 from engine.imageio import ImageTooLarge
 
 log = logging.getLogger("api")
 
 # First match wins, so subclasses come before their parents.
 STATUS_FOR_ERROR: tuple[tuple[type[EngineError], int], ...] = (
-    (ImageTooLarge, 413), (ImageError, 415), (ModelUnavailable, 503), (RunNotFound, 404), (EngineError, 422),
+    (ImageTooLarge, 413), (ImageError, 415), (ModelUnavailable, 503), (RunNotFound, 404), (GateFailed, 409),
+    (EngineError, 422),
 )
 
 

@@ -85,6 +85,9 @@ class BackendChoice(BaseModel):
     backend: BackendName
     p50_ms: dict[str, float] = Field(description="batch-1 latency of each gated backend at 256x256 (empty: one choice)")
     rule: str
+    refused: dict[str, str] = Field(default_factory=dict,
+                                    description="exported backends not served on this machine, and why: a failed "
+                                                "accuracy gate or re-check on this CPU, with the Dice drop")
 
 
 class NewestRun(BaseModel):
@@ -143,6 +146,8 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries for error codes, all with the ErrorResponse body."""
     text = {401: "Missing or wrong X-API-Key (only when DEFECTS_API_KEY is set)",
             404: "Unknown run, or the requested backend is not exported for it",
+            409: "The backend named (?backend=, or DEFECTS_API_BACKEND) failed its accuracy gate on this machine; "
+                 "`detail` says which gate, by how much, and what `auto` serves instead",
             413: "Upload larger than DEFECTS_MAX_UPLOAD_MB, or an image larger than DEFECTS_MAX_IMAGE_PIXELS",
             415: "Not a PNG, JPEG, BMP or TIFF image, or an empty, corrupt or truncated one",
             422: "A parameter is missing or out of range",

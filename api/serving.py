@@ -8,7 +8,7 @@ from typing import Any, BinaryIO
 
 from api.settings import Settings
 from engine import runs
-from engine.errors import EngineError
+from engine.errors import EngineError, GateFailed
 from engine.imageio import read_limited
 from engine.inference import Predictor
 from engine.serving import PredictorCache, auto_backend, model_catalog, predict_bytes
@@ -57,7 +57,7 @@ class ServingState:
         try:
             predictor = self.cache.get_for_dir(folder, backend=backend or self.settings.default_backend)
         except EngineError as err:  # the default's files are damaged: no usable model (503), not a bad request
-            if backend is not None:
+            if backend is not None or isinstance(err, GateFailed):  # DEFECTS_API_BACKEND names a refused one: 409
                 raise
             self.default, self.default_error = None, str(err)
             raise ModelUnavailable(f"the default model, run {folder.name}, cannot be loaded ({err}); repair or "

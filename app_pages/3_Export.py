@@ -131,6 +131,8 @@ else:
         timings = ", ".join(f"{name} {ms:.1f} ms" for name, ms in choice.p50_ms.items())
         st.info(f"On this machine `auto` (the API's and `predict`'s default) serves **{choice.backend}**: "
                 f"{choice.rule}{f' ({timings})' if timings else ''}.")
+        for reason in choice.refused.values():  # a gate that failed here, at export or re-checked on this CPU
+            st.warning(f"Not served on this machine: {reason}")
 for kind, name in ONNX_FILES.items():
     path = folder / "export" / name
     if path.is_file():

@@ -19,7 +19,7 @@ from engine.inference import Predictor, model_file
 from engine.inspection import Inspection, inspect, why_counted
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
-from engine.serving import available_backends
+from engine.serving import gated_backends, refusals
 from ui import (
     epoch_label,
     for_display,
@@ -102,8 +102,10 @@ with st.sidebar:
     else:
         picked = (saved[0], saved[0])
         st.caption(f"Model: {epoch_label(saved[0])}" + (f" (epoch {best})" if saved[0] == "best" and best else ""))
-    backends = ["torch", *[b for b in available_backends(folder) if b != "torch"]]
+    backends = ["torch", *gated_backends(folder)]  # a backend that failed its accuracy gate here is not offered
     backend = st.radio("Backend", backends, horizontal=True, key="inspect_backend") if len(backends) > 1 else "torch"
+    for reason in refusals(folder).values():
+        st.caption(f"Not offered on this CPU: {reason}")
     device = st.radio("Device", DEVICES if backend == "torch" else ["cpu"], horizontal=True, key="inspect_device")
     try:  # the run's inspection rules (threshold, min region area ...); the slider starts at its threshold
         base_recipe = load_recipe(folder)

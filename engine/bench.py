@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -12,30 +11,23 @@ import numpy as np
 
 from engine import config
 from engine.checkdata import NO_DEFECT_NOTE, check_data, run_folder
+from engine.cpuflags import cpu_flags, cpu_model
 from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
 from engine.inference import ONNX_FILES, Predictor, preprocess_image
 from engine.progress import Progress, part, silent
 from engine.recipe import load_recipe
-from engine.serving import available_backends
+from engine.serving import available_backends, gated_backends, refusals
 
 BENCH_SIZE = 256
 THROUGHPUT_BATCH = 8
 
 
 def machine_description() -> str:
-    """CPU model and thread count (and GPU, if any) of this machine, for benchmark records."""
+    """CPU model, the flags that change INT8/bf16 numerics, thread count (and GPU, if any), for benchmark records."""
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    text = f"{cpu}, {config.cpu_threads()} threads"
+    text = f"{cpu_model()} ({' '.join(cpu_flags()) or 'no AVX2'}), {config.cpu_threads()} threads"
     if torch.cuda.is_available():
         text += f", GPU {torch.cuda.get_device_name(0)}"
     return text
@@ -78,11 +70,12 @@ def time_backends(predictors: dict[str, Predictor], images: list[np.ndarray], it
 
 
 def bench_targets(folder: Path) -> list[tuple[str, str, str]]:
-    """(label, backend, device) of every backend this run and machine can serve."""
+    """(label, backend, device) of every backend this run and machine serve: torch, and the exported backends
+    that passed their accuracy gate on this CPU (as for `auto`, `predict` and the API)."""
     import torch
 
     targets = []
-    for backend in available_backends(folder):
+    for backend in [name for name in available_backends(folder) if name == "torch"] + gated_backends(folder):
         if backend != "torch":
             targets.append((backend, backend, "cpu"))
             continue
@@ -156,7 +149,8 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     progress(1.0, 1.0, "done")
     return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
             "iterations": iterations, "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
-            "machine": machine_description(),
+            "machine": machine_description(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
+            "refused": refusals(folder),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                          "openvino": _openvino_version() if openvino_available() else None},
             "rows": rows}
@@ -164,9 +158,9 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
 
 def _openvino_version() -> str:
     """The installed OpenVINO release."""
-    import openvino
+    from engine.inference import import_openvino
 
-    return openvino.__version__
+    return import_openvino().__version__
 
 
 def square_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -194,4 +188,5 @@ def bench_markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['backend']} | {r['file']} | {r['size_bytes'] / 1e6:.2f} | {r['latency_p50_ms']:.1f} | "
                      f"{r['latency_p95_ms']:.1f} | {r['latency_vs_torch']:.2f}x | {vs_onnx} | "
                      f"{r['throughput_ips']:.1f} | {r['dice']:.4f} | {r['dice_drop']:+.4f} |")
+    lines += [f"\nNot served on this CPU, so not timed: {reason}" for reason in result.get("refused", {}).values()]
     return "\n".join(lines)

@@ -15,3 +15,7 @@ class DatasetError(EngineError):
 
 class RunNotFound(EngineError):
     """The requested run, epoch or checkpoint does not exist."""
+
+
+class GateFailed(EngineError):
+    """A backend named explicitly failed its accuracy gate on this machine, so it is not served."""

@@ -27,8 +27,10 @@ import numpy as np
 from engine import runs, runstore
 from engine.bench import BENCH_SIZE, machine_description, square_image, time_backends
 from engine.checkdata import NO_DEFECT_NOTE, check_data, pick_samples, run_folder
+from engine.cpuflags import cpu_flags
 from engine.data import load_pair
 from engine.errors import EngineError
+from engine.gates import MAX_DICE_DROP, RECHECK_PREFIX, within_gate
 from engine.inference import (
     MODEL_FILES,
     ONNX_FILES,
@@ -44,10 +46,13 @@ from engine.storage import commit, staged_file, write_staged
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| allowed for the fp32 export
-MAX_DICE_DROP = 0.01  # default INT8 accuracy gate (validation Dice, fp32 ONNX minus INT8)
 PARITY_IMAGES = 8
 CALIBRATION_IMAGES = 32
 REPORT_FILE = "report.json"
+# INT8 format: QDQ, uint8 activations, int8 weights per channel. reduce_range keeps weights to 7 bits, so on
+# AVX2 CPUs without VNNI the U8S8 kernels' VPMADDUBSW (16-bit sums of two u8 x s8 products) cannot saturate:
+# 2 x 255 x 64 < 32767. Measured in docs/BENCHMARKS.md against full-range U8S8, U8U8 and QOperator.
+QUANTIZATION = {"format": "QDQ", "activations": "uint8", "weights": "int8", "reduce_range": True}
 
 
 
@@ -139,8 +144,9 @@ class _Calibration:
 
 
 def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mean: float, std: float,
-                  stride: int, metadata: dict[str, Any], exclude_head: bool = False) -> dict[str, Any]:
-    """Static INT8 (QDQ, per-channel weights, uint8 activations) of fp32_path into out_path; returns settings."""
+                  stride: int, metadata: dict[str, Any], exclude_head: bool = False,
+                  options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Static INT8 of fp32_path into out_path (QUANTIZATION unless `options` overrides some); returns the settings."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -154,6 +160,8 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
     class Reader(_Calibration, CalibrationDataReader):
         pass
 
+    chosen = {**QUANTIZATION, **(options or {})}
+    types = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
     with tempfile.TemporaryDirectory(dir=out_path.parent, prefix=".quant-") as work:
         prepared = Path(work) / "prepared.onnx"
         # auto_merge: the decoder's Concat joins tensors whose symbolic sizes the inference cannot prove equal.
@@ -163,12 +171,14 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
         # Keeping the 1x1 head in fp32 was measured: no Dice gain, and ~35% slower (it dequantizes the
         # full-resolution features), so by default everything is quantized.
         exclude = [convs[-1].name] if exclude_head and convs else []
-        settings = {"format": "QDQ", "per_channel": True, "activations": "uint8", "weights": "int8",
-                    "calibration": "minmax", "calibration_images": len(images), "excluded_nodes": exclude}
+        settings = {**chosen, "per_channel": True, "calibration": "minmax", "calibration_images": len(images),
+                    "excluded_nodes": exclude}
         quantized = Path(work) / "quantized.onnx"
-        quantize_static(str(prepared), str(quantized), Reader(images, mean, std, stride), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=exclude)
+        quantize_static(str(prepared), str(quantized), Reader(images, mean, std, stride),
+                        quant_format=getattr(QuantFormat, chosen["format"]), per_channel=True,
+                        reduce_range=chosen["reduce_range"], activation_type=types[chosen["activations"]],
+                        weight_type=types[chosen["weights"]], calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=exclude)
         proto = onnx.load(str(quantized))
     set_metadata(proto, {**metadata, "format": "int8", "quantization": settings})
     write_staged(out_path, proto.SerializeToString(), out_path)
@@ -178,7 +188,7 @@ def quantize_int8(fp32_path: Path, out_path: Path, images: list[np.ndarray], mea
 def int8_gate(fp32_dice: float, int8_dice: float, max_dice_drop: float) -> tuple[bool, str]:
     """Whether the INT8 model is kept, and the sentence that says why."""
     drop = fp32_dice - int8_dice
-    if drop <= max_dice_drop:
+    if within_gate(fp32_dice, int8_dice, max_dice_drop):
         return True, (f"INT8 accepted: validation Dice {int8_dice:.4f} vs fp32 {fp32_dice:.4f} (drop {drop:+.4f} <= "
                       f"{max_dice_drop})")
     return False, (f"INT8 REJECTED: validation Dice {int8_dice:.4f} vs fp32 {fp32_dice:.4f} (drop {drop:+.4f} > "
@@ -223,7 +233,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
         "run_id": run_id, "epoch": epoch_number, "checkpoint": checkpoint.name, "dataset": str(dataset),
         "check_data": dataset_note, "check_data_is_fallback": fallback, "opset": OPSET,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_description(), "artifacts": [], "messages": [dataset_note],
+        "machine": machine_description(), "cpu_flags": cpu_flags(), "artifacts": [], "messages": [dataset_note],
     }
     if not any(s.defective for s in val_samples):
         report["messages"].append(f"accuracy checks: {NO_DEFECT_NOTE}")
@@ -278,10 +288,27 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
         elif int8 or old_int8_epoch != epoch_number:
             final["int8"].unlink(missing_ok=True)
         commit(staging["report"], export_dir / REPORT_FILE)
+        for old in export_dir.glob(f"{RECHECK_PREFIX}*.json"):  # re-checks of the files just replaced
+            old.unlink(missing_ok=True)
 
+    if int8 and not entries["int8"]["accepted"]:
+        report["serves_instead"] = serves_instead(folder)
+        report["messages"].append(report["serves_instead"]["message"])
     runstore.mirror(folder)
     progress(1.0, 1.0, "done")
     return report
+
+
+def serves_instead(folder: Path) -> dict[str, Any]:
+    """What `auto` serves on this machine now that INT8 was rejected, and its batch-1 p50 at 256x256."""
+    from engine.serving import auto_backend, choice_p50
+
+    choice = auto_backend(folder)
+    backend, p50 = (choice.backend, choice_p50(folder, choice)) if choice else ("torch", None)
+    speed = f", {p50:.1f} ms p50 per {BENCH_SIZE}x{BENCH_SIZE} image" if p50 is not None else ""
+    return {"backend": backend, "latency_p50_ms": p50,
+            "message": f"INT8 is not served: `auto` serves {backend} instead{speed} on this machine "
+                       f"({machine_description()})"}
 
 
 def _check_fp32(folder: Path, staged_onnx: Path, reference: Predictor, check_images: list[np.ndarray],
@@ -345,8 +372,11 @@ def _gates(folder: Path, staging: dict[str, Path], entries: dict[str, dict[str, 
     """
     from engine.evaluate import evaluate
 
-    gates = {kind: {"accepted": entry["accepted"], "val_dice": entry["metrics"]["val_dice"],
-                    "dice_drop": fp32_eval["dice"] - entry["metrics"]["val_dice"]} for kind, entry in entries.items()}
+    def gate(accepted: bool, dice: float) -> dict[str, Any]:  # the CPU flags: a serving CPU with others re-checks
+        return {"accepted": accepted, "val_dice": dice, "reference_dice": fp32_eval["dice"],
+                "dice_drop": fp32_eval["dice"] - dice, "max_dice_drop": max_dice_drop, "cpu_flags": cpu_flags()}
+
+    gates = {kind: gate(entry["accepted"], entry["metrics"]["val_dice"]) for kind, entry in entries.items()}
     if not openvino_available():
         return gates
     for backend, precision in OPENVINO_PRECISION.items():
@@ -355,8 +385,7 @@ def _gates(folder: Path, staging: dict[str, Path], entries: dict[str, dict[str, 
             continue
         progress(0.7, 1.0, f"evaluating OpenVINO {precision} on {source} on the validation split")
         dice = evaluate(Predictor(folder, backend=backend, path=staging[source]), val_samples)["dice"]
-        gates[backend] = {"accepted": fp32_eval["dice"] - dice <= max_dice_drop, "val_dice": dice,
-                          "dice_drop": fp32_eval["dice"] - dice}
+        gates[backend] = gate(within_gate(fp32_eval["dice"], dice, max_dice_drop), dice)
     return gates
 
 

@@ -275,6 +275,22 @@ def onnx_session(path: str, mtime: float):  # mtime in the key: a re-export load
         raise EngineError(f"{path}: not a loadable ONNX model ({str(err).splitlines()[0][:200]}); export it again") from err
 
 
+def import_openvino() -> Any:
+    """The openvino module, imported with its telemetry off for this process.
+
+    Importing openvino starts openvino_telemetry, which writes a client id and usage counts under ~/intel. With
+    that package hidden, openvino uses the no-op stub it ships for when the package is absent; nothing is written
+    outside the project.
+    """
+    import sys
+
+    if "openvino" not in sys.modules:
+        sys.modules.setdefault("openvino_telemetry", None)  # None: `import openvino_telemetry` raises ImportError
+    import openvino
+
+    return openvino
+
+
 def openvino_available() -> bool:
     """Whether the openvino package is installed (it is optional where it does not install)."""
     import importlib.util
@@ -291,8 +307,7 @@ class OpenVinoModel:
     """
 
     def __init__(self, path: str, settings: dict[str, Any]) -> None:
-        import openvino as ov
-
+        ov = import_openvino()
         self.path, self.settings, self.core = path, settings, ov.Core()
         self._compiled: OrderedDict[tuple[int, ...], Any] = OrderedDict()
         self._lock, self._local = threading.Lock(), threading.local()
@@ -305,9 +320,11 @@ class OpenVinoModel:
             if shape is not None:
                 model.reshape(list(shape))
             return self.core.compile_model(model, "CPU", self.settings)
-        except RuntimeError as err:  # OpenVINO reports unreadable files as RuntimeError
-            raise EngineError(f"{self.path}: not a model OpenVINO can load ({str(err).splitlines()[0][:200]}); "
-                              "export it again") from err
+        except RuntimeError as err:  # OpenVINO reports unreadable files, and kernels this CPU lacks, as RuntimeError
+            # Its first lines only say where in OpenVINO it was raised; the cause comes after them.
+            lines = [line for line in str(err).splitlines() if line.strip() and not line.startswith("Exception from")]
+            raise EngineError(f"{self.path}: OpenVINO cannot load or compile it for this CPU "
+                              f"({(lines or [str(err)])[0][:200]}); export it again if the file is damaged") from err
 
     def _request(self, shape: tuple[int, ...]) -> Any:
         """This thread's infer request for a shape, compiling the shape first if it is new."""

@@ -8,14 +8,16 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from engine import config, runs
-from engine.errors import EngineError, RunNotFound
+from engine.cpuflags import cpu_flags
+from engine.errors import EngineError, GateFailed, RunNotFound
+from engine.gates import read_export_report, verdicts
 from engine.imageio import MAX_PIXELS, decode_upload, encode_png
 from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
 from engine.inspection import inspect
@@ -51,19 +53,46 @@ def stale_export(run_dir: Path) -> str | None:
 
 
 def gated_backends(run_dir: Path) -> list[str]:
-    """Exported backends that passed export's accuracy checks for the exported epoch, most exact first.
+    """Exported backends that passed their accuracy gate on this CPU for the exported epoch, most exact first.
 
-    export/report.json records each backend's gate; an export made before OpenVINO was checked vouches for
-    onnx and int8 (an INT8 file is only kept when it passed) and for OpenVINO fp32 on the same file.
+    The gate recorded in export/report.json holds where the CPU flags match; elsewhere (another CPU family, or
+    an export from before the flags were recorded) the backend is re-checked here once (engine.gates).
     """
+    return [name for name, verdict in backend_verdicts(run_dir).items() if verdict.accepted]
+
+
+def backend_verdicts(run_dir: Path, measure: bool = True) -> dict[str, Any]:
+    """engine.gates.Verdict of every exported backend available here, most exact first (empty where a re-check
+    would be due and `measure` is False)."""
     available = available_backends(run_dir)
-    try:
-        gates = json.loads((run_dir / "export" / "report.json").read_text()).get("gates")
-    except (OSError, ValueError):
-        gates = None
-    if gates is None:
-        gates = {name: {"accepted": True} for name in ("onnx", "int8", "openvino")}
-    return [name for name in EXACTNESS if name in available and gates.get(name, {}).get("accepted")]
+    return verdicts(run_dir, [name for name in EXACTNESS if name in available], measure) or {}
+
+
+def refusals(run_dir: Path) -> dict[str, str]:
+    """Why each exported backend that is not served here is refused: a failed gate or re-check, or an INT8 file
+    the gate did not keep."""
+    refused = {name: verdict.reason for name, verdict in backend_verdicts(run_dir).items() if not verdict.accepted}
+    gate = (read_export_report(run_dir) or {}).get("gate") or {}
+    if gate.get("accepted") is False and not model_file(run_dir, "int8").is_file():
+        for name in ("int8", "openvino-int8"):
+            refused.setdefault(name, f"{gate.get('message', 'INT8 REJECTED by its accuracy gate')} (at export)")
+    return refused
+
+
+def refuse_failed_gate(run_dir: Path, backend: str) -> None:
+    """GateFailed when a backend named explicitly failed its accuracy gate on this machine: which gate, by how
+    much, and what `auto` serves instead."""
+    if backend == "torch" or not (model_file(run_dir, backend).is_file() or backend in ("int8", "openvino-int8")):
+        return
+    reason = refusals(run_dir).get(backend)
+    if reason is None:
+        return
+    choice = auto_backend(run_dir)
+    instead = choice.backend if choice else "torch"
+    p50 = choice_p50(run_dir, choice) if choice else None
+    speed = f", {p50:.1f} ms p50 at {AUTO_SIZE}x{AUTO_SIZE} here" if p50 is not None else ""
+    raise GateFailed(f"backend {backend} is not served for run {run_reference(run_dir)}: {reason}; `auto` serves "
+                     f"{instead} instead{speed}")
 
 
 @dataclass(frozen=True)
@@ -73,10 +102,24 @@ class BackendChoice:
     backend: str
     p50_ms: dict[str, float]
     rule: str
+    refused: dict[str, str] = field(default_factory=dict)  # exported backends not served here, and why
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (for /health and the Export page)."""
         return asdict(self)
+
+
+def choice_p50(run_dir: Path, choice: BackendChoice) -> float | None:
+    """Batch-1 p50 (ms, AUTO_SIZE) of auto's pick on this machine: as auto timed it, else as the export timed it
+    when it ran on a CPU with the same flags (None otherwise)."""
+    if choice.backend in choice.p50_ms:
+        return choice.p50_ms[choice.backend]
+    report = read_export_report(run_dir) or {}
+    if report.get("cpu_flags") != cpu_flags():
+        return None
+    timed = [a["metrics"].get("latency_p50_ms") for a in report.get("artifacts", [])
+             if isinstance(a, dict) and a.get("kind") == choice.backend and isinstance(a.get("metrics"), dict)]
+    return next((value for value in timed if isinstance(value, (int, float))), None)
 
 
 _choices: dict[tuple, BackendChoice] = {}
@@ -89,21 +132,25 @@ def auto_backend(run_dir: Path, measure: bool = True) -> BackendChoice | None:
     stale = stale_export(run_dir)
     if stale:  # serving the export would answer with another model than the run's best
         return BackendChoice("torch", {}, f"the best checkpoint: {stale}")
-    candidates = gated_backends(run_dir)
+    available = [name for name in EXACTNESS if name in available_backends(run_dir)]
+    if available and verdicts(run_dir, available, measure) is None:
+        return None  # a re-check is due on this CPU, and the caller must not wait for it
+    candidates, refused = gated_backends(run_dir), refusals(run_dir)
     if len(candidates) <= 1:
         only = candidates[0] if candidates else "torch"
-        return BackendChoice(only, {}, "the only exported backend" if candidates else "nothing exported")
+        return BackendChoice(only, {}, "the only exported backend" if candidates else "nothing exported", refused)
     key = (str(run_dir.resolve()), tuple((name, model_file(run_dir, name).stat().st_mtime_ns) for name in candidates))
     with _choices_lock:
         if key in _choices or not measure:
             return _choices.get(key)
-        _choices[key] = choice = measure_backends(run_dir, candidates)
+        _choices[key] = choice = measure_backends(run_dir, candidates, refused)
         return choice
 
 
-def measure_backends(run_dir: Path, candidates: list[str]) -> BackendChoice:
+def measure_backends(run_dir: Path, candidates: list[str], refused: dict[str, str] | None = None) -> BackendChoice:
     """Batch-1 latency of each candidate at AUTO_SIZE, interleaved; the fastest wins unless a more exact
-    backend is within AUTO_MARGIN of it (noise must not trade accuracy for nothing)."""
+    backend is within AUTO_MARGIN of it (noise must not trade accuracy for nothing). ONNX Runtime fp32 comes
+    first in EXACTNESS, so the pick is never slower than it: INT8 that is no faster on this CPU is not served."""
     batch = np.random.default_rng(0).standard_normal((1, 1, AUTO_SIZE, AUTO_SIZE)).astype(np.float32)
     predictors = {name: Predictor(run_dir, backend=name) for name in candidates}
     times: dict[str, list[float]] = {name: [] for name in candidates}
@@ -117,7 +164,7 @@ def measure_backends(run_dir: Path, candidates: list[str]) -> BackendChoice:
     fastest = min(p50.values())
     picked = next(name for name in candidates if p50[name] <= fastest * (1 + AUTO_MARGIN))
     return BackendChoice(picked, p50, f"fastest of the gated backends at {AUTO_SIZE}x{AUTO_SIZE}, batch 1, "
-                                      f"unless a more exact one is within {AUTO_MARGIN:.0%}")
+                                      f"unless a more exact one is within {AUTO_MARGIN:.0%}", refused or {})
 
 
 def default_backend(run_dir: Path) -> str:
@@ -133,6 +180,7 @@ def resolve_backend(run_dir: Path, epoch: int | str = "best", backend: str | Non
         return default_backend(run_dir) if str(epoch) == "best" else "torch"
     if backend not in BACKENDS:
         raise EngineError(f"unknown backend '{backend}'; choose one of {', '.join((AUTO, *BACKENDS))}")
+    refuse_failed_gate(run_dir, backend)
     return backend
 
 

@@ -287,6 +287,9 @@ def test_the_shipped_demo_exports_int8_in_a_fresh_clone(tmp_path: Path, monkeypa
     assert kinds["onnx"]["metrics"]["n_val_images"] == 12
     assert kinds["onnx"]["metrics"]["parity"]["max_abs_diff"] < export.PARITY_TOLERANCE
     assert "int8" in kinds and report["gate"]["accepted"] == kinds["int8"]["accepted"]
+    # Whatever CPU runs this: 7-bit weights cannot saturate ONNX Runtime's AVX2 kernels, so the gate holds.
+    assert report["gate"]["accepted"] and report["gate"]["dice_drop"] <= export.MAX_DICE_DROP, report["gate"]["message"]
+    assert kinds["int8"]["metrics"]["quantization"]["reduce_range"] is True
     assert (demo / "export" / "model.onnx").is_file()
 
 

@@ -18,7 +18,7 @@ IMAGE_TYPES = "image/png, image/jpeg, image/bmp, image/tiff"
 FILE_ENCODING = {"requestBody": {"content": {"multipart/form-data": {"encoding": {"file": {"contentType": IMAGE_TYPES}}}}}}
 
 
-@router.post("/predict", response_model=PredictResponse, responses=error_responses(404, 413, 415, 422, 503),
+@router.post("/predict", response_model=PredictResponse, responses=error_responses(404, 409, 413, 415, 422, 503),
              openapi_extra=FILE_ENCODING)
 def predict(
     serving: Annotated[ServingState, Depends(get_serving)],
