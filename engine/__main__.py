@@ -507,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get(config.HEARTBEAT_ENV):  # a training the app started: it beats from here, before any import
+        from engine import runstore
+
+        runstore.Heartbeat(os.environ[config.HEARTBEAT_ENV])
     code = main()
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # a process of a torchrun group
         from engine import distributed
