@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -173,7 +175,8 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     assert not at.exception and not at.error, [e.value for e in at.error]
     run = next(r for r in registry.list_runs() if r.name == "apptest-train")
     assert at.query_params.get("run") in (run.id, [run.id])
-    at.run()  # the page now sees the active run: a second start is blocked unless parallel runs are allowed
+    assert any(f"Started run {run.id}" in m.value for m in at.success)
+    # Drawn right after the start with the run active: a second click finds the button disabled (issue 39).
     if registry.get_run(run.id).status in registry.ACTIVE_STATUSES:
         assert at.button(key="train_start").disabled
     deadline = time.monotonic() + 90
@@ -230,6 +233,49 @@ def test_train_refuses_a_batch_that_does_not_split_over_the_processes(tiny_datas
     assert not at.exception
     assert [e.value for e in at.error] == ["--batch-size 16 does not split evenly over 3 processes"]
     assert not [r for r in registry.list_runs() if r.name == "apptest-uneven"]  # nothing was queued
+
+
+def test_train_offers_the_set_the_newest_run_trained_on_and_keeps_minutes_over_a_reload(
+        trained_run: str, tiny_dataset: Path) -> None:
+    held_out = config.DATA_DIR / "zz-held-out"  # registered after the training set, as the README's synth-test is
+    synth.generate_and_register(held_out, 6, seed=5, params=synth.SynthParams(size=64), workers=1)
+    try:
+        at = open_page("app_pages/2_Train.py")
+        newest_run = next(r for r in registry.list_runs() if r.dataset_path and Path(r.dataset_path).is_dir())
+        assert at.selectbox(key="train_dataset").value == Path(newest_run.dataset_path).name
+        at.number_input(key="train_minutes").set_value(3.5).run()
+        assert at.query_params.get("minutes") in ("3.5", ["3.5"])
+        reloaded = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT)  # a reload: new session
+        reloaded.query_params["minutes"] = "3.5"
+        reloaded.run().switch_page("app_pages/2_Train.py").run()
+        assert not reloaded.exception
+        assert reloaded.number_input(key="train_minutes").value == 3.5
+    finally:
+        shutil.rmtree(held_out, ignore_errors=True)
+
+
+def test_train_keeps_watching_a_run_shown_failed_only_for_want_of_a_heartbeat(runs_dir: Path) -> None:
+    run_id = "apptest-silent"
+    (runs_dir / run_id).mkdir(parents=True, exist_ok=True)
+    # Its record says it trains, on another machine, whose heartbeat has not come for longer than the limit.
+    runstore.save(runs_dir / run_id, {"run_id": run_id, "name": run_id, "status": "running", "pid": 1,
+                                      "host": "another-machine", "epochs_done": 1, "epochs_planned": 4,
+                                      "started_at": "2026-01-01T00:00:00+00:00"})
+    old = registry.utcnow() - timedelta(seconds=registry.STALE_AFTER_S + 60)
+    registry.update_run(run_id, heartbeat=old)
+    try:
+        state = jobs.progress(run_id)
+        assert state["status"] == "failed" and not state["settled"]  # not final: it may beat again
+        at = open_page("app_pages/2_Train.py")
+        at.selectbox(key="train_watch").set_value(run_id).run()
+        assert not at.exception
+        assert not at.error and any("Still watching" in w.value for w in at.warning), texts(at)
+        assert "epoch 1/4" in at.get("progress")[0].proto.text and at.get("progress")[0].proto.value < 100
+        registry.update_run(run_id, heartbeat=registry.utcnow())  # it beats again: running, never drawn failed
+        assert jobs.progress(run_id)["status"] == "running"
+    finally:
+        registry.update_run(run_id, heartbeat=old)  # silent again, so that it may be deleted
+        runs.delete_run(run_id)
 
 
 def test_train_shows_why_a_run_failed(runs_dir: Path) -> None:
