@@ -279,7 +279,7 @@ def next_steps(info: dict[str, Any]) -> list[str]:
 
 
 def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[str]:
-    """next_steps of a run that a tuning on real images judged not ready (recipe._judge_by_tuning)."""
+    """next_steps of a run that a tuning on labelled images judged not ready (recipe._judge_by_tuning)."""
     had = (f"the last tuning had {tuned_on['n_defective']} defective and {tuned_on['n_defect_free']} good images, "
            f"{tuned_on['flagged']} of the good ones flagged")
     needed = tuned_on.get("good_needed")
@@ -294,5 +294,5 @@ def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[st
     if held_out is not None and held_out > goal + 1e-9:
         had += (f"; {held_out:.0%} flagged where each half of them was judged by the recipe chosen on the other "
                 f"half")
-    return [f"the model misses the goals on real images ({had}): {retrain}",
+    return [f"the model misses the goals on {tuned_on.get('images') or 'real images'} ({had}): {retrain}",
             f"or tune again on other images the run did not train on: {tune}"]

@@ -287,20 +287,43 @@ def overview() -> list[dict[str, Any]]:
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
             "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason or "",
-            "validated_on": _validated_on(run.id, sources.get(run.dataset_hash)),
+            "validated_on": _validated_on(run.id, run.dataset_path, sources.get(run.dataset_hash)),
         })
     return rows
 
 
-def _validated_on(run_id: str, source: str | None) -> str:
+def _validated_on(run_id: str, dataset_path: str, source: str | None) -> str:
     """What a run's best_dice was measured on: "painted defects" (painted onto good parts), "generated images" (the
-    demo, or a set the generator made, by its registered `source`) or "labelled defects" (the user's own)."""
+    demo, or a set the generator made: images_kind) or "labelled defects" (the user's own)."""
     try:
         painted = (runs.read_run_json(runs.run_dir(run_id)).get("dataset") or {}).get("val_painted")
     except EngineError:
         return ""
-    if painted or source == "painted":
+    if painted:
         return "painted defects"
-    if run_id == "demo" or source in ("generated", "sample"):
+    if run_id == "demo":
         return "generated images"
-    return "labelled defects"
+    kind = images_kind(dataset_path, source)
+    return "labelled defects" if kind == "real images" else kind
+
+
+_SOURCE_KINDS = {"painted": "painted defects", "generated": "generated images", "sample": "generated images"}
+
+
+def images_kind(folder: str | Path | None, source: str | None = None) -> str:
+    """What the images of a set are, in words for readiness lines and tables: "generated images", "painted
+    defects" (the generator's, on good parts) or "real images"; a manifest `generate` wrote says generated,
+    else `source`, else the source the registry has for the folder."""
+    from engine import synth  # numpy and OpenCV, not torch
+
+    if not folder:
+        return _SOURCE_KINDS.get(source or "", "real images")
+    path = Path(folder).resolve()
+    try:
+        header = (path / "manifest.csv").read_text(encoding="utf-8").splitlines()[:1]
+    except (OSError, UnicodeDecodeError):
+        header = []
+    source = "generated" if header == [",".join(synth.MANIFEST_COLUMNS)] else source
+    if source is None:
+        source = next((d.source for d in registry.list_datasets() if Path(d.path) == path), None)
+    return _SOURCE_KINDS.get(source or "", "real images")
