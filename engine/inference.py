@@ -74,6 +74,7 @@ class Predictor:
         info = runs.read_run_json(run_dir)
         self.run_id = info.get("run_id", run_dir.name)
         self.ready, self.ready_reason = runs.readiness(info)
+        self.ready_for = runs.ready_for(info)
         if backend == "torch":
             path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
             self.model, meta = load_checkpoint(path, device)
@@ -108,7 +109,8 @@ class Predictor:
     def describe(self) -> dict[str, Any]:
         """Which model this is: run, epoch, backend, and whether the run is ready to serve (and if not, why)."""
         return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device,
-                "ready": self.ready, "ready_reason": self.ready_reason, "not_ready_reason": self.ready_reason}
+                "ready": self.ready, "ready_for": self.ready_for, "ready_reason": self.ready_reason,
+                "not_ready_reason": self.ready_reason}
 
     def forward_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride

@@ -222,6 +222,17 @@ def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:
     return True, None
 
 
+def ready_for(info: dict[str, Any]) -> str | None:
+    """Where a ready run's verdicts were shown to hold, when narrower than the user's parts: "generated images only"
+    for the shipped demo (trained and validated on generated images) and for a run last tuned on generated images;
+    None otherwise (and for a run not ready)."""
+    if not readiness(info)[0]:
+        return None
+    if info.get("run_id") == "demo" or (info.get("tuned_on") or {}).get("images") == "generated images":
+        return "generated images only"
+    return None
+
+
 def validation_decides(info: dict[str, Any]) -> bool:
     """Whether training's validation could decide readiness: it measured the detection of real defects on enough
     images (metrics.too_few_to_show). Where it could not (defects painted, none or too few in the val split), a
