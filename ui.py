@@ -77,12 +77,18 @@ def run_with_progress(label: str, work: Callable[[Progress], T]) -> T | None:
     return result
 
 
-def readiness_notice(info: dict[str, Any]) -> None:
-    """A warning with the reason and the next steps when a completed run is not ready to serve."""
+def readiness_notice(info: dict[str, Any], compact: bool = False) -> None:
+    """A warning with the reason and the next steps when a completed run is not ready to serve; compact (for a
+    sidebar): one line, the reason and the steps in a closed expander below it."""
     ready, reason = runs.readiness(info)
     if ready or info.get("status") != "completed":
         return
     steps = "\n".join(f"- {step}" for step in runs.next_steps(info))
+    if compact:
+        st.warning("**Not ready:** its verdicts are not to be trusted yet.")
+        with st.expander("Why, and what to do"):
+            st.markdown(f"{reason}.\n\nNext steps:\n{steps}")
+        return
     st.warning(f"**Not ready:** {reason}. Its verdicts are not to be trusted yet.\n\nNext steps:\n{steps}")
 
 
@@ -173,6 +179,6 @@ def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, dict[str, A
     except EngineError as err:
         st.error(str(err))
         st.stop()
-    readiness_notice(info)
+    readiness_notice(info, compact=True)  # the sidebar: Device and Threshold stay in sight below it
     saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
     return run_id, folder, info, saved, info.get("best_epoch")
