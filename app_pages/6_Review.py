@@ -105,11 +105,26 @@ for epoch, result in results.items():
         st.warning(f"{result['goal_missed'][0].upper()}{result['goal_missed'][1:]}.")
 
 # ---- per-image table, worst first ----------------------------------------------------------------
+
+
+def why_ok(table: pd.DataFrame, threshold: float) -> pd.Series:
+    """Per image, why a verdict is "ok" although scores reach the threshold: the recipe's minimum region size
+    dropped every region (what Inspect says of one image); "" elsewhere."""
+    rule = load_recipe(run_folder)
+    size = (f"no region of {rule.min_region_px} px or more" if not rule.min_region_px_by_shape
+            else "no region as large as the recipe's minimum region sizes")
+    dropped = ~table["flagged"] & (table["max_score"] >= threshold)
+    return dropped.map({True: f"scores reach {threshold:.2f}, but {size}: the minimum-region rule dropped them",
+                        False: ""})
+
+
 first = epochs[0]
 table = pd.DataFrame(results[first]["per_image"])
 table["verdict"] = table["flagged"].map({True: "defect", False: "ok"})
 table["truth"] = table["has_defect"].map({True: "defect", False: "ok"})
-columns = ["id", "dice", "iou", "verdict", "truth", "false_positive_px", "missed_px", "max_score", "defect_types"]
+table["why"] = why_ok(table, threshold)
+columns = ["id", "dice", "iou", "verdict", "why", "truth", "false_positive_px", "missed_px", "max_score",
+           "defect_types"]
 if len(epochs) == 2:
     other = pd.DataFrame(results[epochs[1]]["per_image"])[["id", "dice"]].rename(columns={"dice": "dice B"})
     table = table.merge(other, on="id")

@@ -424,6 +424,22 @@ def test_review_matches_engine_and_opens_image_in_inspect(trained_run: str, tiny
     assert at.selectbox(key="inspect_run").value == trained_run
 
 
+def test_review_says_when_the_minimum_region_rule_dropped_every_region(trained_run: str,
+                                                                     restore_recipe: Path) -> None:
+    from engine.recipe import Recipe
+
+    save_recipe(restore_recipe, Recipe(threshold=0.05, min_region_px=10**6, source="manual"))  # nothing that big
+    at = open_page("app_pages/6_Review.py")
+    at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
+    assert not at.exception
+    table = at.dataframe(key="review_table").value
+    reached = table["max_score"] >= 0.05
+    assert reached.any() and (table["verdict"] == "ok").all()
+    # Scores over the threshold with verdict "ok": the table says why, as Inspect does for one image.
+    assert table.loc[reached, "why"].str.contains("no region of 1000000 px or more: the minimum-region rule").all()
+    assert (table.loc[~reached, "why"] == "").all()
+
+
 def test_review_of_a_run_whose_dataset_has_no_test_split_starts_on_the_sample_folder(trained_run: str,
                                                                                     tiny_dataset: Path) -> None:
     import shutil
