@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from engine import runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
-from engine.progress import Progress, describe
+from engine.progress import Progress, describe, time_left
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,26 @@ DISPLAY_MAX_SIDE = 1600  # images are sent to the browser at most this large: a 
 PROBABILITY_CACHE_BYTES = 256 * 2**20  # probability maps kept for threshold moves, all sessions together
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds as a short 'Xm Ys' text ('—' when unknown)."""
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
 def progress_bar(label: str) -> tuple[Any, Progress]:
-    """An st.progress bar and the engine.progress callback that moves it: (bar, progress)."""
+    """An st.progress bar and the engine.progress callback that moves it: (bar, progress). Its text says the
+    stage (with counts), the time spent and, once the pace says something, about how long is left."""
     bar = st.progress(0.0, text=label)
+    started = time.monotonic()
 
     def update(done: float, total: float, what: str = "") -> None:
         fraction, text = describe(done, total, what)
-        bar.progress(fraction, text=f"{label} {text}".strip())
+        elapsed = time.monotonic() - started
+        left = time_left(fraction, elapsed)
+        timing = f" · {duration(elapsed)}" + (f", about {duration(left)} left" if left is not None else "")
+        bar.progress(fraction, text=f"{label} {text}".strip() + timing)
 
     return bar, update
 

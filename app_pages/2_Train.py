@@ -16,7 +16,7 @@ from engine.model import PRESETS
 from engine.paint import EVERY_KIND
 from engine.synth import DEFECT_TYPES
 from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
-from ui import readiness_notice
+from ui import duration, readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 
@@ -26,14 +26,6 @@ st.caption("Each run trains in its own process: you may close the tab, reload, o
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PAINT_SHARES = [round(0.05 * k, 2) for k in range(19)]  # 0 .. 0.9
-
-
-def duration(seconds: float | None) -> str:
-    """Seconds as a short 'Xm Ys' text."""
-    if seconds is None:
-        return "—"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
 def curves(rows: list[dict]) -> go.Figure:

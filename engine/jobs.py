@@ -169,11 +169,15 @@ def run_isolated(target: Callable[..., T], *args: Any, progress: Progress | None
     allocator caches it needs go back to the OS when it ends, so the long-lived app process stays small
     (measured: export + benchmark added 0.4 GB to the Streamlit process that never came back). progress calls
     are relayed from the child; an EngineError there is raised here with its message. If the caller is
-    interrupted (a user leaves the page), the child gets SIGINT, so its clean-up code runs.
+    interrupted (a user leaves the page), the child gets SIGINT, so its clean-up code runs. progress hears at once
+    that the child starts, and the last stage again every 0.5 s that the child says nothing.
     """
     context = multiprocessing.get_context("spawn")  # never fork a process that runs threads
     queue = context.Queue()
     process = context.Process(target=_isolated_main, args=(queue, target, args, kwargs), daemon=True)
+    last: tuple[float, float, str] = (0.0, 1.0, "starting a worker process")
+    if progress is not None:
+        progress(*last)  # at once: the child takes seconds (minutes under load) to import what it needs
     process.start()
     try:
         while True:
@@ -182,8 +186,11 @@ def run_isolated(target: Callable[..., T], *args: Any, progress: Progress | None
             except Empty:
                 if not process.is_alive():
                     raise EngineError(f"the worker process ended without an answer (exit code {process.exitcode})")
+                if progress is not None:
+                    progress(*last)  # a stage that reports nothing for a while: the bar's clock still moves
                 continue
             if kind == "progress" and progress is not None:
+                last = payload
                 progress(*payload)
             elif kind == "result":
                 return payload
