@@ -19,6 +19,7 @@ from engine.imageio import encode_png, read_image, read_mask
 from engine.inference import Predictor
 from engine.metrics import dice_score, iou_score
 from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run
+from tests.timing import slowness
 from ui import epoch_label
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -179,7 +180,7 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     # Drawn right after the start with the run active: a second click finds the button disabled (issue 39).
     if registry.get_run(run.id).status in registry.ACTIVE_STATUSES:
         assert at.button(key="train_start").disabled
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 90 * slowness()
     while registry.get_run(run.id).status in registry.ACTIVE_STATUSES and time.monotonic() < deadline:
         time.sleep(1)
     final = registry.get_run(run.id)
