@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -85,18 +86,41 @@ def _launch(cfg: TrainConfig) -> str:
 def cancel(run_id: str) -> None:
     """Ask a run to stop after its current step (registry flag, plus SIGTERM once it is running).
 
-    A queued run's process may still be starting, before it catches signals (a SIGTERM would kill it and leave a
-    failed run); it reads the flag at its first step and ends as cancelled.
+    A queued run's process is still starting (importing, loading data: minutes on a loaded machine), before it
+    catches signals: it is stopped at once and the run recorded as cancelled (a resume goes back to the state it
+    left). A queued run of another host stops at its first step, where it reads the flag.
     """
     run = registry.get_run(run_id)
     if run is None:
         raise EngineError(f"unknown run '{run_id}'")
     registry.request_cancel(run_id)
-    if run.pid and run.status == "running":
+    local = run.pid and run.host in (None, "", config.host()) and os.name != "nt"
+    if run.status == "queued" and local and registry.pid_alive(run.pid, run.pid_started):
+        _stop_before_start(run.pid)
+        runstore.cancelled_before_start(runs.run_dir(run_id))
+    elif run.pid and run.status == "running":
         try:
             os.kill(run.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
+
+
+def _stop_before_start(pid: int) -> None:
+    """Kill a training process that has not begun training (its whole session: torchrun's workers too) and wait
+    until it is gone, so that nothing it writes comes after the record of the cancel."""
+    try:
+        if os.getpgid(pid) == pid:  # start_training gave it a session of its own
+            os.killpg(pid, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    for child in _CHILDREN:
+        if child.pid == pid:
+            child.wait()
+    deadline = time.monotonic() + 10
+    while registry.pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def active_runs() -> list[registry.Run]:

@@ -160,6 +160,20 @@ def fail(folder: Path, error: str) -> dict[str, Any] | None:
     return info
 
 
+def cancelled_before_start(folder: Path) -> dict[str, Any]:
+    """Record that a run was cancelled while its process was still starting: a resume goes back to the state it
+    left; a new run ends cancelled, with nothing trained. Returns run.json as written."""
+    info = runs.read_run_json(folder)
+    before = info.pop("before_resume", None)
+    if before is not None:
+        info.update({key: before.get(key) for key in RESUMABLE_STATE}, resume_error=f"{_now()}: cancelled before "
+                    "the resumed training started")
+    else:
+        info.update(status="cancelled", stop_reason="cancelled before training started", finished_at=_now(),
+                    pid=None, pid_started=None, ready=False, ready_reason="training was cancelled")
+    return save(folder, info, keep_cancel=False)
+
+
 def reconcile(folder: Path) -> bool:
     """A run.json that says queued/running while its process is gone is marked failed, with the cause the registry
     recorded when there is one; returns whether it was."""

@@ -916,7 +916,8 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     info.pop("before_resume", None)
     info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
-                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None)
+                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None,
+                pid_started=None)
     runstore.save(folder, info)
     print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
           f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "

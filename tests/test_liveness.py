@@ -14,8 +14,8 @@ import pytest
 
 from engine import config, jobs, registry, runs
 from engine.errors import EngineError
-from engine.train import TrainConfig
-from tests.timing import scaled
+from engine.train import TrainConfig, train
+from tests.timing import scaled, slowness
 
 pytestmark = pytest.mark.slow
 
@@ -98,14 +98,32 @@ def test_a_slow_start_is_never_shown_as_failed(tiny_dataset: Path, slow_start: f
     assert watch.first_beat[0] < 2 * slow_start, watch.first_beat
 
 
-def test_a_cancel_during_a_slow_start_is_shown_as_cancelled(tiny_dataset: Path, slow_start: float) -> None:
+def test_a_cancel_during_a_slow_start_is_shown_as_cancelled_at_once(tiny_dataset: Path, slow_start: float) -> None:
     run_id = start(tiny_dataset, "slow-cancel")
     watch = Watch(run_id)
     watch.until(30 + slow_start, first_beat=True)  # the process is importing torch, beating
+    pid = registry.get_run(run_id).pid
+    asked = time.monotonic()
     jobs.cancel(run_id)
     seen = watch.until(60 + slow_start)
+    assert time.monotonic() - asked < 5 * slowness(), "a cancel must show within 5 s, not at the first step"
     assert "failed" not in seen, (seen, registry.get_run(run_id).error, jobs.log_tail(run_id))
     assert seen[-1] == "cancelled" and runs.read_run_json(config.RUNS_DIR / run_id)["status"] == "cancelled"
+    assert not registry.pid_alive(pid)  # and its process is gone, nothing left to write after the record
+
+
+def test_a_resume_cancelled_while_it_starts_leaves_the_run_as_it_was(tiny_dataset: Path, slow_start: float) -> None:
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=4,
+                               steps_per_epoch=2, name="resume-cancel", init="none"))
+    before = runs.read_run_json(config.RUNS_DIR / run_id)
+    jobs.start_training(TrainConfig(resume=run_id, epochs=3))
+    Watch(run_id).until(30 + slow_start, first_beat=True)
+    jobs.cancel(run_id)
+    after = runs.read_run_json(config.RUNS_DIR / run_id)
+    assert {k: after.get(k) for k in ("status", "epochs_done", "ready", "ready_reason", "finished_at")} == \
+        {k: before.get(k) for k in ("status", "epochs_done", "ready", "ready_reason", "finished_at")}
+    assert "cancelled before the resumed training started" in after["resume_error"]
+    assert registry.get_run(run_id).status == before["status"] == "completed"
 
 
 def test_a_second_start_while_a_run_is_active_is_refused(tiny_dataset: Path) -> None:
