@@ -42,3 +42,11 @@ def test_a_run_tuned_on_generated_images_never_says_real(generated_run: str, tin
     row = next(r for r in runstore.overview() if r["run_id"] == generated_run)
     assert row["validated_on"] == "generated images"  # the Runs table says the same
     assert all("real images" not in step for step in runs.next_steps(info))
+
+
+def test_generate_says_its_splits_in_words_not_as_a_python_dict(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    capsys.readouterr()
+    assert main(["generate", "--out", str(tmp_path / "words"), "--count", "10", "--size", "64", "--seed", "1"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "{" not in line and "'" not in line and ", test " in line and "train " in line, line
