@@ -62,6 +62,11 @@ def duration(seconds: float | None) -> str:
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
 
 
+def epoch_step(n_epochs: int) -> int:
+    """The distance between two ticks of an epoch axis: whole epochs (Plotly picks 0.5 for a few), about 12 ticks."""
+    return max(1, -(-n_epochs // 12))
+
+
 def progress_bar(label: str) -> tuple[Any, Progress]:
     """An st.progress bar and the engine.progress callback that moves it: (bar, progress). Its text says the
     stage (with counts), the time spent and, once the pace says something, about how long is left."""

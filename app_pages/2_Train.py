@@ -16,7 +16,7 @@ from engine.model import PRESETS
 from engine.paint import EVERY_KIND
 from engine.synth import DEFECT_TYPES
 from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
-from ui import duration, readiness_notice
+from ui import duration, epoch_step, readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 
@@ -36,7 +36,7 @@ def curves(rows: list[dict]) -> go.Figure:
         figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 1)
     for key, name in (("val_dice", "Dice"), ("val_iou", "IoU")):
         figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 2)
-    figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) < 15 else None)
+    figure.update_xaxes(title_text="epoch", dtick=epoch_step(max(epochs, default=1)))
     figure.update_yaxes(range=[0, 1], row=1, col=2)
     figure.update_layout(height=340, margin={"l": 10, "r": 10, "t": 60, "b": 10},
                          legend={"orientation": "h", "y": 1.25, "x": 0})

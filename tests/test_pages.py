@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from datetime import timedelta
@@ -192,6 +193,8 @@ def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None
     at.run()
     assert not at.exception
     assert "completed: epoch 1/1" in at.get("progress")[0].proto.text
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert spec["layout"]["xaxis"]["dtick"] == spec["layout"]["xaxis2"]["dtick"] == 1  # whole epochs only
     # The run selector names runs only: a status in its label went stale while the run progressed.
     assert run.id in at.selectbox(key="train_watch").options
     assert not any("[" in option for option in at.selectbox(key="train_watch").options)
@@ -579,6 +582,8 @@ def test_runs_table_curves_lineage_and_delete(trained_run: str) -> None:
     assert curves.value and curves.value == curves.options[:len(curves.value)]  # the newest runs by default
     curves.set_value([trained_run]).run()
     assert not at.exception
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert spec["layout"]["xaxis"]["dtick"] == 1  # two epochs: ticks at whole epochs, not at 1.5
     at.selectbox(key="runs_lineage").set_value(trained_run).run()
     assert runs.read_run_json(runs.run_dir(trained_run))["dataset"]["hash"] in texts(at)
     at.selectbox(key="runs_delete").set_value(victim).run()
