@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from engine import runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
-from engine.progress import Progress, describe
+from engine.progress import Progress, describe, time_left
 
 
 @dataclass(frozen=True)
@@ -53,13 +54,31 @@ DISPLAY_MAX_SIDE = 1600  # images are sent to the browser at most this large: a 
 PROBABILITY_CACHE_BYTES = 256 * 2**20  # probability maps kept for threshold moves, all sessions together
 
 
+def duration(seconds: float | None) -> str:
+    """Seconds as a short 'Xm Ys' text ('—' when unknown)."""
+    if seconds is None:
+        return "—"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def epoch_step(n_epochs: int) -> int:
+    """The distance between two ticks of an epoch axis: whole epochs (Plotly picks 0.5 for a few), about 12 ticks."""
+    return max(1, -(-n_epochs // 12))
+
+
 def progress_bar(label: str) -> tuple[Any, Progress]:
-    """An st.progress bar and the engine.progress callback that moves it: (bar, progress)."""
+    """An st.progress bar and the engine.progress callback that moves it: (bar, progress). Its text says the
+    stage (with counts), the time spent and, once the pace says something, about how long is left."""
     bar = st.progress(0.0, text=label)
+    started = time.monotonic()
 
     def update(done: float, total: float, what: str = "") -> None:
         fraction, text = describe(done, total, what)
-        bar.progress(fraction, text=f"{label} {text}".strip())
+        elapsed = time.monotonic() - started
+        left = time_left(fraction, elapsed)
+        timing = f" · {duration(elapsed)}" + (f", about {duration(left)} left" if left is not None else "")
+        bar.progress(fraction, text=f"{label} {text}".strip() + timing)
 
     return bar, update
 
@@ -77,12 +96,18 @@ def run_with_progress(label: str, work: Callable[[Progress], T]) -> T | None:
     return result
 
 
-def readiness_notice(info: dict[str, Any]) -> None:
-    """A warning with the reason and the next steps when a completed run is not ready to serve."""
+def readiness_notice(info: dict[str, Any], compact: bool = False) -> None:
+    """A warning with the reason and the next steps when a completed run is not ready to serve; compact (for a
+    sidebar): one line, the reason and the steps in a closed expander below it."""
     ready, reason = runs.readiness(info)
     if ready or info.get("status") != "completed":
         return
     steps = "\n".join(f"- {step}" for step in runs.next_steps(info))
+    if compact:
+        st.warning("**Not ready:** its verdicts are not to be trusted yet.")
+        with st.expander("Why, and what to do"):
+            st.markdown(f"{reason}.\n\nNext steps:\n{steps}")
+        return
     st.warning(f"**Not ready:** {reason}. Its verdicts are not to be trusted yet.\n\nNext steps:\n{steps}")
 
 
@@ -173,6 +198,6 @@ def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, dict[str, A
     except EngineError as err:
         st.error(str(err))
         st.stop()
-    readiness_notice(info)
+    readiness_notice(info, compact=True)  # the sidebar: Device and Threshold stay in sight below it
     saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
     return run_id, folder, info, saved, info.get("best_epoch")

@@ -27,6 +27,8 @@ class ModelInfo(BaseModel):
     device: str = "cpu"
     ready: bool = Field(True, description="false when training marked the run not ready (its recipe missed its "
                                           "goal on validation), or the run has not completed")
+    ready_for: str | None = Field(None, description="where `ready` was shown to hold, when narrower than your parts: "
+                                                  "'generated images only' for the demo model")
     ready_reason: str | None = Field(None, description="why the run is not ready")
     not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
     ready_note: str | None = Field(None, description="where a ready run is ready provisionally: what its validation "
@@ -105,6 +107,8 @@ class HealthResponse(BaseModel):
     model: ModelInfo | None = None
     detail: str | None = Field(None, description="why no model is loaded")
     ready: bool = Field(False, description="whether the default model is ready to serve (see ModelInfo.ready)")
+    ready_for: str | None = Field(None, description="where `ready` was shown to hold, when narrower than your parts: "
+                                                  "'generated images only' for the demo model")
     ready_reason: str | None = Field(None, description="why it is not")
     not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
     default_run: str = Field(description="DEFECTS_API_RUN: `ready` follows the newest ready run, `latest` the newest "
@@ -130,6 +134,8 @@ class CatalogEntry(BaseModel):
     backends: list[str]
     default_backend: str | None = None
     ready: bool = True
+    ready_for: str | None = Field(None, description="where `ready` was shown to hold, when narrower than your parts: "
+                                                  "'generated images only' for the demo model")
     ready_reason: str | None = None
     not_ready_reason: str | None = None
 

@@ -103,7 +103,8 @@ class ServingState:
         choice = auto_backend(self.default.run_dir) if auto else None
         skipped = runs.newer_not_ready(self.default.run_dir) if self.settings.default_run == "ready" else None
         return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
-                "ready_reason": model["ready_reason"], "not_ready_reason": model["ready_reason"],
+                "ready_for": model["ready_for"], "ready_reason": model["ready_reason"],
+                "not_ready_reason": model["ready_reason"],
                 "default_run": self.settings.default_run, "backend_choice": choice.as_dict() if choice else None,
                 "newest_run": skipped and {"run": skipped[0], "ready": False, "ready_reason": skipped[1]}}
 

@@ -79,7 +79,8 @@ if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
         out, int(count), seed=int(seed), params=params, progress=report))
     if result is not None:
         st.success(f"Dataset **{name}**: {result['images']} images ({result['defective']} defective, "
-                   f"{result['defect_free']} defect-free; splits {result['per_split']}) in {result['seconds']:.1f} s. "
+                   f"{result['defect_free']} defect-free; {synth.splits_text(result['per_split'])}) in "
+                   f"{result['seconds']:.1f} s. "
                    f"Content hash {result['dataset'].content_hash}.")
         st.page_link("app_pages/2_Train.py", label="Train a model on it", icon=":material/model_training:")
 

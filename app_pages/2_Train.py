@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
@@ -15,7 +16,7 @@ from engine.model import PRESETS
 from engine.paint import EVERY_KIND
 from engine.synth import DEFECT_TYPES
 from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
-from ui import readiness_notice
+from ui import duration, epoch_step, readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 
@@ -27,14 +28,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 PAINT_SHARES = [round(0.05 * k, 2) for k in range(19)]  # 0 .. 0.9
 
 
-def duration(seconds: float | None) -> str:
-    """Seconds as a short 'Xm Ys' text."""
-    if seconds is None:
-        return "—"
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
-
-
 def curves(rows: list[dict]) -> go.Figure:
     """Loss and validation Dice/IoU per epoch, side by side."""
     epochs = [row["epoch"] for row in rows]
@@ -43,7 +36,7 @@ def curves(rows: list[dict]) -> go.Figure:
         figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 1)
     for key, name in (("val_dice", "Dice"), ("val_iou", "IoU")):
         figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 2)
-    figure.update_xaxes(title_text="epoch", dtick=1 if len(epochs) < 15 else None)
+    figure.update_xaxes(title_text="epoch", dtick=epoch_step(max(epochs, default=1)))
     figure.update_yaxes(range=[0, 1], row=1, col=2)
     figure.update_layout(height=340, margin={"l": 10, "r": 10, "t": 60, "b": 10},
                          legend={"orientation": "h", "y": 1.25, "x": 0})
@@ -59,6 +52,32 @@ def name_after_dataset() -> None:
     state["train_name_auto"] = state["train_dataset"] or "run"
 
 
+def default_dataset(choices: dict[str, Path]) -> int | None:
+    """Index of the dataset to offer first: the one the newest run trained on, else the largest (the newest is
+    often a held-out set, made after the training set)."""
+    if not choices:
+        return None
+    names = {path.resolve(): index for index, path in enumerate(choices.values())}
+    for run in registry.list_runs():
+        if run.dataset_path and Path(run.dataset_path).resolve() in names:
+            return names[Path(run.dataset_path).resolve()]
+    sizes = {Path(d.path).resolve(): d.n_images for d in registry.list_datasets()}
+    return max(range(len(choices)), key=lambda i: sizes.get(list(choices.values())[i].resolve(), 0))
+
+
+def minutes_asked() -> float:
+    """The Minutes last chosen, from the address (so that a reload keeps them), else the suggested budget."""
+    try:
+        return min(600.0, max(0.5, float(st.query_params.get("minutes", SUGGESTED_MINUTES))))
+    except ValueError:
+        return SUGGESTED_MINUTES
+
+
+def remember_minutes() -> None:
+    """Keep the Minutes in the address."""
+    st.query_params["minutes"] = f"{st.session_state['train_minutes']:g}"
+
+
 settings, monitor_column = st.columns([1, 2], gap="large")
 active = jobs.active_runs()
 
@@ -68,7 +87,8 @@ with settings:
     choices = data.dataset_choices(trainable=True)
     if not choices:
         st.info("No dataset yet: make one on the Generate data page.")
-    dataset = st.selectbox("Dataset", list(choices), key="train_dataset", on_change=name_after_dataset)
+    dataset = st.selectbox("Dataset", list(choices), index=default_dataset(choices), key="train_dataset",
+                           on_change=name_after_dataset)
     st.session_state.setdefault("train_name_auto", dataset or "run")
     unusable, good_only = False, False
     if dataset:
@@ -94,7 +114,8 @@ with settings:
     if stop_by == "epochs":
         epochs, minutes = st.number_input("Epochs", 1, 500, DEFAULT_EPOCHS, key="train_epochs"), None
     else:
-        minutes = st.number_input("Minutes", 0.5, 600.0, SUGGESTED_MINUTES, 0.5, key="train_minutes")
+        minutes = st.number_input("Minutes", 0.5, 600.0, minutes_asked(), 0.5, key="train_minutes",
+                                  on_change=remember_minutes)
         epochs = None  # the wall-time budget ends the run
     device = st.radio("Device", DEVICES, horizontal=True, key="train_device",
                       help=None if len(DEVICES) > 1 else "No CUDA GPU found; training runs on the CPU.")
@@ -152,15 +173,19 @@ with settings:
                 batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
                 paint=None if paint == "auto" else float(paint), paint_types=",".join(paint_types) or None,
                 paint_size=float(paint_size), nproc=int(nproc), max_false_alarm=max_false_alarm / 100,
-                goal_detection=goal_detection / 100))
+                goal_detection=goal_detection / 100), parallel=allow_parallel)
         except EngineError as err:
             st.error(str(err))
         else:
-            for problem in report.problems[:5]:
-                st.warning(problem)
             st.query_params["run"] = run_id
             st.session_state["train_watch"] = run_id
-            st.success(f"Started run {run_id}.")
+            st.session_state["train_started"] = (run_id, report.problems[:5])
+            st.rerun()  # at once with the run active: the start button is disabled before a second click lands
+    if "train_started" in st.session_state:
+        run_id, problems = st.session_state.pop("train_started")
+        for problem in problems:
+            st.warning(problem)
+        st.success(f"Started run {run_id}.")
 
 # ---- watching a run ------------------------------------------------------------------------------
 with monitor_column:
@@ -178,7 +203,9 @@ with monitor_column:
     # No status in the label: it would stay as it was when the page last ran while the fragment below updates.
     watched = st.selectbox("Run", ids, key="train_watch")
     st.query_params["run"] = watched
-    was_active = statuses[watched] in registry.ACTIVE_STATUSES
+    # A run shown failed only because it has not beaten for a while is watched on: it may beat again, or end.
+    was_active = statuses[watched] in registry.ACTIVE_STATUSES or jobs.judged_gone_only(
+        next(run for run in all_runs if run.id == watched))
 
     def show(run_id: str) -> None:
         """Status, progress bar, curves and the actions that fit the run's state."""
@@ -187,7 +214,7 @@ with monitor_column:
         except EngineError as err:
             st.warning(str(err))
             return
-        if was_active and not state["active"]:
+        if was_active and state["settled"]:
             st.rerun()  # finished: redraw the whole page once (static view, resume offered)
         done, planned = state["epochs_done"], state["epochs_planned"]
         st.progress(state["fraction"] or 0.0, text=f"{state['status']}: epoch {done}" + (f"/{planned}" if planned else ""))
@@ -209,7 +236,10 @@ with monitor_column:
                 readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
             except EngineError as err:  # its folder was deleted meanwhile
                 st.warning(str(err))
-        if state["status"] == "failed":
+        if state["status"] == "failed" and not state["settled"]:
+            st.warning(f"No sign of life from the training process: {state['error']}. Still watching: this "
+                       "changes if it beats again or records its end.")
+        elif state["status"] == "failed":
             st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
             tail = jobs.log_tail(run_id)
             if tail:
@@ -228,7 +258,7 @@ with monitor_column:
             if st.button("Resume", key=f"resume_{watched}", disabled=blocked):
                 try:
                     jobs.start_training(replace(DEFAULTS, name=run.name, resume=watched, epochs=int(more),
-                                                device=device))
+                                                device=device), parallel=allow_parallel)
                 except EngineError as err:
                     st.error(str(err))
                 else:

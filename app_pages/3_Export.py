@@ -40,13 +40,24 @@ export_clicked = go_export.button("Export and benchmark", type="primary", key="e
 bench_clicked = go_bench.button("Benchmark only", key="export_bench_button",
                                 disabled=not (folder / "export" / ONNX_FILES["onnx"]).is_file())
 
+
+
+def finished_text(exported: bool) -> str:
+    """The bar's last words, from export/report.json as it is on disk now."""
+    written = export.read_report(folder) if exported else None
+    if written is None:
+        return "Done: benchmarked"
+    kept = ", ".join(entry["kind"] for entry in written["artifacts"] if entry["accepted"])
+    return f"Done: epoch {written['epoch']} exported at {written['created_at']} ({kept}), then benchmarked"
+
+
 if export_clicked or bench_clicked:
     bar, show_progress = progress_bar("")
     try:
         if export_clicked:
             # In a fresh process: the app keeps none of the memory export and benchmark need.
             report = jobs.run_isolated(export.export_run, folder, epoch, int8=int8, max_dice_drop=max_drop,
-                                       progress=part(show_progress, 0.0, 0.6))
+                                       progress=part(show_progress, 0.0, 0.6, "export: "))
             st.session_state["export_messages"] = (run_id, report["messages"], report.get("gate"),
                                                    report["check_data"] if report["check_data_is_fallback"] else None)
         start = 0.6 if export_clicked else 0.0
@@ -54,9 +65,10 @@ if export_clicked or bench_clicked:
                                    progress=part(show_progress, start, 1 - start, "benchmark: "))
         st.session_state["export_bench"] = (run_id, result)
     except EngineError as err:
-        st.error(str(err))
-    finally:
         bar.empty()
+        st.error(str(err))
+    else:
+        bar.progress(1.0, text=finished_text(export_clicked))
 
 messages = st.session_state.get("export_messages")
 if messages and messages[0] == run_id:

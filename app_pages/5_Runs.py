@@ -9,7 +9,7 @@ import streamlit as st
 from engine import registry, runs, runstore
 from engine.errors import EngineError
 from engine.recipe import verdict_threshold
-from ui import readiness_notice
+from ui import epoch_step, readiness_notice
 
 st.title(":material/history: Runs")
 
@@ -47,6 +47,8 @@ if with_metrics:
         values = metrics[run_id]
         figure.add_trace(go.Scatter(x=[v["epoch"] for v in values], y=[v.get(metric) for v in values],
                                     name=run_id, mode="lines+markers"))
+    last = max((v["epoch"] for run_id in chosen for v in metrics[run_id]), default=1)
+    figure.update_xaxes(dtick=epoch_step(last))
     figure.update_layout(height=380, xaxis_title="epoch", yaxis_title=metric,
                          legend={"orientation": "h", "y": 1.12, "x": 0}, margin={"l": 10, "r": 10, "t": 40, "b": 10})
     st.plotly_chart(figure, key="runs_figure")

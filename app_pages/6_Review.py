@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,11 @@ from engine.drawing import overlay, to_display
 from engine.errors import EngineError
 from engine.evaluate import evaluate, found_by_group, select_samples
 from engine.imageio import read_image, read_mask
+from engine.progress import Progress, part
 from engine.inspection import inspect
 from engine.metrics import SIZE_BANDS
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
-from ui import epoch_label, load_predictor, own_test_set, pick_run, sample_folder
+from ui import epoch_label, load_predictor, own_test_set, pick_run, progress_bar, sample_folder
 
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "
@@ -26,12 +29,29 @@ st.caption("Every image of a folder through the chosen epoch(s): per-image score
            "engine import`) needs no masks: it gives the verdict rates and tunes on them.")
 
 
-@st.cache_data(max_entries=8, ttl=1800, show_spinner="Evaluating every image…")
+@st.cache_resource
+def evaluations() -> tuple[threading.Lock, OrderedDict]:
+    """The process-wide store of the last 8 folder evaluations (st.cache_data cannot move a bar drawn outside)."""
+    return threading.Lock(), OrderedDict()
+
+
 def evaluation(run_dir: str, epoch: int | str, mtime: float, folder: str, split: str, threshold: float,
-               folder_mtimes: tuple, recipe_mtime: float) -> dict:
-    """engine.evaluate over a folder split, with the threshold sweep (cached per model, folder, threshold, recipe)."""
-    predictor = load_predictor(run_dir, epoch, mtime)
-    return evaluate(predictor, select_samples(folder, split), threshold, sweep=True)
+               folder_mtimes: tuple, recipe_mtime: float, progress: Progress) -> dict:
+    """engine.evaluate over a folder split, with the threshold sweep, once per model, folder, threshold and recipe
+    (the 8 latest are kept); progress moves the page's bar while it runs."""
+    key = (run_dir, epoch, mtime, folder, split, threshold, folder_mtimes, recipe_mtime)
+    lock, store = evaluations()
+    with lock:
+        if key in store:
+            store.move_to_end(key)
+            return store[key]
+    result = evaluate(load_predictor(run_dir, epoch, mtime), select_samples(folder, split), threshold,
+                      progress=progress, sweep=True)
+    with lock:
+        store[key] = result
+        while len(store) > 8:
+            store.popitem(last=False)
+    return result
 
 
 try:
@@ -78,15 +98,19 @@ folder = choices[folder_name]
 # images/ and masks/, or good/ and the defect folders of a folder sorted by verdict
 state = tuple(sub.stat().st_mtime for sub in sorted(folder.iterdir()) if sub.is_dir()) if folder.is_dir() else ()
 results: dict[int | str, dict] = {}
+bar, report = progress_bar(f"Evaluating {folder_name}…")
 try:
-    for epoch in epochs:
+    for index, epoch in enumerate(epochs):
         mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
         recipe_file = run_folder / RECIPE_FILE
         recipe_mtime = recipe_file.stat().st_mtime if recipe_file.is_file() else 0.0
-        results[epoch] = evaluation(str(run_folder), epoch, mtime, str(folder), split, threshold, state, recipe_mtime)
+        results[epoch] = evaluation(str(run_folder), epoch, mtime, str(folder), split, threshold, state, recipe_mtime,
+                                    part(report, index / len(epochs), 1 / len(epochs), f"{epoch_label(epoch)}: "))
 except (EngineError, OSError) as err:
     st.error(f"Cannot review this folder: {err}")
     st.stop()
+finally:
+    bar.empty()
 
 # ---- set metrics ---------------------------------------------------------------------------------
 for epoch, result in results.items():
@@ -109,6 +133,8 @@ for epoch, result in results.items():
                      column_config={"detection": st.column_config.NumberColumn(format="percent")})
 
 # ---- per-image table, worst first ----------------------------------------------------------------
+
+
 first = epochs[0]
 table = pd.DataFrame(results[first]["per_image"])
 table["verdict"] = table["flagged"].map({True: "defect", False: "ok"})
@@ -201,13 +227,14 @@ on_bound = bound_col.checkbox("Hold the goal at 95 % confidence", value=True, ke
                                    "images: 0 of 60 flagged still bounds the rate at 4.3 %.")
 if button_col.button("Tune and save", key="review_tune", type="primary"):
     mtime = runs.checkpoint_path(run_folder, first).stat().st_mtime
+    tuning_bar, report = progress_bar("Scoring every image…")
     try:
-        with st.spinner("Scoring every image…"):
-            tuned, result, notes = tune_run(load_predictor(str(run_folder), first, mtime),
-                                            select_samples(folder, split), goal / 100, 0.95 if on_bound else None,
-                                            context={"data": str(folder), "split": split},
-                                            goal_detection=goal_detection / 100)
+        tuned, result, notes = tune_run(load_predictor(str(run_folder), first, mtime),
+                                        select_samples(folder, split), goal / 100, 0.95 if on_bound else None,
+                                        context={"data": str(folder), "split": split},
+                                        goal_detection=goal_detection / 100, progress=report)
     except (EngineError, OSError) as err:
+        tuning_bar.empty()
         st.error(f"Cannot tune on this folder: {err}")
     else:
         bound_text = ("" if result["false_alarm_bound"] is None

@@ -31,7 +31,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         result = synth.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
     rate = result["images"] / max(result["seconds"], 1e-9)
     print(f"{args.out}: {result['images']} images ({result['defective']} defective, {result['defect_free']} "
-          f"defect-free; splits {result['per_split']}) in {result['seconds']:.1f}s, {rate:.0f} images/s")
+          f"defect-free; {synth.splits_text(result['per_split'])}) in {result['seconds']:.1f}s, {rate:.0f} images/s")
 
 
 def _paint_onto(args: argparse.Namespace) -> None:
@@ -531,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get(config.HEARTBEAT_ENV):  # a training the app started: it beats from here, before any import
+        from engine import runstore
+
+        runstore.Heartbeat(os.environ[config.HEARTBEAT_ENV])
     code = main()
     if "WORLD_SIZE" in os.environ and "RANK" in os.environ:  # a process of a torchrun group
         from engine import distributed

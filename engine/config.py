@@ -18,6 +18,7 @@ DEMO_RUN_DIR = ROOT / "runs" / "demo"  # shipped in git, always read from the re
 # Any SQLAlchemy URL (postgresql+psycopg://user:password@host/db) puts the registry on a server that several
 # machines share; unset, the registry is the SQLite file registry_path().
 DATABASE_URL = os.environ.get("DEFECTS_DATABASE_URL") or None
+HEARTBEAT_ENV = "DEFECTS_HEARTBEAT_RUN"  # set by jobs.start_training: the run its process beats for from its start
 
 
 def registry_path() -> Path:

@@ -125,12 +125,13 @@ def _image_row(sample: Sample, probability: np.ndarray, truth: np.ndarray, inspe
         "defect_types": sample.defect_types, "kinds": list(sample.kinds), "defect_fraction": fraction,
         "size_band": size_band(fraction) if fraction > 0 else None,
         "counted": [why_counted(region, recipe) for region in inspection.regions[:5]],
-        "dropped": _dropped(probability, recipe) if defective and not flagged else None,
+        "dropped": None if flagged else _dropped(probability, recipe),
     }
 
 
 def _dropped(probability: np.ndarray, recipe: Recipe) -> str | None:
-    """Why a part with regions above the threshold was passed: the largest region the recipe's rule did not count."""
+    """Why a part with regions above the threshold was passed: the largest region the recipe's rule did not count
+    (None where no score reaches the threshold)."""
     regions = find_regions(probability, recipe.threshold)
     if not regions:
         return None

@@ -40,7 +40,7 @@ from engine.inference import (
     openvino_available,
     preprocess_image,
 )
-from engine.progress import Progress, silent
+from engine.progress import Progress, part, silent
 from engine.storage import commit, staged_file, write_staged
 
 OPSET = 17
@@ -327,7 +327,7 @@ def _check_fp32(folder: Path, staged_onnx: Path, reference: Predictor, check_ima
         raise EngineError(f"ONNX export of run {run_id} differs from PyTorch (max |dp| "
                           f"{fp32_parity['max_abs_diff']:.2e} > {PARITY_TOLERANCE}); nothing was written")
     progress(0.3, 1.0, "evaluating fp32 ONNX on the validation split")
-    fp32_eval = evaluate(fp32, val_samples)
+    fp32_eval = evaluate(fp32, val_samples, progress=part(progress, 0.3, 0.1, "evaluating fp32 ONNX: "))
     entry = {"kind": "onnx", "accepted": True, "metrics": {
         "parity": fp32_parity, "val_dice": fp32_eval["dice"], "val_iou": fp32_eval["iou"],
         "n_val_images": fp32_eval["n_images"]}}
@@ -351,7 +351,7 @@ def _quantize_and_gate(folder: Path, staging: dict[str, Path], reference: Predic
     progress(0.6, 1.0, "checking INT8 against PyTorch")
     int8_parity = parity(reference, quantized, check_images)
     progress(0.65, 1.0, "evaluating INT8 on the validation split (accuracy gate)")
-    int8_eval = evaluate(quantized, val_samples)
+    int8_eval = evaluate(quantized, val_samples, progress=part(progress, 0.65, 0.05, "INT8 accuracy gate: "))
     accepted, message = int8_gate(fp32_eval["dice"], int8_eval["dice"], max_dice_drop)
     drop = fp32_eval["dice"] - int8_eval["dice"]
     gate = {"max_dice_drop": max_dice_drop, "fp32_dice": fp32_eval["dice"], "int8_dice": int8_eval["dice"],
@@ -384,7 +384,8 @@ def _gates(folder: Path, staging: dict[str, Path], entries: dict[str, dict[str, 
         if not gates.get(source, {}).get("accepted"):
             continue
         progress(0.7, 1.0, f"evaluating OpenVINO {precision} on {source} on the validation split")
-        dice = evaluate(Predictor(folder, backend=backend, path=staging[source]), val_samples)["dice"]
+        dice = evaluate(Predictor(folder, backend=backend, path=staging[source]), val_samples,
+                        progress=part(progress, 0.7, 0.1, f"OpenVINO {precision} accuracy gate: "))["dice"]
         gates[backend] = gate(within_gate(fp32_eval["dice"], dice, max_dice_drop), dice)
     return gates
 

@@ -75,6 +75,7 @@ class Predictor:
         self.run_id = info.get("run_id", run_dir.name)
         self.ready, self.ready_reason = runs.readiness(info)
         self.ready_note = info.get("ready_note") if self.ready else None  # provisional: what validation cannot show
+        self.ready_for = runs.ready_for(info)
         if backend == "torch":
             path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
             self.model, meta = load_checkpoint(path, device)
@@ -110,8 +111,8 @@ class Predictor:
         """Which model this is: run, epoch, backend, and whether the run is ready to serve (and if not, why; if only
         provisionally, what its validation was too small to show)."""
         return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device,
-                "ready": self.ready, "ready_reason": self.ready_reason, "not_ready_reason": self.ready_reason,
-                "ready_note": self.ready_note}
+                "ready": self.ready, "ready_for": self.ready_for, "ready_reason": self.ready_reason,
+                "not_ready_reason": self.ready_reason, "ready_note": self.ready_note}
 
     def forward_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride

@@ -18,11 +18,19 @@ def silent(done: float, total: float, what: str = "") -> None:
 
 
 def part(progress: Progress, start: float, span: float, prefix: str = "") -> Progress:
-    """A callback for one part of a bigger job: the part's own (done, total) fill [start, start + span] of it."""
+    """A callback for one part of a bigger job: the part's own (done, total) fill [start, start + span] of it, its
+    text (with its counts) after `prefix`."""
     def report(done: float, total: float, what: str = "") -> None:
-        progress(start + span * (done / total if total else 0.0), 1.0, prefix + what)
+        fraction, text = describe(done, total, what)
+        progress(start + span * fraction, 1.0, prefix + text)
 
     return report
+
+
+def time_left(fraction: float, elapsed_s: float) -> float | None:
+    """Seconds left of a job `fraction` done after elapsed_s seconds, at its pace so far (None before 2 % done,
+    where the pace says nothing yet, and once done)."""
+    return elapsed_s * (1.0 - fraction) / fraction if 0.02 <= fraction < 1.0 else None
 
 
 def describe(done: float, total: float, what: str = "") -> tuple[float, str]:

@@ -665,7 +665,8 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     tuned = tuned_recipe(best, base, {**(context or {}), "model": predictor.describe(), "left_out_seen": len(seen)})
     if save:
         save_recipe(predictor.run_dir, tuned)
-        best["readiness"] = _judge_by_tuning(predictor.run_dir, best, max_false_alarm)
+        best["readiness"] = _judge_by_tuning(predictor.run_dir, best, max_false_alarm,
+                                             _tuned_on_kind((context or {}).get("data"), kept))
     named = [s.id for s in seen_samples]
     notes = [f"{len(seen)} of the {len(samples)} tuning images are images training saw (its train and val splits, "
              f"the same bytes); they were left out: {', '.join(named[:5])}{' ...' if len(named) > 5 else ''}"
@@ -689,9 +690,23 @@ def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool
     return reason is None, reason
 
 
-def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float) -> str | None:
-    """A finished run's readiness after a tuning on real labelled images, defective and good; returns what it is now,
-    in words, or None where the tuning does not decide. The recipe tune saves is the one served from now on, so:
+def _tuned_on_kind(data: str | None, samples: list[Any]) -> str:
+    """What a tuning's images are, in words (runstore.images_kind): of the folder tuned on, else of the samples'
+    folders (DIR/images/x.png, or a folder of a set sorted by verdict)."""
+    from engine import runstore
+
+    if data:
+        return runstore.images_kind(data)
+    folders = {s.image_path.parent.parent if s.image_path.parent.name == "images" else s.image_path.parent
+               for s in samples}
+    return " and ".join(sorted({runstore.images_kind(folder) for folder in folders})) or "real images"
+
+
+def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float,
+                     kind: str = "real images") -> str | None:
+    """A finished run's readiness after a tuning on labelled images (`kind`: generated or real, in words), defective
+    and good; returns what it is now, in words, or None where the tuning does not decide. The recipe tune saves is
+    the one served from now on, so:
     - a run whose validation could not decide (defects painted, none or too few real ones there) is ready when the
       recipe meets the goal on the upper bound of its false alarms (training's rule for it, tuning_readiness);
     - a run its validation judged is judged again by the same rule as validation (readiness_of), where the tuning
@@ -717,13 +732,14 @@ def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float
     short_of_images = (not ready and detection >= goal_detection - 1e-9 and false_alarm <= max_false_alarm + 1e-9
                        and held_out_missed(best, max_false_alarm) is None)
     on_bound = best.get("goal_on") == "bound" or not runs.validation_decides(info)
-    tuned_on = {"n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"], "flagged": flagged,
-                "held_out_false_alarm_rate": best.get("held_out_false_alarm_rate"), "short_of_images": short_of_images,
+    tuned_on = {"images": kind, "n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"],
+                "flagged": flagged, "held_out_false_alarm_rate": best.get("held_out_false_alarm_rate"),
+                "short_of_images": short_of_images,
                 "good_needed": (good_images_to_bound(flagged, max_false_alarm, best.get("confidence") or 0.95)
                                 if on_bound else good_images_needed(max_false_alarm))}
-    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"tuned on real images: {reason}",
+    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"tuned on {kind}: {reason}",
                     tuned_on=tuned_on)
     before, _ = runs.readiness(info)
     change = ("still" if before else "now") if ready else ("no longer" if before else "not")
-    return (f"run {run_dir.name} is {change} ready (tuned on real images)" if ready
-            else f"run {run_dir.name} is {change} ready (tuned on real images): {reason}")
+    return (f"run {run_dir.name} is {change} ready (tuned on {kind})" if ready
+            else f"run {run_dir.name} is {change} ready (tuned on {kind}): {reason}")

@@ -38,8 +38,12 @@ from engine.errors import EngineError, RunNotFound
 
 log = logging.getLogger(__name__)
 
-STALE_AFTER_S = 60.0  # a running run without a heartbeat for this long is shown as failed
-QUEUED_STALE_AFTER_S = 120.0  # a queued run (or a running one that never beat) after this long
+# Judged by the heartbeat alone (a run of another host, or one whose process cannot be checked here): the training
+# process beats every HEARTBEAT_EVERY_S from its start, so these are far beyond a slow start on a loaded machine
+# (84 s measured at load 10-13). A run whose process is checked alive on this host is never shown as failed.
+HEARTBEAT_EVERY_S = 5.0
+STALE_AFTER_S = 300.0  # a running run without a heartbeat for this long is shown as failed
+QUEUED_STALE_AFTER_S = 600.0  # a queued run (or a running one that never beat) after this long
 STATUSES = ("queued", "running", "completed", "failed", "cancelled")
 ACTIVE_STATUSES = ("queued", "running")
 STALE_ERROR = "training process stopped without finishing"
@@ -108,6 +112,7 @@ class Run(SQLModel, table=True):
     dataset_hash: str = ""
     status: str = Field(default="queued", index=True)
     pid: int | None = None
+    pid_started: float | None = None  # when process pid started (registry.process_started): a reused pid is not it
     heartbeat: datetime | None = Field(default=None, sa_type=UTCDateTime)
     host: str | None = None  # the machine pid belongs to
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
@@ -466,8 +471,18 @@ def _run_values(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists on this host (a zombie counts as gone)."""
+def process_started(pid: int) -> float | None:
+    """When process pid started, in seconds after this host booted (Linux /proc; None where unknown)."""
+    try:
+        ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, started: float | None = None) -> bool:
+    """Whether a process with this pid exists on this host (a zombie counts as gone), and, given when it started
+    (process_started), is that process and not a later one that got its pid."""
     if pid <= 0:
         return False
     if os.name == "nt":  # os.kill would terminate it on Windows; rely on the heartbeat there
@@ -480,9 +495,12 @@ def pid_alive(pid: int) -> bool:
         return True
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return False
     except (OSError, IndexError):
         return True
+    now_started = process_started(pid) if started is not None else None
+    return now_started is None or abs(now_started - started) < 0.05
 
 
 def _fmt(moment: datetime | None) -> str:
@@ -496,8 +514,10 @@ def stale_reason(run: Run, now: datetime | None = None) -> str | None:
     now = as_utc(now) or utcnow()
     last = as_utc(run.heartbeat) or as_utc(run.started_at) or as_utc(run.created_at)
     on_this_host = run.host in (None, "", config.host())  # another machine's run is judged by its heartbeat alone
-    if run.pid is not None and on_this_host and not pid_alive(run.pid):
-        return f"{STALE_ERROR} (no heartbeat since {_fmt(last)}; process {run.pid} is gone)"
+    if run.pid is not None and on_this_host and os.name != "nt":
+        if not pid_alive(run.pid, run.pid_started):
+            return f"{STALE_ERROR} (no heartbeat since {_fmt(last)}; process {run.pid} is gone)"
+        return None  # its process is alive: however late its heartbeat (a slow start, a loaded machine), not failed
     # A running run must beat every STALE_AFTER_S; a queued one (or one that never beat) gets longer.
     limit = STALE_AFTER_S if run.status == "running" and run.heartbeat is not None else QUEUED_STALE_AFTER_S
     if last is not None and (now - last).total_seconds() > limit:
@@ -740,6 +760,7 @@ def _run_from_folder(folder: Path, info: dict) -> Run:
         dataset_hash=str(dataset.get("hash") or info.get("dataset_hash") or ""),
         status=status,
         pid=_number(info.get("pid"), int),
+        pid_started=_number(info.get("pid_started")),
         host=info.get("host") if isinstance(info.get("host"), str) else None,
         heartbeat=_parse_time(info.get("heartbeat")),
         created_at=_parse_time(info.get("created_at")) or _mtime(folder / "run.json"),

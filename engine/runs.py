@@ -229,6 +229,17 @@ def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:
     return True, None
 
 
+def ready_for(info: dict[str, Any]) -> str | None:
+    """Where a ready run's verdicts were shown to hold, when narrower than the user's parts: "generated images only"
+    for the shipped demo (trained and validated on generated images) and for a run last tuned on generated images;
+    None otherwise (and for a run not ready)."""
+    if not readiness(info)[0]:
+        return None
+    if info.get("run_id") == "demo" or (info.get("tuned_on") or {}).get("images") == "generated images":
+        return "generated images only"
+    return None
+
+
 def validation_decides(info: dict[str, Any]) -> bool:
     """Whether training's validation could decide readiness: it measured the detection of real defects on enough
     images (metrics.too_few_to_show). Where it could not (defects painted, none or too few in the val split), a
@@ -306,7 +317,7 @@ def next_steps(info: dict[str, Any]) -> list[str]:
 
 
 def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[str]:
-    """next_steps of a run that a tuning on real images judged not ready (recipe._judge_by_tuning)."""
+    """next_steps of a run that a tuning on labelled images judged not ready (recipe._judge_by_tuning)."""
     had = (f"the last tuning had {tuned_on['n_defective']} defective and {tuned_on['n_defect_free']} good images, "
            f"{tuned_on['flagged']} of the good ones flagged")
     needed = tuned_on.get("good_needed")
@@ -321,5 +332,5 @@ def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[st
     if held_out is not None and held_out > goal + 1e-9:
         had += (f"; {held_out:.0%} flagged where each half of them was judged by the recipe chosen on the other "
                 f"half")
-    return [f"the model misses the goals on real images ({had}): {retrain}",
+    return [f"the model misses the goals on {tuned_on.get('images') or 'real images'} ({had}): {retrain}",
             f"or tune again on other images the run did not train on: {tune}"]

@@ -11,6 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ log = logging.getLogger(__name__)
 ACTIVE = ("queued", "running")
 # What a resume may change; kept under "before_resume" so that a resume that fails before its first new epoch
 # puts the run back exactly as it was.
-RESUMABLE_STATE = ("status", "error", "finished_at", "stop_reason", "ready", "ready_reason", "pid")
+RESUMABLE_STATE = ("status", "error", "finished_at", "stop_reason", "ready", "ready_reason", "pid", "pid_started")
 
 
 def _now() -> str:
@@ -73,7 +76,49 @@ def trained_elsewhere(info: dict[str, Any]) -> int | None:
         return None
     if pid in (os.getpid(), os.getppid()):  # this process, or the torchrun or job launcher that started it
         return None
-    return pid if registry.pid_alive(pid) else None
+    return pid if registry.pid_alive(pid, info.get("pid_started")) else None
+
+
+def process_fields(pid: int) -> dict[str, Any]:
+    """What run.json records of the process that trains a run: its pid, when it started, and its host."""
+    return {"pid": pid, "pid_started": registry.process_started(pid), "host": config.host()}
+
+
+class Heartbeat:
+    """Beats for a run in a thread of its own (registry.heartbeat every HEARTBEAT_EVERY_S) until stopped.
+
+    Started when the training process starts, before its slow imports and data loading, so a run is never judged
+    by the heartbeat it was queued with; a registry that cannot be written is skipped (run.json keeps the record).
+    """
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id, self._stop = run_id, threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                registry.heartbeat(self.run_id)
+            except (SQLAlchemyError, OSError):
+                pass
+            if self._stop.wait(registry.HEARTBEAT_EVERY_S):
+                return
+
+    def stop(self) -> None:
+        """Stop beating (waits for a beat under way)."""
+        self._stop.set()
+        self._thread.join()
+
+
+@contextmanager
+def beating(run_id: str) -> Iterator[Heartbeat]:
+    """A Heartbeat for run_id while the block runs."""
+    beat = Heartbeat(run_id)
+    try:
+        yield beat
+    finally:
+        beat.stop()
 
 
 def queue(folder: Path, **fields: Any) -> dict[str, Any]:
@@ -101,7 +146,7 @@ def fail(folder: Path, error: str) -> dict[str, Any] | None:
     if before is not None and int(info.get("epochs_done") or 0) <= int(before.get("epochs_done") or 0):
         info.update({key: before.get(key) for key in RESUMABLE_STATE}, resume_error=f"{_now()}: {error}")
     else:
-        info.update(status="failed", error=error, finished_at=_now(), pid=None, ready=False,
+        info.update(status="failed", error=error, finished_at=_now(), pid=None, pid_started=None, ready=False,
                     ready_reason=f"training failed: {error}")
     try:
         runs.write_run_json(folder, info)
@@ -115,6 +160,20 @@ def fail(folder: Path, error: str) -> dict[str, Any] | None:
     return info
 
 
+def cancelled_before_start(folder: Path) -> dict[str, Any]:
+    """Record that a run was cancelled while its process was still starting: a resume goes back to the state it
+    left; a new run ends cancelled, with nothing trained. Returns run.json as written."""
+    info = runs.read_run_json(folder)
+    before = info.pop("before_resume", None)
+    if before is not None:
+        info.update({key: before.get(key) for key in RESUMABLE_STATE}, resume_error=f"{_now()}: cancelled before "
+                    "the resumed training started")
+    else:
+        info.update(status="cancelled", stop_reason="cancelled before training started", finished_at=_now(),
+                    pid=None, pid_started=None, ready=False, ready_reason="training was cancelled")
+    return save(folder, info, keep_cancel=False)
+
+
 def reconcile(folder: Path) -> bool:
     """A run.json that says queued/running while its process is gone is marked failed, with the cause the registry
     recorded when there is one; returns whether it was."""
@@ -123,7 +182,7 @@ def reconcile(folder: Path) -> bool:
     except EngineError:
         return False
     pid = info.get("pid")
-    if info.get("status") not in ACTIVE or pid is None or registry.pid_alive(int(pid)):
+    if info.get("status") not in ACTIVE or pid is None or registry.pid_alive(int(pid), info.get("pid_started")):
         return False
     row = registry.get_run(folder.name)
     recorded = row is not None and row.status == "failed" and row.error and not row.error.startswith(
@@ -242,20 +301,43 @@ def overview() -> list[dict[str, Any]]:
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
             "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason or "",
-            "validated_on": _validated_on(run.id, sources.get(run.dataset_hash)),
+            "validated_on": _validated_on(run.id, run.dataset_path, sources.get(run.dataset_hash)),
         })
     return rows
 
 
-def _validated_on(run_id: str, source: str | None) -> str:
+def _validated_on(run_id: str, dataset_path: str, source: str | None) -> str:
     """What a run's best_dice was measured on: "painted defects" (painted onto good parts), "generated images" (the
-    demo, or a set the generator made, by its registered `source`) or "labelled defects" (the user's own)."""
+    demo, or a set the generator made: images_kind) or "labelled defects" (the user's own)."""
     try:
         painted = (runs.read_run_json(runs.run_dir(run_id)).get("dataset") or {}).get("val_painted")
     except EngineError:
         return ""
-    if painted or source == "painted":
+    if painted:
         return "painted defects"
-    if run_id == "demo" or source in ("generated", "sample"):
+    if run_id == "demo":
         return "generated images"
-    return "labelled defects"
+    kind = images_kind(dataset_path, source)
+    return "labelled defects" if kind == "real images" else kind
+
+
+_SOURCE_KINDS = {"painted": "painted defects", "generated": "generated images", "sample": "generated images"}
+
+
+def images_kind(folder: str | Path | None, source: str | None = None) -> str:
+    """What the images of a set are, in words for readiness lines and tables: "generated images", "painted
+    defects" (the generator's, on good parts) or "real images"; a manifest `generate` wrote says generated,
+    else `source`, else the source the registry has for the folder."""
+    from engine import synth  # numpy and OpenCV, not torch
+
+    if not folder:
+        return _SOURCE_KINDS.get(source or "", "real images")
+    path = Path(folder).resolve()
+    try:
+        header = (path / "manifest.csv").read_text(encoding="utf-8").splitlines()[:1]
+    except (OSError, UnicodeDecodeError):
+        header = []
+    source = "generated" if header == [",".join(synth.MANIFEST_COLUMNS)] else source
+    if source is None:
+        source = next((d.source for d in registry.list_datasets() if Path(d.path) == path), None)
+    return _SOURCE_KINDS.get(source or "", "real images")

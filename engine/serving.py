@@ -226,7 +226,7 @@ def model_catalog() -> list[dict[str, Any]]:
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
             "threshold": verdict_threshold(folder, info.get("threshold")), "backends": backends,
             "default_backend": (choice.backend if choice else AUTO) if backends else None,
-            "ready": ready, "ready_reason": reason, "not_ready_reason": reason,
+            "ready": ready, "ready_for": runs.ready_for(info), "ready_reason": reason, "not_ready_reason": reason,
         })
     return catalog
 

@@ -707,6 +707,11 @@ def generate_dataset(
     }
 
 
+def splits_text(per_split: dict[str, int]) -> str:
+    """A generated set's images per split, for people: 'train 700, val 150, test 150'."""
+    return ", ".join(f"{split} {count}" for split, count in per_split.items())
+
+
 def preview(params: SynthParams, n: int = 6, seed: int = 0) -> list[Sample]:
     """Render n samples in memory (nothing written) for the UI preview."""
     if n < 1:

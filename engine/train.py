@@ -521,7 +521,8 @@ def train(cfg: TrainConfig) -> str:
         else:
             cfg, folder, info, start_epoch = resolve_config(cfg)
             group.share((cfg, str(folder), start_epoch))
-            run_id = _fit_recorded(cfg, folder, info, start_epoch, group)
+            with runstore.beating(cfg.run_id):  # from now on, whatever the loop does (validation, tuning)
+                run_id = _fit_recorded(cfg, folder, info, start_epoch, group)
         group.wait()  # every process leaves together, once process 0 has written the end of the run
         return run_id
     finally:
@@ -828,8 +829,8 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
         "dataset": {"path": str(Path(cfg.data).resolve()), "hash": data.data_hash, "counts": data.counts,
                     "val_carved_from_train": data.val_carved, "val_painted": data.val_painted},
         "arch": {"in_channels": 1, **arch}, "parameters": count_parameters(model), "init": init_note,
-        "normalisation": {"mean": data.mean, "std": data.std}, "device": str(device), "pid": os.getpid(),
-        "host": config.host(),
+        "normalisation": {"mean": data.mean, "std": data.std}, "device": str(device),
+        **runstore.process_fields(os.getpid()),
         "epochs_planned": cfg.epoch_limit or 0, "seed": cfg.seed, "command": cfg.command,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "machine": f"{platform.machine()}, {config.cpu_threads()} cpu threads",
@@ -926,7 +927,8 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     info.pop("before_resume", None)
     info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
-                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None)
+                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None,
+                pid_started=None)
     runstore.save(folder, info)
     print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
           f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "

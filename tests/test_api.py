@@ -161,7 +161,9 @@ def test_a_run_marked_not_ready_says_so_on_health_models_and_predict(make_client
     listed = client.get("/models").json()
     entry = next(r for r in listed["runs"] if r["run"] == run_id)
     assert entry["ready"] is False and entry["ready_reason"] == reason
-    assert next(r for r in listed["runs"] if r["run"] == "demo")["ready"] is True  # completed before the rule
+    demo_entry = next(r for r in listed["runs"] if r["run"] == "demo")
+    assert demo_entry["ready"] is True and demo_entry["ready_for"] == "generated images only"
+    assert entry["ready_for"] is None
     answer = post(client, _png(sample))
     assert answer.status_code == 200 and answer.json()["model"]["ready"] is False
     assert answer.json()["warning"] == f"run {run_id} is not ready ({reason}); its verdicts are not validated for " \
@@ -175,6 +177,7 @@ def test_a_run_marked_not_ready_says_so_on_health_models_and_predict(make_client
     # An answer from the demo says so, and names the user's newest run it passed over.
     demo = post(following, _png(sample), run="demo").json()
     assert demo["model"]["run"] == "demo" and demo["model"]["ready"] is True
+    assert demo["model"]["ready_for"] == "generated images only"  # "ready" alone read as "trust this" (issue 39)
     assert demo["warning"].startswith("answered by the demo model, trained on generated images only")
     assert f"your newest run {run_id} is not ready ({reason})" in demo["warning"]
 

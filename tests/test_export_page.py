@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,11 @@ def test_export_page_exports_then_shows_the_table_chart_and_downloads(trained_ru
 
     folder = runs.run_dir(trained_run)
     assert (folder / "export" / "model.onnx").is_file()
+    # The bar's last state is what report.json on disk says (issue 39: "done" at 60 % beside "not exported yet").
+    written = json.loads((folder / "export" / "report.json").read_text())
+    bar = at.get("progress")[0].proto
+    assert bar.value == 100 and f"epoch {written['epoch']} exported at {written['created_at']}" in bar.text, bar.text
+    assert "not been exported yet" not in "\n".join(c.value for c in at.caption)
     tables = [d.value for d in at.dataframe]
     table = next(t for t in tables if "backend" in t.columns)  # the benchmark
     files = next(t for t in tables if "kind" in t.columns)  # what is exported now

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from engine import config, registry, runstore
+from tests.timing import scaled, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +37,10 @@ class Place:
         self.env = {**os.environ, "DEFECTS_RUNS_DIR": str(root), "DEFECTS_DATA_DIR": str(data.parent),
                     "PYTHONUNBUFFERED": "1"}
 
-    def engine(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-        """Run `python -m engine ARGS` to the end."""
+    def engine(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run `python -m engine ARGS` to the end (timeout: on the reference machine, see tests.timing)."""
         return subprocess.run([sys.executable, "-m", "engine", *args], cwd=config.ROOT, env=self.env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+                              capture_output=True, text=True, timeout=scaled(timeout), check=False)
 
     def start_training(self, run_id: str, *extra: str) -> subprocess.Popen:
         """A training process in the background."""
@@ -67,21 +67,21 @@ class Place:
             return info, registry.get_run(run_id)
 
 
-def wait_for_epoch(folder: Path, epoch: int, process: subprocess.Popen, timeout: float = 120) -> None:
-    """Until metrics.csv holds `epoch` (fails if the process ends first)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_for_epoch(folder: Path, epoch: int, process: subprocess.Popen, timeout: float = 40) -> None:
+    """Until metrics.csv holds `epoch` (fails if the process ends first); timeout as in tests.timing.scaled."""
+    def reached() -> bool:
         metrics = folder / "metrics.csv"
         if metrics.is_file() and len(metrics.read_text().strip().splitlines()) > epoch:
-            return
+            return True
         assert process.poll() is None, process.communicate()
-        time.sleep(0.05)
-    raise AssertionError(f"epoch {epoch} not reached in {timeout} s")
+        return False
+
+    wait_until(reached, timeout, f"epoch {epoch}", every=0.05)
 
 
-def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    """Wait for a process; returns (exit status, stderr)."""
-    _out, err = process.communicate(timeout=timeout)
+def finish(process: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    """Wait for a process (timeout as in tests.timing.scaled); returns (exit status, stderr)."""
+    _out, err = process.communicate(timeout=scaled(timeout))
     return process.returncode, err
 
 

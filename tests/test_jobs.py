@@ -38,7 +38,22 @@ def test_result_and_progress_come_back_from_another_process() -> None:
     seen: list[tuple[float, float, str]] = []
     result = jobs.run_isolated(square_with_progress, 7, progress=lambda *call: seen.append(call))
     assert result["square"] == 49 and result["pid"] != os.getpid()
-    assert seen == [(0.5, 1.0, "half"), (1.0, 1.0, "done")]
+    assert seen[0] == (0.0, 1.0, "starting a worker process")  # at once, before the child has started
+    assert [call for call in seen if call[2] != seen[0][2]] == [(0.5, 1.0, "half"), (1.0, 1.0, "done")]
+
+
+def silent_then_done(seconds: float, progress) -> str:
+    """A worker whose only stage says nothing for a while (an export's ONNX step, a benchmark's warm-up)."""
+    progress(0.1, 1.0, "a quiet stage")
+    time.sleep(seconds)
+    return "ok"
+
+
+def test_a_quiet_stage_still_moves_the_bar_clock() -> None:
+    seen: list[tuple[float, float, str]] = []
+    assert jobs.run_isolated(silent_then_done, 3.0, progress=lambda *call: seen.append(call)) == "ok"
+    quiet = [call for call in seen if call == (0.1, 1.0, "a quiet stage")]
+    assert len(quiet) >= 4, seen  # repeated every 0.5 s: the page's bar redraws its elapsed time and estimate
 
 
 def test_an_engine_error_keeps_its_message() -> None:
@@ -70,4 +85,11 @@ def test_one_progress_convention_for_counted_and_staged_work() -> None:
     assert describe(0.4, 1.0, "quantizing") == (0.4, "quantizing")  # staged work its stage
     seen: list[tuple[float, float, str]] = []
     part(lambda *call: seen.append(call), 0.6, 0.4, "benchmark: ")(5, 10, "rounds")
-    assert seen == [(0.8, 1.0, "benchmark: rounds")]  # a sub-job fills its share of the whole bar
+    assert seen == [(0.8, 1.0, "benchmark: rounds 5/10")]  # a sub-job fills its share of the bar, with its counts
+
+
+def test_time_left_follows_the_pace_so_far() -> None:
+    from engine.progress import time_left
+
+    assert time_left(0.25, 30.0) == 90.0
+    assert time_left(0.01, 30.0) is None and time_left(1.0, 30.0) is None  # too early to say; done

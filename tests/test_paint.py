@@ -206,7 +206,7 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     ready, _ = recipe.tuning_readiness(best, 0.05)
     after = runs.read_run_json(runs.run_dir(run_id))
     assert after["ready"] is ready and runs.readiness(after)[0] is ready
-    assert ready or after["ready_reason"].startswith("tuned on real images: ")
+    assert ready or after["ready_reason"].startswith("tuned on generated images: ")  # not "real": synth made them
     assert registry.get_run(run_id).ready is ready  # the registry row says the same
 
 

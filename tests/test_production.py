@@ -285,7 +285,7 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     fresh = tmp_path / "fresh"
     synth.generate_dataset(fresh, 100, seed=6, params=synth.SynthParams(size=64, defect_free=0.6), workers=1)
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(fresh), "all"), 0.05)
-    assert best["readiness"] == f"run {run_id} is now ready (tuned on real images)", best
+    assert best["readiness"] == f"run {run_id} is now ready (tuned on generated images)", best  # synth wrote it
     assert runs.read_run_json(config.RUNS_DIR / run_id)["ready"] is True
     # A tuning set too small to show the goals leaves validation's judgement as it is.
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(same), "test")[:6], 0.05)

@@ -66,6 +66,17 @@ def test_the_readme_has_runnable_blocks() -> None:
         assert any(long in block for block in blocks), f"{long} is no longer in the README; update SHORTER"
 
 
+
+def test_the_first_block_tunes_on_the_images_it_evaluates_on() -> None:
+    # A tune without --split tuned on the held-out folder's val split alone (5 of its images), so the walk-through
+    # always ended with a run that was not ready (issue 39).
+    lines = [line.split("#")[0].split() for line in readme_blocks()[0].splitlines()]
+    evaluate = next(line for line in lines if line[3:4] == ["evaluate"])
+    tune = next(line for line in lines if line[3:4] == ["tune"])
+    for flag in ("--data", "--split"):
+        assert flag in tune and tune[tune.index(flag) + 1] == evaluate[evaluate.index(flag) + 1], (tune, evaluate)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(readme_blocks())))
 def test_readme_block_runs_in_a_clean_shell(fresh_clone: Path, index: int) -> None:
@@ -79,6 +90,10 @@ def test_readme_block_runs_in_a_clean_shell(fresh_clone: Path, index: int) -> No
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"README block {index} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    if index == 0:  # the walk-through ends with its run ready, or one line saying why not
+        row = next(line for line in result.stdout.splitlines()
+                   if line.split()[1:2] == ["completed"] and "-first-" in line.split()[0])
+        assert row.split()[2] == "yes" or "(not ready: " in row, row
 
 
 def test_outside_the_venv_a_missing_package_is_one_line(tmp_path: Path) -> None:

@@ -222,12 +222,18 @@ def test_heartbeat_returns_cancel_request() -> None:
 def test_effective_status() -> None:
     now = registry.utcnow()
     old = now - timedelta(seconds=registry.STALE_AFTER_S + 30)
-    registry.create_run("stale", status="running", pid=os.getpid(), heartbeat=old, created_at=old)
+    very_old = now - timedelta(seconds=registry.QUEUED_STALE_AFTER_S + 30)
+    registry.create_run("stale", status="running", pid=None, heartbeat=old, created_at=old)  # no process to check
+    started = registry.process_started(os.getpid())
+    # Its process is checked alive on this host: however old its heartbeat (a slow start under load), not failed.
+    registry.create_run("slow-start", status="queued", pid=os.getpid(), pid_started=started, created_at=very_old)
+    registry.create_run("slow-beat", status="running", pid=os.getpid(), pid_started=started, heartbeat=very_old)
+    # Its pid now belongs to a later process: the run's own process is gone.
+    registry.create_run("reused", status="running", pid=os.getpid(), pid_started=started - 100, heartbeat=now)
     done = subprocess.Popen([sys.executable, "-c", "pass"])
     done.wait()
     registry.create_run("gone", status="running", pid=done.pid, heartbeat=now)
     registry.create_run("live", status="running", pid=os.getpid(), heartbeat=now)
-    very_old = now - timedelta(seconds=registry.QUEUED_STALE_AFTER_S + 30)
     registry.create_run("queued-old", created_at=very_old)
     registry.create_run("queued-new")
     registry.create_run("finished", status="completed", pid=done.pid, heartbeat=very_old)
@@ -237,6 +243,8 @@ def test_effective_status() -> None:
     assert status["stale"].error.startswith("training process stopped without finishing (no heartbeat since")
     assert status["gone"].status == "failed" and str(done.pid) in status["gone"].error
     assert status["live"].status == "running" and status["live"].error is None
+    assert status["slow-start"].status == "queued" and status["slow-beat"].status == "running"
+    assert status["reused"].status == "failed" and f"process {os.getpid()} is gone" in status["reused"].error
     assert status["queued-old"].status == "failed"
     assert status["queued-new"].status == "queued"
     assert status["finished"].status == "completed"
@@ -259,7 +267,7 @@ def test_effective_status() -> None:
     assert registry.get_run("elsewhere").status == "failed"
     registry.update_run("elsewhere", heartbeat=now)
 
-    assert sorted(registry.mark_stale()) == ["gone", "queued-old"]
+    assert sorted(registry.mark_stale()) == ["gone", "queued-old", "reused"]
     stored = registry.update_run("gone")  # returns the stored row
     assert stored.status == "failed" and stored.finished_at is not None
 

@@ -12,6 +12,7 @@ import torch
 from engine import config, jobs, registry, runs
 from engine.model import load_checkpoint
 from engine.train import TrainConfig, seg_loss, train
+from tests.timing import slowness
 
 
 def test_loss_falls_on_a_fixed_batch() -> None:
@@ -88,7 +89,8 @@ def test_training_with_loader_workers_completes(tiny_dataset) -> None:
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
+    """Poll predicate until true; fails after `timeout` seconds, on this machine scaled by its slowness."""
+    deadline = time.monotonic() + timeout * slowness()
     while time.monotonic() < deadline:
         if predicate():
             return
