@@ -419,8 +419,8 @@ def update_hard_negatives(t: Trainer, epoch: int, info: dict, seconds: float | N
     start = time.monotonic()
     indices = hard_scan_slice(t.data.train_set, epoch, t.group.rank, t.group.world_size, t.hard_scan)
     spots = find_hard_spots(t.model, t.data, indices, t.device, t.memory_format)
-    if seconds is not None and indices:
-        per_image = (time.monotonic() - start) / len(indices)
+    if seconds is not None:  # every process of a group asks, process 0's answer counts
+        per_image = (time.monotonic() - start) / max(len(indices), 1)
         fits = int(seconds / max(per_image, 1e-9)) * t.group.world_size
         t.hard_scan = t.group.share(min(HARD_SCAN_IMAGES, max(HARD_SCAN_MIN, fits)))
     t.sampler.set_hard_spots(spots)
