@@ -98,6 +98,8 @@ class ValidationPlan:
     wall_seconds: float  # the run's projected wall time
     epochs: int  # the epochs forecast
     spent: float = 0.0  # seconds of sampled validations so far
+    crops_per_image: float = 0.0  # what validating an image costs in training crops: the guess until one is timed
+    measured: bool = False  # whether seconds_per_image was measured on a validation
 
     @property
     def sampled(self) -> bool:
@@ -126,11 +128,18 @@ class ValidationPlan:
         earned = self.allowance() * min(1.0, progress + 1 / max(self.epochs, 1))
         return self.spent + self.seconds_per_image * self.size <= earned + 1e-9
 
-    def record(self, seconds: float, images: int, sampled: bool = True) -> None:
-        """Note what a validation of `images` images took (a sampled one counts against the allowance)."""
-        self.seconds_per_image = seconds / max(images, 1)
-        if sampled:
+    def record(self, seconds: float, images: int, final: bool = False) -> None:
+        """Note what a validation of `images` images took; an epoch's counts against the allowance (the final one
+        on the whole split was set aside)."""
+        self.seconds_per_image, self.measured = seconds / max(images, 1), True
+        if not final:
             self.spent += seconds
+
+    def pace_training(self, epoch_seconds: float, crops_per_s: float) -> None:
+        """Note an epoch's training time and speed: until a validation is timed, its cost follows that speed."""
+        self.epoch_seconds = epoch_seconds
+        if not self.measured and self.crops_per_image and crops_per_s > 0:
+            self.seconds_per_image = self.crops_per_image / crops_per_s
 
     def describe(self) -> str:
         """The log line that says how this run validates."""
@@ -147,7 +156,8 @@ class ValidationPlan:
 
 
 def plan_validation(bands: list[int], share: float, seconds_per_image: float, epoch_seconds: float,
-                    wall_seconds: float | None, epoch_limit: int | None, seed: int = 0) -> ValidationPlan:
+                    wall_seconds: float | None, epoch_limit: int | None, seed: int = 0,
+                    crops_per_image: float = 0.0) -> ValidationPlan:
     """The validation plan of a run: the largest fixed sample (at least VAL_SAMPLE_MIN images, at most the whole
     split) that the share lets every epoch validate, given measured costs; `wall_seconds` is the budget (None:
     epoch_limit epochs of `epoch_seconds` each, plus their validation)."""
@@ -164,7 +174,7 @@ def plan_validation(bands: list[int], share: float, seconds_per_image: float, ep
     if fit >= full or size > full // 2:
         size = full
     return ValidationPlan(stratified_order(bands, seed), max(1, size), share, seconds_per_image, epoch_seconds, wall,
-                          epochs)
+                          epochs, crops_per_image=crops_per_image)
 
 
 def forecast_epochs(wall_seconds: float, plan: ValidationPlan) -> int:
