@@ -29,15 +29,26 @@ PAINT_SHARES = [round(0.05 * k, 2) for k in range(19)]  # 0 .. 0.9
 
 
 def curves(rows: list[dict]) -> go.Figure:
-    """Loss and validation Dice/IoU per epoch, side by side."""
+    """Loss and validation Dice/IoU per epoch, and validation AP and detection against minutes spent (the epochs
+    validated; a run validates within a share of its time)."""
     epochs = [row["epoch"] for row in rows]
-    figure = make_subplots(rows=1, cols=2, subplot_titles=("Loss", "Validation Dice / IoU"))
+    validated = [row for row in rows if row.get("val_score") is not None and row.get("minutes") is not None]
+    figure = make_subplots(rows=1, cols=3, subplot_titles=("Loss", "Validation Dice / IoU",
+                                                           "Validation AP / detection by minute"))
     for key, name in (("train_loss", "train loss"), ("val_loss", "val loss")):
-        figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 1)
+        figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers",
+                                    connectgaps=True), 1, 1)
     for key, name in (("val_dice", "Dice"), ("val_iou", "IoU")):
-        figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers"), 1, 2)
-    figure.update_xaxes(title_text="epoch", dtick=epoch_step(max(epochs, default=1)))
+        figure.add_trace(go.Scatter(x=epochs, y=[row.get(key) for row in rows], name=name, mode="lines+markers",
+                                    connectgaps=True), 1, 2)
+    for key, name in (("val_ap", "image AP"), ("val_detection", "detection (recipe)")):
+        figure.add_trace(go.Scatter(x=[row["minutes"] for row in validated], y=[row.get(key) for row in validated],
+                                    name=name, mode="lines+markers"), 1, 3)
+    for col in (1, 2):
+        figure.update_xaxes(title_text="epoch", dtick=epoch_step(max(epochs, default=1)), col=col)
+    figure.update_xaxes(title_text="minutes", col=3)
     figure.update_yaxes(range=[0, 1], row=1, col=2)
+    figure.update_yaxes(range=[0, 1], row=1, col=3)
     figure.update_layout(height=340, margin={"l": 10, "r": 10, "t": 60, "b": 10},
                          legend={"orientation": "h", "y": 1.25, "x": 0})
     return figure

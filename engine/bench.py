@@ -11,6 +11,7 @@ import numpy as np
 
 from engine import config
 from engine.checkdata import NO_DEFECT_NOTE, check_data, run_folder
+from engine.compute import preset_costs
 from engine.cpuflags import cpu_flags, cpu_model
 from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
@@ -21,6 +22,7 @@ from engine.serving import available_backends, gated_backends, refusals
 
 BENCH_SIZE = 256
 THROUGHPUT_BATCH = 8
+PRESET_CROP = 192  # the training crop the presets are costed at where a run does not say its own
 
 
 def machine_description() -> str:
@@ -146,14 +148,26 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
         row["latency_vs_torch"] = row["latency_p50_ms"] / reference["latency_p50_ms"]
         row["latency_vs_onnx"] = row["latency_p50_ms"] / onnx["latency_p50_ms"] if onnx else None
         row["dice_drop"] = reference["dice"] - row["dice"]
+    progress(1.0, 1.0, "costing the presets")
+    presets = preset_costs(train_crop(folder))
     progress(1.0, 1.0, "done")
-    return {"run_id": predictors[next(iter(predictors))].run_id, "size": size,
+    return {"run_id": predictors[next(iter(predictors))].run_id, "size": size, "presets": presets,
             "iterations": iterations, "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
             "machine": machine_description(), "cpu_model": cpu_model(), "cpu_flags": cpu_flags(),
             "refused": refusals(folder),
             "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                          "openvino": _openvino_version() if openvino_available() else None},
             "rows": rows}
+
+
+def train_crop(folder: Path) -> int:
+    """The training crop of a run (run.json), else PRESET_CROP."""
+    from engine.runs import read_run_json
+
+    try:
+        return int((read_run_json(folder).get("params") or {}).get("crop") or PRESET_CROP)
+    except (EngineError, TypeError, ValueError):
+        return PRESET_CROP
 
 
 def _openvino_version() -> str:
@@ -189,4 +203,18 @@ def bench_markdown(result: dict[str, Any]) -> str:
                      f"{r['latency_p95_ms']:.1f} | {r['latency_vs_torch']:.2f}x | {vs_onnx} | "
                      f"{r['throughput_ips']:.1f} | {r['dice']:.4f} | {r['dice_drop']:+.4f} |")
     lines += [f"\nNot served on this CPU, so not timed: {reason}" for reason in result.get("refused", {}).values()]
-    return "\n".join(lines)
+    return "\n".join(lines + preset_lines(result.get("presets") or []))
+
+
+def preset_lines(presets: list[dict[str, Any]]) -> list[str]:
+    """The presets' training cost as markdown: GFLOP per crop (forward + backward) and the speed each reaches here."""
+    if not presets:
+        return []
+    lines = ["", f"Training cost of each preset at {presets[0]['crop']} px crops, forward + backward, "
+             f"{presets[0]['precision']} (what `train` picks here), on an in-memory batch:", "",
+             "| preset | base | depth | parameters | GFLOP per crop | crops/s | GFLOP/s |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for p in presets:
+        lines.append(f"| {p['preset']} | {p['base']} | {p['depth']} | {p['parameters']:,} | {p['gflop_per_crop']:.2f} | "
+                     f"{p['crops_per_s']:.1f} | {p['gflop_per_s']:.0f} |")
+    return lines

@@ -25,7 +25,7 @@ from engine.metrics import (
 from engine.storage import atomic_write_json, atomic_write_text
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
-                  "images_per_s"]
+                  "images_per_s", "minutes", "val_images", "val_detection", "val_false_alarm", "val_ready"]
 _EPOCH_FILE = re.compile(r"model_epoch_(\d+)\.pth$")
 
 

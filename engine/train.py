@@ -7,7 +7,6 @@ background with engine.jobs.start_training.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import math
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import config, distributed, registry, runs, runstore, storage
+from engine.compute import autocast_dtype, gflop_per_crop, measure_model_speed, precision_name
 from engine.data import (
     DefectBatchSampler,
     DeviceBatches,
@@ -61,6 +61,7 @@ from engine.model import (
     load_pretrained,
     save_checkpoint,
 )
+from engine.pacing import VAL_SHARE, Clock, ValidationPlan, forecast_epochs, plan_validation, size_band
 from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, DefectBank, PaintParams, paint, params_for
 from engine.recipe import (
     DEFAULT_SURE_SCORES,
@@ -96,6 +97,7 @@ PAINT_WITHOUT_LABELS = 0.5
 # goal on their upper confidence bound (with 58 good images: none flagged) rather than on the measured rate.
 PAINTED_CONFIDENCE = 0.95
 HARD_SCAN_IMAGES = 48
+HARD_SCAN_MIN = 8  # the fewest looked at when their time is bounded (--val-share of the epoch's training time)
 HARD_SPOTS_PER_IMAGE = 4
 HARD_THRESHOLD = 0.25
 RESUME_FILE = "resume.pth"  # the one checkpoint a run resumes from: weights, optimizer state, epoch
@@ -150,11 +152,14 @@ class TrainConfig:
                                           "misses it is marked not ready")
     goal_detection: float = option(DETECTION_GOAL, "detection goal: the share of validation's defective images the "
                                                    "saved recipe must find for the run to be ready")
+    val_share: float = option(VAL_SHARE, "most share of the run's wall time spent validating (epochs on a fixed "
+                                         "sample of the val split, the best on all of it at the end) and, per "
+                                         "epoch, looking for hard negatives")
     steps_per_epoch: int | None = option(None, "steps per epoch (default: one pass over the training images, "
                                                "at least 50)")
     device: str = option("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    precision: str = option("auto", "autocast precision (auto: bf16 on GPUs and CPUs with native bf16, else fp16 on "
-                                    "GPUs and fp32 on CPUs)",
+    precision: str = option("auto", "autocast precision (auto: bf16 where the GPU or CPU does it natively (AMX, "
+                                    "AVX-512 BF16), else fp16 on GPUs and fp32 on CPUs)",
                             choices=("auto", "fp32", "bf16", "fp16"))
     threads: int | None = option(None, "CPU threads (default: every core this process may use)")
     workers: int | None = option(None, "data-loading processes (default: 0 on CPU, up to 8 on CUDA)")
@@ -222,7 +227,8 @@ _RANGES = (("epochs", 1, math.inf), ("minutes", 0.01, math.inf), ("base", 1, 512
            ("batch_size", 1, 4096), ("crop", 16, 4096), ("scale", 0.05, 4.0), ("train_fraction", 0.001, 1.0),
            ("defect_share", 0.0, 1.0), ("hard_share", 0.0, 1.0), ("paint", 0.0, 1.0), ("val_fraction", 0.01, 0.9),
            ("weight_decay", 0.0, 10.0), ("patience", 1, math.inf), ("patience_after", 0.0, 1.0),
-           ("max_false_alarm", 0.0, 1.0), ("goal_detection", 0.0, 1.0), ("steps_per_epoch", 1, math.inf),
+           ("max_false_alarm", 0.0, 1.0), ("goal_detection", 0.0, 1.0), ("val_share", 0.01, 1.0),
+           ("steps_per_epoch", 1, math.inf),
            ("threads", 1, 4096), ("workers", 0, 256))
 
 
@@ -253,16 +259,6 @@ def reseed_worker(worker_id: int) -> None:
     """Give each loader process its own augmentation stream (a forked copy would repeat the parent's)."""
     info = torch.utils.data.get_worker_info()
     info.dataset.rng = np.random.default_rng(torch.initial_seed() % 2**63)
-
-
-def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype for training (None = plain fp32); weights and the loss always stay fp32."""
-    if precision == "auto":
-        if device.type == "cuda":  # bf16 keeps fp32's range: no gradient scaler needed
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        return torch.bfloat16 if native_bf16 else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -356,40 +352,50 @@ def image_logits(model: UNetTiny, image: np.ndarray, mean: float, std: float, de
 
 @torch.no_grad()
 def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: float, device: torch.device,
-             memory_format: torch.memory_format) -> tuple[float, dict, list[np.ndarray], list[np.ndarray]]:
-    """Loss and metrics on whole validation images (each at its own size); returns probabilities too.
+             memory_format: torch.memory_format, indices: list[int] | None = None
+             ) -> tuple[float, dict, list[np.ndarray], list[np.ndarray]]:
+    """Loss and metrics on whole validation images (each at its own size; those at `indices`, default all);
+    returns their probabilities and masks too (set_metrics says what the metrics hold)."""
+    model.eval()
+    losses, probs, truths = [], [], []
+    for index in range(len(dataset.pairs)) if indices is None else indices:
+        image, mask = dataset.pairs[index]
+        logits = image_logits(model, image, mean, std, device, memory_format)
+        target = torch.from_numpy(mask[None, None].astype(np.float32)).to(device)
+        losses.append(float(seg_loss(logits.float(), target)))
+        probs.append(torch.sigmoid(logits.float())[0, 0].cpu().numpy())
+        truths.append(mask)
+    model.train()
+    return float(np.mean(losses)), set_metrics(probs, truths), probs, truths
+
+
+def set_metrics(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
+    """Metrics of validated images from their probabilities and masks.
 
     Besides pixel Dice/IoU at 0.5, the metrics hold the image-level average precision and AUROC of the
     images' scores (metrics.image_score; None when the split lacks defective or defect-free images) and `score`,
     the number the best epoch is chosen by: the mean of AP and Dice, or Dice alone without AP.
     """
-    model.eval()
-    metrics, losses, probs, truths = SetMetrics(), [], [], []
-    for image, mask in dataset.pairs:
-        logits = image_logits(model, image, mean, std, device, memory_format)
-        target = torch.from_numpy(mask[None, None].astype(np.float32)).to(device)
-        losses.append(float(seg_loss(logits.float(), target)))
-        prob = torch.sigmoid(logits.float())[0, 0].cpu().numpy()
+    metrics = SetMetrics()
+    for prob, mask in zip(probs, truths):
         # Before a recipe is tuned, the default one decides: any region at 0.5 flags the image.
         inspection = inspect(prob, Recipe())
         metrics.add(inspection.mask, mask, flagged=inspection.flagged)
-        probs.append(prob)
-        truths.append(mask)
-    model.train()
     result = metrics.result()
     scores, labels = [image_score(p) for p in probs], [bool(t.any()) for t in truths]
     result["average_precision"] = average_precision(scores, labels)
     result["auroc"] = auroc(scores, labels)
     ap = result["average_precision"]
     result["score"] = result["dice"] if ap is None else (ap + result["dice"]) / 2
-    return float(np.mean(losses)), result, probs, truths
+    return result
 
 
-def hard_scan_slice(dataset: SegmentationDataset, epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
-    """The defect-free training images to look at for hard negatives after `epoch`: the next HARD_SCAN_IMAGES of
-    them in turn (each process of a group its own part of those)."""
+def hard_scan_slice(dataset: SegmentationDataset, epoch: int, rank: int = 0, world_size: int = 1,
+                    count: int = HARD_SCAN_IMAGES) -> list[int]:
+    """The defect-free training images to look at for hard negatives after `epoch`: the next `count` of them in turn
+    (each process of a group its own part of those)."""
     good = [i for i, pixels in enumerate(dataset.defect_pixels) if not len(pixels)]
-    n = min(len(good), HARD_SCAN_IMAGES)
+    n = min(len(good), count)
     return [good[((epoch - 1) * n + k) % len(good)] for k in range(n)][rank::world_size]
 
 
@@ -413,37 +419,23 @@ def find_hard_spots(model: UNetTiny, data: TrainData, indices: list[int], device
     return spots
 
 
-def update_hard_negatives(t: Trainer, epoch: int, info: dict) -> None:
+def update_hard_negatives(t: Trainer, epoch: int, info: dict, seconds: float | None = None) -> None:
     """Look for hard negatives after `epoch` and give them to the sampler; process 0 records and prints how many
-    of the images looked at (by the whole group) the model still flags."""
-    spots = find_hard_spots(t.model, t.data, hard_scan_slice(t.data.train_set, epoch, t.group.rank,
-                                                             t.group.world_size), t.device, t.memory_format)
+    of the images looked at (by the whole group) the model still flags. With `seconds`, the next look is sized to
+    take about that long (between HARD_SCAN_MIN and HARD_SCAN_IMAGES images) at this look's speed."""
+    start = time.monotonic()
+    indices = hard_scan_slice(t.data.train_set, epoch, t.group.rank, t.group.world_size, t.hard_scan)
+    spots = find_hard_spots(t.model, t.data, indices, t.device, t.memory_format)
+    if seconds is not None:  # every process of a group asks, process 0's answer counts
+        per_image = (time.monotonic() - start) / max(len(indices), 1)
+        fits = int(seconds / max(per_image, 1e-9)) * t.group.world_size
+        t.hard_scan = t.group.share(min(HARD_SCAN_IMAGES, max(HARD_SCAN_MIN, fits)))
     t.sampler.set_hard_spots(spots)
     flagged, looked = (int(t.group.total(n)) for n in (sum(map(bool, spots.values())), len(spots)))
     if t.group.is_main and looked:
         info["hard_negatives"] = {"epoch": epoch, "images_flagged": flagged, "images_looked_at": looked}
         print(f"  hard negatives: the model flags {flagged} of {looked} defect-free training images looked at; "
               f"their spots are trained on next", flush=True)
-
-
-def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.dtype | None,
-                        seconds: float = 4.0) -> float:
-    """Images per second of forward+backward on a fixed in-memory batch: the ceiling for training."""
-    model = copy.deepcopy(model).train()  # a copy, so batch-norm statistics of the real model stay untouched
-
-    def step() -> None:
-        with torch.autocast(batch.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = model(batch).float().mean()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    for _ in range(2):  # warm-up: the first passes build the convolution kernels
-        step()
-    n_images, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        step()
-        n_images += len(batch)
-    return n_images / (time.perf_counter() - start)
 
 
 class Stopper:
@@ -692,6 +684,7 @@ class Trainer:
     net: torch.nn.Module  # what the loop calls: the model, or DistributedDataParallel around it in a group
     local_batch: int  # crops per step in this process (the batch split over the group)
     sampler: DefectBatchSampler  # what the loader cuts next; told the hard negatives after each epoch
+    hard_scan: int = HARD_SCAN_IMAGES  # defect-free training images looked at for hard negatives after an epoch
 
 
 def setup(cfg: TrainConfig, folder: Path, start_epoch: int, group: distributed.Group
@@ -765,59 +758,149 @@ def train_epoch(cfg: TrainConfig, t: Trainer, budget: Budget, stopper: Stopper, 
     return losses, lr, step, None
 
 
+@dataclass
+class Pace:
+    """A run's clocks: its budget (what the learning rate follows), where its wall time goes, and how it validates
+    (process 0 alone validates: the others have no plan)."""
+
+    budget: Budget
+    clock: Clock
+    plan: ValidationPlan | None
+    start_epoch: int
+    gflop: float  # per crop, forward + backward
+
+
 def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: distributed.Group) -> str:
     """The training job proper: set up, then epochs until the budget, patience or a cancel ends it.
 
     In a group, every process trains; process 0 alone validates, decides when to stop and writes."""
     # Signals are caught from here on: the run is marked running (and so sent SIGTERM by a cancel) only later.
     stopper = Stopper(folder, watch_registry=group.is_main)
+    history = [row for row in runs.read_metrics(folder) if row["epoch"] <= start_epoch] if group.is_main else []
+    clock = Clock(minutes_before=max((row.get("minutes", 0.0) for row in history), default=0.0))
     cfg, t, arch, init_note = setup(cfg, folder, start_epoch, group)
     # The ceiling: forward+backward speed on an in-memory batch, measured before training starts (in a group,
     # every process at once, added up).
     probe = torch.randn(t.local_batch, 1, cfg.crop, cfg.crop, device=t.device).to(memory_format=t.memory_format)
     model_speed = group.total(measure_model_speed(t.model, probe, t.amp_dtype,
                                                   seconds=3.0 if t.device.type == "cpu" else 1.0))
+    pace = Pace(Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes), clock, None, start_epoch,
+                gflop_per_crop(t.model, cfg.crop))
+    validated = [row for row in history if "val_score" in row or "val_dice" in row]
+    best = {"score": max((row.get("val_score", row.get("val_dice")) for row in validated), default=-1.0),
+            "epoch": info.get("best_epoch") if validated else None, "probs": None, "truths": None}
     if group.is_main:
         info = start_run_record(cfg, folder, info, t.data, arch, t.model, t.device, model_speed, init_note,
                                 group.world_size)
-    history = [row for row in runs.read_metrics(folder) if row["epoch"] <= start_epoch]
-    best = {"score": max((row.get("val_score", row["val_dice"]) for row in history), default=-1.0),
-            "epoch": info.get("best_epoch") if history else None, "probs": None, "truths": None}
-    painted = f" ({len(t.data.val_set.defective)} of them painted copies)" if t.data.val_painted else ""
-    print(f"run {cfg.run_id}: {count_parameters(t.model):,} parameters ({init_note}), {len(t.data.train_set)} train "
-          f"({len(t.data.train_set.defective)} with a defect) / {len(t.data.val_set)} val images{painted}, device "
-          f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
-
+        pace.plan = plan_for(cfg, t, model_speed, pace)
+        print_start(cfg, info, t, model_speed, init_note, pace)
     if cfg.hard_share and start_epoch:  # a resumed run looks again, so its first epoch trains on hard negatives too
         update_hard_negatives(t, start_epoch, info)
-    budget = Budget(cfg.epoch_limit, start_epoch, t.steps_per_epoch, cfg.minutes)
+    stop_reason, epoch = train_epochs(cfg, folder, info, t, stopper, pace, history, best)
+    if group.is_main:
+        if stop_reason != "cancelled" and epoch > start_epoch:
+            validate_finalists(cfg, folder, info, t, history, best, pace)
+        finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", pace, model_speed, history)
+    return cfg.run_id
+
+
+def train_epochs(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, stopper: Stopper, pace: Pace,
+                 history: list[dict], best: dict) -> tuple[str | None, int]:
+    """Epochs until the budget, patience or a cancel ends them; returns why they stopped and the last epoch saved."""
     patience = Patience(cfg.patience, cfg.patience_after)
-    step, stop_reason, epoch, train_seconds, train_images = 0, None, start_epoch, 0.0, 0
+    step, stop_reason, epoch, train_seconds, train_images = 0, None, pace.start_epoch, 0.0, 0
     while stop_reason is None and (cfg.epoch_limit is None or epoch < cfg.epoch_limit):
         epoch += 1
-        epoch_start = time.monotonic()
-        losses, lr, step, stop_reason = train_epoch(cfg, t, budget, stopper, step)
-        train_seconds += time.monotonic() - epoch_start
+        with pace.clock.part("train"):
+            epoch_start = time.monotonic()
+            losses, lr, step, stop_reason = train_epoch(cfg, t, pace.budget, stopper, step)
+            epoch_train_s = time.monotonic() - epoch_start
+        train_seconds += epoch_train_s
         train_images += len(losses) * cfg.batch_size
         if stop_reason == "cancelled":
             epoch -= 1  # the interrupted epoch is not saved
             break
-        if group.is_main:
-            improved = end_of_epoch(cfg, folder, info, t.data, t.model, t.optimizer, epoch, losses, lr, epoch_start,
-                                    history, best, t.device, t.memory_format)
+        if t.group.is_main:
+            last = stop_reason is not None or epoch == cfg.epoch_limit
+            improved = end_of_epoch(cfg, folder, info, t, epoch, losses, lr, epoch_start, epoch_train_s, history,
+                                    best, pace, step, last)
             info.update(epochs_done=epoch, train_images_per_s=round(train_images / max(train_seconds, 1e-9), 1))
+            info["train_gflop_per_s"] = round(info["train_images_per_s"] * pace.gflop, 1)
+            if epoch == pace.start_epoch + 1 and stop_reason is None:
+                reforecast(cfg, info, pace)
             runstore.save(folder, info, history)
-            if stop_reason is None and patience.converged(improved, budget.progress(step)):
-                stop_reason = (f"converged: no better validation score for {cfg.patience} epochs in the annealed "
-                               f"part of the schedule")
-            elif stop_reason is None and budget.time_up():
+            if stop_reason is None and improved is not None and patience.converged(improved,
+                                                                                  pace.budget.progress(step)):
+                stop_reason = (f"converged: no better validation score for {cfg.patience} validated epochs in the "
+                               f"annealed part of the schedule")
+            elif stop_reason is None and pace.budget.time_up():
                 stop_reason = f"time budget of {cfg.minutes:g} min spent"
-        stop_reason = group.share(stop_reason)
+        stop_reason = t.group.share(stop_reason)
         if cfg.hard_share and stop_reason is None and epoch != cfg.epoch_limit:  # look again for the next epoch
-            update_hard_negatives(t, epoch, info)
-    if group.is_main:
-        finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", budget, model_speed)
-    return cfg.run_id
+            with pace.clock.part("hard_negatives"):
+                update_hard_negatives(t, epoch, info, epoch_train_s * cfg.val_share)
+    return stop_reason, epoch
+
+
+def reforecast(cfg: TrainConfig, info: dict, pace: Pace) -> None:
+    """After the first epoch, say again how many epochs the budget gives where its measured time (loading crops
+    included) differs from the model alone's by more than a quarter."""
+    plan, expected = pace.plan, info["epochs_forecast"]
+    if not cfg.minutes:
+        return
+    left = cfg.minutes * 60 - pace.budget.elapsed()
+    epochs = 1 + forecast_epochs(left, plan) if left > 0 else 1
+    if cfg.epoch_limit:
+        epochs = min(epochs, cfg.epoch_limit - pace.start_epoch)
+    if abs(epochs - expected) > 0.25 * expected:
+        print(f"budget: at the {plan.epoch_seconds:.0f} s the first epoch's training took, {cfg.minutes:g} min "
+              f"give about {epochs} epochs", flush=True)
+        info["epochs_forecast"] = epochs
+
+
+def plan_for(cfg: TrainConfig, t: Trainer, model_speed: float, pace: Pace) -> ValidationPlan:
+    """The run's validation plan, from the training speed of the model alone. Validation is a forward pass (a third
+    of a training step's arithmetic per pixel) in fp32 on whole images, each of its own size (new kernels): on
+    Magnetic Tile it ran at 0.4 of bf16 training's pixel rate. Each validation's measured time replaces this guess
+    as the run goes."""
+    val = t.data.val_set
+    bands = [size_band(float(np.count_nonzero(mask)) / max(mask.size, 1)) for _, mask in val.pairs]
+    crops_per_image = float(np.mean([image.size for image, _ in val.pairs])) / (cfg.crop**2 * (
+        2.0 if t.amp_dtype is None else 0.4))
+    per_image = crops_per_image / max(model_speed, 1e-9)
+    epoch_seconds = t.steps_per_epoch * cfg.batch_size / max(model_speed, 1e-9)
+    if cfg.hard_share:
+        epoch_seconds += per_image * min(HARD_SCAN_IMAGES, len(t.data.train_set) - len(t.data.train_set.defective))
+    epochs = cfg.epoch_limit - pace.start_epoch if cfg.epoch_limit else None
+    return plan_validation(bands, cfg.val_share, per_image, epoch_seconds, cfg.minutes * 60 if cfg.minutes else None,
+                           epochs, cfg.seed, crops_per_image)
+
+
+def print_start(cfg: TrainConfig, info: dict, t: Trainer, model_speed: float, init_note: str, pace: Pace) -> None:
+    """The lines that open a run's log: data and model, the arithmetic per crop and the speed it reaches here, and
+    how many epochs the budget gives with its validation plan (recorded in run.json too)."""
+    painted = f" ({len(t.data.val_set.defective)} of them painted copies)" if t.data.val_painted else ""
+    print(f"run {cfg.run_id}: {count_parameters(t.model):,} parameters ({init_note}), {len(t.data.train_set)} train "
+          f"({len(t.data.train_set.defective)} with a defect) / {len(t.data.val_set)} val images{painted}, device "
+          f"{t.device}, model alone {model_speed:.1f} img/s", flush=True)
+    native = " (native here)" if t.amp_dtype == torch.bfloat16 else ""
+    print(f"compute: {pace.gflop:.2f} GFLOP per {cfg.crop} px crop (forward + backward), {precision_name(t.amp_dtype)}"
+          f"{native}; the model alone reaches {model_speed * pace.gflop:.0f} GFLOP/s", flush=True)
+    plan = pace.plan
+    if cfg.minutes:
+        epochs = forecast_epochs(cfg.minutes * 60, plan)
+        if cfg.epoch_limit:
+            epochs = min(epochs, cfg.epoch_limit - pace.start_epoch)
+        budget = f"{cfg.minutes:g} min give about {epochs} epoch{'s' * (epochs != 1)}"
+    else:
+        epochs = cfg.epoch_limit - pace.start_epoch
+        budget = f"{epochs} epochs take about {plan.wall_seconds / 60:.1f} min"
+    print(f"budget: {budget} of {t.steps_per_epoch} steps (~{plan.epoch_seconds:.0f} s each at the model's speed; "
+          f"loading crops adds to it)", flush=True)
+    print(plan.describe(), flush=True)
+    info.update(gflop_per_crop=round(pace.gflop, 3), model_gflop_per_s=round(model_speed * pace.gflop, 1),
+                precision=precision_name(t.amp_dtype), epochs_forecast=epochs,
+                validation_plan={"sample": plan.size, "of": len(plan.order), "share": plan.share})
 
 
 def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, arch: dict, model: UNetTiny,
@@ -843,34 +926,142 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
     return runstore.save(folder, info)
 
 
-def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, model: UNetTiny,
-                 optimizer: torch.optim.Optimizer, epoch: int, losses: list[float], lr: float, epoch_start: float,
-                 history: list[dict], best: dict, device: torch.device, memory_format: torch.memory_format) -> bool:
-    """Validate, checkpoint and record one epoch; keeps `best` up to date and returns whether it improved."""
-    epoch_train_s = time.monotonic() - epoch_start
-    val_loss, val, val_probs, val_truths = validate(model, data.val_set, data.mean, data.std, device, memory_format)
-    row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), "val_loss": val_loss,
-           "val_dice": val["dice"], "val_iou": val["iou"], "val_ap": val["average_precision"],
-           "val_score": val["score"], "lr": lr, "seconds": time.monotonic() - epoch_start,
+@dataclass
+class Validation:
+    """One validation of a model: on which val images, its figures, and the recipe training would choose on them."""
+
+    indices: list[int]
+    loss: float
+    metrics: dict
+    probs: list[np.ndarray]
+    truths: list[np.ndarray]
+    kinds: list[tuple[str, ...]] | None  # each image's defect kinds; None on painted validation
+    threshold: float  # the best-Dice threshold
+    chosen: dict  # training_recipe on these images
+    ready: bool  # whether that recipe meets the readiness bars
+    seconds: float
+
+    def fields(self) -> dict:
+        """Its columns of metrics.csv."""
+        return {"val_loss": self.loss, "val_dice": self.metrics["dice"], "val_iou": self.metrics["iou"],
+                "val_ap": self.metrics["average_precision"], "val_score": self.metrics["score"],
+                "val_images": len(self.indices), "val_detection": self.chosen["detection_rate"],
+                "val_false_alarm": self.chosen["false_alarm_rate"], "val_ready": float(self.ready)}
+
+
+def run_validation(cfg: TrainConfig, t: Trainer, indices: list[int], clock: Clock,
+                   model: UNetTiny | None = None) -> Validation:
+    """Validate `model` (default the one training) on the val images at `indices`, counted as validation time."""
+    with clock.part("validate"):
+        start = time.monotonic()
+        loss, metrics, probs, truths = validate(model or t.model, t.data.val_set, t.data.mean, t.data.std, t.device,
+                                                t.memory_format, indices)
+        threshold = best_threshold(threshold_sweep(probs, truths))
+        kinds = None if t.data.val_painted else [t.data.val_set.samples[i].kinds for i in indices]
+        chosen = training_recipe(probs, truths, threshold, cfg.max_false_alarm, painted=t.data.val_painted,
+                                 kinds=kinds, goal_detection=cfg.goal_detection)
+        ready = ready_on(chosen, t.data, cfg.max_false_alarm, cfg.goal_detection)
+    return Validation(list(indices), loss, metrics, probs, truths, kinds, threshold, chosen, ready,
+                      time.monotonic() - start)
+
+
+def ready_on(chosen: dict, data: TrainData, max_false_alarm: float, goal_detection: float) -> bool:
+    """Whether a recipe chosen on (part of) validation meets the readiness bars (recipe.readiness_of) where the
+    whole val split holds images enough to show them; never on painted validation, whose detection is a stand-in."""
+    if data.val_painted or chosen["detection_rate"] is None:
+        return False
+    n_defective = len(data.val_set.defective)
+    whole = {**chosen, "n_defective": n_defective, "n_defect_free": len(data.val_set) - n_defective}
+    return readiness_of(whole, max_false_alarm, goal_detection=goal_detection)[0]
+
+
+def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, epoch: int, losses: list[float], lr: float,
+                 epoch_start: float, epoch_train_s: float, history: list[dict], best: dict, pace: Pace, step: int,
+                 last: bool) -> bool | None:
+    """Checkpoint and record one epoch, validated where the plan says so; keeps `best` up to date and returns whether
+    it improved (None where the epoch was not validated)."""
+    row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
            "images_per_s": len(losses) * cfg.batch_size / max(epoch_train_s, 1e-9)}
+    meta = epoch_meta(cfg, info, t.data, epoch)
+    save_checkpoint(folder / f"model_epoch_{epoch}.pth", t.model, meta)
+    save_resume(folder, epoch, t.model, t.optimizer, meta)
+    plan, improved, progress = pace.plan, None, pace.budget.progress(step)
+    plan.pace_training(epoch_train_s, row["images_per_s"])
+    plan.epochs = max(epoch - pace.start_epoch, round((epoch - pace.start_epoch) / max(progress, 1e-9)))
+    if plan.due(progress, last):
+        v = run_validation(cfg, t, plan.sample, pace.clock)
+        plan.record(v.seconds, len(v.indices))
+        row.update(v.fields())
+        improved = v.metrics["score"] > best["score"]
+        if improved:
+            keep_best(folder, info, t.model, meta, v, best, v.metrics["score"], full=not plan.sampled)
+    row.update(seconds=time.monotonic() - epoch_start, minutes=pace.clock.minutes())
     history.append(row)
-    meta = {"run_id": cfg.run_id, "epoch": epoch, "normalisation": {"mean": data.mean, "std": data.std},
-            "threshold": info["threshold"], "train_crop": cfg.crop, "scale": cfg.scale, "val_dice": val["dice"]}
-    save_checkpoint(folder / f"model_epoch_{epoch}.pth", model, meta)
-    save_resume(folder, epoch, model, optimizer, meta)
-    improved = val["score"] > best["score"]
-    if improved:
-        info["threshold"] = best_threshold(threshold_sweep(val_probs, val_truths))
-        save_checkpoint(folder / "best.pth", model, {**meta, "threshold": info["threshold"]})
-        best.update(score=val["score"], epoch=epoch, probs=val_probs, truths=val_truths,
-                    kinds=[sample.kinds for sample in data.val_set.samples] if not data.val_painted else None)
-        info.update(best_epoch=epoch, best_dice=val["dice"], best_iou=val["iou"], best_score=val["score"],
-                    best_val=val)
-    ap = "n/a" if val["average_precision"] is None else f"{val['average_precision']:.4f}"
-    print(f"epoch {epoch}  loss {row['train_loss']:.4f}  val loss {val_loss:.4f}  dice {val['dice']:.4f}  "
-          f"image AP {ap}  score {val['score']:.4f}{'  *' if improved else ''}  {row['images_per_s']:.1f} img/s  "
-          f"{row['seconds']:.1f}s", flush=True)
+    print(epoch_line(row, improved), flush=True)
     return improved
+
+
+def epoch_meta(cfg: TrainConfig, info: dict, data: TrainData, epoch: int) -> dict:
+    """What a checkpoint of `epoch` records beside its weights."""
+    return {"run_id": cfg.run_id, "epoch": epoch, "normalisation": {"mean": data.mean, "std": data.std},
+            "threshold": info["threshold"], "train_crop": cfg.crop, "scale": cfg.scale}
+
+
+def keep_best(folder: Path, info: dict, model: UNetTiny, meta: dict, v: Validation, best: dict, score: float,
+              full: bool) -> None:
+    """Make the validated model the run's best: best.pth, its threshold and figures; `score` is what later epochs
+    are compared with, and its probabilities choose the recipe where they cover the whole val split (`full`)."""
+    info["threshold"] = v.threshold
+    save_checkpoint(folder / "best.pth", model, {**meta, "threshold": v.threshold, "val_dice": v.metrics["dice"]})
+    best.update(score=score, epoch=meta["epoch"], probs=v.probs if full else None, truths=v.truths if full else None,
+                kinds=v.kinds if full else None)
+    info.update(best_epoch=meta["epoch"], best_dice=v.metrics["dice"], best_iou=v.metrics["iou"],
+                best_score=v.metrics["score"], best_val=v.metrics)
+
+
+def epoch_line(row: dict, improved: bool | None) -> str:
+    """The log line of one epoch: its loss, and its validation where it had one."""
+    line = f"epoch {row['epoch']}  loss {row['train_loss']:.4f}"
+    if improved is not None:
+        ap = "n/a" if row["val_ap"] is None else f"{row['val_ap']:.4f}"
+        detection = "n/a" if row["val_detection"] is None else f"{row['val_detection']:.0%}"
+        line += (f"  val loss {row['val_loss']:.4f}  dice {row['val_dice']:.4f}  image AP {ap}  detection {detection}"
+                 f"  score {row['val_score']:.4f} ({row['val_images']} images){'  *' if improved else ''}")
+    return f"{line}  {row['images_per_s']:.1f} img/s  {row['seconds']:.1f}s  at {row['minutes']:.1f} min"
+
+
+def validate_finalists(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, history: list[dict], best: dict,
+                       pace: Pace) -> None:
+    """Where the last epoch was not validated on the whole val split: validate it there, and the epoch that leads
+    on the sample too where that is another one; the better one on the whole split becomes the run's best (its
+    probabilities choose the recipe). Each epoch's row then holds the largest validation it had."""
+    plan, last = pace.plan, history[-1]
+    if last.get("val_images") == len(plan.order):
+        return
+    v = run_validation(cfg, t, plan.order, pace.clock)
+    plan.record(v.seconds, len(plan.order), final=True)
+    on_sample = set_metrics(v.probs[: plan.size], v.truths[: plan.size])["score"]
+    last.update(v.fields())
+    meta = epoch_meta(cfg, info, t.data, last["epoch"])
+    leader = best["epoch"]
+    if leader is None or on_sample >= best["score"]:
+        keep_best(folder, info, t.model, meta, v, best, on_sample, full=True)
+    elif best["probs"] is None and leader > pace.start_epoch:  # an earlier epoch leads on the sample: look at it too
+        model, _ = load_checkpoint(folder / f"model_epoch_{leader}.pth", device=str(t.device))
+        w = run_validation(cfg, t, plan.order, pace.clock, model.to(memory_format=t.memory_format))
+        next(row for row in history if row["epoch"] == leader).update(w.fields())
+        if w.metrics["score"] >= v.metrics["score"]:
+            keep_best(folder, info, model, epoch_meta(cfg, info, t.data, leader), w, best, best["score"], full=True)
+        else:
+            keep_best(folder, info, t.model, meta, v, best, on_sample, full=True)
+    print(f"final validation on all {len(plan.order)} val images: epoch {last['epoch']} AP "
+          f"{_figure(v.metrics['average_precision'])}, score {v.metrics['score']:.4f}; best epoch {best['epoch']}",
+          flush=True)
+
+
+def _figure(value: float | None) -> str:
+    """A metric with four decimals, or n/a."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def save_resume(folder: Path, epoch: int, model: UNetTiny, optimizer: torch.optim.Optimizer, meta: dict) -> None:
@@ -898,9 +1089,10 @@ def load_resume(folder: Path) -> dict:
     return state
 
 
-def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, budget: Budget,
-               model_speed: float) -> None:
-    """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped."""
+def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, pace: Pace,
+               model_speed: float, history: list[dict]) -> None:
+    """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped
+    and where the time went."""
     ready, reason = False, "no epoch finished"
     if best["probs"] is not None:
         chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm,
@@ -927,9 +1119,12 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     info.pop("before_resume", None)
     info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
-                wall_seconds=round(budget.elapsed(), 1), ready=ready, ready_reason=None if ready else reason, pid=None,
-                pid_started=None)
-    runstore.save(folder, info)
+                wall_seconds=round(pace.clock.elapsed(), 1), ready=ready, ready_reason=None if ready else reason,
+                pid=None, pid_started=None, time_shares=pace.clock.shares(), time_to_ready=time_to_ready(history),
+                curve=[{k: row.get(k) for k in CURVE_FIELDS} for row in history if "val_score" in row])
+    runstore.save(folder, info, history)
+    print(pace.clock.line(), flush=True)
+    print(time_to_ready_line(info["time_to_ready"], info["dataset"].get("val_painted", False)), flush=True)
     print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
           f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "
           f"{info.get('train_images_per_s', 0)} img/s vs model alone {model_speed:.1f} img/s", flush=True)
@@ -940,6 +1135,28 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
         print(f"NOT READY: {info['ready_reason']}", flush=True)
         for step in runs.next_steps(info):
             print(f"  next: {step}", flush=True)
+
+
+CURVE_FIELDS = ("epoch", "minutes", "val_ap", "val_detection", "val_false_alarm", "val_images", "val_ready")
+
+
+def time_to_ready(history: list[dict]) -> dict | None:
+    """The first validated epoch whose recipe met the readiness bars: its epoch, minute and how many val images
+    showed it; None where none did."""
+    first = next((row for row in history if row.get("val_ready")), None)
+    if first is None:
+        return None
+    return {"epoch": first["epoch"], "minutes": round(first["minutes"], 2), "val_images": int(first["val_images"])}
+
+
+def time_to_ready_line(reached: dict | None, painted: bool) -> str:
+    """The log line that names the minute at which validation first met the readiness bars."""
+    if painted:
+        return "time to ready: not measured (validation holds painted defects only)"
+    if reached is None:
+        return "time to ready: validation met the readiness bars at no validated epoch"
+    return (f"time to ready: validation first met the readiness bars at minute {reached['minutes']:.1f} (epoch "
+            f"{reached['epoch']}, on {reached['val_images']} val images)")
 
 
 def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,

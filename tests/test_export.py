@@ -19,7 +19,7 @@ from engine.__main__ import main
 from engine.data import load_pair, scan_dataset
 from engine.errors import DatasetError, EngineError, RunNotFound
 from engine.inference import Predictor
-from engine.model import load_checkpoint
+from engine.model import PRESETS, load_checkpoint
 
 CopyRun = Callable[[str], Path]
 
@@ -204,6 +204,8 @@ def test_bench_prints_a_table_of_every_backend(trained_run: str, tiny_dataset: P
     assert table[0].startswith("| backend | file | size (MB) | p50 (ms) | p95 (ms)")
     rows = {line.split("|")[1].strip(): line for line in table[2:]}
     assert {"torch-cpu", "onnx", "int8"} <= set(rows)
+    presets = table[table.index(next(line for line in table if line.startswith("| preset |"))) + 2:]
+    assert [line.split("|")[1].strip() for line in presets] == list(PRESETS)  # each with its GFLOP per crop
 
     result = bench.benchmark(trained_run, size=64, iterations=3, warmup=1)
     by_backend = {row["backend"]: row for row in result["rows"]}
@@ -213,6 +215,8 @@ def test_bench_prints_a_table_of_every_backend(trained_run: str, tiny_dataset: P
     expected = evaluate(Predictor.from_run(trained_run), select_samples(tiny_dataset, result["split"]))
     assert by_backend["torch-cpu"]["dice"] == pytest.approx(expected["dice"])
     assert (result["threshold"], result["min_region_px"]) == (expected["threshold"], expected["min_region_px"])
+    assert [(p["preset"], p["crop"]) for p in result["presets"]] == [(name, 32) for name in PRESETS]  # the run's crop
+    assert all(p["gflop_per_crop"] > 0 and p["gflop_per_s"] > 0 for p in result["presets"])
     for row in result["rows"]:
         assert 0 < row["latency_p50_ms"] <= row["latency_p95_ms"] and row["throughput_ips"] > 0
         folder = runs.run_dir(trained_run) / ("" if row["backend"].startswith("torch") else "export")

@@ -322,9 +322,9 @@ def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: 
     ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
     line = next(line for line in lines if line.split()[0] == trained_run)  # not a copy named after it
     assert not ready and line.endswith(f"(not ready: {reason})")  # the fixture's validation is too small
-    assert "painted" not in line  # its Dice was measured on real labelled defects
+    assert "painted" not in line  # its Dice was measured on the set's own labelled defects
     rows = {r["run_id"]: r for r in runstore.overview()}
-    assert rows[trained_run]["validated_on"] == "labelled defects"
+    assert rows[trained_run]["validated_on"] == "generated images"  # the fixture's set came from `generate`
     assert rows["demo"]["validated_on"] == "generated images"  # the shipped demo never saw a real part
     assert rows["demo"]["ready"] == "yes" and rows["demo"]["ready_reason"] == ""  # not "None" in the tables
 

@@ -311,3 +311,34 @@ def test_train_help_gives_every_option_its_default(capsys: pytest.CaptureFixture
         flag = "--" + field.name.replace("_", "-")
         entry = re.search(rf" {flag} [A-Z_{{}},a-z0-9-]+ (.*?)(?= --[a-z-]+ [A-Z{{]| --no-|$)", text)
         assert entry and "default" in entry.group(1).lower(), (flag, entry and entry.group(1))
+
+
+def test_a_runs_validation_stays_within_its_share_and_the_best_is_chosen_on_the_whole_split(session_home) -> None:
+    """Whole 128 px validation images cost several times an epoch of two steps on 32 px crops: validating every
+    epoch would take most of the run. The plan validates as often as its share allows, the last epoch on the whole
+    split."""
+    from engine import synth
+    from engine.recipe import load_recipe
+
+    data = session_home / "data" / "large-val"
+    synth.generate_dataset(data, 40, seed=5, params=synth.SynthParams(size=128), workers=1)
+    # One thread: on a machine shared with other jobs, two threads waiting on each other make single passes slow.
+    cfg = TrainConfig(data=str(data), minutes=0.5, base=8, depth=2, crop=32, batch_size=8, steps_per_epoch=2,
+                      threads=1, name="val-share")
+    folder = config.RUNS_DIR / train(cfg)
+    info, rows = runs.read_run_json(folder), runs.read_metrics(folder)
+    shares = info["time_shares"]
+    assert set(shares) == {"train", "validate", "hard_negatives", "other"}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    assert 0 < shares["validate"] <= cfg.val_share, shares
+    n_val = info["validation_plan"]["of"]
+    validated = [row for row in rows if "val_score" in row]
+    assert 0 < len(validated) < len(rows)  # the bound was needed: not every epoch was validated
+    assert rows[-1]["val_images"] == n_val  # the last epoch on the whole split, and the recipe chosen on it
+    assert load_recipe(folder).tuning["n_images"] == n_val and info["best_epoch"] in [r["epoch"] for r in validated]
+    # Every epoch says when it ended; each validated one what its recipe would detect, and whether it was ready.
+    minutes = [row["minutes"] for row in rows]
+    assert minutes == sorted(minutes) and 0 < minutes[-1] <= info["wall_seconds"] / 60
+    assert all("val_detection" in row and row["val_ready"] in (0.0, 1.0) for row in validated)
+    assert [point["epoch"] for point in info["curve"]] == [row["epoch"] for row in validated]
+    assert info["gflop_per_crop"] > 0 and info["train_gflop_per_s"] > 0 and info["precision"] in ("fp32", "bf16")
