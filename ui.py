@@ -18,6 +18,7 @@ from engine import runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
+from engine.model import PRESETS
 from engine.progress import Progress, describe, time_left
 
 
@@ -60,6 +61,13 @@ def duration(seconds: float | None) -> str:
         return "—"
     minutes, secs = divmod(int(round(seconds)), 60)
     return f"{minutes}m {secs:02d}s" if minutes else f"{secs}s"
+
+
+def preset_label(preset: str) -> str:
+    """A model preset as the Train page offers it: its width, depth and, for a half-resolution one, its stem."""
+    arch = PRESETS[preset]
+    half = ", at half resolution" if arch.get("stem", 1) == 2 else ""
+    return f"{preset} (width {arch['base']}, depth {arch['depth']}{half})"
 
 
 def epoch_step(n_epochs: int) -> int:

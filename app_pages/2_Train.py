@@ -16,7 +16,7 @@ from engine.model import PRESETS
 from engine.paint import EVERY_KIND
 from engine.synth import DEFECT_TYPES
 from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
-from ui import duration, epoch_step, readiness_notice
+from ui import duration, epoch_step, preset_label, readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 
@@ -119,7 +119,7 @@ with settings:
                          f"images. Name the kinds your line looks for: {EVERY_KIND}.")
     name = st.text_input("Run name", value=dataset or "run", key="train_name")
     preset = st.selectbox("Model size", list(PRESETS), index=list(PRESETS).index(DEFAULTS.preset),
-                          key="train_preset", format_func=lambda p: f"{p} (width {PRESETS[p]['base']}, depth {PRESETS[p]['depth']})")
+                          key="train_preset", format_func=preset_label)
     stop_by = st.radio("Stop after", ["minutes", "epochs"], horizontal=True, key="train_stop_by",
                        help="a minutes budget anneals the learning rate within it (what the README suggests)")
     if stop_by == "epochs":

@@ -76,7 +76,7 @@ def onnx_metadata(run_id: str, epoch: int | None, meta: dict[str, Any], model: A
         "run_id": run_id, "epoch": epoch, "threshold": float(meta.get("threshold", info.get("threshold", 0.5))),
         "normalisation": {"mean": float(normalisation["mean"]), "std": float(normalisation["std"])},
         "in_channels": model.in_channels, "train_crop": meta.get("train_crop", (info.get("params") or {}).get("crop")),
-        "stride": model.stride, "scale": float(meta.get("scale", 1.0)), "arch": {"in_channels": model.in_channels, "base": model.base, "depth": model.depth},
+        "stride": model.stride, "scale": float(meta.get("scale", 1.0)), "arch": model.arch,
         "checkpoint": checkpoint, "format": "fp32", "opset": OPSET,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

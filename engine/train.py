@@ -205,7 +205,7 @@ class TrainConfig:
                                   else f"{flag} must be at least {low:g}, got {value:g}")
         if not 0 < self.lr <= 10:
             raise EngineError(f"--lr must be above 0 and at most 10, got {self.lr:g}")
-        stride = 2 ** (self.depth or PRESETS[self.preset]["depth"])
+        stride = 2 ** (self.depth or PRESETS[self.preset]["depth"]) * PRESETS[self.preset].get("stem", 1)
         if self.crop is not None and self.crop % stride:
             raise EngineError(f"--crop must be a multiple of {stride} (the model halves it {stride.bit_length() - 1} "
                               f"times), got {self.crop}")
@@ -653,17 +653,17 @@ def build_model(cfg: TrainConfig, folder: Path, start_epoch: int) -> tuple[UNetT
         state = load_resume(folder)
         model = UNetTiny(**state["arch"])
         model.load_state_dict(state["state_dict"])
-        return model, {"base": model.base, "depth": model.depth}, f"resumed from epoch {start_epoch}"
+        return model, model.arch, f"resumed from epoch {start_epoch}"
     init = cfg.init or "auto"
     if init == "none":
-        return model, arch, "random"
+        return model, model.arch, "random"
     if init == "auto" and {"in_channels": 1, **arch} != PRETRAINED_ARCH:
-        return model, arch, "random (the pre-trained weights are for the balanced preset)"
+        return model, model.arch, "random (the pre-trained weights are for the balanced preset)"
     if init in ("auto", "pretrained"):
         meta = load_pretrained(model)
-        return model, arch, f"pre-trained on generated images ({meta.get('note') or 'engine/pretrained'})"
+        return model, model.arch, f"pre-trained on generated images ({meta.get('note') or 'engine/pretrained'})"
     model, _ = load_checkpoint(runs.checkpoint_path(runs.resolve_run(init), "best"))
-    return model, {"base": model.base, "depth": model.depth}, f"fine-tuned from run {init}"
+    return model, model.arch, f"fine-tuned from run {init}"
 
 
 @dataclass
@@ -1067,7 +1067,7 @@ def _figure(value: float | None) -> str:
 def save_resume(folder: Path, epoch: int, model: UNetTiny, optimizer: torch.optim.Optimizer, meta: dict) -> None:
     """Write the one checkpoint `train --resume` starts from (weights, optimizer state, epoch) atomically."""
     buffer = io.BytesIO()
-    torch.save({"epoch": epoch, "arch": {"in_channels": model.in_channels, "base": model.base, "depth": model.depth},
+    torch.save({"epoch": epoch, "arch": model.arch,
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(), "meta": meta}, buffer)
     atomic_write_bytes(folder / RESUME_FILE, buffer.getvalue())

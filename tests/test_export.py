@@ -399,3 +399,27 @@ def test_auto_serves_the_best_checkpoint_when_the_export_holds_another_epoch(cop
     assert serving.open_predictor("stale-export").epoch == best
     export.export_run("stale-export")  # the best epoch again: the export is served
     assert serving.stale_export(folder) is None and serving.auto_backend(folder).backend != "torch"
+
+
+def test_the_half_resolution_preset_trains_exports_and_passes_the_int8_gate(tiny_dataset: Path) -> None:
+    from engine.train import TrainConfig, train
+
+    run_id = train(TrainConfig(data=str(tiny_dataset), epochs=2, preset="lean", base=8, depth=2, crop=32,
+                               batch_size=8, name="lean", steps_per_epoch=4))
+    folder = runs.run_dir(run_id)
+    try:
+        model, _ = load_checkpoint(folder / "best.pth")
+        assert model.arch == {"in_channels": 1, "base": 8, "depth": 2, "stem": 2} and model.stride == 8
+        assert runs.read_run_json(folder)["arch"]["stem"] == 2
+        result = export.export_run(run_id, int8=True)
+        assert result["gate"]["accepted"], result["gate"]["message"]
+        onnx_predictor, torch_predictor = Predictor(folder, backend="onnx"), Predictor(folder, backend="torch")
+        assert onnx_predictor.meta["arch"] == model.arch
+        for sample in scan_dataset(tiny_dataset).samples[:3]:
+            image, _ = load_pair(sample)
+            for picture in (image, image[:45, :61]):  # an odd size pads to the stride of 8
+                np.testing.assert_allclose(onnx_predictor.predict_proba(picture),
+                                           torch_predictor.predict_proba(picture), atol=1e-4)
+    finally:  # other test files pick the newest run; leave only the fixture's
+        shutil.rmtree(folder, ignore_errors=True)
+        registry.delete_run(run_id)

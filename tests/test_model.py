@@ -48,3 +48,26 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path) -> None:
         load_checkpoint(path)
     with pytest.raises(RunNotFound, match="not found"):
         load_checkpoint(tmp_path / "missing.pth")
+
+
+def test_half_resolution_stem_round_trips_and_older_checkpoints_still_load(tmp_path) -> None:
+    lean = UNetTiny(in_channels=1, **PRESETS["lean"]).eval()
+    assert lean.stride == 32 and lean.arch["stem"] == 2
+    path = save_checkpoint(tmp_path / "lean.pth", lean, {"epoch": 1})
+    loaded, _ = load_checkpoint(path)
+    x = torch.randn(1, 1, 64, 96)
+    assert torch.equal(lean(x), loaded(x)) and loaded.arch == lean.arch
+    # A checkpoint written before the stem existed names no stem: it loads as a full-resolution U-Net.
+    old = UNetTiny(in_channels=1, base=8, depth=2)
+    payload = {"state_dict": old.state_dict(), "arch": {"in_channels": 1, "base": 8, "depth": 2}, "meta": {}}
+    torch.save(payload, tmp_path / "old.pth")
+    assert load_checkpoint(tmp_path / "old.pth")[0].arch == {"in_channels": 1, "base": 8, "depth": 2}
+    with pytest.raises(ValueError, match="stem must be 1 or 2"):
+        UNetTiny(stem=4)
+
+
+def test_half_resolution_costs_a_quarter_of_the_arithmetic() -> None:
+    from engine.compute import gflop_per_crop
+
+    full, half = (gflop_per_crop(UNetTiny(1, **PRESETS[p]), 192) for p in ("balanced", "lean"))
+    assert half < 0.35 * full  # the U-Net at a quarter of the pixels, plus one light full-resolution convolution

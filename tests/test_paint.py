@@ -183,7 +183,8 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     # After the first epoch the model's false alarms on good training images were looked for (hard negatives).
     assert info["hard_negatives"]["epoch"] == 1 and info["hard_negatives"]["images_looked_at"] > 0
     # Validation had painted defects and untouched good images, so image-level AP could be measured.
-    assert all(np.isfinite(row["val_ap"]) for row in runs.read_metrics(runs.run_dir(run_id)))
+    validated = [row for row in runs.read_metrics(runs.run_dir(run_id)) if "val_ap" in row]  # within its share
+    assert validated and all(np.isfinite(row["val_ap"]) for row in validated)
     # Every real validation image measured false alarms, and the recipe held the goal on their upper bound.
     tuning = recipe.load_recipe(runs.run_dir(run_id)).tuning
     assert tuning["n_defect_free"] == info["dataset"]["counts"]["val"] and tuning["n_defective"] > 0
