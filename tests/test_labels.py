@@ -1,0 +1,221 @@
+"""The label loop: labelled datasets (sources, image-level labels, the lock), the queue, fine-tuning on labels."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import time
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engine import config, labelqueue, labels, recipe, runs
+from engine.__main__ import main
+from engine.data import scan_dataset
+from engine.errors import EngineError
+from engine.evaluate import evaluate
+from engine.importer import import_dataset
+from engine.inference import Predictor
+from engine.labelqueue import Scored
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write(path: Path, image: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), image)
+    return path
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A folder of six unlabelled 40x48 images, as a line hands them over."""
+    rng = np.random.default_rng(7)
+    for i in range(6):
+        write(tmp_path / "line" / f"part{i}.png", rng.integers(0, 256, (40, 48), dtype=np.uint8))
+    return tmp_path / "line"
+
+
+def a_mask(shape: tuple[int, int] = (40, 48)) -> np.ndarray:
+    mask = np.zeros(shape, np.uint8)
+    mask[10:14, 20:30] = 1
+    return mask
+
+
+def test_queue_orders_wrong_verdicts_then_disagreement_then_nearest_score() -> None:
+    scored = [
+        Scored("far", "far.png", top=0.95, flagged=True),
+        Scored("near", "near.png", top=0.52, flagged=True),
+        Scored("nearer", "nearer.png", top=0.49, flagged=False),
+        Scored("changed", "changed.png", top=0.9, flagged=True, earlier_top=0.2, earlier_flagged=False),
+        Scored("missed", "missed.png", top=0.1, flagged=False, truth=True),
+        Scored("right", "right.png", top=0.02, flagged=False, truth=False),
+        Scored("false_alarm", "fa.png", top=0.8, flagged=True, truth=False),
+    ]
+    queue = labelqueue.rank(scored, threshold=0.5, earlier_epoch=3)
+    assert [item.id for item in queue] == ["false_alarm", "missed", "changed", "nearer", "near", "far", "right"]
+    assert [item.rank for item in queue] == list(range(1, 8))
+    assert queue[0].reason.startswith("wrong verdict: the run flagged a part labelled good")
+    assert queue[1].reason.startswith("wrong verdict: the run missed a labelled defect")
+    assert "epoch 3 said ok" in queue[2].reason
+    assert queue[3].reason == "top score 0.49 is 0.01 below the threshold 0.50"
+    assert [item.id for item in labelqueue.rank(scored, 0.5, top=2)] == ["false_alarm", "missed"]
+
+
+def test_manifest_records_each_source_and_the_source_folder_is_untouched(source: Path, tmp_path: Path) -> None:
+    before = hashes(source)
+    out = tmp_path / "labels"
+    labels.save_label(out, source / "part0.png", "drawn", a_mask(), defect_types="scratch")
+    labels.save_label(out, source / "part1.png", "accepted", a_mask())
+    labels.save_label(out, source / "part2.png", "good")
+    labels.save_label(out, source / "part3.png", "image_level")
+    assert hashes(source) == before
+    rows = labels.read_labels(out)
+    assert {i: r["label_source"] for i, r in rows.items()} == {
+        "part0": "drawn", "part1": "accepted", "part2": "good", "part3": "image_level"}
+    assert all(r["labelled_at"] and r["source_path"] == str((source / f"{i}.png").resolve()) for i, r in rows.items())
+    assert (out / "images" / "part0.png").read_bytes() == (source / "part0.png").read_bytes()
+    assert cv2.imread(str(out / "masks" / "part2.png"), cv2.IMREAD_UNCHANGED).max() == 0  # good: all zero
+    assert not (out / "masks" / "part3.png").exists()
+    saved = cv2.imread(str(out / "masks" / "part0.png"), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(saved > 0, a_mask() > 0)
+    # An ordinary dataset: the image-level label is a defect without pixels, the good part is defect-free.
+    samples = {s.id: s for s in scan_dataset(out).samples}
+    assert samples["part3"].defective and not samples["part3"].outlined
+    assert not samples["part2"].defective and samples["part0"].defective and samples["part0"].outlined
+    # Labelling an image again replaces its label (and its mask).
+    labels.save_label(out, source / "part0.png", "image_level")
+    assert labels.read_labels(out)["part0"]["label_source"] == "image_level"
+    assert not (out / "masks" / "part0.png").exists()
+    assert hashes(source) == before
+
+
+def test_bad_labels_are_refused_with_one_line(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "labels"
+    for source_name, mask, words in [("drawn", np.zeros((40, 48), np.uint8), "no defect pixel"),
+                                     ("drawn", a_mask((20, 20)), "needs a mask of the image's size 48x40"),
+                                     ("painted", None, "unknown label source")]:
+        with pytest.raises(EngineError, match=words) as err:
+            labels.save_label(out, source / "part0.png", source_name, mask)
+        assert "\n" not in str(err.value)
+    assert not (out / "manifest.csv").exists()
+
+
+def test_saving_into_a_dataset_being_imported_is_refused_and_nothing_is_half_written(
+        source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "DATA_DIR", tmp_path / "data")
+    monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
+    target = labels.labels_folder("incoming")
+    refusals: list[str] = []
+
+    def label_meanwhile(done: int, total: int, unit: str) -> None:
+        try:
+            labels.save_label(target, source / "part5.png", "good")
+        except EngineError as err:
+            refusals.append(str(err))
+
+    import_dataset(source, "incoming", progress=label_meanwhile)
+    assert refusals and all("being imported by process" in r and "\n" not in r for r in refusals)
+    assert "label_source" in labels.read_labels(target)["part5"]  # the import's own manifest, not a label's
+    assert labels.read_labels(target)["part5"]["label_source"] == ""
+    # Another process labelling: the import is refused in turn, and a later label goes through.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from engine.storage import folder_lock\n"
+        f"with folder_lock({str(tmp_path / 'data' / 'other')!r}, 'labelled'):\n"
+        "    print('held', flush=True); time.sleep(60)")], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(EngineError, match="being labelled by process") as err:
+            import_dataset(source, "other")
+        assert "\n" not in str(err.value) and not (tmp_path / "data" / "other").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    import_dataset(source, "other")  # a lock its holder left behind by dying is taken over
+    labels.save_label(target, source / "part5.png", "good")
+    assert labels.read_labels(target)["part5"]["label_source"] == "good"
+
+
+def test_image_level_labels_count_in_detection_tuning_and_import(trained_run: str, tiny_dataset: Path,
+                                                                 tmp_path: Path) -> None:
+    test = scan_dataset(tiny_dataset).split("test")
+    defective = [s for s in test if s.defective][:2]
+    good = [s for s in test if not s.defective][:2]
+    out = tmp_path / "labels"
+    for sample in defective:
+        labels.save_label(out, sample.image_path, "image_level")
+    for sample in good:
+        labels.save_label(out, sample.image_path, "good")
+    samples = scan_dataset(out).samples
+    predictor = Predictor(runs.resolve_run(trained_run))
+    result = evaluate(predictor, samples)
+    assert (result["n_defective"], result["n_defect_free"]) == (2, 2)
+    assert result["n_outlined_defective"] == 0 and result["average_precision"] is not None
+    flagged = {row["id"]: row["flagged"] for row in result["per_image"]}
+    assert result["n_detected"] == sum(flagged[s.id] for s in defective)
+    stats = recipe.collect_stats(predictor, samples)
+    assert sum(stats.has_defect) == 2
+    # Imported, it stays a defect without pixels; and training leaves it out.
+    config.DATA_DIR.mkdir(parents=True, exist_ok=True)
+    imported = scan_dataset(import_dataset(out, f"labels-{tmp_path.name}"[:60]).path)
+    assert sum(s.defective and not s.outlined for s in imported.samples) == 2
+    train, val, _ = imported.training_splits()
+    assert all(s.outlined for s in train + val)
+
+
+def test_label_queue_cli_csv_and_json(trained_run: str, tiny_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "labels"
+    first = scan_dataset(tiny_dataset).split("test")[0]
+    labels.save_label(out, first.image_path, "good")
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert main(["label-queue", "--run", trained_run, "--data", str(tiny_dataset), "--split", "test",
+                     "--top", "3", "--labels", str(out)]) == 0
+    rows = list(csv.DictReader(io.StringIO(buffer.getvalue())))
+    assert [int(r["rank"]) for r in rows] == [1, 2, 3] and all(r["reason"] for r in rows)
+    assert first.id not in {r["id"] for r in rows}
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        assert main(["label-queue", "--run", trained_run, "--data", str(tiny_dataset), "--split", "test",
+                     "--top", "3", "--labels", str(out), "--json"]) == 0
+    assert [r["id"] for r in json.loads(buffer.getvalue())] == [r["id"] for r in rows]
+
+
+def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_run: str, tiny_dataset: Path,
+                                                                         tmp_path: Path) -> None:
+    out = labels.labels_folder(f"labels-{tmp_path.name}"[:60])
+    extra = tmp_path / "extra"
+    rng = np.random.default_rng(1)
+    image = write(extra / "new.png", rng.integers(0, 256, (64, 64), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[20:30, 10:40] = 1
+    labels.save_label(out, image, "drawn", mask)
+    own = scan_dataset(tiny_dataset).samples
+    labels.save_label(out, own[0].image_path, "image_level")
+    combined = scan_dataset(labels.training_set(out, trained_run))
+    ids = {s.id: s for s in combined.samples}
+    assert ids["new"].split == "train" and ids["new"].defective
+    assert f"run-{own[0].id}" not in ids and own[0].id in ids  # labelled once, as labelled
+    assert len(combined.split("val")) == len(scan_dataset(tiny_dataset).split("val"))
+    run_id = labels.start_fine_tune(out, trained_run, minutes=0.1)
+    folder = runs.run_dir(run_id)
+    deadline = time.time() + 300
+    while runs.read_run_json(folder).get("status") not in ("completed", "failed", "cancelled"):
+        assert time.time() < deadline, "the fine-tune did not end within 5 minutes"
+        time.sleep(2)
+    info = runs.read_run_json(folder)
+    assert info["status"] == "completed", (folder / "train.log").read_text()[-2000:] if (folder / "train.log").exists() else info
+    assert info["params"]["init"] == trained_run and trained_run in info["init"]
