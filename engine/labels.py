@@ -17,13 +17,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from engine import config
 from engine.data import IMAGE_LEVEL, image_folder, images_in, scan_dataset
 from engine.errors import DatasetError, EngineError
 from engine.imageio import decode_raw, encode_png
-from engine.storage import atomic_write_bytes, atomic_write_text, folder_lock, staged_folder, replace_folder
+from engine.storage import atomic_write_bytes, atomic_write_text, folder_lock, replace_folder, staged_folder
 
 LABEL_SOURCES = ("drawn", "accepted", "good", IMAGE_LEVEL)
 LABEL_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "label_source", "labelled_at", "source_path")
@@ -31,6 +32,8 @@ LABEL_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "label_source
 
 def labels_folder(name: str) -> Path:
     """Where a labelled dataset of this name lives (under the data folder, like an import)."""
+    if not name or name != Path(name).name or name.startswith("."):
+        raise EngineError(f"'{name}' is not a dataset name; use letters, digits, '.', '_' and '-', no '/'")
     return Path(config.DATA_DIR) / name
 
 
@@ -125,10 +128,8 @@ def _write_manifest(path: Path, rows: Any) -> None:
 
 def label_counts(dataset: str | Path) -> dict[str, int]:
     """How many labels of each source the dataset holds."""
-    counts = {source: 0 for source in LABEL_SOURCES}
-    for row in read_labels(dataset).values():
-        counts[row.get("label_source") or "drawn"] = counts.get(row.get("label_source") or "drawn", 0) + 1
-    return counts
+    sources = [row.get("label_source") or "" for row in read_labels(dataset).values()]
+    return {source: sources.count(source) for source in LABEL_SOURCES}
 
 
 def training_set(dataset: str | Path, run: str) -> Path:
@@ -186,7 +187,7 @@ def fine_tune_config(run: str, data: str | Path, minutes: float) -> Any:
     cfg = TrainConfig(**saved)
     return replace(cfg, data=str(Path(data).resolve()), init=folder.name, minutes=minutes, epochs=None,
                    resume=None, run_id=None, command=None, paint=None, hard_share=None,
-                   name=f"{params.get('name') or 'run'}-labels", steps_per_epoch=None)
+                   name=f"{params.get('name') or 'run'}-labels")
 
 
 def start_fine_tune(dataset: str | Path, run: str, minutes: float = 5.0) -> str:
@@ -194,3 +195,75 @@ def start_fine_tune(dataset: str | Path, run: str, minutes: float = 5.0) -> str:
     from engine import jobs
 
     return jobs.start_training(fine_tune_config(run, training_set(dataset, run), minutes))
+
+
+# --------------------------------------------------------------------------------------- drawing (the Label page)
+
+TILE = 512  # a larger image is labelled one tile of at most TILE x TILE px at a time
+PAINT, ERASE = (255, 40, 40), (40, 120, 255)  # the brush's colours on the canvas: defect pixels, and erasing them
+
+
+def tiles(shape: tuple[int, ...], size: int = TILE) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of the tiles an image of this shape is labelled in, row by row (one for a small image)."""
+    height, width = shape[:2]
+    return [(y, min(y + size, height), x, min(x + size, width))
+            for y in range(0, height, size) for x in range(0, width, size)]
+
+
+def canvas_scale(tile: tuple[int, int, int, int], max_side: int = 700) -> float:
+    """Canvas px per image px for a tile: it fills at most max_side px, and is never shrunk (so 1 px of the image
+    stays at least 1 px on the canvas and a 1 px brush reaches single pixels)."""
+    y0, y1, x0, x1 = tile
+    return max(1.0, max_side / max(y1 - y0, x1 - x0))
+
+
+def apply_strokes(mask: np.ndarray, layer: np.ndarray | None, tile: tuple[int, int, int, int]) -> np.ndarray:
+    """A copy of the full-size mask with a canvas's strokes over one tile: the canvas's RGBA layer (any size) is
+    mapped back to the tile's own pixels; PAINT strokes set defect pixels, ERASE strokes clear them."""
+    result = mask.copy()
+    if layer is None or layer.ndim != 3 or layer.shape[2] < 4 or not layer[..., 3].any():
+        return result
+    y0, y1, x0, x1 = tile
+    drawn = layer[..., 3] > 0
+    red, blue = layer[..., 0].astype(int), layer[..., 2].astype(int)
+    for value, where in ((1, drawn & (red > blue)), (0, drawn & (blue >= red))):
+        if not where.any():
+            continue
+        # A pixel of the image is stroked where at least half of its area on the canvas is.
+        share = cv2.resize(where.astype(np.float32), (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA)
+        result[y0:y1, x0:x1][share >= 0.5] = value
+    return result
+
+
+def source_of(start: np.ndarray, final: np.ndarray) -> str:
+    """The label source of a mask saved from the page: good when empty, accepted when it is the run's, else drawn."""
+    if not final.any():
+        return "good"
+    return "accepted" if np.array_equal(start.astype(bool), final.astype(bool)) else "drawn"
+
+
+def before_after(dataset: str | Path, before: str, after: str, progress: Any = None) -> list[dict[str, Any]]:
+    """What labelling changed: for the labelled set (all of it) and the run's validation (its data's val split),
+    each run's detections and false alarms, and each run's readiness."""
+    from engine import runs
+    from engine.evaluate import evaluate, select_samples
+    from engine.inference import Predictor
+
+    folders = {"before": runs.resolve_run(before), "after": runs.resolve_run(after)}
+    data = (runs.read_run_json(folders["before"]).get("dataset") or {}).get("path") or ""
+    rows = []
+    for where, folder, split in (("labelled set", dataset, "all"), ("the run's validation", data, "val")):
+        try:
+            samples = select_samples(folder, split)
+        except DatasetError:
+            continue
+        for when, run_dir in folders.items():
+            result = evaluate(Predictor(run_dir), samples, progress=progress)
+            rows.append({"set": where, "run": f"{when} ({run_dir.name})",
+                         "detected": f"{result['n_detected']} of {result['n_defective']}",
+                         "false alarms": f"{result['n_false_alarms']} of {result['n_defect_free']}"})
+    for when, run_dir in folders.items():
+        ready, reason = runs.readiness(runs.read_run_json(run_dir))
+        rows.append({"set": "readiness", "run": f"{when} ({run_dir.name})", "detected": "ready" if ready else
+                     "not ready", "false alarms": reason or ""})
+    return rows

@@ -219,3 +219,54 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
     info = runs.read_run_json(folder)
     assert info["status"] == "completed", (folder / "train.log").read_text()[-2000:] if (folder / "train.log").exists() else info
     assert info["params"]["init"] == trained_run and trained_run in info["init"]
+
+
+def test_label_page_saves_a_good_part_as_an_all_zero_mask(trained_run: str, tiny_dataset: Path) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120).run()
+    at.switch_page("app_pages/7_Label.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    at.selectbox(key="label_run").set_value(trained_run).run()
+    at.selectbox(key="label_data").set_value(tiny_dataset.name).run()
+    at.text_input(key="label_name").set_value("labels-page-test").run()
+    next(b for b in at.button if b.label == "Rank images").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    first = at.session_state.label_queue["items"][0]
+    assert any("Why this image" in str(i.value) for i in at.info)
+    next(b for b in at.button if b.label == "Good part").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    out = labels.labels_folder("labels-page-test")
+    row = labels.read_labels(out)[first["id"]]
+    assert row["label_source"] == "good" and row["source_path"] == str(Path(first["path"]).resolve())
+    saved = cv2.imread(str(out / "masks" / f"{first['id']}.png"), cv2.IMREAD_UNCHANGED)
+    assert saved is not None and saved.shape == cv2.imread(first["path"], cv2.IMREAD_UNCHANGED).shape[:2]
+    assert not saved.any()
+    assert any(f"{first['id']} saved as good" in str(s.value) for s in at.success)
+    assert at.session_state.label_queue["items"][0]["id"] != first["id"]  # the next image comes up
+
+
+def test_strokes_map_back_to_the_full_resolution_tile_and_erase() -> None:
+    shape = (1250, 500)
+    grid = labels.tiles(shape)
+    assert grid[0] == (0, 512, 0, 500) and grid[-1] == (1024, 1250, 0, 500) and len(grid) == 3
+    tile = grid[1]  # rows 512-1024
+    scale = labels.canvas_scale(tile)
+    assert scale >= 1
+    height, width = round((tile[1] - tile[0]) * scale), round((tile[3] - tile[2]) * scale)
+    layer = np.zeros((height, width, 4), np.uint8)
+    # A 1 px brush of the image (scale canvas px wide) along image row 700, columns 100-300.
+    row = round((700 - tile[0]) * scale)
+    stroke = max(1, round(scale))
+    layer[row:row + stroke, round(100 * scale):round(300 * scale)] = (*labels.PAINT, 255)
+    mask = labels.apply_strokes(np.zeros(shape, np.uint8), layer, tile)
+    ys, xs = np.nonzero(mask)
+    assert abs(ys.min() - 700) <= 2 and abs(ys.max() - 700) <= 2
+    assert abs(xs.min() - 100) <= 2 and abs(xs.max() - 299) <= 2
+    assert not mask[:512].any() and not mask[1024:].any()
+    erase = np.zeros_like(layer)
+    erase[:, : round(200 * scale)] = (*labels.ERASE, 255)
+    erased = labels.apply_strokes(mask, erase, tile)
+    assert not erased[:, :199].any() and erased[700, 250] == 1
+    assert labels.source_of(mask, mask) == "accepted" and labels.source_of(mask, erased) == "drawn"
+    assert labels.source_of(mask, np.zeros_like(mask)) == "good"
