@@ -168,7 +168,7 @@ def main() -> None:
     with st.sidebar:
         run_id, run_dir, _, _, _ = pick_run(folders, "label_run")
         name = st.selectbox("Images to label", list(choices), key="label_data")
-        label_name = st.text_input("Labelled dataset", value=f"labels-{name}", key="label_name")
+        label_name = st.text_input("Labelled dataset", value=f"labels-{name}", key=f"label_name_{name}")
         top = st.number_input("Queue length", min_value=1, max_value=500, value=20)
     try:
         labels_dir = labels.labels_folder(label_name)

@@ -229,7 +229,7 @@ def test_label_page_saves_a_good_part_as_an_all_zero_mask(trained_run: str, tiny
     assert not at.exception, [e.value for e in at.exception]
     at.selectbox(key="label_run").set_value(trained_run).run()
     at.selectbox(key="label_data").set_value(tiny_dataset.name).run()
-    at.text_input(key="label_name").set_value("labels-page-test").run()
+    at.text_input(key=f"label_name_{tiny_dataset.name}").set_value("labels-page-test").run()
     next(b for b in at.button if b.label == "Rank images").click().run()
     assert not at.exception, [e.value for e in at.exception]
     first = at.session_state.label_queue["items"][0]
