@@ -219,6 +219,14 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
     info = runs.read_run_json(folder)
     assert info["status"] == "completed", (folder / "train.log").read_text()[-2000:] if (folder / "train.log").exists() else info
     assert info["params"]["init"] == trained_run and trained_run in info["init"]
+    rows = labels.before_after(out, trained_run, run_id)
+    assert [(r["set"], r["run"].split()[0]) for r in rows] == [
+        ("labelled set", "before"), ("labelled set", "after"), ("the run's validation", "before"),
+        ("the run's validation", "after"), ("readiness", "before"), ("readiness", "after")]
+    assert rows[0]["detected"].endswith(" of 2") and rows[0]["false alarms"] == "0 of 0"
+    n_val = len(scan_dataset(tiny_dataset).split("val"))
+    val = [r for r in rows if r["set"] == "the run's validation"]
+    assert all(int(r["detected"].split(" of ")[1]) + int(r["false alarms"].split(" of ")[1]) == n_val for r in val)
 
 
 def test_label_page_saves_a_good_part_as_an_all_zero_mask(trained_run: str, tiny_dataset: Path) -> None:
