@@ -58,10 +58,10 @@ def commit_strokes() -> None:
     item["strokes"], item["gen"] = None, item["gen"] + 1
 
 
-def change_tile() -> None:
+def change_tile(key: str) -> None:
     """Keep the strokes of the tile left, then show the one picked."""
     commit_strokes()
-    st.session_state.label_item["tile"] = st.session_state.label_tile
+    st.session_state.label_item["tile"] = st.session_state[key]
 
 
 def undo() -> None:
@@ -93,7 +93,8 @@ def canvas(item: dict[str, Any]) -> None:
     """The tile picker, the brush and the canvas; the canvas's strokes are kept in the item."""
     grid = labels.tiles(item["image"].shape)
     if len(grid) > 1:
-        st.selectbox("Tile", range(len(grid)), index=item["tile"], key="label_tile", on_change=change_tile,
+        key = f"label_tile_{item['row']['id']}"
+        st.selectbox("Tile", range(len(grid)), index=item["tile"], key=key, on_change=change_tile, args=(key,),
                      format_func=lambda i: f"{i + 1} of {len(grid)}: rows {grid[i][0]}–{grid[i][1]}, "
                                            f"columns {grid[i][2]}–{grid[i][3]}")
     tile = grid[item["tile"]]

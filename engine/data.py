@@ -51,8 +51,9 @@ class Sample:
 
     @property
     def outlined(self) -> bool:
-        """Whether its defect pixels are known: a mask, or no defect. An image sorted into a defect folder without a
-        mask counts for image verdicts (detection, false alarms, ranking) but not for pixel metrics."""
+        """Whether its defect pixels are known: a mask, or no defect. An image sorted into a defect folder, or labelled
+        "defect, not outlined" (image_level), counts for verdicts (detection, false alarms, ranking) but not for pixel
+        metrics nor training."""
         return self.mask_path is not None or not self.defective
 
     def holds_defect(self, truth: np.ndarray) -> bool:

@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from engine import config
-from engine.data import IMAGE_LEVEL, image_folder, images_in, scan_dataset
+from engine.data import IMAGE_LEVEL, image_folder, images_in, register_dataset, scan_dataset
 from engine.errors import DatasetError, EngineError
 from engine.imageio import decode_raw, encode_png
 from engine.storage import atomic_write_bytes, atomic_write_text, folder_lock, replace_folder, staged_folder
@@ -115,6 +115,7 @@ def save_label(dataset: str | Path, image_path: str | Path, source: str, mask: n
                            "labelled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "source_path": str(image_path.resolve())}
         _write_manifest(dataset / "manifest.csv", rows.values())
+        register_dataset(dataset, source="labelled")  # listed with the others, for train, evaluate and tune
     return rows[sample_id]
 
 
