@@ -168,6 +168,8 @@ def test_image_level_labels_count_in_detection_tuning_and_import(trained_run: st
     assert result["n_detected"] == sum(flagged[s.id] for s in defective)
     stats = recipe.collect_stats(predictor, samples)
     assert sum(stats.has_defect) == 2
+    _, best, _ = recipe.tune_run(predictor, samples, save=False)
+    assert (best["n_defective"], best["n_defect_free"]) == (2, 2)
     # Imported, it stays a defect without pixels; and training leaves it out.
     config.DATA_DIR.mkdir(parents=True, exist_ok=True)
     imported = scan_dataset(import_dataset(out, f"labels-{tmp_path.name}"[:60]).path)
