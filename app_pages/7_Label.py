@@ -121,7 +121,12 @@ def editor(labels_dir: Path, run_dir: Path) -> None:
         return
     row = queue[0]
     if st.session_state.get("label_item", {}).get("row", {}).get("id") != row["id"]:
-        st.session_state.label_item = open_item(row, run_dir)
+        try:
+            st.session_state.label_item = open_item(row, run_dir)
+        except EngineError as err:
+            st.error(f"{row['id']} cannot be opened: {err}")
+            st.button("Skip it", on_click=queue.pop, args=(0,))
+            return
     item = st.session_state.label_item
     st.subheader(f"{row['id']} ({len(queue)} left in the queue)")
     st.info(f"**Why this image:** {row['reason']}; the run says {row['verdict']}.")
