@@ -145,20 +145,28 @@ def fine_tune(labels_dir: Path, run_id: str) -> None:
     st.subheader("Train on my labels")
     counts = labels.label_counts(labels_dir)
     st.caption(f"{labels_dir}: " + ", ".join(f"{n} {source.replace('_', '-')}" for source, n in counts.items()))
-    minutes = st.number_input("Minutes", min_value=1.0, max_value=120.0, value=5.0, step=1.0)
+    minutes = st.number_input("Minutes", min_value=0.1, max_value=120.0, value=5.0, step=1.0, key="label_minutes")
     if st.button("Train on my labels", disabled=not sum(counts.values())):
         try:
             st.session_state.label_tuned = (run_id, labels.start_fine_tune(labels_dir, run_id, minutes))
         except EngineError as err:
             st.error(str(err))
-    if "label_tuned" not in st.session_state:
-        return
-    before, after = st.session_state.label_tuned
+    if "label_tuned" in st.session_state:
+        before, after = st.session_state.label_tuned
+        ended = runs.read_run_json(runs.run_dir(after)).get("status") in ("completed", "failed", "cancelled")
+        st.fragment(fine_tune_status, run_every=None if ended else 5)(labels_dir, before, after, not ended)
+
+
+def fine_tune_status(labels_dir: Path, before: str, after: str, polling: bool) -> None:
+    """The fine-tune's status (refreshed every 5 s while it runs) and, once it completed, before and after."""
     status = runs.read_run_json(runs.run_dir(after)).get("status")
+    if polling and status in ("completed", "failed", "cancelled"):
+        st.rerun()  # the whole page again: the fragment stops polling, so what the button shows stays
     if status != "completed":
-        st.info(f"Fine-tune {after} is {status}; watch it on the Train page, then come back here.")
+        st.info(f"Fine-tune {after} is {status}; the Train page shows its progress. Before / after comes here when "
+                "it has completed.")
         return
-    if st.button("Show before / after"):
+    if st.button("Show before / after", help="evaluates both runs on the labelled set and on the run's validation"):
         rows = run_with_progress("Comparing", lambda progress: labels.before_after(labels_dir, before, after, progress))
         if rows:
             st.dataframe(rows, hide_index=True)

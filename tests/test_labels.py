@@ -231,7 +231,7 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
     assert all(int(r["detected"].split(" of ")[1]) + int(r["false alarms"].split(" of ")[1]) == n_val for r in val)
 
 
-def test_label_page_saves_a_good_part_as_an_all_zero_mask(trained_run: str, tiny_dataset: Path) -> None:
+def test_label_page_saves_a_good_part_as_an_all_zero_mask_then_trains_on_the_labels(trained_run: str, tiny_dataset: Path) -> None:
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120).run()
@@ -254,6 +254,23 @@ def test_label_page_saves_a_good_part_as_an_all_zero_mask(trained_run: str, tiny
     assert not saved.any()
     assert any(f"{first['id']} saved as good" in str(s.value) for s in at.success)
     assert at.session_state.label_queue["items"][0]["id"] != first["id"]  # the next image comes up
+    # Train on my labels: a background fine-tune from this run; once it completed, before and after.
+    at.number_input(key="label_minutes").set_value(0.1).run()
+    next(b for b in at.button if b.label == "Train on my labels").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    before, after = at.session_state.label_tuned
+    assert before == trained_run and runs.read_run_json(runs.run_dir(after))["params"]["init"] == trained_run
+    deadline = time.time() + 300
+    while runs.read_run_json(runs.run_dir(after)).get("status") not in ("completed", "failed", "cancelled"):
+        assert time.time() < deadline, "the fine-tune did not end within 5 minutes"
+        time.sleep(2)
+    at.run()
+    next(b for b in at.button if b.label == "Show before / after").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    table = at.dataframe[-1].value
+    assert list(table["set"]) == ["labelled set", "labelled set", "the run's validation", "the run's validation",
+                                  "readiness", "readiness"]
+    assert all(value.endswith(" of 1") for value in list(table["false alarms"])[:2])  # the one good part labelled
 
 
 def test_strokes_map_back_to_the_full_resolution_tile_and_erase() -> None:
