@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from engine import config
-from engine.data import IMAGE_LEVEL, image_folder, images_in, register_dataset, scan_dataset
+from engine.data import IMAGE_LEVEL, DatasetReport, Sample, image_folder, images_in, register_dataset, scan_dataset
 from engine.errors import DatasetError, EngineError
 from engine.imageio import decode_raw, encode_png
 from engine.storage import atomic_write_bytes, atomic_write_text, folder_lock, replace_folder, staged_folder
@@ -143,8 +143,8 @@ def training_set(dataset: str | Path, run: str) -> Path:
     labels = read_labels(dataset)
     if not labels:
         raise EngineError(f"{dataset} holds no label yet; label a few images first")
-    info = runs.read_run_json(runs.resolve_run(run))
-    own = scan_dataset((info.get("dataset") or {}).get("path") or "", validate=False)
+    own, train, val = run_splits(run)
+    split_of = {s.id: "val" for s in val} | {s.id: "train" for s in train}  # validation carved as the run carved it
     labelled = {row.get("source_path") for row in labels.values()}
     final = dataset.with_name(f"{dataset.name}+train")
     with folder_lock(final, "written"), staged_folder(final) as tmp:
@@ -157,7 +157,8 @@ def training_set(dataset: str | Path, run: str) -> Path:
             _link(sample.image_path, tmp / "images" / f"run-{sample.id}{sample.image_path.suffix}")
             if sample.mask_path is not None:
                 _link(sample.mask_path, tmp / "masks" / f"run-{sample.id}.png")
-            rows.append({"id": f"run-{sample.id}", "split": sample.split, "defect_types": sample.defect_types,
+            rows.append({"id": f"run-{sample.id}", "split": split_of.get(sample.id, sample.split),
+                         "defect_types": sample.defect_types,
                          "source_path": str(sample.image_path.resolve())})
         for path in images_in(image_folder(dataset)):
             row = labels.get(path.stem)
@@ -170,6 +171,16 @@ def training_set(dataset: str | Path, run: str) -> Path:
         _write_manifest(tmp / "manifest.csv", rows)
         replace_folder(tmp, final)
     return final
+
+
+def run_splits(run: str) -> tuple[DatasetReport, list[Sample], list[Sample]]:
+    """(the data RUN trained on, its train, its val) as training split it (a val split carved out of train alike)."""
+    from engine import runs
+
+    info = runs.read_run_json(runs.resolve_run(run))
+    report = scan_dataset((info.get("dataset") or {}).get("path") or "", validate=False)
+    train, val, _ = report.training_splits((info.get("params") or {}).get("val_fraction") or 0.15)
+    return report, train, val
 
 
 def _link(source: Path, target: Path) -> None:
@@ -244,21 +255,17 @@ def source_of(start: np.ndarray, final: np.ndarray) -> str:
 
 
 def before_after(dataset: str | Path, before: str, after: str, progress: Any = None) -> list[dict[str, Any]]:
-    """What labelling changed: for the labelled set (all of it) and the run's validation (its data's val split),
+    """What labelling changed: for the labelled set (all of it) and the run's validation (as training split it),
     each run's detections and false alarms, and each run's readiness."""
     from engine import runs
     from engine.evaluate import evaluate, select_samples
     from engine.inference import Predictor
 
     folders = {"before": runs.resolve_run(before), "after": runs.resolve_run(after)}
-    data = (runs.read_run_json(folders["before"]).get("dataset") or {}).get("path") or ""
     rows = []
-    for where, folder, split in (("labelled set", dataset, "all"), ("the run's validation", data, "val")):
-        try:
-            samples = select_samples(folder, split)
-        except DatasetError:
-            continue
-        for when, run_dir in folders.items():
+    for where, samples in (("labelled set", select_samples(dataset, "all")), ("the run's validation",
+                                                                            run_splits(before)[2])):
+        for when, run_dir in folders.items() if samples else ():
             result = evaluate(Predictor(run_dir), samples, progress=progress)
             rows.append({"set": where, "run": f"{when} ({run_dir.name})",
                          "detected": f"{result['n_detected']} of {result['n_defective']}",
