@@ -80,7 +80,8 @@ def save(labels_dir: Path, source: str | None) -> None:
         commit_strokes()
         source = labels.source_of(item["start"], item["mask"])
     try:
-        labels.save_label(labels_dir, item["row"]["path"], source, item["mask"] if source != labels.IMAGE_LEVEL else None)
+        mask = None if source == labels.IMAGE_LEVEL else item["mask"]
+        labels.save_label(labels_dir, item["row"]["path"], source, mask)
     except EngineError as err:
         st.session_state.label_error = str(err)
         return

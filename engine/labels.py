@@ -96,25 +96,26 @@ def save_label(dataset: str | Path, image_path: str | Path, source: str, mask: n
     with folder_lock(dataset, "labelled"):
         rows = read_labels(dataset)
         sample_id = _label_id(rows, image_path)
-        for old in (dataset / "images").glob(f"{sample_id}.*") if (dataset / "images").is_dir() else ():
-            if old.suffix.lower() != image_path.suffix.lower():
-                old.unlink()  # the same id from a file of another format
-        target = dataset / "images" / f"{sample_id}{image_path.suffix.lower()}"
-        if not target.is_file() or target.read_bytes() != data:
-            atomic_write_bytes(target, data)
+        # The image goes in last: until it is there, neither its mask nor its row makes a sample (a save cut short
+        # leaves a mask that scan_dataset reports as having no image, never a part counted as good).
         mask_path = dataset / "masks" / f"{sample_id}.png"
         if stored is None:
             mask_path.unlink(missing_ok=True)
         else:
             atomic_write_bytes(mask_path, encode_png(stored))
-        fraction = float((stored > 0).mean()) if stored is not None else 0.0
         rows[sample_id] = {"id": sample_id, "split": (rows.get(sample_id) or {}).get("split", ""),
-                           "defect_types": defect_types if source in ("drawn", "accepted", IMAGE_LEVEL) else "",
-                           "defect_fraction": f"{fraction:.6f}" if stored is not None else "",
+                           "defect_types": defect_types if source != "good" else "",
+                           "defect_fraction": f"{(stored > 0).mean():.6f}" if stored is not None else "",
                            "label_source": source,
                            "labelled_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "source_path": str(image_path.resolve())}
         _write_manifest(dataset / "manifest.csv", rows.values())
+        target = dataset / "images" / f"{sample_id}{image_path.suffix.lower()}"
+        for old in (dataset / "images").glob(f"{sample_id}.*") if (dataset / "images").is_dir() else ():
+            if old != target:
+                old.unlink()  # the same id from a file of another format
+        if not target.is_file() or target.read_bytes() != data:
+            atomic_write_bytes(target, data)
         register_dataset(dataset, source="labelled")  # listed with the others, for train, evaluate and tune
     return rows[sample_id]
 

@@ -219,7 +219,8 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
         assert time.time() < deadline, "the fine-tune did not end within 5 minutes"
         time.sleep(2)
     info = runs.read_run_json(folder)
-    assert info["status"] == "completed", (folder / "train.log").read_text()[-2000:] if (folder / "train.log").exists() else info
+    log = folder / "train.log"
+    assert info["status"] == "completed", log.read_text()[-2000:] if log.exists() else info
     assert info["params"]["init"] == trained_run and trained_run in info["init"]
     rows = labels.before_after(out, trained_run, run_id)
     assert [(r["set"], r["run"].split()[0]) for r in rows] == [
@@ -231,7 +232,8 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
     assert all(int(r["detected"].split(" of ")[1]) + int(r["false alarms"].split(" of ")[1]) == n_val for r in val)
 
 
-def test_label_page_saves_a_good_part_as_an_all_zero_mask_then_trains_on_the_labels(trained_run: str, tiny_dataset: Path) -> None:
+def test_label_page_saves_a_good_part_as_an_all_zero_mask_then_trains_on_the_labels(trained_run: str,
+                                                                                     tiny_dataset: Path) -> None:
     from streamlit.testing.v1 import AppTest
 
     at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120).run()
@@ -297,3 +299,30 @@ def test_strokes_map_back_to_the_full_resolution_tile_and_erase() -> None:
     assert not erased[:, :199].any() and erased[700, 250] == 1
     assert labels.source_of(mask, mask) == "accepted" and labels.source_of(mask, erased) == "drawn"
     assert labels.source_of(mask, np.zeros_like(mask)) == "good"
+
+
+def test_a_save_cut_short_never_leaves_a_part_counted_as_good(source: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from engine.storage import WriteError, atomic_write_bytes
+
+    out = tmp_path / "labels"
+    labels.save_label(out, source / "part1.png", "good")
+
+    def full_disk_for_images(path: Path, data: bytes, durable: bool = True) -> Path:
+        if Path(path).parent.name == "images":
+            error = WriteError(f"no space left on device while writing {path}; the disk is full")
+            error.errno = errno.ENOSPC
+            raise error
+        return atomic_write_bytes(path, data, durable)
+
+    monkeypatch.setattr(labels, "atomic_write_bytes", full_disk_for_images)
+    with pytest.raises(WriteError):
+        labels.save_label(out, source / "part0.png", "drawn", a_mask())
+    report = scan_dataset(out)
+    assert [s.id for s in report.samples] == ["part1"]
+    assert any("part0.png has no image" in problem for problem in report.problems)
+    monkeypatch.undo()
+    labels.save_label(out, source / "part0.png", "drawn", a_mask())  # the next save completes it
+    assert {s.id: s.defective for s in scan_dataset(out).samples} == {"part0": True, "part1": False}
