@@ -109,7 +109,8 @@ def score_images(run: str, samples: list[Sample], use_truth: bool = True,
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
         probability = best.predict_proba(image)
-        item = Scored(sample.id, str(sample.image_path), float(probability.max()), inspect(probability, recipe).flagged,
+        item = Scored(sample.id, str(sample.image_path.resolve()), float(probability.max()),
+                      inspect(probability, recipe).flagged,
                       truth=sample.holds_defect(truth) if known else None)
         if early is not None:
             earlier = early.predict_proba(image)
