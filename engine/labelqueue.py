@@ -51,7 +51,7 @@ def _reason(item: Scored, threshold: float, earlier_epoch: int | None) -> tuple[
     """(sort key, reason) of one image: wrong verdicts first, then epochs that disagree, then the nearest score."""
     margin = abs(item.top - threshold)
     side = "above" if item.top >= threshold else "below"
-    near = f"top score {item.top:.2f} is {margin:.2f} {side} the threshold {threshold:.2f}"
+    near = f"top score {item.top:.3f} is {margin:.3f} {side} the threshold {threshold:.3f}"
     wrong = item.truth is not None and item.truth != item.flagged
     disagree = item.earlier_flagged is not None and item.earlier_flagged != item.flagged
     if wrong:

@@ -71,7 +71,7 @@ def test_queue_orders_wrong_verdicts_then_disagreement_then_nearest_score() -> N
     assert queue[0].reason.startswith("wrong verdict: the run flagged a part labelled good")
     assert queue[1].reason.startswith("wrong verdict: the run missed a labelled defect")
     assert "epoch 3 said ok" in queue[2].reason
-    assert queue[3].reason == "top score 0.49 is 0.01 below the threshold 0.50"
+    assert queue[3].reason == "top score 0.490 is 0.010 below the threshold 0.500"
     assert [item.id for item in labelqueue.rank(scored, 0.5, top=2)] == ["false_alarm", "missed"]
 
 
