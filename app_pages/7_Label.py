@@ -177,13 +177,19 @@ def main() -> None:
     """The page: run, folder and labelled set in the sidebar; the queue; the editor; fine-tuning."""
     folders = runs.runs_with_models()
     choices = data.dataset_choices()
-    if not folders or not choices:
-        st.info("Train a run and import a folder of images first: the queue ranks a folder's images by a run.")
+    if not folders:
+        st.info("Train a run first: the queue ranks a folder's images by how unsure a run is of them.")
         return
     with st.sidebar:
         run_id, run_dir, _, _, _ = pick_run(folders, "label_run")
         name = st.selectbox("Images to label", list(choices), key="label_data")
-        label_name = st.text_input("Labelled dataset", value=f"labels-{name}", key=f"label_name_{name}")
+        typed = st.text_input("Or a folder", key="label_folder", placeholder="/path/to/images",
+                              help="any folder of images (or DIR/images with DIR/masks) instead of the one above")
+        folder = Path(typed).expanduser() if typed.strip() else choices.get(name)
+        if folder is None:
+            st.info("Pick or type a folder of images to label.")
+            return
+        label_name = st.text_input("Labelled dataset", value=f"labels-{folder.name}", key=f"label_name_{folder.name}")
         top = st.number_input("Queue length", min_value=1, max_value=500, value=20)
     try:
         labels_dir = labels.labels_folder(label_name)
@@ -194,9 +200,9 @@ def main() -> None:
         if key in st.session_state:
             show(st.session_state.pop(key))
     if st.button("Rank images", type="primary"):
-        the_queue(run_id, choices[name], labels_dir, int(top))
+        the_queue(run_id, folder, labels_dir, int(top))
     queue = st.session_state.get("label_queue")
-    if queue and queue["key"] == (run_id, str(choices[name])):
+    if queue and queue["key"] == (run_id, str(folder)):
         with st.expander(f"The queue ({len(queue['items'])} images)"):
             st.dataframe(queue["items"], hide_index=True, column_order=("rank", "id", "verdict", "score", "reason"))
         editor(labels_dir, run_dir)

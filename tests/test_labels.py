@@ -326,3 +326,22 @@ def test_a_save_cut_short_never_leaves_a_part_counted_as_good(source: Path, tmp_
     monkeypatch.undo()
     labels.save_label(out, source / "part0.png", "drawn", a_mask())  # the next save completes it
     assert {s.id: s.defective for s in scan_dataset(out).samples} == {"part0": True, "part1": False}
+
+
+def test_label_page_ranks_a_typed_folder_and_says_in_one_line_when_it_holds_no_image(trained_run: str,
+                                                                                    source: Path) -> None:
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=120).run()
+    at.switch_page("app_pages/7_Label.py").run()
+    at.selectbox(key="label_run").set_value(trained_run).run()
+    at.text_input(key="label_folder").set_value(str(source.parent / "nothing-here")).run()
+    next(b for b in at.button if b.label == "Rank images").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [e.value for e in at.error] and all("\n" not in e.value and "nothing-here" in e.value for e in at.error)
+    at.text_input(key="label_folder").set_value(str(source)).run()
+    next(b for b in at.button if b.label == "Rank images").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    queue = at.session_state.label_queue["items"]
+    assert sorted(item["id"] for item in queue) == [f"part{i}" for i in range(6)]
+    assert at.text_input(key="label_name_line").value == "labels-line"
