@@ -132,11 +132,13 @@ def editor(labels_dir: Path, run_dir: Path) -> None:
     st.subheader(f"{row['id']} ({len(queue)} left in the queue)")
     st.info(f"**Why this image:** {row['reason']}; the run says {row['verdict']}.")
     canvas(item)
-    cols = st.columns(4)
+    cols = st.columns(5)
     cols[0].button("Undo", on_click=undo, disabled=item["strokes"] is None and not item["history"])
-    cols[1].button("Save and next", type="primary", on_click=save, args=(labels_dir, None))
-    cols[2].button("Good part", on_click=save, args=(labels_dir, "good"), help="no defect: an all-zero mask")
-    cols[3].button("Defect, not outlined", on_click=save, args=(labels_dir, labels.IMAGE_LEVEL),
+    cols[1].button("Apply strokes", on_click=commit_strokes, disabled=item["strokes"] is None,
+                   help="fold the strokes into the mask and show it (saving does it too)")
+    cols[2].button("Save and next", type="primary", on_click=save, args=(labels_dir, None))
+    cols[3].button("Good part", on_click=save, args=(labels_dir, "good"), help="no defect: an all-zero mask")
+    cols[4].button("Defect, not outlined", on_click=save, args=(labels_dir, labels.IMAGE_LEVEL),
                    help="a defect whose pixels you do not draw: it counts for detection and tuning, not training")
 
 
