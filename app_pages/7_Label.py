@@ -14,7 +14,7 @@ from streamlit_drawable_canvas import st_canvas
 from engine import data, labelqueue, labels, runs
 from engine.drawing import overlay
 from engine.errors import EngineError
-from engine.imageio import encode_png, read_image
+from engine.imageio import decode_raw, encode_png, read_image
 from engine.inspection import inspect
 from engine.recipe import load_recipe
 from ui import load_predictor, pick_run, run_with_progress
@@ -31,18 +31,22 @@ def the_queue(run_id: str, folder: Path, labels_dir: Path, top: int) -> None:
     """Rank the folder's unlabelled images for this run into the session (a progress bar while it predicts)."""
     exclude = labels.labelled_sources(labels_dir)
     queue = run_with_progress("Ranking the images", lambda progress: labelqueue.label_queue(
-        run_id, folder, top, exclude=exclude, progress=progress))
+        run_id, folder, top, exclude=exclude, progress=progress, keep_masks=True))
     if queue is not None:
-        st.session_state.label_queue = {"key": (run_id, str(folder)), "items": labelqueue.as_rows(queue)}
+        st.session_state.label_queue = {"key": (run_id, str(folder)), "items": labelqueue.as_rows(queue),
+                                        "masks": {item.id: item.mask_png for item in queue}}
         st.session_state.pop("label_item", None)
 
 
-def open_item(row: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """The editing state of a queue image: the image, the run's mask (the start), the mask being edited, the undo
-    history, the tile shown and the canvas's generation (a new one clears its strokes)."""
+def open_item(row: dict[str, Any], run_dir: Path, mask_png: bytes | None) -> dict[str, Any]:
+    """The editing state of a queue image: the image, the run's mask (the start: kept from the ranking, else
+    predicted), the mask being edited, the undo history, the tile shown and the canvas's generation (a new one
+    clears its strokes)."""
     image = read_image(row["path"])
-    predictor = load_predictor(str(run_dir), "best", runs.checkpoint_path(run_dir, "best").stat().st_mtime)
-    start = inspect(predictor.predict_proba(image), load_recipe(run_dir)).mask.astype(np.uint8)
+    start = (decode_raw(mask_png, "mask") > 0).astype(np.uint8) if mask_png else None
+    if start is None or start.shape != image.shape:
+        predictor = load_predictor(str(run_dir), "best", runs.checkpoint_path(run_dir, "best").stat().st_mtime)
+        start = inspect(predictor.predict_proba(image), load_recipe(run_dir)).mask.astype(np.uint8)
     return {"row": row, "image": image, "start": start, "mask": start.copy(), "history": [], "tile": 0, "gen": 0,
             "strokes": None}
 
@@ -123,7 +127,8 @@ def editor(labels_dir: Path, run_dir: Path) -> None:
     row = queue[0]
     if st.session_state.get("label_item", {}).get("row", {}).get("id") != row["id"]:
         try:
-            st.session_state.label_item = open_item(row, run_dir)
+            mask_png = st.session_state.label_queue.get("masks", {}).get(row["id"])
+            st.session_state.label_item = open_item(row, run_dir, mask_png)
         except EngineError as err:
             st.error(f"{row['id']} cannot be opened: {err}")
             st.button("Skip it", on_click=queue.pop, args=(0,))

@@ -324,7 +324,7 @@ def cmd_label_queue(args: argparse.Namespace) -> None:
     if args.json:
         print(json.dumps(rows))
         return
-    writer = csv.DictWriter(sys.stdout, fieldnames=list(labelqueue.QueueItem.__dataclass_fields__), lineterminator="\n")
+    writer = csv.DictWriter(sys.stdout, fieldnames=labelqueue.COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
 

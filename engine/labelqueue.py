@@ -8,13 +8,16 @@ that it can be checked on hand-made scores.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from engine import runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
+from engine.imageio import encode_png
 from engine.inference import Predictor
 from engine.inspection import inspect
 from engine.progress import Progress
@@ -33,6 +36,10 @@ class Scored:
     earlier_top: float | None = None
     earlier_flagged: bool | None = None
     truth: bool | None = None
+    mask_png: bytes | None = field(default=None, repr=False)  # the best epoch's mask under the recipe, when kept
+
+
+COLUMNS = ("rank", "id", "path", "score", "verdict", "reason")  # what the CLI prints of each image
 
 
 @dataclass
@@ -45,6 +52,7 @@ class QueueItem:
     score: float
     verdict: str
     reason: str
+    mask_png: bytes | None = field(default=None, repr=False)  # the run's mask, the Label page's starting point
 
 
 def _reason(item: Scored, threshold: float, earlier_epoch: int | None) -> tuple[tuple, str]:
@@ -70,8 +78,8 @@ def rank(scored: list[Scored], threshold: float, top: int | None = None,
     nearest the threshold; ties by id), the first `top` of them."""
     keyed = sorted(((*_reason(item, threshold, earlier_epoch), item) for item in scored),
                    key=lambda entry: (entry[0], entry[2].id))
-    return [QueueItem(i + 1, item.id, item.path, round(item.top, 4), "defect" if item.flagged else "ok", reason)
-            for i, (_, reason, item) in enumerate(keyed[:top] if top else keyed)]
+    return [QueueItem(i + 1, item.id, item.path, round(item.top, 4), "defect" if item.flagged else "ok", reason,
+                      item.mask_png) for i, (_, reason, item) in enumerate(keyed[:top] if top else keyed)]
 
 
 def earlier_epoch(run_dir: Path) -> int | None:
@@ -94,11 +102,12 @@ def candidates(data: str | Path, split: str = "all", exclude: set[str] | None = 
     return samples
 
 
-def score_images(run: str, samples: list[Sample], use_truth: bool = True,
-                 progress: Progress | None = None) -> tuple[list[Scored], float, int | None]:
+def score_images(run: str, samples: list[Sample], use_truth: bool = True, progress: Progress | None = None,
+                 keep_masks: bool = False) -> tuple[list[Scored], float, int | None]:
     """(scores, the recipe's threshold, the earlier epoch) of each sample by the run's best epoch and an earlier
     one. With use_truth, an image's truth is known where the set labels any defect (a mask, an image-level label or
-    a defect folder); else every image counts as unlabelled (a simulation of labelling from scratch)."""
+    a defect folder); else every image counts as unlabelled (a simulation of labelling from scratch). keep_masks
+    keeps each image's mask under the recipe, as a PNG (a few kB), so that the page opens the next image at once."""
     run_dir = runs.resolve_run(run)
     recipe = load_recipe(run_dir)
     best = Predictor(run_dir, "best")
@@ -109,9 +118,10 @@ def score_images(run: str, samples: list[Sample], use_truth: bool = True,
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
         probability = best.predict_proba(image)
-        item = Scored(sample.id, str(sample.image_path.resolve()), float(probability.max()),
-                      inspect(probability, recipe).flagged,
-                      truth=sample.holds_defect(truth) if known else None)
+        inspection = inspect(probability, recipe)
+        item = Scored(sample.id, str(sample.image_path.resolve()), float(probability.max()), inspection.flagged,
+                      truth=sample.holds_defect(truth) if known else None,
+                      mask_png=encode_png(inspection.mask.astype(np.uint8)) if keep_masks else None)
         if early is not None:
             earlier = early.predict_proba(image)
             item.earlier_top, item.earlier_flagged = float(earlier.max()), inspect(earlier, recipe).flagged
@@ -123,12 +133,12 @@ def score_images(run: str, samples: list[Sample], use_truth: bool = True,
 
 def label_queue(run: str, data: str | Path, top: int | None = None, split: str = "all",
                 exclude: set[str] | None = None, use_truth: bool = True,
-                progress: Progress | None = None) -> list[QueueItem]:
+                progress: Progress | None = None, keep_masks: bool = False) -> list[QueueItem]:
     """The first `top` unlabelled images of DIR, ranked by how unsure RUN is of them (the CLI's and the page's)."""
-    scored, threshold, epoch = score_images(run, candidates(data, split, exclude), use_truth, progress)
+    scored, threshold, epoch = score_images(run, candidates(data, split, exclude), use_truth, progress, keep_masks)
     return rank(scored, threshold, top, epoch)
 
 
 def as_rows(queue: list[QueueItem]) -> list[dict[str, Any]]:
-    """The queue as plain rows (CSV, JSON, tables)."""
-    return [asdict(item) for item in queue]
+    """The queue as plain rows of COLUMNS (CSV, JSON, tables)."""
+    return [{k: v for k, v in asdict(item).items() if k in COLUMNS} for item in queue]

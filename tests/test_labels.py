@@ -18,11 +18,12 @@ import pytest
 
 from engine import config, labelqueue, labels, recipe, runs
 from engine.__main__ import main
-from engine.data import scan_dataset
+from engine.data import load_pair, scan_dataset
 from engine.errors import EngineError
 from engine.evaluate import evaluate
 from engine.importer import import_dataset
 from engine.inference import Predictor
+from engine.inspection import inspect
 from engine.labelqueue import Scored
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,6 +195,14 @@ def test_label_queue_cli_csv_and_json(trained_run: str, tiny_dataset: Path, tmp_
         assert main(["label-queue", "--run", trained_run, "--data", str(tiny_dataset), "--split", "test",
                      "--top", "3", "--labels", str(out), "--json"]) == 0
     assert [r["id"] for r in json.loads(buffer.getvalue())] == [r["id"] for r in rows]
+    assert list(rows[0]) == list(labelqueue.COLUMNS)
+    # The masks the page opens with, kept from the ranking: the run's mask under its recipe.
+    kept = labelqueue.label_queue(trained_run, tiny_dataset, 2, split="test", keep_masks=True)
+    run_dir = runs.resolve_run(trained_run)
+    for item in kept:
+        image, _ = load_pair(next(s for s in scan_dataset(tiny_dataset).samples if s.id == item.id))
+        expected = inspect(Predictor(run_dir).predict_proba(image), recipe.load_recipe(run_dir)).mask > 0
+        assert np.array_equal(cv2.imdecode(np.frombuffer(item.mask_png, np.uint8), cv2.IMREAD_UNCHANGED) > 0, expected)
 
 
 def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_run: str, tiny_dataset: Path,
