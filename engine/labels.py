@@ -136,10 +136,9 @@ def label_counts(dataset: str | Path) -> dict[str, int]:
 
 def training_set(dataset: str | Path, run: str) -> Path:
     """A dataset to fine-tune RUN on: the run's own data (its splits kept, so its validation stays the same) plus
-    every labelled image in train (an image of the run's data that was labelled counts once, as labelled). Images are
-    linked, not copied; the folder `<labels>+train` is rebuilt whole each time (staged, then swapped in)."""
-    from engine import runs
-
+    every labelled image in train; an image of the run's data that was labelled counts once, as labelled, in its own
+    split (a label on a val or test image never trains). Images are linked, not copied; the folder `<labels>+train`
+    is rebuilt whole each time (staged, then swapped in)."""
     dataset = Path(dataset)
     labels = read_labels(dataset)
     if not labels:
@@ -147,6 +146,7 @@ def training_set(dataset: str | Path, run: str) -> Path:
     own, train, val = run_splits(run)
     split_of = {s.id: "val" for s in val} | {s.id: "train" for s in train}  # validation carved as the run carved it
     labelled = {row.get("source_path") for row in labels.values()}
+    run_split = {str(s.image_path.resolve()): split_of.get(s.id, s.split) for s in own.samples}
     final = dataset.with_name(f"{dataset.name}+train")
     with folder_lock(final, "written"), staged_folder(final) as tmp:
         (tmp / "images").mkdir()
@@ -168,7 +168,8 @@ def training_set(dataset: str | Path, run: str) -> Path:
             _link(path, tmp / "images" / path.name)
             if (dataset / "masks" / f"{path.stem}.png").is_file():
                 _link(dataset / "masks" / f"{path.stem}.png", tmp / "masks" / f"{path.stem}.png")
-            rows.append({**row, "split": "train"})
+            held_out = run_split.get(row.get("source_path") or "") in ("val", "test")
+            rows.append({**row, "split": run_split[row["source_path"]] if held_out else "train"})
         _write_manifest(tmp / "manifest.csv", rows)
         replace_folder(tmp, final)
     return final

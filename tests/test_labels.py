@@ -215,11 +215,14 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
     mask[20:30, 10:40] = 1
     labels.save_label(out, image, "drawn", mask)
     own = scan_dataset(tiny_dataset).samples
-    labels.save_label(out, own[0].image_path, "image_level")
+    in_train, in_val = next(s for s in own if s.split == "train"), next(s for s in own if s.split == "val")
+    labels.save_label(out, in_train.image_path, "image_level")
+    labels.save_label(out, in_val.image_path, "good")
     combined = scan_dataset(labels.training_set(out, trained_run))
     ids = {s.id: s for s in combined.samples}
     assert ids["new"].split == "train" and ids["new"].defective
-    assert f"run-{own[0].id}" not in ids and own[0].id in ids  # labelled once, as labelled
+    assert f"run-{in_train.id}" not in ids and ids[in_train.id].split == "train"  # labelled once, as labelled
+    assert ids[in_val.id].split == "val"  # a label on a validation image stays in validation
     assert len(combined.split("val")) == len(scan_dataset(tiny_dataset).split("val"))
     run_id = labels.start_fine_tune(out, trained_run, minutes=0.1)
     folder = runs.run_dir(run_id)
@@ -235,7 +238,7 @@ def test_fine_tune_on_labels_records_init_and_keeps_the_runs_validation(trained_
     assert [(r["set"], r["run"].split()[0]) for r in rows] == [
         ("labelled set", "before"), ("labelled set", "after"), ("the run's validation", "before"),
         ("the run's validation", "after"), ("readiness", "before"), ("readiness", "after")]
-    assert rows[0]["detected"].endswith(" of 2") and rows[0]["false alarms"] == "0 of 0"
+    assert rows[0]["detected"].endswith(" of 2") and rows[0]["false alarms"].endswith(" of 1")
     n_val = len(scan_dataset(tiny_dataset).split("val"))
     val = [r for r in rows if r["set"] == "the run's validation"]
     assert all(int(r["detected"].split(" of ")[1]) + int(r["false alarms"].split(" of ")[1]) == n_val for r in val)
