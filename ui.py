@@ -48,6 +48,8 @@ PAGES = [page for page in (
     PageInfo("app_pages/5_Runs.py", "Runs", ":material/history:", "Runs", "all runs, curves, lineage, delete"),
     PageInfo("app_pages/6_Review.py", "Review", ":material/fact_check:", "Review",
              "metrics over a whole folder, worst first"),
+    PageInfo("app_pages/7_Label.py", "Label", ":material/brush:", "Label",
+             "label what the run is unsure of, then fine-tune on it"),
 ) if (Path(__file__).resolve().parent / page.path).is_file()]  # a deployment may leave a page out (Export)
 
 T = TypeVar("T")

@@ -1,9 +1,9 @@
 """A full session in a real browser while sampling the app's resident memory (issue: Streamlit Community Cloud).
 
 Starts `streamlit run Home.py` on fresh data/ and runs/ folders, drives Debian's Chromium through every
-page (generate, train for a minute, inspect two epochs on a 2048x2048 upload, review, export, runs), and
-samples the resident memory (RSS) of the app process alone and of the app plus its children (the training
-job) every 0.2 s. Bars: the app alone <= 1.0 GB, the app plus its training job <= 2.5 GB.
+page (generate, train for a minute, inspect two epochs on a 2048x2048 upload, review, export, label a 1,250x500
+image, runs), and samples the resident memory (RSS) of the app process alone and of the app plus its children (the
+training job) every 0.2 s. Bars: the app alone <= 1.0 GB, the app plus its training job <= 2.5 GB.
 
     .venv/bin/python benchmarks/memory_session.py [--train-minutes 1] [--out docs/_artifacts/memory_session.json]
 
@@ -140,9 +140,37 @@ def session(page, url: str, sampler: MemorySampler, upload: Path, train_minutes:
     page.get_by_role("button", name="Export and benchmark").click()
     page.wait_for_selector('[data-testid="stAlertContentSuccess"]:has-text("ONNX fp32 written")', timeout=600_000)
     settle(page)
+    label(page, url, sampler, run.id, upload)
     sampler.stage = "runs"
     visit(page, f"{url}/Runs", "Runs")
     return run.id, compared
+
+
+def label(page, url: str, sampler: MemorySampler, run_id: str, upload: Path) -> None:
+    """The Label page on a 1,250x500 image (cut from the upload): rank, paint a stroke, save it."""
+    import cv2
+
+    from engine import config
+
+    tall = config.DATA_DIR / "label-tall" / "images" / "tall.png"
+    tall.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(tall), cv2.imread(str(upload), cv2.IMREAD_UNCHANGED)[:1250, :500])
+    sampler.stage = "label"
+    visit(page, f"{url}/Label", "Label what the run is unsure of")
+    pick(page, "Run", run_id)
+    pick(page, "Images to label", "label-tall")
+    page.get_by_role("button", name="Rank images").click()
+    page.get_by_text("Why this image").wait_for(timeout=600_000)
+    settle(page)
+    box = page.locator(".upper-canvas").first.bounding_box()
+    page.mouse.move(box["x"] + 50, box["y"] + 50)
+    page.mouse.down()
+    page.mouse.move(box["x"] + 250, box["y"] + 80, steps=10)
+    page.mouse.up()
+    settle(page, 500)
+    page.get_by_role("button", name="Save and next").click()
+    page.wait_for_selector('[data-testid="stAlertContentSuccess"]:has-text("saved as drawn")')
+    settle(page)
 
 
 def make_upload(folder: Path) -> Path:

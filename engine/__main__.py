@@ -208,7 +208,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     min_areas = _number_list(args.min_areas, int) if args.min_areas else None  # the run's own grid
     predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
-    split = "sorted" if any(not s.outlined for s in samples) else args.split  # a folder sorted by verdict: all of it
+    split = "sorted" if any(s.sorted_into for s in samples) else args.split  # a folder sorted by verdict: all of it
     context = {"data": str(Path(args.data).resolve()), "split": split}
     with _progress_bar("predicting") as progress:
         tuned, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
@@ -308,6 +308,25 @@ def cmd_cancel(args: argparse.Namespace) -> None:
 
     jobs.cancel(args.run)
     print(f"cancel requested for {args.run}")
+
+
+def cmd_label_queue(args: argparse.Namespace) -> None:
+    """Print the images of DIR the run is least sure of, ranked, with why (CSV, or JSON with --json)."""
+    import csv
+
+    from engine import labelqueue, labels
+
+    exclude = labels.labelled_sources(args.labels) if args.labels else None
+    with _progress_bar("ranking") as progress:
+        queue = labelqueue.label_queue(args.run, args.data, args.top, args.split, exclude,
+                                       use_truth=not args.ignore_masks, progress=progress)
+    rows = labelqueue.as_rows(queue)
+    if args.json:
+        print(json.dumps(rows))
+        return
+    writer = csv.DictWriter(sys.stdout, fieldnames=labelqueue.COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -459,6 +478,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("registry", help="registry maintenance")
     p.add_argument("action", choices=["rebuild"])
     p.set_defaults(func=cmd_registry)
+    p = sub.add_parser("label-queue", help="the images a run is least sure of, ranked for labelling, with why")
+    p.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
+    p.add_argument("--data", required=True, help="dataset folder (or a folder of images) to rank")
+    p.add_argument("--top", type=_non_negative_int, default=20, help="how many images (0: all)")
+    p.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
+    p.add_argument("--labels", help="a labelled dataset (the Label page's): its images are left out")
+    p.add_argument("--ignore-masks", action="store_true",
+                   help="rank as if DIR held no label (no wrong verdicts): to simulate labelling from scratch")
+    p.add_argument("--json", action="store_true", help="JSON instead of CSV")
+    p.set_defaults(func=cmd_label_queue)
     p = sub.add_parser("cancel", help="cancel a running training job")
     p.add_argument("run")
     p.set_defaults(func=cmd_cancel)

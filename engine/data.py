@@ -51,8 +51,9 @@ class Sample:
 
     @property
     def outlined(self) -> bool:
-        """Whether its defect pixels are known: a mask, or no defect. An image sorted into a defect folder without a
-        mask counts for image verdicts (detection, false alarms, ranking) but not for pixel metrics."""
+        """Whether its defect pixels are known: a mask, or no defect. An image sorted into a defect folder, or labelled
+        "defect, not outlined" (image_level), counts for verdicts (detection, false alarms, ranking) but not for pixel
+        metrics nor training."""
         return self.mask_path is not None or not self.defective
 
     def holds_defect(self, truth: np.ndarray) -> bool:
@@ -99,12 +100,14 @@ class DatasetReport:
         return counts
 
     def training_splits(self, val_fraction: float = 0.15) -> tuple[list[Sample], list[Sample], bool]:
-        """(train, val, carved): the val split, or when the set has none, one carved out of train.
+        """(train, val, carved): the val split, or when the set has none, one carved out of train; images labelled
+        "defect, not outlined" (no pixels) are left out.
 
         Carving is stratified (defective and defect-free images apart) and stable: images are ordered by a
         hash of their id, so the same set always gives the same split, whatever the seed.
         """
-        train, val = self.split("train"), self.split("val")
+        # An image labelled defective without its pixels cannot be trained on, nor validated by pixels.
+        train, val = ([s for s in self.split(name) if s.outlined] for name in ("train", "val"))
         if val or len(train) < 2:
             return train, val, False
         carved: set[str] = set()
@@ -157,6 +160,15 @@ def _read_manifest(root: Path) -> dict[str, dict[str, str]]:
             with path.open(newline="") as handle:
                 return {row["id"]: row for row in csv.DictReader(handle) if row.get("id")}
     return {}
+
+
+IMAGE_LEVEL = "image_level"  # label_source of an image labelled "defect, not outlined" (engine.labels)
+
+
+def image_level(row: dict[str, str]) -> bool:
+    """Whether a manifest row marks its image defective without outlining it (label_source image_level): it counts
+    for verdicts (detection, false alarms, AP, tuning) but has no pixels to train or measure Dice on."""
+    return (row.get("label_source") or "").strip() == IMAGE_LEVEL
 
 
 def _listed_as_defective(row: dict[str, str]) -> bool:
@@ -245,12 +257,15 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
         sample = Sample(path.stem, path, masks.get(path.stem), split, row.get("defect_types", "") or "")
         if sample.mask_path is not None and (row.get("defect_fraction") or "").strip():
             sample.has_defect = _listed_as_defective(row)  # the manifest knows; decoding below confirms it
-        if sample.mask_path is None and _listed_as_defective(row):
+        unoutlined = sample.mask_path is None and image_level(row)
+        if unoutlined:
+            sample.has_defect = True
+        elif sample.mask_path is None and _listed_as_defective(row):
             problems.append(f"{path.name}: manifest lists a defect but masks/{path.stem}.png is missing")
             continue
         if validate:
             try:
-                sample.has_defect = check_pair(sample)
+                sample.has_defect = check_pair(sample) or unoutlined
             except ImageError as err:
                 problems.append(str(err))
                 continue

@@ -36,9 +36,11 @@ import numpy as np
 
 from engine import config
 from engine.data import (
+    IMAGE_LEVEL,
     SPLITS,
     DatasetReport,
     dataset_hash,
+    image_level,
     images_in,
     scan_dataset,
     sorted_folders,
@@ -48,9 +50,9 @@ from engine.data import (
 from engine.errors import DatasetError, ImageError
 from engine.imageio import decode_raw, encode_png
 from engine.progress import Progress
-from engine.storage import atomic_write_text, staged_folder
+from engine.storage import atomic_write_text, folder_lock, staged_folder
 
-MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "source_path")
+MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "source_path", "label_source")
 MAX_CLASS_ID = 32  # without classes.txt, masks whose values stay within 1..32 (and vary) are class maps
 VAL_SHARE = 0.1  # share of MVTec train/good moved to val
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -122,6 +124,7 @@ class _Entry:
     mask: Path | None
     split: str
     defect_types: str = ""
+    image_level: bool = False  # labelled "defect, not outlined" (engine.data.image_level): defective, no mask
 
 
 def import_dataset(src: str | Path, name: str, link: bool = False,
@@ -145,7 +148,8 @@ def import_dataset(src: str | Path, name: str, link: bool = False,
     layout, entries, problems = _gather(src)
     classes = _read_classes(src)
     report = ImportReport(name=name, path=final, source=src.resolve(), layout=layout, linked=link, problems=problems)
-    with staged_folder(final) as tmp:  # written whole beside `final`, renamed at the end: a failure leaves nothing
+    # written whole beside `final`, renamed at the end: a failure leaves nothing; the lock keeps the Label page out
+    with folder_lock(final, "imported"), staged_folder(final) as tmp:
         _write(entries, tmp, classes, link, report, progress)
         _publish(tmp, final, report, validate=False)
     report.seconds = time.perf_counter() - start
@@ -168,7 +172,7 @@ def _import_sorted(src: Path, name: str, link: bool, start: float) -> ImportRepo
     final = Path(config.DATA_DIR) / name
     report = ImportReport(name=name, path=final, source=src.resolve(), layout="sorted", linked=link)
     good, defect_folders = sorted_folders(src)
-    with staged_folder(final) as tmp:
+    with folder_lock(final, "imported"), staged_folder(final) as tmp:
         for folder in [good, *defect_folders]:
             (tmp / folder.name).mkdir()
             for path in images_in(folder):
@@ -287,9 +291,10 @@ def _gather_folder(src: Path, image_dir: Path) -> tuple[list[_Entry], list[str]]
             if split:
                 problems.append(f"{path.name}: unknown split '{split}' in the manifest; using {split_for_id(path.stem)}")
             split = ""
-        entries.append(_Entry(path.stem, path, masks.get(path.stem), split, (row.get("defect_types") or "").strip()))
+        entries.append(_Entry(path.stem, path, masks.get(path.stem), split, (row.get("defect_types") or "").strip(),
+                              masks.get(path.stem) is None and image_level(row)))
     # Without a manifest split: by id, but never all of a handful of defective images in train.
-    splits = stratified_splits([(e.id, e.mask is not None) for e in entries if not e.split])
+    splits = stratified_splits([(e.id, e.mask is not None or e.image_level) for e in entries if not e.split])
     for entry in entries:
         entry.split = entry.split or splits[entry.id]
     problems.extend(f"masks/{masks[m].name} has no image; skipped" for m in sorted(set(masks) - seen))
@@ -453,7 +458,8 @@ def _write(entries: list[_Entry], out: Path, classes: list[str] | None, link: bo
                 shutil.copyfile(entry.image, target)
             sizes[f"{width}x{height}"] += 1
             rows.append({"id": entry.id, "split": entry.split, "defect_types": defect_types,
-                         "defect_fraction": f"{fraction:.6f}", "source_path": str(entry.image.resolve())})
+                         "defect_fraction": f"{fraction:.6f}", "source_path": str(entry.image.resolve()),
+                         "label_source": IMAGE_LEVEL if entry.image_level and mask is None else ""})
         if progress:
             progress(index + 1, len(kept), "images")
     if empty:

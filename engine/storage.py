@@ -211,3 +211,46 @@ def check_replaceable(out: Path, columns: tuple[str, ...], command: str) -> None
     if entries and header != [",".join(columns)]:
         raise EngineError(f"{out} already holds files that `{command}` did not write (a dataset of yours?); nothing "
                           "was changed: choose a new or empty folder")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+@contextmanager
+def folder_lock(folder: str | Path, doing: str) -> Iterator[Path]:
+    """Hold `.<name>.lock` beside a dataset folder while `doing` it (importing, labelling): a second writer, in this
+    process or another, is refused with one line instead of writing half into it. A lock left by a process that
+    died is taken over."""
+    folder = Path(folder)
+    lock = folder.parent / f".{folder.name}.lock"
+    for _ in range(2):
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, FILE_MODE)
+        except FileExistsError:
+            holder = lock.read_text(errors="replace").split() if lock.is_file() else []
+            pid = int(holder[0]) if holder and holder[0].isdigit() else 0
+            if not pid or _alive(pid):  # no pid yet: its holder is between creating and filling it
+                what = " ".join(holder[1:]) or "written"
+                raise EngineError(f"{folder} is being {what} by process {pid or '?'}; nothing was written: try again "
+                                  f"when it has finished (or remove {lock.name} if no process writes there)")
+            lock.unlink(missing_ok=True)  # its holder died: take it over
+            continue
+        except OSError as err:
+            raise write_error(lock, err) from err
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{os.getpid()} {doing}\n")
+        break
+    else:
+        raise EngineError(f"{folder} is locked by {lock} and it cannot be taken over; remove it if no one writes there")
+    try:
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
