@@ -42,6 +42,29 @@ def trained_run(tiny_dataset: Path) -> str:
     return train(cfg)
 
 
+@pytest.fixture
+def copy_run(trained_run: str):
+    """Make copies of the trained run under new ids (tests that damage or edit files use one); removed afterwards."""
+    import shutil
+
+    from engine import registry, runs
+
+    made: list[str] = []
+
+    def make(new_id: str) -> Path:
+        target = config.RUNS_DIR / new_id
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(runs.run_dir(trained_run), target)
+        runs.write_run_json(target, {**runs.read_run_json(target), "run_id": new_id})
+        made.append(new_id)
+        return target
+
+    yield make
+    for run_id in made:  # other test files pick the newest run; leave only the fixture's
+        shutil.rmtree(config.RUNS_DIR / run_id, ignore_errors=True)
+        registry.delete_run(run_id)
+
+
 @pytest.fixture(scope="session")
 def postgres():
     """A throw-away PostgreSQL server for this session (tests.postgres); skips where none can be run, but

@@ -6,7 +6,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,25 +22,6 @@ from engine.inference import Predictor
 from engine.model import PRESETS, load_checkpoint
 
 CopyRun = Callable[[str], Path]
-
-
-@pytest.fixture
-def copy_run(trained_run: str) -> Iterator[CopyRun]:
-    """Make copies of the trained run under new ids (tests that damage files use one); removed afterwards."""
-    made: list[str] = []
-
-    def make(new_id: str) -> Path:
-        target = config.RUNS_DIR / new_id
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(runs.run_dir(trained_run), target)
-        runs.write_run_json(target, {**runs.read_run_json(target), "run_id": new_id})
-        made.append(new_id)
-        return target
-
-    yield make
-    for run_id in made:  # other test files pick the newest run; leave only the fixture's
-        shutil.rmtree(config.RUNS_DIR / run_id, ignore_errors=True)
-        registry.delete_run(run_id)
 
 
 def hidden_leftovers(folder: Path) -> list[str]:

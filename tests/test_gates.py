@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from onnx import numpy_helper
 
 from api.main import create_app
 from api.settings import Settings
-from engine import config, export, gates, registry, runs, serving
+from engine import config, export, gates, runs, serving
 from engine.__main__ import main
 from engine.cpuflags import cpu_flags
 from engine.data import scan_dataset
@@ -35,22 +34,9 @@ def exported(trained_run: str) -> dict:
 
 
 @pytest.fixture
-def make_run(trained_run: str, exported: dict) -> Iterator[MakeRun]:
+def make_run(copy_run: MakeRun, exported: dict) -> MakeRun:
     """Copies of the exported fixture run under new ids (tests edit their report.json); removed afterwards."""
-    made: list[str] = []
-
-    def make(new_id: str) -> Path:
-        target = config.RUNS_DIR / new_id
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(runs.run_dir(trained_run), target)
-        runs.write_run_json(target, {**runs.read_run_json(target), "run_id": new_id})
-        made.append(new_id)
-        return target
-
-    yield make
-    for run_id in made:
-        shutil.rmtree(config.RUNS_DIR / run_id, ignore_errors=True)
-        registry.delete_run(run_id)
+    return copy_run
 
 
 def edit_report(folder: Path, change: Callable[[dict], None]) -> None:
