@@ -210,11 +210,12 @@ def preset_lines(presets: list[dict[str, Any]]) -> list[str]:
     """The presets' training cost as markdown: GFLOP per crop (forward + backward) and the speed each reaches here."""
     if not presets:
         return []
-    lines = ["", f"Training cost of each preset at {presets[0]['crop']} px crops, forward + backward, "
-             f"{presets[0]['precision']} (what `train` picks here), on an in-memory batch:", "",
-             "| preset | base | depth | parameters | GFLOP per crop | crops/s | GFLOP/s |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["", f"Training cost of each preset at the run's crop (rounded up to the preset's stride), forward + "
+             f"backward, {presets[0]['precision']} (what `train` picks here), on an in-memory batch:", "",
+             "| preset | base | depth | resolution | parameters | crop | GFLOP per crop | crops/s | GFLOP/s |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for p in presets:
-        lines.append(f"| {p['preset']} | {p['base']} | {p['depth']} | {p['parameters']:,} | {p['gflop_per_crop']:.2f} | "
-                     f"{p['crops_per_s']:.1f} | {p['gflop_per_s']:.0f} |")
+        resolution = "half" if p.get("stem", 1) == 2 else "full"
+        lines.append(f"| {p['preset']} | {p['base']} | {p['depth']} | {resolution} | {p['parameters']:,} | {p['crop']} | "
+                     f"{p['gflop_per_crop']:.2f} | {p['crops_per_s']:.1f} | {p['gflop_per_s']:.0f} |")
     return lines

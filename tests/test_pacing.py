@@ -54,8 +54,8 @@ def test_preset_costs_give_every_preset_its_gflop_and_the_speed_it_reaches() -> 
     rows = preset_costs(32, batch=2, seconds=0.05)
     assert [row["preset"] for row in rows] == list(PRESETS)
     for row in rows:
-        assert row["gflop_per_crop"] == pytest.approx(gflop_per_crop(UNetTiny(1, row["base"], row["depth"]), 32),
-                                                      abs=1e-3)
+        model = UNetTiny(1, row["base"], row["depth"], row.get("stem", 1))
+        assert row["crop"] == 32 and row["gflop_per_crop"] == pytest.approx(gflop_per_crop(model, 32), abs=1e-3)
         assert row["crops_per_s"] > 0 and row["gflop_per_s"] == pytest.approx(row["gflop_per_crop"] *
                                                                               row["crops_per_s"], rel=0.02, abs=0.01)
 
