@@ -227,7 +227,7 @@ _RANGES = (("epochs", 1, math.inf), ("minutes", 0.01, math.inf), ("base", 1, 512
            ("batch_size", 1, 4096), ("crop", 16, 4096), ("scale", 0.05, 4.0), ("train_fraction", 0.001, 1.0),
            ("defect_share", 0.0, 1.0), ("hard_share", 0.0, 1.0), ("paint", 0.0, 1.0), ("val_fraction", 0.01, 0.9),
            ("weight_decay", 0.0, 10.0), ("patience", 1, math.inf), ("patience_after", 0.0, 1.0),
-           ("max_false_alarm", 0.0, 1.0), ("goal_detection", 0.0, 1.0), ("val_share", 0.01, 1.0),
+           ("max_false_alarm", 0.0, 1.0), ("goal_detection", 0.0, 1.0), ("val_share", 0.01, 0.9),
            ("steps_per_epoch", 1, math.inf),
            ("threads", 1, 4096), ("workers", 0, 256))
 
@@ -800,6 +800,8 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
     if group.is_main:
         if stop_reason != "cancelled" and epoch > start_epoch:
             validate_finalists(cfg, folder, info, t, history, best, pace)
+        if stop_reason != "cancelled" and best["probs"] is None and best["epoch"] is not None:
+            validate_best(cfg, folder, t, best, pace)
         finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", pace, model_speed, history)
     return cfg.run_id
 
@@ -1059,6 +1061,19 @@ def validate_finalists(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, h
           flush=True)
 
 
+def validate_best(cfg: TrainConfig, folder: Path, t: Trainer, best: dict, pace: Pace) -> None:
+    """Validate the best epoch's checkpoint on the whole val split, so that its probabilities choose the recipe.
+
+    Needed where the best epoch is from before a resume and the resumed epochs did not beat it: the record then
+    holds whatever the run was left with (a kill leaves "training failed" and no recipe), and readiness must be
+    decided from the best epoch as it is, not carried over."""
+    model, _ = load_checkpoint(folder / "best.pth", device=str(t.device))
+    v = run_validation(cfg, t, pace.plan.order, pace.clock, model.to(memory_format=t.memory_format))
+    best.update(probs=v.probs, truths=v.truths, kinds=v.kinds)
+    print(f"best epoch {best['epoch']} (from before this resume) validated on all {len(pace.plan.order)} val "
+          f"images: score {v.metrics['score']:.4f}", flush=True)
+
+
 def _figure(value: float | None) -> str:
     """A metric with four decimals, or n/a."""
     return "n/a" if value is None else f"{value:.4f}"
@@ -1111,8 +1126,6 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
             ready, reason = readiness_of(chosen, cfg.max_false_alarm, goal_detection=cfg.goal_detection)
             info["ready_note"] = provisional(chosen, cfg.goal_detection) if ready else None
         print(recipe_line(chosen), flush=True)
-    elif best["epoch"] is not None:  # a resumed run that did not improve keeps its recipe and readiness
-        ready, reason = info.get("ready") is not False, info.get("ready_reason")
     status = "cancelled" if stop_reason == "cancelled" else "completed"
     if status == "cancelled":
         ready, reason = False, "training was cancelled"

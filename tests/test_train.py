@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from engine import config, jobs, registry, runs
+from engine import config, jobs, registry, runs, runstore
 from engine.model import load_checkpoint
 from engine.train import TrainConfig, seg_loss, train
 from tests.timing import slowness
@@ -109,6 +109,33 @@ def test_killed_training_leaves_a_loadable_checkpoint_and_is_not_running(tiny_da
     assert registry.get_run(run_id).status == "failed"
     model, meta = load_checkpoint(runs.checkpoint_path(folder, "last"))
     assert meta["epoch"] >= 2
+
+
+def test_a_killed_run_resumed_is_judged_on_its_best_epoch(tiny_dataset) -> None:
+    """A run killed mid-training is marked failed; resumed, it ends with a recipe chosen from its best epoch and a
+    reason that is true of it, also where the resumed epoch does not beat the epochs from before the kill (the case
+    that kept "training failed" and no recipe)."""
+    from engine.recipe import RECIPE_FILE, load_recipe
+
+    # Every epoch validated where it can be (val_share 0.9) and a learning rate too small to move the weights: the
+    # resumed epoch must then beat the best of six or more epochs to lead, and mostly does not.
+    run_id = jobs.start_training(TrainConfig(data=str(tiny_dataset), name="kill-resume", epochs=200, base=8,
+                                             depth=2, crop=32, batch_size=4, steps_per_epoch=3, lr=1e-12,
+                                             val_share=0.9))
+    folder = config.RUNS_DIR / run_id
+    _wait_for(lambda: len(runs.epochs_saved(folder)) >= 6, 120, "six epochs")
+    os.kill(registry.get_run(run_id).pid, signal.SIGKILL)
+    _wait_for(lambda: registry.get_run(run_id).status == "failed", 10, "the run to be marked failed")
+    runstore.rebuild()  # `registry rebuild`: run.json says failed too
+    killed = runs.read_run_json(folder)
+    assert "training failed" in killed["ready_reason"] and not (folder / RECIPE_FILE).exists()
+    done = int(torch.load(folder / "resume.pth", weights_only=False)["epoch"])
+    train(TrainConfig(data="", epochs=done + 1, resume=run_id))
+    info = runs.read_run_json(folder)
+    assert info["status"] == "completed" and info["epochs_done"] == done + 1
+    assert "failed" not in (info.get("ready_reason") or ""), info["ready_reason"]
+    assert (folder / RECIPE_FILE).is_file() and load_recipe(folder).tuning["epoch"] == info["best_epoch"]
+    assert registry.get_run(run_id).status == "completed"
 
 
 def test_cancel_from_the_registry_ends_cleanly(tiny_dataset) -> None:
