@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import streamlit as st
 
-from engine import runs, synth
+from engine import readiness, runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
@@ -109,10 +109,10 @@ def run_with_progress(label: str, work: Callable[[Progress], T]) -> T | None:
 def readiness_notice(info: dict[str, Any], compact: bool = False) -> None:
     """A warning with the reason and the next steps when a completed run is not ready to serve; compact (for a
     sidebar): one line, the reason and the steps in a closed expander below it."""
-    ready, reason = runs.readiness(info)
+    ready, reason = readiness.verdict(info)
     if ready or info.get("status") != "completed":
         return
-    steps = "\n".join(f"- {step}" for step in runs.next_steps(info))
+    steps = "\n".join(f"- {step}" for step in readiness.next_steps(info))
     if compact:
         st.warning("**Not ready:** its verdicts are not to be trusted yet.")
         with st.expander("Why, and what to do"):

@@ -11,14 +11,14 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from engine import config, data, runs
+from engine import config, data, readiness, runs
 from engine.drawing import overlay, to_display
 from engine.errors import EngineError
 from engine.evaluate import evaluate, found_by_group, select_samples
 from engine.imageio import read_image, read_mask
-from engine.progress import Progress, part
 from engine.inspection import inspect
 from engine.metrics import SIZE_BANDS
+from engine.progress import Progress, part
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
 from ui import epoch_label, load_predictor, own_test_set, pick_run, progress_bar, sample_folder
 
@@ -215,9 +215,9 @@ st.caption(f"Finds the threshold and minimum region size that flag the most defe
            f"recipe (used by Inspect, `predict` and the API). Uses {epoch_label(first)}; tune on images the model "
            "was not trained on.")
 goal_col, detect_col, bound_col, button_col = st.columns([1, 1, 2, 1])
-goal = goal_col.number_input("Max false alarms (%)", 0.0, 100.0, runs.false_alarm_goal(info) * 100, 0.5,
+goal = goal_col.number_input("Max false alarms (%)", 0.0, 100.0, readiness.false_alarm_goal(info) * 100, 0.5,
                              key="review_goal", help="The run's own goal (train's --max-false-alarm) until changed.")
-goal_detection = detect_col.number_input("Min detection (%)", 0.0, 100.0, runs.detection_goal(info) * 100, 1.0,
+goal_detection = detect_col.number_input("Min detection (%)", 0.0, 100.0, readiness.detection_goal(info) * 100, 1.0,
                                          key="review_goal_detection",
                                          help="The share of defective parts the recipe must find for the run to be "
                                               "ready: the run's own goal (train's --goal-detection) until changed.")

@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import config, labelqueue, labels, runs  # noqa: E402
+from engine import config, labelqueue, labels, readiness, runs  # noqa: E402
 from engine.data import Sample, load_pair, scan_dataset  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.inference import Predictor  # noqa: E402
@@ -62,7 +62,7 @@ def label_and_tune(name: str, picked: list[Sample], run: str, minutes: float) ->
     tuned = labels.start_fine_tune(folder, run, minutes)
     info = wait(tuned)
     return {"labelled": [s.id for s in picked], "with_defect": sum(bool(load_pair(s)[1].any()) for s in picked),
-            "run": tuned, "status": info.get("status"), "ready": runs.readiness(info)[0]}
+            "run": tuned, "status": info.get("status"), "ready": readiness.verdict(info)[0]}
 
 
 def on_test(run_id: str, data: Path) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine import runs  # noqa: E402
+from engine import readiness, runs  # noqa: E402
 from engine.data import scan_dataset  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.inference import Predictor  # noqa: E402
@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     predictor = Predictor.from_run(args.run)
     info = runs.read_run_json(predictor.run_dir)
-    goal = runs.false_alarm_goal(info)
+    goal = readiness.false_alarm_goal(info)
     report = scan_dataset(args.data)
     stats = collect_stats(predictor, report.split("val"), DEFAULT_THRESHOLDS, min_areas_at(predictor.scale),
                           DEFAULT_SURE_SCORES)

@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from engine import config
+from engine import config, readiness
 from engine.errors import EngineError
 
 
@@ -235,7 +235,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
           f"goal: {goal} <= {best['max_false_alarm']:g}, detection >= {best['goal_detection']:g})")
     if best.get("readiness"):
         print(best["readiness"])
-        for step in runs.next_steps(runs.read_run_json(predictor.run_dir)):
+        for step in readiness.next_steps(runs.read_run_json(predictor.run_dir)):
             print(f"  next: {step}")
 
 

@@ -24,7 +24,8 @@ from engine.metrics import (
     too_few_to_show,
 )
 from engine.progress import Progress
-from engine.recipe import Recipe, TuneStats, goal_missed, load_recipe
+from engine.readiness import goal_missed
+from engine.recipe import Recipe, TuneStats, load_recipe
 
 # per_type keys of images whose manifest names no defect type
 UNTYPED, DEFECT_FREE = "defect (type not given)", "defect-free"

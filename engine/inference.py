@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import torch
 
-from engine import config, runs
+from engine import config, readiness, runs
 from engine.errors import EngineError, RunNotFound
 from engine.imageio import to_gray_float
 from engine.model import load_checkpoint
@@ -73,9 +73,9 @@ class Predictor:
         self.run_dir, self.backend, self.device = run_dir, backend, device
         info = runs.read_run_json(run_dir)
         self.run_id = info.get("run_id", run_dir.name)
-        self.ready, self.ready_reason = runs.readiness(info)
+        self.ready, self.ready_reason = readiness.verdict(info)
         self.ready_note = info.get("ready_note") if self.ready else None  # provisional: what validation cannot show
-        self.ready_for = runs.ready_for(info)
+        self.ready_for = readiness.ready_for(info)
         if backend == "torch":
             path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
             self.model, meta = load_checkpoint(path, device)

@@ -20,7 +20,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine import config
+from engine import config, readiness
 from engine.data import IMAGE_LEVEL, DatasetReport, Sample, image_folder, images_in, register_dataset, scan_dataset
 from engine.errors import DatasetError, EngineError
 from engine.imageio import decode_raw, encode_png
@@ -273,7 +273,7 @@ def before_after(dataset: str | Path, before: str, after: str, progress: Any = N
                          "detected": f"{result['n_detected']} of {result['n_defective']}",
                          "false alarms": f"{result['n_false_alarms']} of {result['n_defect_free']}"})
     for when, run_dir in folders.items():
-        ready, reason = runs.readiness(runs.read_run_json(run_dir))
+        ready, reason = readiness.verdict(runs.read_run_json(run_dir))
         rows.append({"set": "readiness", "run": f"{when} ({run_dir.name})", "detected": "ready" if ready else
                      "not ready", "false alarms": reason or ""})
     return rows

@@ -243,14 +243,3 @@ def too_few_to_show(n_defective: int, n_defect_free: int, max_false_alarm: float
     return None
 
 
-def weak_groups(chosen: dict, where: str = "validation") -> str | None:
-    """The kinds and size bands of defect of which the recipe finds under half on `where`, among those with at least
-    MIN_DEFECTIVE images, in words ("blowhole: 0 of 16 found on validation"); None where there are none, or only one
-    group of each (then it is the detection rate itself)."""
-    weak = []
-    for name, groups in (("kind", chosen.get("per_kind") or {}), ("size", chosen.get("by_size") or {})):
-        if len(groups) < 2:
-            continue
-        weak += [f"{'defects of ' if name == 'size' else ''}{group}: {c['found']} of {c['n']} found on {where}"
-                 for group, c in groups.items() if c["n"] >= MIN_DEFECTIVE and c["found"] < c["n"] / 2]
-    return "; ".join(weak) or None

@@ -26,17 +26,11 @@ from typing import Any
 import cv2
 import numpy as np
 
-from engine import runs
+from engine import readiness, runs
 from engine.errors import EngineError
 from engine.metrics import (
-    DETECTION_GOAL,
-    MIN_DEFECTIVE,
     SIZE_BANDS,
-    good_images_needed,
-    good_images_to_bound,
     size_band,
-    too_few_to_show,
-    weak_groups,
     wilson_upper,
 )
 from engine.progress import Progress
@@ -204,9 +198,6 @@ def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
 
 
 # --------------------------------------------------------------------------------------- tuning
-
-PAINTED_VALIDATION = ("validated only on defects painted onto its good images, so its detection of real defects is "
-                      "unknown: a tuning on labelled real images decides whether it is ready")
 
 
 class TuneStats:
@@ -563,68 +554,6 @@ def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
     return notes
 
 
-def readiness_of(chosen: dict, max_false_alarm: float, where: str = "validation",
-                 goal_detection: float = DETECTION_GOAL) -> tuple[bool, str | None]:
-    """Whether a recipe chosen on labelled images (`where`: validation, a tuning set) makes an inspector worth serving,
-    and if not, why: it meets both goals on images enough to show them, and finds at least half of every kind and
-    size of defect there is enough of to judge. The reason names the kinds and sizes found least."""
-    weak = weak_groups(chosen, where)
-    missed = goal_missed(chosen, max_false_alarm, where, goal_detection)
-    if missed:
-        return False, missed + (f"; {weak}" if weak else "")
-    reason = (too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], max_false_alarm, where)
-              or held_out_missed(chosen, max_false_alarm, where) or weak)
-    return reason is None, reason
-
-
-def provisional(chosen: dict, goal_detection: float = DETECTION_GOAL, where: str = "validation") -> str | None:
-    """What a ready recipe's images are too few to show, in words: the detection goal (too few defective images to
-    bound its misses within EVIDENCE_FACTOR x the goal's, metrics.good_images_needed), and kinds too rare to judge;
-    None where they show everything."""
-    notes, n = [], chosen.get("n_defective") or 0
-    needed = good_images_needed(1 - goal_detection)
-    if n < needed:
-        found = round((chosen.get("detection_rate") or 0) * n)
-        notes.append(f"{where} holds {n} defective images ({found} found), too few to show the {goal_detection:.0%} "
-                     f"detection goal (at least {needed})")
-    rare = [f"{kind} ({c['n']})" for kind, c in (chosen.get("per_kind") or {}).items() if c["n"] < MIN_DEFECTIVE]
-    if rare:
-        notes.append(f"too few to judge on {where}: {', '.join(rare)}")
-    return "; ".join(notes) or None
-
-
-def held_out_missed(chosen: dict, max_false_alarm: float, where: str = "validation") -> str | None:
-    """Why the recipe rule misses the false-alarm goal on good images it was not chosen on
-    (TuneStats.held_out_false_alarm_rate), in words; None when it does not, or where that was not measured."""
-    held_out = chosen.get("held_out_false_alarm_rate")
-    if held_out is None or held_out <= max_false_alarm + 1e-9:
-        return None
-    return (f"{where} false alarms {held_out:.0%} above the {max_false_alarm:.0%} goal where each half of its "
-            f"{chosen['n_defect_free']} good images is judged by the recipe chosen on the other half "
-            f"({chosen['false_alarm_rate']:.0%} on the images the recipe was chosen on)")
-
-
-def goal_missed(chosen: dict, max_false_alarm: float, where: str = "validation",
-                goal_detection: float = DETECTION_GOAL) -> str | None:
-    """Which goal a recipe misses on a set of images (`where`: the validation it was chosen on, a tuning set, a set
-    evaluated), in words; None when it meets them."""
-    detection, false_alarm = chosen["detection_rate"], chosen["false_alarm_rate"]
-    if detection is None:
-        return f"the {where} images hold no defect, so detection could not be measured"
-    if false_alarm is not None and false_alarm > max_false_alarm + 1e-9:
-        return (f"{where} false alarms {false_alarm:.0%} above the {max_false_alarm:.0%} goal "
-                f"({chosen['n_defect_free']} defect-free images)")
-    if chosen.get("goal_on") == "bound" and chosen.get("goal_met") is False:
-        return (f"the {chosen['confidence']:.0%} upper bound of false alarms, "
-                f"{chosen['false_alarm_bound']:.1%} at best, is above the {max_false_alarm:.0%} goal "
-                f"({chosen['n_defect_free']} defect-free images are too few to show it)")
-    if detection < goal_detection - 1e-9:
-        n = chosen["n_defective"]
-        return (f"{where} detection {detection:.0%} below the {goal_detection:.0%} goal ({round(detection * n)} of {n} "
-                "defective images found)")
-    return None
-
-
 def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None = None, confidence: float | None = None,
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] | None = None,
              context: dict[str, Any] | None = None, save: bool = True,
@@ -644,8 +573,8 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     except EngineError:
         info = {}
     if max_false_alarm is None:
-        max_false_alarm = runs.false_alarm_goal(info)
-    goal_detection = runs.detection_goal(info) if goal_detection is None else goal_detection
+        max_false_alarm = readiness.false_alarm_goal(info)
+    goal_detection = readiness.detection_goal(info) if goal_detection is None else goal_detection
     seen_samples = seen_in_training((info.get("dataset") or {}).get("path"), samples)
     seen = {id(s) for s in seen_samples}
     if seen and len(seen) == len(samples):
@@ -674,22 +603,6 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     return tuned, best, notes + tuning_warnings(best, base)
 
 
-def tuning_readiness(best: dict[str, Any], max_false_alarm: float) -> tuple[bool, str | None]:
-    """Readiness of a run judged by a tuning (its validation could not decide): readiness_of, with the goal held on
-    the upper confidence bound of false alarms as training holds painted runs to it, whatever the tuning's own
-    --confidence."""
-    reason = goal_missed(best, max_false_alarm, "tuning", best.get("goal_detection", DETECTION_GOAL))
-    bound = best.get("false_alarm_bound")
-    if reason is None and best.get("goal_on") != "bound" and (bound is None or bound > max_false_alarm + 1e-9):
-        shown = "unknown" if bound is None else f"{bound:.1%}"
-        reason = (f"the {best['confidence']:.0%} upper bound of false alarms at this recipe, {shown}, "
-                  f"is above the {max_false_alarm:.0%} goal ({best['n_defect_free']} defect-free images); "
-                  f"tune with --confidence {best['confidence']:g} on more good images")
-    reason = reason or too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm, "the tuning set")
-    reason = reason or held_out_missed(best, max_false_alarm, "tuning")
-    return reason is None, reason
-
-
 def _tuned_on_kind(data: str | None, samples: list[Any]) -> str:
     """What a tuning's images are, in words (runstore.images_kind): of the folder tuned on, else of the samples'
     folders (DIR/images/x.png, or a folder of a set sorted by verdict)."""
@@ -704,42 +617,21 @@ def _tuned_on_kind(data: str | None, samples: list[Any]) -> str:
 
 def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float,
                      kind: str = "real images") -> str | None:
-    """A finished run's readiness after a tuning on labelled images (`kind`: generated or real, in words), defective
-    and good; returns what it is now, in words, or None where the tuning does not decide. The recipe tune saves is
-    the one served from now on, so:
-    - a run whose validation could not decide (defects painted, none or too few real ones there) is ready when the
-      recipe meets the goal on the upper bound of its false alarms (training's rule for it, tuning_readiness);
-    - a run its validation judged is judged again by the same rule as validation (readiness_of), where the tuning
-      set is large enough to show the goals; on fewer images validation's judgement stands."""
+    """Record a finished run's readiness after a tuning (readiness.after_tuning) in its run.json; returns what it
+    is now, in words, or None where the tuning does not decide."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
         info = runs.read_run_json(run_dir)
     except EngineError:
         return None
-    if info.get("status") != "completed" or not best.get("n_defective") or not best.get("n_defect_free"):
+    judged = readiness.after_tuning(info, best, max_false_alarm, kind)
+    if judged is None:
         return None
-    if not runs.validation_decides(info):
-        ready, reason = tuning_readiness(best, max_false_alarm)
-    elif too_few_to_show(best["n_defective"], best["n_defect_free"], max_false_alarm) is None:
-        ready, reason = readiness_of(best, max_false_alarm, "tuning", best.get("goal_detection", DETECTION_GOAL))
-    else:
-        return None
-    detection, false_alarm = best.get("detection_rate") or 0.0, best.get("false_alarm_rate") or 0.0
-    flagged = round(false_alarm * best["n_defect_free"])
-    # Where the tuning's images meet the goals as measured, only their number kept the run from ready.
-    goal_detection = best.get("goal_detection", DETECTION_GOAL)
-    short_of_images = (not ready and detection >= goal_detection - 1e-9 and false_alarm <= max_false_alarm + 1e-9
-                       and held_out_missed(best, max_false_alarm) is None)
-    on_bound = best.get("goal_on") == "bound" or not runs.validation_decides(info)
-    tuned_on = {"images": kind, "n_defective": best["n_defective"], "n_defect_free": best["n_defect_free"],
-                "flagged": flagged, "held_out_false_alarm_rate": best.get("held_out_false_alarm_rate"),
-                "short_of_images": short_of_images,
-                "good_needed": (good_images_to_bound(flagged, max_false_alarm, best.get("confidence") or 0.95)
-                                if on_bound else good_images_needed(max_false_alarm))}
-    runstore.update(run_dir, ready=ready, ready_reason=None if ready else f"tuned on {kind}: {reason}",
-                    tuned_on=tuned_on)
-    before, _ = runs.readiness(info)
-    change = ("still" if before else "now") if ready else ("no longer" if before else "not")
-    return (f"run {run_dir.name} is {change} ready (tuned on {kind})" if ready
+    now, tuned_on = judged
+    runstore.update(run_dir, ready=now.ready, ready_reason=now.reason, tuned_on=tuned_on)
+    before, _ = readiness.verdict(info)
+    change = ("still" if before else "now") if now.ready else ("no longer" if before else "not")
+    reason = (now.reason or "").removeprefix(f"tuned on {kind}: ")
+    return (f"run {run_dir.name} is {change} ready (tuned on {kind})" if now.ready
             else f"run {run_dir.name} is {change} ready (tuned on {kind}): {reason}")

@@ -12,15 +12,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from engine import config
+from engine import config, readiness
 from engine.errors import RunNotFound
 from engine.metrics import (
     DETECTION_GOAL,
     FALSE_ALARM_GOAL,
-    MIN_DEFECTIVE,
-    good_images_needed,
-    too_few_to_show,
-    weak_groups,
 )
 from engine.storage import atomic_write_json, atomic_write_text
 
@@ -70,14 +66,14 @@ def own_runs_with_model() -> list[Path]:
 
 
 def newest_ready_run() -> Path | None:
-    """The ready run (see `readiness`) that finished last, the shipped demo excluded; None if there is none."""
+    """The ready run (readiness.verdict) that finished last, the shipped demo excluded; None if there is none."""
     finished = []
     for folder in own_runs_with_model():
         try:
             info = _cached_run_json(folder / "run.json", (folder / "run.json").stat().st_mtime_ns)
         except (OSError, RunNotFound):
             continue  # deleted or being rewritten right now
-        if readiness(info)[0]:
+        if readiness.verdict(info)[0]:
             finished.append((str(info.get("finished_at") or ""), folder))
     return max(finished, key=lambda item: item[0])[1] if finished else None
 
@@ -89,7 +85,7 @@ def newer_not_ready(folder: Path) -> tuple[str, str] | None:
     if not newest or newest[0] == folder:
         return None
     try:
-        ready, reason = readiness(read_run_json(newest[0]))
+        ready, reason = readiness.verdict(read_run_json(newest[0]))
     except RunNotFound:
         return None
     return None if ready else (newest[0].name, reason or "not ready")
@@ -206,61 +202,8 @@ def delete_run(run_id: str) -> None:
     registry.delete_run(run_id)
 
 
-# --------------------------------------------------------------------------------------- readiness
-# Training decides readiness once, at the end of a run, from its recipe on validation data, and stores it in
-# run.json as "ready" (true/false) and "ready_reason". Runs from before this rule carry neither: they count
-# as ready when completed, as they were served before.
-
-
-def ready_label(status: str | None, ready: bool | None) -> str:
-    """'yes', 'no' or '—' (not completed) for tables; runs from before the readiness rule count as ready."""
-    if status != "completed":
-        return "—"
-    return "no" if ready is False else "yes"
-
-
-def readiness(info: dict[str, Any]) -> tuple[bool, str | None]:
-    """(ready, reason) of a run from its run.json: only completed runs whose recipe met its goal are ready."""
-    status = info.get("status")
-    if status != "completed":
-        return False, f"run is {status or 'unknown'}, not completed"
-    if info.get("ready") is False:
-        return False, info.get("ready_reason") or "its recipe missed its goal on validation"
-    return True, None
-
-
-def ready_for(info: dict[str, Any]) -> str | None:
-    """Where a ready run's verdicts were shown to hold, when narrower than the user's parts: "generated images only"
-    for the shipped demo (trained and validated on generated images) and for a run last tuned on generated images;
-    None otherwise (and for a run not ready)."""
-    if not readiness(info)[0]:
-        return None
-    if info.get("run_id") == "demo" or (info.get("tuned_on") or {}).get("images") == "generated images":
-        return "generated images only"
-    return None
-
-
-def validation_decides(info: dict[str, Any]) -> bool:
-    """Whether training's validation could decide readiness: it measured the detection of real defects on enough
-    images (metrics.too_few_to_show). Where it could not (defects painted, none or too few in the val split), a
-    tuning on real labelled images decides instead."""
-    val = info.get("best_val") or {}
-    if (info.get("dataset") or {}).get("val_painted") or not val.get("n_defective"):
-        return False
-    return too_few_to_show(val["n_defective"], val.get("n_defect_free") or 0, false_alarm_goal(info)) is None
-
-
-def false_alarm_goal(info: dict[str, Any]) -> float:
-    """The false-alarm goal a run was trained to (what `tune` and the Review page hold it to unless told otherwise)."""
-    goal = (info.get("params") or {}).get("max_false_alarm")
-    return FALSE_ALARM_GOAL if goal is None else float(goal)  # a goal of 0 is a goal
-
-
-def detection_goal(info: dict[str, Any]) -> float:
-    """The detection goal a run was trained to (what `tune` holds it to unless told otherwise); DETECTION_GOAL for runs
-    from before the goal was the line's to set."""
-    goal = (info.get("params") or {}).get("goal_detection")
-    return DETECTION_GOAL if goal is None else float(goal)
+# --------------------------------------------------------------------------------------- goals
+# Readiness itself is decided in engine.readiness; these read the goals a run was trained to from its folder.
 
 
 def goals_of(folder: Path) -> tuple[float, float]:
@@ -269,68 +212,14 @@ def goals_of(folder: Path) -> tuple[float, float]:
         info = read_run_json(folder)
     except RunNotFound:
         return FALSE_ALARM_GOAL, DETECTION_GOAL
-    return false_alarm_goal(info), detection_goal(info)
+    return readiness.false_alarm_goal(info), readiness.detection_goal(info)
 
 
 def goal_of(folder: Path) -> float:
     """false_alarm_goal of the run in `folder`; the default goal where its run.json cannot be read."""
     try:
-        return false_alarm_goal(read_run_json(folder))
+        return readiness.false_alarm_goal(read_run_json(folder))
     except RunNotFound:
         return FALSE_ALARM_GOAL
 
 
-def next_steps(info: dict[str, Any]) -> list[str]:
-    """What a user can do about a run that is not ready (empty for a ready run)."""
-    ready, _ = readiness(info)
-    if ready:
-        return []
-    if info.get("status") != "completed":
-        return ["wait for the run to finish, or resume it with `python -m engine train --resume RUN`"]
-    run_id = info.get("run_id", "RUN")
-    if info.get("tuned_on"):
-        return _after_tuning(run_id, info["tuned_on"], false_alarm_goal(info))
-    counts = (info.get("dataset") or {}).get("counts") or {}
-    steps = [f"train longer: `python -m engine train --resume {run_id} --minutes 30`"]
-    weak = weak_groups((info.get("recipe") or {}).get("tuning") or {})
-    if weak:  # one kind or size of defect is found far less than the rest
-        steps.append(f"give it more labelled images of what it finds least ({weak}); where you have none, paint "
-                     "that kind: `--paint 0.5 --paint-types KIND` (and `--paint-size` for small ones)")
-    if counts.get("defective", 0) < 50:
-        steps.append(f"label more defective images (this set has {counts.get('defective', 0)})")
-    if validation_decides(info):
-        return steps
-    tune = (f"tune on real labelled defects with some good images that training did not use: `python -m engine "
-            f"tune --run {run_id} --data DIR --split SPLIT` (SPLIT: test, or all for a folder of its own), or the "
-            "Review page's 'Tune and save' (this decides whether the run is ready); no masks are needed where DIR is "
-            "sorted by verdict: DIR/good/ beside a folder of rejected parts per defect kind")
-    if (info.get("dataset") or {}).get("val_painted"):
-        return [tune, "or add those labelled defects to the set and train again (a set with labelled defects is "
-                      "not painted unless --paint is given)"]
-    val = info.get("best_val") or {}
-    thin = too_few_to_show(val.get("n_defective") or 0, val.get("n_defect_free") or 0, false_alarm_goal(info))
-    give_val = (f"or give the val split more labelled images (the manifest's split column), at least {MIN_DEFECTIVE} "
-                f"defective and {good_images_needed(false_alarm_goal(info))} good, and train again")
-    if info.get("ready_reason") in (None, thin) or not val.get("n_defective"):  # nothing measured against the model
-        return [tune, give_val]
-    return [*steps, tune, give_val]  # it missed a goal, on validation too small to decide
-
-
-def _after_tuning(run_id: str, tuned_on: dict[str, Any], goal: float) -> list[str]:
-    """next_steps of a run that a tuning on labelled images judged not ready (recipe._judge_by_tuning)."""
-    had = (f"the last tuning had {tuned_on['n_defective']} defective and {tuned_on['n_defect_free']} good images, "
-           f"{tuned_on['flagged']} of the good ones flagged")
-    needed = tuned_on.get("good_needed")
-    tune = f"`python -m engine tune --run {run_id} --data DIR`"
-    retrain = (f"train longer (`python -m engine train --resume {run_id} --minutes 30`), or again on more good "
-               "images or with some of the tuning's defects outlined in the set (a mask each)")
-    if tuned_on.get("short_of_images"):
-        show = (f"{needed} good images with no more than {tuned_on['flagged']} flagged show the {goal:.0%} goal"
-                if needed else f"more good images show the {goal:.0%} goal")
-        return [f"tune again on more images the run did not train on: {show} ({had}): {tune}", f"or {retrain}"]
-    held_out = tuned_on.get("held_out_false_alarm_rate")
-    if held_out is not None and held_out > goal + 1e-9:
-        had += (f"; {held_out:.0%} flagged where each half of them was judged by the recipe chosen on the other "
-                f"half")
-    return [f"the model misses the goals on {tuned_on.get('images') or 'real images'} ({had}): {retrain}",
-            f"or tune again on other images the run did not train on: {tune}"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import config, registry, runs
+from engine import config, readiness, registry, runs
 from engine.errors import EngineError
 from engine.storage import WriteError
 
@@ -146,8 +146,9 @@ def fail(folder: Path, error: str) -> dict[str, Any] | None:
     if before is not None and int(info.get("epochs_done") or 0) <= int(before.get("epochs_done") or 0):
         info.update({key: before.get(key) for key in RESUMABLE_STATE}, resume_error=f"{_now()}: {error}")
     else:
-        info.update(status="failed", error=error, finished_at=_now(), pid=None, pid_started=None, ready=False,
-                    ready_reason=f"training failed: {error}")
+        judged = readiness.stopped(f"training failed: {error}")
+        info.update(status="failed", error=error, finished_at=_now(), pid=None, pid_started=None, ready=judged.ready,
+                    ready_reason=judged.reason)
     try:
         runs.write_run_json(folder, info)
     except WriteError:
@@ -169,8 +170,9 @@ def cancelled_before_start(folder: Path) -> dict[str, Any]:
         info.update({key: before.get(key) for key in RESUMABLE_STATE}, resume_error=f"{_now()}: cancelled before "
                     "the resumed training started")
     else:
+        judged = readiness.stopped("training was cancelled")
         info.update(status="cancelled", stop_reason="cancelled before training started", finished_at=_now(),
-                    pid=None, pid_started=None, ready=False, ready_reason="training was cancelled")
+                    pid=None, pid_started=None, ready=judged.ready, ready_reason=judged.reason)
     return save(folder, info, keep_cancel=False)
 
 
@@ -300,7 +302,7 @@ def overview() -> list[dict[str, Any]]:
             "preset": params.get("preset"), "crop": params.get("crop"), "batch_size": params.get("batch_size"),
             "lr": params.get("lr"), "device": run.device,
             "duration_s": _run_duration(run), "created_at": _when(run.created_at), "error": run.error,
-            "ready": runs.ready_label(run.status, run.ready), "ready_reason": run.ready_reason or "",
+            "ready": readiness.ready_label(run.status, run.ready), "ready_reason": run.ready_reason or "",
             "validated_on": _validated_on(run.id, run.dataset_path, sources.get(run.dataset_hash)),
         })
     return rows

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from engine import config, runs
+from engine import config, readiness, runs
 from engine.cpuflags import cpu_flags
 from engine.errors import EngineError, GateFailed, RunNotFound
 from engine.gates import read_export_report, verdicts
@@ -220,13 +220,13 @@ def model_catalog() -> list[dict[str, Any]]:
             continue  # a folder being written right now; it shows up on the next call
         backends = available_backends(folder)
         choice = auto_backend(folder, measure=False)  # listing many runs must not time each of them
-        ready, reason = runs.readiness(info)
+        ready, reason = readiness.verdict(info)
         catalog.append({
             "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
             "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
             "threshold": verdict_threshold(folder, info.get("threshold")), "backends": backends,
             "default_backend": (choice.backend if choice else AUTO) if backends else None,
-            "ready": ready, "ready_for": runs.ready_for(info), "ready_reason": reason, "not_ready_reason": reason,
+            "ready": ready, "ready_for": readiness.ready_for(info), "ready_reason": reason, "not_ready_reason": reason,
         })
     return catalog
 

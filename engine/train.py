@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import config, distributed, registry, runs, runstore, storage
+from engine import config, distributed, readiness, registry, runs, runstore, storage
 from engine.compute import autocast_dtype, gflop_per_crop, measure_model_speed, precision_name
 from engine.data import (
     DefectBatchSampler,
@@ -50,7 +50,6 @@ from engine.metrics import (
     best_threshold,
     image_score,
     threshold_sweep,
-    too_few_to_show,
 )
 from engine.model import (
     PRESETS,
@@ -66,14 +65,11 @@ from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, DefectBank, PaintParams,
 from engine.recipe import (
     DEFAULT_SURE_SCORES,
     DEFAULT_THRESHOLDS,
-    PAINTED_VALIDATION,
     RECIPE_FILE,
     Recipe,
     TuneStats,
     at_scale,
     load_recipe,
-    provisional,
-    readiness_of,
     save_recipe,
     tuned_recipe,
 )
@@ -968,13 +964,11 @@ def run_validation(cfg: TrainConfig, t: Trainer, indices: list[int], clock: Cloc
 
 
 def ready_on(chosen: dict, data: TrainData, max_false_alarm: float, goal_detection: float) -> bool:
-    """Whether a recipe chosen on (part of) validation meets the readiness bars (recipe.readiness_of) where the
-    whole val split holds images enough to show them; never on painted validation, whose detection is a stand-in."""
-    if data.val_painted or chosen["detection_rate"] is None:
-        return False
+    """Whether a recipe chosen on (part of) validation would make the run ready (readiness.of_training) where the
+    whole val split holds images enough to show it."""
     n_defective = len(data.val_set.defective)
     whole = {**chosen, "n_defective": n_defective, "n_defect_free": len(data.val_set) - n_defective}
-    return readiness_of(whole, max_false_alarm, goal_detection=goal_detection)[0]
+    return readiness.of_training(whole, data.val_painted, max_false_alarm, goal_detection).ready
 
 
 def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, epoch: int, losses: list[float], lr: float,
@@ -1108,7 +1102,7 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
                model_speed: float, history: list[dict]) -> None:
     """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped
     and where the time went."""
-    ready, reason = False, "no epoch finished"
+    judged = readiness.stopped("no epoch finished")
     if best["probs"] is not None:
         chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm,
                                  painted=info["dataset"].get("val_painted", False), kinds=best.get("kinds"),
@@ -1118,22 +1112,17 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
         chosen["sure_min_px"] = at_scale(chosen.get("sure_min_px") or 0, cfg.scale)
         context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
         info["recipe"] = save_recipe_for(folder, chosen, context)
-        if info["dataset"].get("val_painted"):  # its detection was measured on painted defects only
-            few = too_few_to_show(chosen["n_defective"], chosen["n_defect_free"], cfg.max_false_alarm)
-            ready, reason = False, PAINTED_VALIDATION + (f"; besides, {few}" if few else "")
-            info["ready_note"] = None
-        else:
-            ready, reason = readiness_of(chosen, cfg.max_false_alarm, goal_detection=cfg.goal_detection)
-            info["ready_note"] = provisional(chosen, cfg.goal_detection) if ready else None
+        judged = readiness.of_training(chosen, info["dataset"].get("val_painted", False), cfg.max_false_alarm,
+                                       cfg.goal_detection)
         print(recipe_line(chosen), flush=True)
     status = "cancelled" if stop_reason == "cancelled" else "completed"
     if status == "cancelled":
-        ready, reason = False, "training was cancelled"
+        judged = readiness.stopped("training was cancelled")
     info.pop("before_resume", None)
     info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
-                wall_seconds=round(pace.clock.elapsed(), 1), ready=ready, ready_reason=None if ready else reason,
-                pid=None, pid_started=None, time_shares=pace.clock.shares(), time_to_ready=time_to_ready(history),
+                wall_seconds=round(pace.clock.elapsed(), 1), ready=judged.ready, ready_reason=judged.reason,
+                ready_note=judged.note, pid=None, pid_started=None, time_shares=pace.clock.shares(), time_to_ready=time_to_ready(history),
                 curve=[{k: row.get(k) for k in CURVE_FIELDS} for row in history if "val_score" in row])
     runstore.save(folder, info, history)
     print(pace.clock.line(), flush=True)
@@ -1141,12 +1130,12 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
           f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "
           f"{info.get('train_images_per_s', 0)} img/s vs model alone {model_speed:.1f} img/s", flush=True)
-    if ready:
+    if judged.ready:
         note = f" (provisional: {info['ready_note']})" if info.get("ready_note") else ""
         print(f"ready: {cfg.run_id}{note}", flush=True)
     else:
         print(f"NOT READY: {info['ready_reason']}", flush=True)
-        for step in runs.next_steps(info):
+        for step in readiness.next_steps(info):
             print(f"  next: {step}", flush=True)
 
 

@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.main import create_app
-from engine import config, registry, runs
+from engine import config, readiness, registry, runs
 from engine.imageio import (
     ImageTooLarge,
     UnsupportedImage,
@@ -130,7 +130,7 @@ def post(client: TestClient, data: bytes, name: str = "image.png", **params: obj
 
 def test_health_reports_the_default_model(client: TestClient, trained_run: str) -> None:
     body = client.get("/health").json()
-    ready, reason = runs.readiness(runs.read_run_json(runs.resolve_run(trained_run)))  # training's own verdict
+    ready, reason = readiness.verdict(runs.read_run_json(runs.resolve_run(trained_run)))  # training's own verdict
     assert body["status"] == "ok" and body["ready"] is ready and body["ready_reason"] == reason
     assert body["model"]["run"] == trained_run
     assert body["pid"] == os.getpid() and body["host"] == socket.gethostname()  # which worker/replica answered
@@ -642,7 +642,7 @@ def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tmp_
                 new_run = train(TrainConfig(data=str(data), epochs=3, init="pretrained", crop=64, batch_size=8,
                                             steps_per_epoch=8, name="switch"))
                 info = runs.read_run_json(runs.run_dir(new_run))
-                assert runs.readiness(info)[0], f"the new run must be ready: {info['ready_reason']}"
+                assert readiness.verdict(info)[0], f"the new run must be ready: {info['ready_reason']}"
                 export_run(new_run)
                 seen = len(answers)
                 deadline = time.monotonic() + 60

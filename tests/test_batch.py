@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import batch, recipe, runs
+from engine import batch, readiness, recipe, runs
 from engine.__main__ import main
 from engine.errors import EngineError
 from engine.inference import Predictor
@@ -113,7 +113,7 @@ def test_predict_cli(trained_run: str, inputs: Path, tmp_path: Path, capsys: pyt
     lines = captured.out.strip().splitlines()
     assert len(lines) == 5 and all(": ok" in line or ": defect" in line for line in lines)
     assert f"skipped: {inputs / 'broken.png'}: not a readable" in captured.err
-    ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
+    ready, reason = readiness.verdict(runs.read_run_json(runs.run_dir(trained_run)))
     assert not ready  # the fixture's validation (2 good, 2 defective images) is too small to vouch for it
     assert f"warning: run {trained_run} is not ready ({reason}); its verdicts are not validated" in captured.err
 

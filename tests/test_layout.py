@@ -1,4 +1,5 @@
-"""The package layout: engine imports no front end, and its modules import each other without cycles."""
+"""The package layout: engine imports no front end, its modules import each other without cycles, and readiness
+is decided in one module."""
 
 from __future__ import annotations
 
@@ -66,3 +67,33 @@ def test_engine_functions_fit_on_a_screen_or_say_why() -> None:
                 if "Over 60 lines on purpose" not in head:
                     long.append(f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not long, long
+
+
+def test_readiness_is_decided_in_one_module() -> None:
+    """Outside engine/readiness.py a run's "ready" is only copied (from a Readiness, a record, a row), never worked
+    out with a comparison or a literal True, and none of the judge's functions is defined again."""
+    judge = ast.parse((ENGINE / "readiness.py").read_text())
+    rules = {node.name for node in judge.body if isinstance(node, ast.FunctionDef)}
+    assert {"judge", "of_training", "after_tuning", "verdict"} <= rules
+    decided = []
+    files = [*ENGINE.rglob("*.py"), *(config.ROOT / "api").rglob("*.py"), *(config.ROOT / "app_pages").glob("*.py"),
+             config.ROOT / "ui.py"]
+    for path in sorted(p for p in files if p.name != "readiness.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            values = []
+            if isinstance(node, ast.keyword) and node.arg in ("ready", "val_ready"):
+                values.append(node.value)
+            elif isinstance(node, ast.Dict):
+                values += [v for k, v in zip(node.keys, node.values)
+                           if isinstance(k, ast.Constant) and k.value in ("ready", "val_ready")]
+            elif isinstance(node, ast.Assign):
+                values += [node.value for t in node.targets if isinstance(t, ast.Subscript)
+                           and isinstance(t.slice, ast.Constant) and t.slice.value in ("ready", "val_ready")]
+            elif isinstance(node, ast.FunctionDef) and node.name in rules:
+                decided.append(f"{path.relative_to(config.ROOT)}: def {node.name}")
+            for value in values:
+                worked_out = isinstance(value, (ast.Compare, ast.BoolOp, ast.UnaryOp)) or (
+                    isinstance(value, ast.Constant) and value.value is True)
+                if worked_out:
+                    decided.append(f"{path.relative_to(config.ROOT)}:{value.lineno}: ready = {ast.unparse(value)}")
+    assert not decided, decided

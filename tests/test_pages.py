@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from engine import config, data, jobs, registry, runs, runstore, synth
+from engine import config, data, jobs, readiness, registry, runs, runstore, synth
 from engine.drawing import mask_difference
 from engine.errors import EngineError, RunNotFound
 from engine.evaluate import evaluate, select_samples
@@ -542,7 +542,7 @@ def test_review_of_a_folder_sorted_by_verdict_shows_verdicts_and_tunes_on_them(t
         assert not at.exception and not at.error, [e.value for e in at.error]
         epoch = at.sidebar.select_slider[0].value[0] if at.sidebar.select_slider else "best"
         expected, result, _ = tune_run(Predictor(restore_recipe, epoch), select_samples(report.path, "all"),
-                                       runs.false_alarm_goal(runs.read_run_json(restore_recipe)), save=False)
+                                       readiness.false_alarm_goal(runs.read_run_json(restore_recipe)), save=False)
         saved = load_recipe(restore_recipe)
         assert (saved.threshold, saved.min_region_px) == (expected.threshold, expected.min_region_px)
         # the images training saw (the run's own train and val splits, sorted here too) are left out by content

@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import config, recipe, registry, runs, runstore, synth
+from engine import config, readiness, recipe, registry, runs, runstore, synth
 from engine.__main__ import main
 from engine.errors import DatasetError, EngineError
 from engine.evaluate import select_samples
@@ -191,10 +191,10 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     assert tuning["goal_on"] == "bound" and tuning["confidence"] == PAINTED_CONFIDENCE
     assert tuning["cautious"]  # painted detections are a stand-in: within noise of the most, the cautious recipe
     # Painted defects alone never make a run ready; the next step says how to decide it.
-    assert info["ready"] is False and runs.readiness(info)[0] is False
+    assert info["ready"] is False and readiness.verdict(info)[0] is False
     # Nor could its few good validation images show the false-alarm goal, and the reason says that too.
     assert tuning["n_defect_free"] < 16 and "; besides, validation holds" in info["ready_reason"]
-    assert "tune" in runs.next_steps(info)[0]
+    assert "tune" in readiness.next_steps(info)[0]
     # Tables say its Dice was measured on painted defects, not beside real ones as if alike.
     assert next(r for r in runstore.overview() if r["run_id"] == run_id)["validated_on"] == "painted defects"
     capsys.readouterr()
@@ -204,9 +204,9 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     labelled = tmp_path / "labelled"
     synth.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
     _, best, _ = recipe.tune_run(Predictor.from_run(run_id), select_samples(str(labelled), "all"), 0.05)
-    ready, _ = recipe.tuning_readiness(best, 0.05)
+    ready, _ = readiness.tuning_readiness(best, 0.05)
     after = runs.read_run_json(runs.run_dir(run_id))
-    assert after["ready"] is ready and runs.readiness(after)[0] is ready
+    assert after["ready"] is ready and readiness.verdict(after)[0] is ready
     assert ready or after["ready_reason"].startswith("tuned on generated images: ")  # not "real": synth made them
     assert registry.get_run(run_id).ready is ready  # the registry row says the same
 

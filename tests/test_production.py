@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from engine import config, registry, runs, runstore
+from engine import config, readiness, registry, runs, runstore
 from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
 from engine.errors import EngineError
 from engine.metrics import good_images_to_bound, wilson_upper
 from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
-from engine.recipe import readiness_of, tuning_readiness
+from engine.readiness import readiness_of, tuning_readiness
 from engine.train import Patience, TrainConfig, get_lr, train
 
 
@@ -210,14 +210,14 @@ def test_a_run_validated_on_too_few_images_is_judged_by_a_tuning_and_says_so() -
     info = {"run_id": "r", "status": "completed", "ready": False, "ready_reason": thin,
             "params": {"max_false_alarm": 0.05}, "best_val": {"n_defective": 1, "n_defect_free": 40},
             "dataset": {"counts": {"defective": 6}}}
-    assert not runs.validation_decides(info)
-    steps = runs.next_steps(info)  # nothing to train longer for: only more evidence can decide
+    assert not readiness.validation_decides(info)
+    steps = readiness.next_steps(info)  # nothing to train longer for: only more evidence can decide
     assert len(steps) == 2 and "tune --run r" in steps[0] and "at least 3 defective and 16 good" in steps[1]
     missed = {**info, "ready_reason": "validation detection 0% below 50% (1 defective images)"}
-    assert runs.next_steps(missed)[0].startswith("train longer") and "tune --run r" in runs.next_steps(missed)[2]
-    assert runs.false_alarm_goal({"params": {"max_false_alarm": 0.0}}) == 0.0 and runs.false_alarm_goal({}) == 0.05
+    assert readiness.next_steps(missed)[0].startswith("train longer") and "tune --run r" in readiness.next_steps(missed)[2]
+    assert readiness.false_alarm_goal({"params": {"max_false_alarm": 0.0}}) == 0.0 and readiness.false_alarm_goal({}) == 0.05
     enough = {**info, "best_val": {"n_defective": 5, "n_defect_free": 58}, "ready_reason": "x"}
-    assert runs.validation_decides(enough) and not any("tune" in step for step in runs.next_steps(enough))
+    assert readiness.validation_decides(enough) and not any("tune" in step for step in readiness.next_steps(enough))
 
 
 def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels(tmp_path) -> None:
@@ -231,8 +231,8 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     run_id = train(TrainConfig(data=str(data), epochs=1, base=8, depth=2, crop=32, batch_size=4,
                                steps_per_epoch=2, name="no-val-defect"))
     info = runs.read_run_json(config.RUNS_DIR / run_id)
-    assert info["ready"] is False and not runs.validation_decides(info)
-    assert "--split SPLIT" in runs.next_steps(info)[0] and "decides" in runs.next_steps(info)[0]
+    assert info["ready"] is False and not readiness.validation_decides(info)
+    assert "--split SPLIT" in readiness.next_steps(info)[0] and "decides" in readiness.next_steps(info)[0]
     # Images training saw cannot decide: a copy of its own set (found by content) is refused, and where some of
     # the tuning images are its own, they are left out.
     shutil.copytree(data, tmp_path / "copy")
@@ -251,7 +251,7 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
     assert after["ready_reason"].startswith("tuned on real images: ")
     # What to do next follows the tuning, not training's validation: the images met the goals but were too few.
     assert after["tuned_on"]["short_of_images"] is True and after["tuned_on"]["flagged"] == 0
-    step = runs.next_steps(after)[0]
+    step = readiness.next_steps(after)[0]
     assert step.startswith("tune again on more images") and "had 6 defective and 14 good images" in step
     assert "52 good images with no more than 0 flagged show the 5% goal" in step  # wilson_upper(0, 52) < 5 %
 
@@ -268,7 +268,7 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     run_id = train(TrainConfig(data=str(data), epochs=3, init="pretrained", crop=64, batch_size=8,
                                steps_per_epoch=8, name="judged"))
     info = runs.read_run_json(config.RUNS_DIR / run_id)
-    assert runs.validation_decides(info) and info["ready"] is True, info["ready_reason"]
+    assert readiness.validation_decides(info) and info["ready"] is True, info["ready_reason"]
     # Unseen images where good and defective parts are pixel for pixel the same: any recipe flags both or neither.
     same = write_set(tmp_path / "same", n_defective=4, n_clean=16, splits=("test",), seed=3)
     image = cv2.imread(str(same / "images" / "im000.png"))
@@ -280,7 +280,7 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     assert best["readiness"].startswith(f"run {run_id} is no longer ready (tuned on real images): tuning ")
     assert after["ready_reason"].startswith("tuned on real images: ") and registry.get_run(run_id).ready is False
     assert after["tuned_on"]["short_of_images"] is False  # the model missed on enough images: more cannot help
-    assert runs.next_steps(after)[0].startswith("the model misses the goals on real images")
+    assert readiness.next_steps(after)[0].startswith("the model misses the goals on real images")
     # The recipe served is the one tuned: a tuning on unseen images that meets the goals makes it ready again.
     fresh = tmp_path / "fresh"
     synth.generate_dataset(fresh, 100, seed=6, params=synth.SynthParams(size=64, defect_free=0.6), workers=1)
@@ -303,8 +303,8 @@ def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_p
                                steps_per_epoch=1, name="not-ready"))
     info = runs.read_run_json(config.RUNS_DIR / run_id)
     assert info["ready"] is False and info["ready_reason"]
-    assert runs.readiness(info) == (False, info["ready_reason"])
-    assert runs.next_steps(info)
+    assert readiness.verdict(info) == (False, info["ready_reason"])
+    assert readiness.next_steps(info)
     row = registry.get_run(run_id)
     if "ready" in registry.RUN_FIELDS:
         assert row.ready is False and row.ready_reason == info["ready_reason"]
@@ -319,7 +319,7 @@ def test_runs_lists_each_run_with_why_it_is_not_ready(trained_run: str, capsys: 
     assert main(["runs"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["run", "status", "ready", "epochs", "best", "validation"]
-    ready, reason = runs.readiness(runs.read_run_json(runs.run_dir(trained_run)))
+    ready, reason = readiness.verdict(runs.read_run_json(runs.run_dir(trained_run)))
     line = next(line for line in lines if line.split()[0] == trained_run)  # not a copy named after it
     assert not ready and line.endswith(f"(not ready: {reason})")  # the fixture's validation is too small
     assert "painted" not in line  # its Dice was measured on the set's own labelled defects

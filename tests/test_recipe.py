@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import config, recipe, registry
+from engine import config, readiness, recipe, registry
 from engine.__main__ import main
 from engine.inspection import find_regions, inspect
 from engine.recipe import Recipe, RecipeError, TuneStats, wilson_upper
@@ -346,9 +346,9 @@ def test_tune_cli_saves_a_recipe_that_predict_uses(trained_run: str, tiny_datase
         # The fixture's validation (2 good, 2 defective images) is too small to decide: this tuning does, and where
         # the run is not ready, what to do next follows.
         judged = next(line for line in out if line.startswith(f"run {trained_run} is "))
-        assert not runs.validation_decides(info)
+        assert not readiness.validation_decides(info)
         steps = [line for line in out if line.startswith("  next: ")]
-        assert steps == [f"  next: {step}" for step in runs.next_steps(runs.read_run_json(run_dir))]
+        assert steps == [f"  next: {step}" for step in readiness.next_steps(runs.read_run_json(run_dir))]
         assert bool(steps) == ("not ready" in judged or "no longer ready" in judged)
         saved = recipe.load_recipe(run_dir)
         assert saved.source == "tuned" and saved.min_region_px in (0, 4, 16)

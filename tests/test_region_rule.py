@@ -8,7 +8,8 @@ import pytest
 
 from engine.inspection import inspect, why_counted
 from engine.metrics import SIZE_BANDS, size_band
-from engine.recipe import DEFAULT_SURE_SCORES, NEVER_PX, Recipe, TuneStats, provisional, readiness_of
+from engine.readiness import provisional, readiness_of
+from engine.recipe import DEFAULT_SURE_SCORES, NEVER_PX, Recipe, TuneStats
 
 SHAPE = (96, 96)
 
@@ -170,7 +171,7 @@ def test_auto_scale_keeps_a_rare_kind_of_small_pits_visible() -> None:
 
 
 def test_the_next_step_of_a_run_blind_to_one_kind_names_it() -> None:
-    from engine.runs import next_steps
+    from engine.readiness import next_steps
 
     tuning = {"per_kind": {"blowhole": {"n": 16, "found": 0}, "uneven": {"n": 21, "found": 20}}, "by_size": {}}
     info = {"run_id": "r1", "status": "completed", "ready": False, "ready_reason": "blowhole: 0 of 16 found on validation",

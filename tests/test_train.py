@@ -233,7 +233,7 @@ def test_validation_without_defects_still_counts_false_alarms_on_its_good_images
     """No defect to detect, but the good images can still show how often the model flags one."""
     import numpy as np
 
-    from engine.recipe import readiness_of
+    from engine.readiness import readiness_of
     from engine.train import training_recipe
 
     good = [np.zeros((32, 32), np.float32) for _ in range(4)]
@@ -275,7 +275,7 @@ def test_a_recipe_that_stops_just_short_of_its_good_images_is_judged_on_held_out
     rule to hold on good images it was not chosen on."""
     import numpy as np
 
-    from engine.recipe import readiness_of
+    from engine.readiness import readiness_of
     from engine.train import recipe_line, training_recipe
 
     defects = [np.zeros((32, 32), np.float32) for _ in range(5)]

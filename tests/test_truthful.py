@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import config, registry, runs, runstore
+from engine import config, readiness, registry, runs, runstore
 from engine.__main__ import main
 from engine.train import TrainConfig, train
 
@@ -41,7 +41,7 @@ def test_a_run_tuned_on_generated_images_never_says_real(generated_run: str, tin
     assert info["ready"] or info["ready_reason"].startswith("tuned on generated images: "), info["ready_reason"]
     row = next(r for r in runstore.overview() if r["run_id"] == generated_run)
     assert row["validated_on"] == "generated images"  # the Runs table says the same
-    assert all("real images" not in step for step in runs.next_steps(info))
+    assert all("real images" not in step for step in readiness.next_steps(info))
 
 
 def test_generate_says_its_splits_in_words_not_as_a_python_dict(tmp_path: Path,
