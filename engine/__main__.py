@@ -10,7 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from engine import config, readiness
+from engine import config
 from engine.errors import EngineError
 
 
@@ -200,7 +200,7 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     """Pick threshold and min region size for the best detection within the false-alarm budget; save the recipe."""
-    from engine import recipe, runs
+    from engine import readiness, recipe, runs
     from engine.evaluate import select_samples
     from engine.serving import open_predictor
 
