@@ -15,6 +15,29 @@ import pytest  # noqa: E402
 
 from engine import config  # noqa: E402
 
+# Fixtures that train a model for real or start a server or browser: every test that uses one, directly or through
+# another fixture, is marked `slow` by pytest_collection_modifyitems below, so `./test.sh -m "not slow"` (the fast
+# inner loop) leaves it out without each test remembering the mark. Tests that train or start a server inline carry
+# an explicit @pytest.mark.slow. tests/test_layout.py checks that every fixture that trains or starts a process is
+# named here or uses one that is.
+SLOW_FIXTURES = frozenset({
+    "trained_run",  # conftest: trains a UNetTiny (copy_run, exported, client, predictor... use it)
+    "postgres",  # conftest: a PostgreSQL server
+    "trained",  # test_inspection: trains from the pre-trained weights
+    "generated_run",  # test_truthful: trains on generated images
+    "finished",  # test_faults: `python -m engine train` to the end
+    "server",  # test_browser: `streamlit run`
+    "browser",  # test_browser: Chromium through Playwright
+    "fresh_clone",  # test_readme: a copy of the repository whose README blocks train
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that uses a fixture of SLOW_FIXTURES (however indirectly) or drives a browser."""
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def session_home() -> Path:

@@ -13,7 +13,7 @@ from engine.inference import Predictor
 from engine.model import load_checkpoint
 from engine.train import TrainConfig, train
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"), pytest.mark.slow]
 
 
 def test_cuda_training_uses_fp16_autocast_and_saves_cpu_loadable_checkpoints(tiny_dataset) -> None:

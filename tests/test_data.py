@@ -180,6 +180,7 @@ def test_device_batches_cut_the_same_crops_and_keep_masks_aligned() -> None:
     assert turned > 0  # square sources only get quarter turns, and some crops got one
 
 
+@pytest.mark.slow
 def test_training_with_batches_on_the_device_completes(tiny_dataset) -> None:
     from engine import config, runs
     from engine.train import TrainConfig, train

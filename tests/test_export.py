@@ -382,6 +382,7 @@ def test_auto_serves_the_best_checkpoint_when_the_export_holds_another_epoch(cop
     assert serving.stale_export(folder) is None and serving.auto_backend(folder).backend != "torch"
 
 
+@pytest.mark.slow
 def test_the_half_resolution_preset_trains_exports_and_passes_the_int8_gate(tiny_dataset: Path) -> None:
     from engine.train import TrainConfig, train
 

@@ -13,7 +13,7 @@ import pytest
 from engine import config, labels
 from tests.test_browser import browser, check_and_shoot, page, pick, server, settle, shots, shown_run  # noqa: F401
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 HEIGHT, WIDTH = 1250, 500
 
 

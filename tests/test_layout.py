@@ -97,3 +97,60 @@ def test_readiness_is_decided_in_one_module() -> None:
                 if worked_out:
                     decided.append(f"{path.relative_to(config.ROOT)}:{value.lineno}: ready = {ast.unparse(value)}")
     assert not decided, decided
+
+
+TESTS = config.ROOT / "tests"
+# Calls that train a model or start a process (a server, a browser, a training) inside a fixture.
+STARTS = {"train", "start_training", "Popen", "sync_playwright", "Postgres"}
+
+
+def slow_fixtures_of_conftest() -> set[str]:
+    """tests/conftest.py's SLOW_FIXTURES, read from its source (importing conftest again would make a new session
+    home and point the environment at it)."""
+    for node in ast.parse((TESTS / "conftest.py").read_text()).body:
+        names = [target.id for target in getattr(node, "targets", ()) if isinstance(target, ast.Name)]
+        if isinstance(node, ast.Assign) and names == ["SLOW_FIXTURES"]:
+            return set(ast.literal_eval(node.value.args[0]))
+    raise AssertionError("tests/conftest.py has no SLOW_FIXTURES")
+
+
+def starts_something(function: ast.FunctionDef) -> bool:
+    """Whether a function calls one of STARTS, or passes "train" first to a call (main(["train", ...]),
+    place.engine("train", ...)) or within a command line ([..., "engine", "train", ...])."""
+    for node in ast.walk(function):
+        if isinstance(node, ast.Call):
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            first = node.args[0] if node.args else None
+            if isinstance(first, ast.List | ast.Tuple):
+                first = first.elts[0] if first.elts else None
+            if name in STARTS or (isinstance(first, ast.Constant) and first.value == "train"):
+                return True
+        if isinstance(node, ast.List | ast.Tuple):
+            words = [e.value for e in node.elts if isinstance(e, ast.Constant)]
+            if any(words[i : i + 2] == ["engine", "train"] for i in range(len(words))):
+                return True
+    return False
+
+
+def is_fixture(function: ast.FunctionDef) -> bool:
+    return any("fixture" in ast.unparse(decorator) for decorator in function.decorator_list)
+
+
+def test_every_fixture_that_trains_or_starts_a_process_makes_its_tests_slow(request) -> None:
+    """`./test.sh -m "not slow"` is the fast inner loop: conftest marks slow every test using a fixture of
+    SLOW_FIXTURES, so a fixture that trains or starts a server or browser must be one, or use one."""
+    slow = slow_fixtures_of_conftest()
+    found, missing = set(), []
+    for path in sorted(TESTS.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and is_fixture(node) and starts_something(node):
+                found.add(node.name)
+                uses = {a.arg for a in node.args.args}
+                if node.name not in slow and not uses & slow:
+                    missing.append(f"{path.name}:{node.lineno} {node.name}")
+    assert {"trained_run", "postgres", "server", "browser", "finished"} <= found  # the walk sees them
+    assert not missing, f"add to SLOW_FIXTURES in tests/conftest.py: {missing}"
+    # And the hook marked them: no test collected here uses one without being slow.
+    unmarked = [item.nodeid for item in request.session.items
+                if slow & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")]
+    assert not unmarked, unmarked

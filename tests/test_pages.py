@@ -160,6 +160,7 @@ def test_train_page_offers_the_engines_defaults() -> None:
     assert at.number_input(key="train_epochs").value == DEFAULT_EPOCHS
 
 
+@pytest.mark.slow
 def test_train_starts_a_background_run_that_finishes(tiny_dataset: Path) -> None:
     at = open_page("app_pages/2_Train.py")
     at.selectbox(key="train_dataset").set_value(tiny_dataset.name)

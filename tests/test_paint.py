@@ -166,6 +166,7 @@ def test_a_labelled_set_is_not_painted_by_default(trained_run) -> None:
     assert runs.read_run_json(runs.run_dir(trained_run))["params"]["paint"] == 0.0
 
 
+@pytest.mark.slow
 def test_train_on_good_images_only_paints_by_default_and_marks_painted_validation(tmp_path: Path, capsys) -> None:
     data = tmp_path / "good-only"
     synth.generate_dataset(data, 30, seed=5, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
@@ -352,6 +353,7 @@ def test_a_defect_bank_moves_the_sets_own_defects_onto_good_images_with_their_ma
     assert unchanged is good and not empty.any() and none == []
 
 
+@pytest.mark.slow
 def test_train_paint_beside_real_defects_moves_those_defects(tmp_path: Path, capsys) -> None:
     data = tmp_path / "labelled"
     synth.generate_dataset(data, 20, seed=7, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
@@ -374,6 +376,7 @@ def test_generate_onto_never_writes_into_the_good_images_folder(surfaces: list[n
     assert sorted(p.name for p in good.iterdir()) == before
 
 
+@pytest.mark.slow
 def test_export_of_a_good_parts_only_run_checks_on_painted_defects(tmp_path: Path) -> None:
     from engine import export
 

@@ -129,6 +129,7 @@ def test_explicit_pretrained_init_with_another_architecture_is_refused(tiny_data
                           steps_per_epoch=1, init="pretrained", name="mismatch"))
 
 
+@pytest.mark.slow
 def test_default_run_starts_from_the_pretrained_weights(tiny_dataset) -> None:
     run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, crop=32, batch_size=4, steps_per_epoch=1,
                                name="pretrained"))
@@ -136,6 +137,7 @@ def test_default_run_starts_from_the_pretrained_weights(tiny_dataset) -> None:
     assert info["init"].startswith("pre-trained") and info["params"]["preset"] == "balanced"
 
 
+@pytest.mark.slow
 def test_budget_is_kept_while_validation_stalls(tiny_dataset) -> None:
     # lr ~ 0: validation never improves after epoch 1. The old rule stopped at epoch 1 + patience.
     common = dict(data=str(tiny_dataset), base=8, depth=2, crop=32, batch_size=4, steps_per_epoch=2, lr=1e-12)
@@ -220,6 +222,7 @@ def test_a_run_validated_on_too_few_images_is_judged_by_a_tuning_and_says_so() -
     assert readiness.validation_decides(enough) and not any("tune" in step for step in readiness.next_steps(enough))
 
 
+@pytest.mark.slow
 def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels(tmp_path) -> None:
     from engine.evaluate import select_samples
     from engine.inference import Predictor
@@ -292,6 +295,7 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     assert best.get("readiness") is None and runs.read_run_json(config.RUNS_DIR / run_id)["ready"] is True
 
 
+@pytest.mark.slow
 def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_path) -> None:
     # Defective and defect-free images are pixel for pixel the same, so any recipe flags both or neither:
     # false alarms 100 % or detection 0 %, never ready.

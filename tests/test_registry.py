@@ -21,7 +21,7 @@ from engine.errors import EngineError, RunNotFound
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])  # a PostgreSQL server: slow
 def database(request: pytest.FixtureRequest) -> str | None:
     """The registry's database for one test: None for the SQLite file, or the URL of a new PostgreSQL database."""
     if request.param == "sqlite":

@@ -49,6 +49,7 @@ def test_run_folder_and_registry_are_complete(trained_run: str) -> None:
     assert info["model_images_per_s"] > 0 and info["train_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_resume_continues_with_more_epochs(tiny_dataset) -> None:
     cfg = TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
                       steps_per_epoch=2, name="resume")
@@ -60,6 +61,7 @@ def test_resume_continues_with_more_epochs(tiny_dataset) -> None:
     assert registry.get_run(run_id).epochs_done == 3
 
 
+@pytest.mark.slow
 def test_a_resumed_run_looks_for_hard_negatives_before_its_first_epoch(tiny_dataset) -> None:
     run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
                                steps_per_epoch=2, hard_share=0.25, name="resume-hard"))
@@ -81,6 +83,7 @@ def test_loader_workers_draw_their_own_augmentations(tiny_dataset) -> None:
     assert not torch.equal(first, second)
 
 
+@pytest.mark.slow
 def test_training_with_loader_workers_completes(tiny_dataset) -> None:
     run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=4,
                                steps_per_epoch=3, workers=2, name="workers"))
@@ -98,6 +101,7 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_killed_training_leaves_a_loadable_checkpoint_and_is_not_running(tiny_dataset) -> None:
     run_id = jobs.start_training(TrainConfig(data=str(tiny_dataset), name="killed", epochs=200, base=8, depth=2,
                                              crop=32, batch_size=4, steps_per_epoch=3))
@@ -111,6 +115,7 @@ def test_killed_training_leaves_a_loadable_checkpoint_and_is_not_running(tiny_da
     assert meta["epoch"] >= 2
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumed_is_judged_on_its_best_epoch(tiny_dataset) -> None:
     """A run killed mid-training is marked failed; resumed, it ends with a recipe chosen from its best epoch and a
     reason that is true of it, also where the resumed epoch does not beat the epochs from before the kill (the case
@@ -138,6 +143,7 @@ def test_a_killed_run_resumed_is_judged_on_its_best_epoch(tiny_dataset) -> None:
     assert registry.get_run(run_id).status == "completed"
 
 
+@pytest.mark.slow
 def test_cancel_from_the_registry_ends_cleanly(tiny_dataset) -> None:
     run_id = jobs.start_training(TrainConfig(data=str(tiny_dataset), name="cancel", epochs=200, base=8, depth=2,
                                              crop=32, batch_size=4, steps_per_epoch=3))
@@ -155,6 +161,7 @@ def test_cancel_from_the_registry_ends_cleanly(tiny_dataset) -> None:
     assert "cancelled" in jobs.log_tail(run_id) or "finished" in jobs.log_tail(run_id)
 
 
+@pytest.mark.slow
 def test_a_cancel_while_the_process_still_starts_ends_cancelled_not_failed(tiny_dataset) -> None:
     # Right after the start the process is still importing torch, before it catches SIGTERM: the cancel must
     # reach it through the registry flag instead of killing it (which left the run "failed").
@@ -300,6 +307,7 @@ def test_a_recipe_that_stops_just_short_of_its_good_images_is_judged_on_held_out
     assert chosen["held_out_false_alarm_rate"] == 0.0 and readiness_of(chosen, 0.05) == (True, None)
 
 
+@pytest.mark.slow
 def test_a_resume_that_finds_a_better_epoch_keeps_the_recipe_the_user_tuned(tiny_dataset) -> None:
     """Training saves its own recipe for a new best epoch; one the user tuned is kept beside it, not lost."""
     import json
@@ -340,6 +348,7 @@ def test_train_help_gives_every_option_its_default(capsys: pytest.CaptureFixture
         assert entry and "default" in entry.group(1).lower(), (flag, entry and entry.group(1))
 
 
+@pytest.mark.slow
 def test_a_runs_validation_stays_within_its_share_and_the_best_is_chosen_on_the_whole_split(session_home) -> None:
     """Whole 128 px validation images cost several times an epoch of two steps on 32 px crops: validating every
     epoch would take most of the run. The plan validates as often as its share allows, the last epoch on the whole
