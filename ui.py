@@ -18,7 +18,7 @@ from engine import readiness, runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
-from engine.model import PRESETS
+from engine.presets import PRESETS
 from engine.progress import Progress, describe, time_left
 
 

@@ -12,10 +12,10 @@ from plotly.subplots import make_subplots
 
 from engine import data, jobs, registry, runs, runstore
 from engine.errors import EngineError
-from engine.model import PRESETS
 from engine.paint import EVERY_KIND
+from engine.presets import PRESETS
 from engine.synth import DEFECT_TYPES
-from engine.train import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
+from engine.training.config import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
 from ui import duration, epoch_step, preset_label, readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`

@@ -20,14 +20,15 @@ def imports_of(path: Path) -> set[str]:
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             found.add(node.module)
-            if node.module == "engine":  # `from engine import runs` imports engine.runs
-                found.update(f"engine.{alias.name}" for alias in node.names)
+            if node.module.startswith("engine"):  # `from engine import runs` imports engine.runs
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
     return found
 
 
 def engine_graph() -> dict[str, set[str]]:
     """engine module -> the engine modules it imports."""
-    modules = {f"engine.{p.stem}": p for p in ENGINE.glob("*.py") if p.stem not in ("__init__", "__main__")}
+    modules = {".".join(p.relative_to(config.ROOT).with_suffix("").parts): p for p in ENGINE.rglob("*.py")
+               if p.stem not in ("__init__", "__main__")}
     return {name: {m for m in imports_of(path) if m in modules and m != name} for name, path in modules.items()}
 
 
@@ -39,7 +40,7 @@ def test_engine_imports_no_front_end() -> None:
 
 def test_engine_modules_import_each_other_without_cycles() -> None:
     graph = engine_graph()
-    assert {"engine.inference", "engine.recipe", "engine.train"} <= set(graph)  # the walk sees the package
+    assert {"engine.inference", "engine.recipe", "engine.train", "engine.training.config"} <= set(graph)
     state: dict[str, str] = {}
 
     def visit(module: str, path: list[str]) -> None:
@@ -154,3 +155,14 @@ def test_every_fixture_that_trains_or_starts_a_process_makes_its_tests_slow(requ
     unmarked = [item.nodeid for item in request.session.items
                 if slow & set(getattr(item, "fixturenames", ())) and not item.get_closest_marker("slow")]
     assert not unmarked, unmarked
+
+
+def test_the_training_config_imports_no_torch() -> None:
+    """A page or a command line builds a TrainConfig without loading torch (seconds on a small container)."""
+    import subprocess
+    import sys
+
+    code = "import sys, engine.training.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=config.ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

@@ -145,7 +145,7 @@ def test_cli_generate_registers_through_the_shared_function(session_home: Path) 
 
 
 def test_train_page_offers_the_engines_defaults() -> None:
-    from engine.train import DEFAULT_EPOCHS, SUGGESTED_MINUTES, TrainConfig
+    from engine.training.config import DEFAULT_EPOCHS, SUGGESTED_MINUTES, TrainConfig
 
     defaults = TrainConfig()
     at = open_page("app_pages/2_Train.py")

@@ -20,7 +20,8 @@ from engine.paint import PaintParams, paint, params_for, window_side
 from engine.paintset import paint_dataset
 from engine.paintset import preview as paint_preview
 from engine.synth import DEFECT_TYPES
-from engine.train import PAINT_WITHOUT_LABELS, PAINTED_CONFIDENCE, painted_validation
+from engine.train import PAINTED_CONFIDENCE, painted_validation
+from engine.training.config import PAINT_WITHOUT_LABELS
 
 
 def good_parts(folder: Path, n: int) -> Path:
