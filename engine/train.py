@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
 import os
 import platform
 import signal
@@ -73,6 +72,8 @@ from engine.recipe import (
 )
 from engine.storage import atomic_write_bytes
 from engine.training.config import HARD_SHARE_WHEN_PAINTING, PAINT_WITHOUT_LABELS, TrainConfig
+from engine.training.losses import LOSSES, seg_loss
+from engine.training.schedule import Budget, Patience, get_lr
 
 # An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
 # large images a pass is a few seconds, and validating that often would take a third of the budget.
@@ -118,78 +119,6 @@ def reseed_worker(worker_id: int) -> None:
     """Give each loader process its own augmentation stream (a forked copy would repeat the parent's)."""
     info = torch.utils.data.get_worker_info()
     info.dataset.rng = np.random.default_rng(torch.initial_seed() % 2**63)
-
-
-def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """1 - soft Dice over the whole batch, so that defect-free crops do not dominate."""
-    intersection = (prob * target).sum()
-    return 1 - (2 * intersection + 1) / (prob.sum() + target.sum() + 1)
-
-
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE plus batch soft Dice (the default)."""
-    return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(torch.sigmoid(logits), target)
-
-
-def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
-    """Focal loss (easy background pixels weigh little) plus batch soft Dice."""
-    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
-    prob = torch.sigmoid(logits)
-    p_true = torch.where(target > 0.5, prob, 1 - prob)
-    return ((1 - p_true) ** gamma * bce).mean() * 4 + soft_dice_loss(prob, target)
-
-
-def bce_tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, beta: float = 0.7) -> torch.Tensor:
-    """BCE plus batch Tversky loss, which weighs missed defect pixels (beta) above false ones (alpha)."""
-    prob = torch.sigmoid(logits)
-    tp = (prob * target).sum()
-    tversky = (tp + 1) / (tp + alpha * (prob * (1 - target)).sum() + beta * ((1 - prob) * target).sum() + 1)
-    return F.binary_cross_entropy_with_logits(logits, target) + 1 - tversky
-
-
-LOSSES = {"bce-dice": seg_loss, "focal-dice": focal_dice_loss, "bce-tversky": bce_tversky_loss}
-
-
-def get_lr(step: int, progress: float, base_lr: float, warmup_steps: int = 30) -> float:
-    """Learning rate: linear warm-up over the first steps, then cosine from base_lr to 0 as progress goes 0 -> 1."""
-    warmup = min(1.0, (step + 1) / warmup_steps)
-    return base_lr * warmup * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class Patience:
-    """Early stopping that waits for the schedule: epochs without improvement count only once `after` of the
-    budget is spent, so a plateau at a high learning rate never ends a run that has minutes left."""
-
-    def __init__(self, patience: int, after: float) -> None:
-        self.patience, self.after, self.stale = patience, after, 0
-
-    def converged(self, improved: bool, progress: float) -> bool:
-        """Record one epoch; True once `patience` counted epochs in a row brought no improvement."""
-        self.stale = 0 if improved else self.stale + (progress >= self.after)
-        return self.stale >= self.patience
-
-
-class Budget:
-    """How far a run is through its epochs or minutes, whichever runs out first."""
-
-    def __init__(self, epoch_limit: int | None, start_epoch: int, steps_per_epoch: int, minutes: float | None) -> None:
-        self.total_steps = (epoch_limit - start_epoch) * steps_per_epoch if epoch_limit else None
-        self.seconds = minutes * 60 if minutes else None
-        self.started = time.monotonic()
-
-    def elapsed(self) -> float:
-        """Seconds since training started."""
-        return time.monotonic() - self.started
-
-    def progress(self, step: int, elapsed: float | None = None) -> float:
-        """Fraction of the budget used, 0..1 (what the LR schedule follows), at `elapsed` seconds (default now)."""
-        elapsed = self.elapsed() if elapsed is None else elapsed
-        parts = [step / self.total_steps if self.total_steps else 0.0, elapsed / self.seconds if self.seconds else 0.0]
-        return min(1.0, max(parts))
-
-    def time_up(self, elapsed: float | None = None) -> bool:
-        """Whether the wall-time budget is spent at `elapsed` seconds (default now)."""
-        return self.seconds is not None and (self.elapsed() if elapsed is None else elapsed) > self.seconds
 
 
 def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]:
@@ -985,7 +914,8 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
     info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
                 wall_seconds=round(pace.clock.elapsed(), 1), ready=judged.ready, ready_reason=judged.reason,
-                ready_note=judged.note, pid=None, pid_started=None, time_shares=pace.clock.shares(), time_to_ready=time_to_ready(history),
+                ready_note=judged.note, pid=None, pid_started=None, time_shares=pace.clock.shares(),
+                time_to_ready=time_to_ready(history),
                 curve=[{k: row.get(k) for k in CURVE_FIELDS} for row in history if "val_score" in row])
     runstore.save(folder, info, history)
     print(pace.clock.line(), flush=True)

@@ -16,7 +16,8 @@ from engine.errors import EngineError
 from engine.metrics import good_images_to_bound, wilson_upper
 from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
 from engine.readiness import readiness_of, tuning_readiness
-from engine.train import Patience, TrainConfig, get_lr, train
+from engine.train import TrainConfig, train
+from engine.training.schedule import Patience, get_lr
 
 
 def write_set(root, n_defective, n_clean, size=(48, 64), splits=("train", "test"), empty_masks=False, seed=0):

@@ -11,7 +11,8 @@ import torch
 
 from engine import config, jobs, registry, runs, runstore
 from engine.model import load_checkpoint
-from engine.train import TrainConfig, seg_loss, train
+from engine.train import TrainConfig, train
+from engine.training.losses import seg_loss
 from tests.timing import slowness
 
 

@@ -1,1 +1,1 @@
-"""The training stack, split by concern (config first; the rest still lives in engine/train.py)."""
+"""The training stack by concern: config (no torch), losses, schedule; the loop is still engine/train.py."""
