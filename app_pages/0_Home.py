@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from app_pages.ui import PAGES, sample_folder
 from engine import jobs, registry, runstore
 from engine.errors import EngineError
-from ui import PAGES, sample_folder
 
 st.title(":material/precision_manufacturing: Metal-surface defect inspection")
 st.caption("Generate synthetic metal-surface images, train a small U-Net to segment defects, "

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import streamlit as st
 
+from app_pages.ui import for_display, run_with_progress
 from engine import config, data, importer, paintset, synth
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS
 from engine.paint import DEFECTS_PER_IMAGE, EVERY_KIND, PaintParams, params_for
 from engine.synth import DEFECT_TYPES
-from ui import for_display, run_with_progress
 
 st.title(":material/science: Generate data")
 st.caption("Procedural metal surfaces (brushed, rolled, ground, cast, polished) with drawn defects and exact "

@@ -10,13 +10,13 @@ import streamlit as st
 import torch
 from plotly.subplots import make_subplots
 
+from app_pages.ui import duration, epoch_step, preset_label, readiness_notice
 from engine import data, jobs, registry, runs, runstore
 from engine.errors import EngineError
 from engine.paint import EVERY_KIND
 from engine.presets import PRESETS
 from engine.synth import DEFECT_TYPES
 from engine.training.config import DEFAULT_EPOCHS, PAINT_WITHOUT_LABELS, SUGGESTED_MINUTES, TrainConfig
-from ui import duration, epoch_step, preset_label, readiness_notice
 
 DEFAULTS = TrainConfig()  # the page offers the same defaults as `python -m engine train`
 

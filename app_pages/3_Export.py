@@ -6,11 +6,11 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.ui import progress_bar, readiness_notice
 from engine import bench, export, jobs, runs, serving
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 from engine.progress import part
-from ui import progress_bar, readiness_notice
 
 st.title(":material/inventory_2: Export")
 st.caption("ONNX for plain CPUs: checked against PyTorch on real images. INT8 (static, per-channel) is kept only "

@@ -10,6 +10,16 @@ import pandas as pd
 import streamlit as st
 import torch
 
+from app_pages.ui import (
+    epoch_label,
+    for_display,
+    load_predictor,
+    own_test_set,
+    pick_run,
+    probability_cache,
+    progress_bar,
+    sample_folder,
+)
 from engine import config, data, runs
 from engine.data import scan_dataset
 from engine.drawing import create_heatmap, difference_image, mask_difference, overlay, to_display
@@ -20,16 +30,6 @@ from engine.inspection import Inspection, inspect, why_counted
 from engine.metrics import dice_score, iou_score
 from engine.recipe import load_recipe
 from engine.serving import gated_backends, refusals
-from ui import (
-    epoch_label,
-    for_display,
-    load_predictor,
-    own_test_set,
-    pick_run,
-    probability_cache,
-    progress_bar,
-    sample_folder,
-)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]

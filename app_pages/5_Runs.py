@@ -6,10 +6,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.ui import epoch_step, readiness_notice
 from engine import registry, runs, runstore
 from engine.errors import EngineError
 from engine.recipe import verdict_threshold
-from ui import epoch_step, readiness_notice
 
 st.title(":material/history: Runs")
 

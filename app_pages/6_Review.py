@@ -11,6 +11,7 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
+from app_pages.ui import epoch_label, load_predictor, own_test_set, pick_run, progress_bar, sample_folder
 from engine import config, data, readiness, runs
 from engine.drawing import overlay, to_display
 from engine.errors import EngineError
@@ -20,7 +21,6 @@ from engine.inspection import inspect
 from engine.metrics import SIZE_BANDS
 from engine.progress import Progress, part
 from engine.recipe import RECIPE_FILE, load_recipe, tune_run
-from ui import epoch_label, load_predictor, own_test_set, pick_run, progress_bar, sample_folder
 
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "

@@ -11,13 +11,13 @@ import numpy as np
 import streamlit as st
 from streamlit_drawable_canvas import st_canvas
 
+from app_pages.ui import load_predictor, pick_run, run_with_progress
 from engine import data, labelqueue, labels, runs
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import decode_raw, encode_png, read_image
 from engine.inspection import inspect
 from engine.recipe import load_recipe
-from ui import load_predictor, pick_run, run_with_progress
 
 st.title(":material/brush: Label what the run is unsure of")
 st.caption("The queue ranks the images by how unsure the run is: wrong verdicts where the folder has labels, then "

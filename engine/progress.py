@@ -3,7 +3,7 @@
 Counted work (generate, import, predict, evaluate, tune, the tiles of a large image) calls it with its counts,
 `progress(12, 40, "images")`; work in stages (export, bench) with the fraction of the whole job done,
 `progress(0.4, 1.0, "quantizing to INT8")`. The CLI shows it as a tqdm bar (engine/__main__.py), the pages as
-an st.progress bar (ui.progress_bar); `describe` is how both turn a call into a fraction and a line of text.
+an st.progress bar (app_pages/ui.py, progress_bar); `describe` is how both turn a call into a fraction and a line of text.
 """
 
 from __future__ import annotations

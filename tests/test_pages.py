@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from app_pages.ui import epoch_label
 from engine import config, data, jobs, readiness, registry, runs, runstore, synth
 from engine.drawing import mask_difference
 from engine.errors import EngineError, RunNotFound
@@ -21,7 +22,6 @@ from engine.inference import Predictor
 from engine.metrics import dice_score, iou_score
 from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run
 from tests.timing import slowness
-from ui import epoch_label
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 60  # first runs import torch and load models on a busy 2-core machine

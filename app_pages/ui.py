@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import streamlit as st
 
-from engine import readiness, runs, synth
+from engine import config, readiness, runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.inference import Predictor
@@ -50,7 +50,7 @@ PAGES = [page for page in (
              "metrics over a whole folder, worst first"),
     PageInfo("app_pages/7_Label.py", "Label", ":material/brush:", "Label",
              "label what the run is unsure of, then fine-tune on it"),
-) if (Path(__file__).resolve().parent / page.path).is_file()]  # a deployment may leave a page out (Export)
+) if (config.ROOT / page.path).is_file()]  # a deployment may leave a page out (Export)
 
 T = TypeVar("T")
 DISPLAY_MAX_SIDE = 1600  # images are sent to the browser at most this large: a page column is narrower anyway
