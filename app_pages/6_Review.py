@@ -20,7 +20,8 @@ from engine.imageio import read_image, read_mask
 from engine.inspection import inspect
 from engine.metrics import SIZE_BANDS
 from engine.progress import Progress, part
-from engine.recipe import RECIPE_FILE, load_recipe, tune_run
+from engine.recipe import RECIPE_FILE, load_recipe
+from engine.tuning import tune_run
 
 st.title(":material/fact_check: Review a folder")
 st.caption("Every image of a folder through the chosen epoch(s): per-image scores worst first, set rates, "

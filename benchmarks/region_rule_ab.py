@@ -20,7 +20,8 @@ from engine import readiness, runs  # noqa: E402
 from engine.data import scan_dataset  # noqa: E402
 from engine.evaluate import evaluate  # noqa: E402
 from engine.inference import Predictor  # noqa: E402
-from engine.recipe import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, Recipe, collect_stats, min_areas_at  # noqa: E402
+from engine.recipe import Recipe
+from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, collect_stats, min_areas_at  # noqa: E402
 
 
 def main() -> None:

@@ -200,18 +200,18 @@ def cmd_import(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     """Pick threshold and min region size for the best detection within the false-alarm budget; save the recipe."""
-    from engine import readiness, recipe, runs
+    from engine import readiness, recipe, runs, tuning
     from engine.evaluate import select_samples
     from engine.serving import open_predictor
 
-    thresholds = _number_list(args.thresholds, float) if args.thresholds else recipe.DEFAULT_THRESHOLDS
+    thresholds = _number_list(args.thresholds, float) if args.thresholds else tuning.DEFAULT_THRESHOLDS
     min_areas = _number_list(args.min_areas, int) if args.min_areas else None  # the run's own grid
     predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
     samples = select_samples(args.data, args.split)
     split = "sorted" if any(s.sorted_into for s in samples) else args.split  # a folder sorted by verdict: all of it
     context = {"data": str(Path(args.data).resolve()), "split": split}
     with _progress_bar("predicting") as progress:
-        tuned, best, notes = recipe.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
+        tuned, best, notes = tuning.tune_run(predictor, samples, args.max_false_alarm, args.confidence, thresholds,
                                              min_areas, context, save=not args.no_save, progress=progress,
                                              goal_detection=args.goal_detection)
     for note in notes:

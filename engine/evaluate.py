@@ -25,7 +25,8 @@ from engine.metrics import (
 )
 from engine.progress import Progress
 from engine.readiness import goal_missed
-from engine.recipe import Recipe, TuneStats, load_recipe
+from engine.recipe import Recipe, load_recipe
+from engine.tuning import TuneStats
 
 # per_type keys of images whose manifest names no defect type
 UNTYPED, DEFECT_FREE = "defect (type not given)", "defect-free"

@@ -59,21 +59,12 @@ from engine.model import (
 )
 from engine.pacing import Clock, ValidationPlan, forecast_epochs, plan_validation, size_band
 from engine.paint import EVERY_KIND, DefectBank, PaintParams, paint, params_for
-from engine.recipe import (
-    DEFAULT_SURE_SCORES,
-    DEFAULT_THRESHOLDS,
-    RECIPE_FILE,
-    Recipe,
-    TuneStats,
-    at_scale,
-    load_recipe,
-    save_recipe,
-    tuned_recipe,
-)
+from engine.recipe import RECIPE_FILE, Recipe, load_recipe, save_recipe
 from engine.storage import atomic_write_bytes
 from engine.training.config import HARD_SHARE_WHEN_PAINTING, PAINT_WITHOUT_LABELS, TrainConfig
 from engine.training.losses import LOSSES, seg_loss
 from engine.training.schedule import Budget, Patience, get_lr
+from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, at_scale, tuned_recipe
 
 # An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
 # large images a pass is a few seconds, and validating that often would take a third of the budget.

@@ -149,7 +149,7 @@ def test_a_folder_sorted_by_verdict_gives_the_same_verdict_figures_without_masks
 
 
 def test_tuning_on_a_sorted_folder_sees_the_verdict_grid_of_the_masked_set(trained_run: str, sorted_folder) -> None:
-    from engine.recipe import collect_stats
+    from engine.tuning import collect_stats
 
     folder, with_masks = sorted_folder
     predictor = Predictor.from_run(trained_run)

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import config, labelqueue, labels, recipe, runs
+from engine import config, labelqueue, labels, recipe, runs, tuning
 from engine.__main__ import main
 from engine.data import load_pair, scan_dataset
 from engine.errors import EngineError
@@ -167,9 +167,9 @@ def test_image_level_labels_count_in_detection_tuning_and_import(trained_run: st
     assert result["n_outlined_defective"] == 0 and result["average_precision"] is not None
     flagged = {row["id"]: row["flagged"] for row in result["per_image"]}
     assert result["n_detected"] == sum(flagged[s.id] for s in defective)
-    stats = recipe.collect_stats(predictor, samples)
+    stats = tuning.collect_stats(predictor, samples)
     assert sum(stats.has_defect) == 2
-    _, best, _ = recipe.tune_run(predictor, samples, save=False)
+    _, best, _ = tuning.tune_run(predictor, samples, save=False)
     assert (best["n_defective"], best["n_defect_free"]) == (2, 2)
     # Imported, it stays a defect without pixels; and training leaves it out.
     config.DATA_DIR.mkdir(parents=True, exist_ok=True)

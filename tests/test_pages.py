@@ -20,7 +20,8 @@ from engine.evaluate import evaluate, select_samples
 from engine.imageio import encode_png, read_image, read_mask
 from engine.inference import Predictor
 from engine.metrics import dice_score, iou_score
-from engine.recipe import RECIPE_FILE, load_recipe, save_recipe, tune_run
+from engine.recipe import RECIPE_FILE, load_recipe, save_recipe
+from engine.tuning import tune_run
 from tests.timing import slowness
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -22,6 +22,7 @@ from engine.paintset import preview as paint_preview
 from engine.synth import DEFECT_TYPES
 from engine.train import PAINTED_CONFIDENCE, painted_validation
 from engine.training.config import PAINT_WITHOUT_LABELS
+from engine.tuning import tune_run
 
 
 def good_parts(folder: Path, n: int) -> Path:
@@ -205,7 +206,7 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
     # Tuning on real labelled images decides, by training's own rule, and says so.
     labelled = tmp_path / "labelled"
     synth.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
-    _, best, _ = recipe.tune_run(Predictor.from_run(run_id), select_samples(str(labelled), "all"), 0.05)
+    _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(labelled), "all"), 0.05)
     ready, _ = readiness.tuning_readiness(best, 0.05)
     after = runs.read_run_json(runs.run_dir(run_id))
     assert after["ready"] is ready and readiness.verdict(after)[0] is ready

@@ -227,7 +227,7 @@ def test_a_run_validated_on_too_few_images_is_judged_by_a_tuning_and_says_so() -
 def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels(tmp_path) -> None:
     from engine.evaluate import select_samples
     from engine.inference import Predictor
-    from engine.recipe import tune_run
+    from engine.tuning import tune_run
 
     data = write_set(tmp_path / "set", n_defective=6, n_clean=14, splits=("train", "val", "test", "val"))
     with open(data / "manifest.csv", "w", newline="") as handle:  # every defect in train: val cannot measure one
@@ -265,7 +265,7 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     from engine import synth
     from engine.evaluate import select_samples
     from engine.inference import Predictor
-    from engine.recipe import tune_run
+    from engine.tuning import tune_run
 
     data = tmp_path / "vouching"  # validation of 4 defective and 16 good images can vouch (too_few_to_show)
     synth.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)

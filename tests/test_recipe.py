@@ -11,7 +11,9 @@ import pytest
 from engine import config, readiness, recipe, registry
 from engine.__main__ import main
 from engine.inspection import find_regions, inspect
-from engine.recipe import Recipe, RecipeError, TuneStats, wilson_upper
+from engine.metrics import wilson_upper
+from engine.recipe import Recipe, RecipeError
+from engine.tuning import TuneStats
 
 
 def blank(height: int = 64, width: int = 64, value: float = 0.02) -> np.ndarray:
@@ -413,7 +415,7 @@ def test_leaving_good_images_out_of_tuning_statistics_equals_never_adding_them()
 
 
 def test_tuning_reaches_every_minimum_area_training_could_at_the_run_scale() -> None:
-    from engine.recipe import DEFAULT_MIN_AREAS, min_areas_at
+    from engine.tuning import DEFAULT_MIN_AREAS, min_areas_at
 
     # Training tunes on the model's view (a 1,000 px region at scale 0.5 is 4,000 px of the full-size image) and
     # saves full-size areas; a later tuning on full-size images needs the same reach.

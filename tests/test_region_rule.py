@@ -9,7 +9,8 @@ import pytest
 from engine.inspection import inspect, why_counted
 from engine.metrics import SIZE_BANDS, size_band
 from engine.readiness import provisional, readiness_of
-from engine.recipe import DEFAULT_SURE_SCORES, NEVER_PX, Recipe, TuneStats
+from engine.recipe import NEVER_PX, Recipe
+from engine.tuning import DEFAULT_SURE_SCORES, TuneStats
 
 SHAPE = (96, 96)
 
