@@ -16,8 +16,8 @@ from pathlib import Path
 from queue import Empty
 from typing import TYPE_CHECKING, Any, TypeVar
 
-if TYPE_CHECKING:  # engine.train imports torch; a config is all this module needs of it
-    from engine.train import TrainConfig
+if TYPE_CHECKING:  # a config is all this module needs of training
+    from engine.training.config import TrainConfig
 
 from engine import config, registry, runs, runstore
 from engine.errors import EngineError

@@ -193,7 +193,7 @@ def fine_tune_config(run: str, data: str | Path, minutes: float) -> Any:
     """The TrainConfig of a fine-tune of RUN on `data` for `minutes`: the run's own settings, its weights as the
     start (init = the run), painting and hard negatives decided again for the new data."""
     from engine import runs
-    from engine.train import TrainConfig
+    from engine.training.config import TrainConfig
 
     folder = runs.resolve_run(run)
     params = runs.read_run_json(folder).get("params") or {}

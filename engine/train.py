@@ -7,7 +7,6 @@ background with engine.jobs.start_training.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import platform
 import signal
@@ -22,7 +21,6 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import config, distributed, readiness, registry, runs, runstore, storage
@@ -38,14 +36,8 @@ from engine.data import (
     scan_dataset,
 )
 from engine.errors import DatasetError, EngineError
-from engine.inspection import inspect
 from engine.metrics import (
-    DETECTION_GOAL,
-    SetMetrics,
-    auroc,
-    average_precision,
     best_threshold,
-    image_score,
     threshold_sweep,
 )
 from engine.model import (
@@ -59,19 +51,25 @@ from engine.model import (
 )
 from engine.pacing import Clock, ValidationPlan, forecast_epochs, plan_validation, size_band
 from engine.paint import EVERY_KIND, DefectBank, PaintParams, paint, params_for
-from engine.recipe import RECIPE_FILE, Recipe, load_recipe, save_recipe
-from engine.storage import atomic_write_bytes
+from engine.training.checkpoints import load_resume, save_resume
 from engine.training.config import HARD_SHARE_WHEN_PAINTING, PAINT_WITHOUT_LABELS, TrainConfig
-from engine.training.losses import LOSSES, seg_loss
+from engine.training.losses import LOSSES
+from engine.training.record import (
+    CURVE_FIELDS,
+    PAINTED_CONFIDENCE,
+    recipe_line,
+    save_recipe_for,
+    time_to_ready,
+    time_to_ready_line,
+    training_recipe,
+)
 from engine.training.schedule import Budget, Patience, get_lr
-from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, at_scale, tuned_recipe
+from engine.training.validation import image_logits, set_metrics, validate
+from engine.tuning import at_scale
 
 # An epoch is one pass over the training images, but at least this many steps: on a set of a few hundred
 # large images a pass is a few seconds, and validating that often would take a third of the budget.
 MIN_STEPS_PER_EPOCH = 50
-# Painted validation measures detection on a stand-in; only its false alarms are real, so the recipe holds the
-# goal on their upper confidence bound (with 58 good images: none flagged) rather than on the measured rate.
-PAINTED_CONFIDENCE = 0.95
 # Hard negatives: after each epoch this many defect-free training images are looked at (a rotating slice: about
 # 2 s at KolektorSDD's size on 2 CPU cores), and up to HARD_SPOTS_PER_IMAGE regions above HARD_THRESHOLD (below
 # the 0.5 of the default recipe, as tuned recipes often are) become crops of the next epochs (the share of the
@@ -80,7 +78,6 @@ HARD_SCAN_IMAGES = 48
 HARD_SCAN_MIN = 8  # the fewest looked at when their time is bounded (--val-share of the epoch's training time)
 HARD_SPOTS_PER_IMAGE = 4
 HARD_THRESHOLD = 0.25
-RESUME_FILE = "resume.pth"  # the one checkpoint a run resumes from: weights, optimizer state, epoch
 
 
 def pick_device(device: str) -> torch.device:
@@ -110,63 +107,6 @@ def reseed_worker(worker_id: int) -> None:
     """Give each loader process its own augmentation stream (a forked copy would repeat the parent's)."""
     info = torch.utils.data.get_worker_info()
     info.dataset.rng = np.random.default_rng(torch.initial_seed() % 2**63)
-
-
-def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]:
-    """Reflect-pad an NCHW tensor so height and width are multiples of stride; returns original H, W."""
-    height, width = x.shape[-2:]
-    pad_h, pad_w = (-height) % stride, (-width) % stride
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(height, width) > max(pad_h, pad_w) else "replicate")
-    return x, height, width
-
-
-def image_logits(model: UNetTiny, image: np.ndarray, mean: float, std: float, device: torch.device,
-                 memory_format: torch.memory_format) -> torch.Tensor:
-    """The model's logits (1, 1, H, W) for one whole image at its own size."""
-    x = torch.from_numpy((image - mean) / std)[None, None].to(device)
-    x, height, width = pad_to_stride(x, model.stride)
-    return model(x.contiguous(memory_format=memory_format))[..., :height, :width]
-
-
-@torch.no_grad()
-def validate(model: UNetTiny, dataset: SegmentationDataset, mean: float, std: float, device: torch.device,
-             memory_format: torch.memory_format, indices: list[int] | None = None
-             ) -> tuple[float, dict, list[np.ndarray], list[np.ndarray]]:
-    """Loss and metrics on whole validation images (each at its own size; those at `indices`, default all);
-    returns their probabilities and masks too (set_metrics says what the metrics hold)."""
-    model.eval()
-    losses, probs, truths = [], [], []
-    for index in range(len(dataset.pairs)) if indices is None else indices:
-        image, mask = dataset.pairs[index]
-        logits = image_logits(model, image, mean, std, device, memory_format)
-        target = torch.from_numpy(mask[None, None].astype(np.float32)).to(device)
-        losses.append(float(seg_loss(logits.float(), target)))
-        probs.append(torch.sigmoid(logits.float())[0, 0].cpu().numpy())
-        truths.append(mask)
-    model.train()
-    return float(np.mean(losses)), set_metrics(probs, truths), probs, truths
-
-
-def set_metrics(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
-    """Metrics of validated images from their probabilities and masks.
-
-    Besides pixel Dice/IoU at 0.5, the metrics hold the image-level average precision and AUROC of the
-    images' scores (metrics.image_score; None when the split lacks defective or defect-free images) and `score`,
-    the number the best epoch is chosen by: the mean of AP and Dice, or Dice alone without AP.
-    """
-    metrics = SetMetrics()
-    for prob, mask in zip(probs, truths):
-        # Before a recipe is tuned, the default one decides: any region at 0.5 flags the image.
-        inspection = inspect(prob, Recipe())
-        metrics.add(inspection.mask, mask, flagged=inspection.flagged)
-    result = metrics.result()
-    scores, labels = [image_score(p) for p in probs], [bool(t.any()) for t in truths]
-    result["average_precision"] = average_precision(scores, labels)
-    result["auroc"] = auroc(scores, labels)
-    ap = result["average_precision"]
-    result["score"] = result["dice"] if ap is None else (ap + result["dice"]) / 2
-    return result
 
 
 def hard_scan_slice(dataset: SegmentationDataset, epoch: int, rank: int = 0, world_size: int = 1,
@@ -856,31 +796,6 @@ def _figure(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def save_resume(folder: Path, epoch: int, model: UNetTiny, optimizer: torch.optim.Optimizer, meta: dict) -> None:
-    """Write the one checkpoint `train --resume` starts from (weights, optimizer state, epoch) atomically."""
-    buffer = io.BytesIO()
-    torch.save({"epoch": epoch, "arch": model.arch,
-                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "meta": meta}, buffer)
-    atomic_write_bytes(folder / RESUME_FILE, buffer.getvalue())
-
-
-def load_resume(folder: Path) -> dict:
-    """The resume checkpoint of a run folder; a one-line EngineError if it is missing or unreadable."""
-    path = folder / RESUME_FILE
-    if not path.is_file():
-        raise EngineError(f"run {folder.name} has no {RESUME_FILE} (no finished epoch, or made by an older "
-                          f"version); start a new run, or fine-tune from it with --init {folder.name}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not {"epoch", "arch", "state_dict", "optimizer"} <= set(state):
-            raise ValueError("not a resume checkpoint")
-    except Exception as err:  # a truncated, corrupt or foreign file
-        raise EngineError(f"{path} is unreadable ({type(err).__name__}); the run cannot be resumed, but its "
-                          f"epochs can still be used: start a new run with --init {folder.name}") from err
-    return state
-
-
 def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, pace: Pace,
                model_speed: float, history: list[dict]) -> None:
     """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped
@@ -921,96 +836,5 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
         print(f"NOT READY: {info['ready_reason']}", flush=True)
         for step in readiness.next_steps(info):
             print(f"  next: {step}", flush=True)
-
-
-CURVE_FIELDS = ("epoch", "minutes", "val_ap", "val_detection", "val_false_alarm", "val_images", "val_ready")
-
-
-def time_to_ready(history: list[dict]) -> dict | None:
-    """The first validated epoch whose recipe met the readiness bars: its epoch, minute and how many val images
-    showed it; None where none did."""
-    first = next((row for row in history if row.get("val_ready")), None)
-    if first is None:
-        return None
-    return {"epoch": first["epoch"], "minutes": round(first["minutes"], 2), "val_images": int(first["val_images"])}
-
-
-def time_to_ready_line(reached: dict | None, painted: bool) -> str:
-    """The log line that names the minute at which validation first met the readiness bars."""
-    if painted:
-        return "time to ready: not measured (validation holds painted defects only)"
-    if reached is None:
-        return "time to ready: validation met the readiness bars at no validated epoch"
-    return (f"time to ready: validation first met the readiness bars at minute {reached['minutes']:.1f} (epoch "
-            f"{reached['epoch']}, on {reached['val_images']} val images)")
-
-
-def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,
-                    max_false_alarm: float, painted: bool = False, kinds: list[tuple[str, ...]] | None = None,
-                    goal_detection: float = DETECTION_GOAL) -> dict:
-    """The recipe training saves: on validation, the most detections with false alarms within the goal, over
-    thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms), minimum
-    region areas and sure tiers (a smaller region counts where its peak reaches a sure score); of those that tie on
-    verdicts, the highest Dice and the min area midway along the tie. On `painted` validation the goal holds on the
-    upper confidence bound of false alarms and the most cautious recipe within noise of the most detections wins
-    (TuneStats.best). `kinds` names each image's defect kinds, for detection per kind."""
-    thresholds = [t for t in DEFAULT_THRESHOLDS if t >= dice_threshold - 1e-9] or [dice_threshold]
-    stats = TuneStats(sorted({dice_threshold, *thresholds}), sure_scores=DEFAULT_SURE_SCORES)
-    for k, (probability, truth) in enumerate(zip(probs, truths)):
-        stats.add(probability, truth, kinds=kinds[k] if kinds else ())
-    if not any(stats.has_defect):  # nothing to detect on validation: keep the Dice threshold, no area rule
-        at_threshold = int(np.searchsorted(stats.thresholds, dice_threshold - 1e-9))
-        flagged = sum(bool(largest[at_threshold]) for largest in stats.largest)  # the good images still count
-        return {"threshold": dice_threshold, "min_region_px": 0, "sure_score": None, "sure_min_px": 0,
-                "detection_rate": None, "false_alarm_rate": round(flagged / len(truths), 6), "dice": None,
-                "false_alarm_bound": None, "confidence": None, "goal_on": "measured", "goal_met": False,
-                "cautious": False,
-                "false_alarms_measured": True, "max_false_alarm": max_false_alarm,
-                "n_images": len(truths), "n_defective": 0, "n_defect_free": len(truths)}
-    chosen = stats.best(max_false_alarm, PAINTED_CONFIDENCE if painted else None, cautious=painted)
-    if not painted:  # readiness (readiness_of) also asks the rule to hold on good images it was not chosen on
-        chosen["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm)
-    chosen.update(stats.breakdown(chosen), goal_detection=goal_detection)
-    return chosen
-
-
-def recipe_line(chosen: dict) -> str:
-    """The log line that says which recipe training chose on validation, and by which rule."""
-    bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
-    if chosen.get("held_out_false_alarm_rate") is not None:
-        bound += f", {chosen['held_out_false_alarm_rate']:.1%} held out"
-    picked = ("the most cautious within one standard error of the most defects found" if chosen["cautious"]
-              else "the most defects found")
-    if chosen["detection_rate"] is not None and not chosen["goal_met"]:
-        rule = f"; no recipe meets it: of those with the fewest false alarms, {picked}"
-    else:
-        rule = f"; of the recipes that meet it, {picked}" if chosen["cautious"] else ""
-    applied = Recipe(chosen["threshold"], chosen["min_region_px"], sure_score=chosen.get("sure_score"),
-                     sure_min_px=chosen.get("sure_min_px") or 0).describe()
-    kinds = "".join(f"; {kind} {c['found']} of {c['n']}" for kind, c in (chosen.get("per_kind") or {}).items())
-    return (f"recipe: {applied} (validation: "
-            f"detection {_rate(chosen['detection_rate'], chosen['n_defective'])}, false alarms "
-            f"{_rate(chosen['false_alarm_rate'], chosen['n_defect_free'])}{bound}, "
-            f"goal <= {chosen['max_false_alarm']:.0%}{rule}{kinds})")
-
-
-def _rate(value: float | None, n: int) -> str:
-    """A rate with the count it was measured on ("5 of 5, 100.0%"): on a handful of images the count says more."""
-    return "n/a" if value is None else f"{round(value * n)} of {n}, {value:.1%}"
-
-
-def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
-    """Save the inspection recipe picked on validation data; returns it as a dict. A recipe that was not training's
-    (tuned with `tune` or the Review page, or written by hand) is kept beside it first, and the log says where."""
-    base = load_recipe(folder)
-    if (folder / RECIPE_FILE).is_file() and (base.tuning or {}).get("by") != "training":
-        kept = folder / f"recipe.replaced-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}.json"
-        atomic_write_bytes(kept, (folder / RECIPE_FILE).read_bytes())
-        print(f"note: the recipe tuned before this resume (threshold {base.threshold:.2f}, min region "
-              f"{base.min_region_px} px) is replaced by training's for the new epochs and kept in {kept.name}; tune "
-              "again, or copy it back over recipe.json", flush=True)
-    recipe = tuned_recipe(chosen, base, context)
-    save_recipe(folder, recipe)
-    return recipe.as_dict()
 
 

@@ -20,8 +20,9 @@ from engine.paint import PaintParams, paint, params_for, window_side
 from engine.paintset import paint_dataset
 from engine.paintset import preview as paint_preview
 from engine.synth import DEFECT_TYPES
-from engine.train import PAINTED_CONFIDENCE, painted_validation
+from engine.train import painted_validation
 from engine.training.config import PAINT_WITHOUT_LABELS
+from engine.training.record import PAINTED_CONFIDENCE
 from engine.tuning import tune_run
 
 

@@ -242,7 +242,7 @@ def test_validation_without_defects_still_counts_false_alarms_on_its_good_images
     import numpy as np
 
     from engine.readiness import readiness_of
-    from engine.train import training_recipe
+    from engine.training.record import training_recipe
 
     good = [np.zeros((32, 32), np.float32) for _ in range(4)]
     good[1][4:10, 4:10] = 0.9  # one good image with a confident region
@@ -259,7 +259,7 @@ def test_the_recipe_line_says_when_no_recipe_meets_the_goal() -> None:
     8 % at 95 %), and the log must not say the recipe meets it."""
     import numpy as np
 
-    from engine.train import recipe_line, training_recipe
+    from engine.training.record import recipe_line, training_recipe
 
     defects = [np.zeros((32, 32), np.float32) for _ in range(10)]
     truths = [np.zeros((32, 32), np.uint8) for _ in range(40)]
@@ -284,7 +284,7 @@ def test_a_recipe_that_stops_just_short_of_its_good_images_is_judged_on_held_out
     import numpy as np
 
     from engine.readiness import readiness_of
-    from engine.train import recipe_line, training_recipe
+    from engine.training.record import recipe_line, training_recipe
 
     defects = [np.zeros((32, 32), np.float32) for _ in range(5)]
     good = [np.zeros((32, 32), np.float32) for _ in range(20)]
@@ -314,7 +314,7 @@ def test_a_resume_that_finds_a_better_epoch_keeps_the_recipe_the_user_tuned(tiny
     import json
 
     from engine.recipe import Recipe, load_recipe, save_recipe
-    from engine.train import save_recipe_for
+    from engine.training.record import save_recipe_for
 
     run_id = train(TrainConfig(data=str(tiny_dataset), epochs=1, base=8, depth=2, crop=32, batch_size=8,
                                steps_per_epoch=2, name="resume-recipe"))

@@ -1,1 +1,2 @@
-"""The training stack by concern: config (no torch), losses, schedule; the loop is still engine/train.py."""
+"""The training stack by concern: config (no torch), losses, schedule, validation, checkpoints, record; the loop is
+still engine/train.py."""
