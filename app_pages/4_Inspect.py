@@ -26,10 +26,11 @@ from engine.drawing import create_heatmap, difference_image, mask_difference, ov
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
 from engine.inference import Predictor, model_file
-from engine.inspection import Inspection, inspect, why_counted
+from engine.inspection import Inspection, why_counted
+from engine.inspector import Inspector, current_recipe
 from engine.metrics import dice_score, iou_score
-from engine.recipe import load_recipe
 from engine.serving import gated_backends, refusals
+from engine.storage import file_version
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
@@ -108,7 +109,7 @@ with st.sidebar:
         st.caption(f"Not offered on this CPU: {reason}")
     device = st.radio("Device", DEVICES if backend == "torch" else ["cpu"], horizontal=True, key="inspect_device")
     try:  # the run's inspection rules (threshold, min region area ...); the slider starts at its threshold
-        base_recipe = load_recipe(folder)
+        base_recipe = current_recipe(folder)
     except EngineError as err:
         st.error(str(err))
         st.stop()
@@ -174,12 +175,13 @@ inspections: dict[int | str, Inspection] = {}  # the verdict, regions and mask u
 labels: dict[int | str, str] = {}  # what each one is called on the page
 try:
     for epoch in epochs:
-        mtime = model_file(folder, backend, epoch).stat().st_mtime
-        predictor = load_predictor(str(folder), epoch, mtime, backend, device)
+        version = file_version(model_file(folder, backend, epoch))
+        predictor = load_predictor(str(folder), epoch, version, backend, device)
         # An export holds one model: name it by the epoch it was exported from, not by the slider.
         labels[epoch] = epoch_label(epoch) if backend == "torch" else f"{backend} export of epoch {predictor.epoch}"
-        key = (str(folder), epoch, backend, device, mtime, image_sha1)
-        inspections[epoch] = inspect(probability(predictor, image, key, labels[epoch]), run_recipe)
+        key = (str(folder), epoch, backend, device, version, image_sha1)
+        proba = probability(predictor, image, key, labels[epoch])  # kept across threshold moves
+        inspections[epoch] = Inspector(predictor).inspect_probability(proba, run_recipe)
 except (EngineError, OSError) as err:
     st.error(f"Cannot load the model: {err}")
     st.stop()

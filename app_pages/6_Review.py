@@ -17,10 +17,10 @@ from engine.drawing import overlay, to_display
 from engine.errors import EngineError
 from engine.evaluate import evaluate, found_by_group, select_samples
 from engine.imageio import read_image, read_mask
-from engine.inspection import inspect
+from engine.inspector import Inspector, current_recipe, recipe_version
 from engine.metrics import SIZE_BANDS
 from engine.progress import Progress, part
-from engine.recipe import RECIPE_FILE, load_recipe
+from engine.storage import file_version
 from engine.tuning import tune_run
 
 st.title(":material/fact_check: Review a folder")
@@ -36,17 +36,18 @@ def evaluations() -> tuple[threading.Lock, OrderedDict]:
     return threading.Lock(), OrderedDict()
 
 
-def evaluation(run_dir: str, epoch: int | str, mtime: float, folder: str, split: str, threshold: float,
-               folder_mtimes: tuple, recipe_mtime: float, progress: Progress) -> dict:
+def evaluation(run_dir: str, epoch: int | str, version: tuple, folder: str, split: str, threshold: float,
+               folder_versions: tuple, recipe: tuple, progress: Progress) -> dict:
     """engine.evaluate over a folder split, with the threshold sweep, once per model, folder, threshold and recipe
-    (the 8 latest are kept); progress moves the page's bar while it runs."""
-    key = (run_dir, epoch, mtime, folder, split, threshold, folder_mtimes, recipe_mtime)
+    (the 8 latest are kept); the versions (engine.storage.file_version) tell a rewritten file; progress moves the
+    page's bar while it runs."""
+    key = (run_dir, epoch, version, folder, split, threshold, folder_versions, recipe)
     lock, store = evaluations()
     with lock:
         if key in store:
             store.move_to_end(key)
             return store[key]
-    result = evaluate(load_predictor(run_dir, epoch, mtime), select_samples(folder, split), threshold,
+    result = evaluate(load_predictor(run_dir, epoch, version), select_samples(folder, split), threshold,
                       progress=progress, sweep=True)
     with lock:
         store[key] = result
@@ -82,7 +83,7 @@ with st.sidebar:
     folder_name = st.selectbox("Folder", list(choices), key="review_folder")
     split = st.selectbox("Split", ["all", "test", "val", "train"], key="review_split")
     try:
-        recipe_threshold = load_recipe(run_folder).threshold
+        recipe_threshold = current_recipe(run_folder).threshold
     except EngineError as err:
         st.error(str(err))
         st.stop()
@@ -97,15 +98,14 @@ with st.sidebar:
 epochs = [picked[0]] if picked[0] == picked[1] else list(picked)
 folder = choices[folder_name]
 # images/ and masks/, or good/ and the defect folders of a folder sorted by verdict
-state = tuple(sub.stat().st_mtime for sub in sorted(folder.iterdir()) if sub.is_dir()) if folder.is_dir() else ()
+state = tuple(file_version(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if folder.is_dir() else ()
 results: dict[int | str, dict] = {}
 bar, report = progress_bar(f"Evaluating {folder_name}…")
 try:
     for index, epoch in enumerate(epochs):
-        mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
-        recipe_file = run_folder / RECIPE_FILE
-        recipe_mtime = recipe_file.stat().st_mtime if recipe_file.is_file() else 0.0
-        results[epoch] = evaluation(str(run_folder), epoch, mtime, str(folder), split, threshold, state, recipe_mtime,
+        version = file_version(runs.checkpoint_path(run_folder, epoch))
+        results[epoch] = evaluation(str(run_folder), epoch, version, str(folder), split, threshold, state,
+                                    recipe_version(run_folder),
                                     part(report, index / len(epochs), 1 / len(epochs), f"{epoch_label(epoch)}: "))
 except (EngineError, OSError) as err:
     st.error(f"Cannot review this folder: {err}")
@@ -180,9 +180,8 @@ if rows:
                    caption="Ground truth" if truth is not None else (
                        f"Sorted as {sample.defect_types}: no outline" if sample.defective else "No mask file: defect-free"))
     for view, epoch in zip(views[2:], epochs):
-        mtime = runs.checkpoint_path(run_folder, epoch).stat().st_mtime
-        prediction = load_predictor(str(run_folder), epoch, mtime).predict(image, threshold)
-        inspection = inspect(prediction.probability, load_recipe(run_folder).with_overrides(threshold=threshold))
+        version = file_version(runs.checkpoint_path(run_folder, epoch))
+        _, inspection = Inspector(load_predictor(str(run_folder), epoch, version)).inspect(image, threshold)
         view.image(overlay(image, inspection.mask), caption=f"{epoch_label(epoch)}: {inspection.verdict}",
                    width="stretch")
     if st.button("Open in Inspect", key="review_open"):
@@ -227,10 +226,10 @@ on_bound = bound_col.checkbox("Hold the goal at 95 % confidence", value=True, ke
                                    "measured on these images, so it also holds on new parts. Needs many defect-free "
                                    "images: 0 of 60 flagged still bounds the rate at 4.3 %.")
 if button_col.button("Tune and save", key="review_tune", type="primary"):
-    mtime = runs.checkpoint_path(run_folder, first).stat().st_mtime
+    version = file_version(runs.checkpoint_path(run_folder, first))
     tuning_bar, report = progress_bar("Scoring every image…")
     try:
-        tuned, result, notes = tune_run(load_predictor(str(run_folder), first, mtime),
+        tuned, result, notes = tune_run(load_predictor(str(run_folder), first, version),
                                         select_samples(folder, split), goal / 100, 0.95 if on_bound else None,
                                         context={"data": str(folder), "split": split},
                                         goal_detection=goal_detection / 100, progress=report)

@@ -16,8 +16,8 @@ from engine import data, labelqueue, labels, runs
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import decode_raw, encode_png, read_image
-from engine.inspection import inspect
-from engine.recipe import load_recipe
+from engine.inspector import Inspector
+from engine.storage import file_version
 
 st.title(":material/brush: Label what the run is unsure of")
 st.caption("The queue ranks the images by how unsure the run is: wrong verdicts where the folder has labels, then "
@@ -45,8 +45,8 @@ def open_item(row: dict[str, Any], run_dir: Path, mask_png: bytes | None) -> dic
     image = read_image(row["path"])
     start = (decode_raw(mask_png, "mask") > 0).astype(np.uint8) if mask_png else None
     if start is None or start.shape != image.shape:
-        predictor = load_predictor(str(run_dir), "best", runs.checkpoint_path(run_dir, "best").stat().st_mtime)
-        start = inspect(predictor.predict_proba(image), load_recipe(run_dir)).mask.astype(np.uint8)
+        predictor = load_predictor(str(run_dir), "best", file_version(runs.checkpoint_path(run_dir, "best")))
+        start = Inspector(predictor).inspect(image)[1].mask.astype(np.uint8)
     return {"row": row, "image": image, "start": start, "mask": start.copy(), "history": [], "tile": 0, "gen": 0,
             "strokes": None}
 

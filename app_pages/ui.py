@@ -172,9 +172,10 @@ def sample_folder() -> str:
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")
-def load_predictor(run_dir: str, epoch: int | str, mtime: float, backend: str = "torch",
+def load_predictor(run_dir: str, epoch: int | str, version: tuple, backend: str = "torch",
                    device: str = "cpu") -> Predictor:
-    """One Predictor per (run, epoch, backend, device) for all sessions; mtime reloads a rewritten model file."""
+    """One Predictor per (run, epoch, backend, device) for all sessions; version (engine.storage.file_version of
+    the model file) reloads a rewritten model file."""
     return Predictor(Path(run_dir), epoch, backend, device)
 
 

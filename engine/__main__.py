@@ -156,13 +156,14 @@ def _print_per_image(rows: list[dict]) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     """Inspect images or folders under the run's recipe; with --out write masks, overlays and reports."""
-    from engine import batch, recipe
+    from engine import batch
+    from engine.inspector import Inspector
     from engine.serving import open_predictor, serving_warning
 
     items = batch.collect_inputs(args.inputs, exclude=args.out)
     predictor = open_predictor(args.run, args.epoch, args.backend, args.device)
-    rules = recipe.load_recipe(predictor.run_dir).with_overrides(
-        threshold=args.threshold, min_region_px=args.min_region_px, px_per_mm=args.px_per_mm)
+    rules = Inspector(predictor).recipe(threshold=args.threshold, min_region_px=args.min_region_px,
+                                        px_per_mm=args.px_per_mm)
     warning = serving_warning(predictor)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)

@@ -33,7 +33,7 @@ from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS, read_image, write_png
 from engine.inference import Predictor
-from engine.inspection import inspect
+from engine.inspector import Inspector
 from engine.progress import Progress
 from engine.recipe import Recipe
 from engine.storage import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -180,11 +180,10 @@ def inspect_image(predictor: Predictor, item: BatchItem, recipe: Recipe, out: Pa
     except EngineError as err:
         return {"file": str(item.path), "name": item.name, "error": str(err)}
     read_ms = (time.perf_counter() - start) * 1000
-    prediction = predictor.predict(image, recipe.threshold)
+    prediction, inspection = Inspector(predictor).inspect(image, recipe=recipe)
     post_start = time.perf_counter()
-    inspection = inspect(prediction.probability, recipe)
     result = {"file": str(item.path), "name": item.name, **inspection.as_dict(prediction.timings_ms)}
-    post_ms = (time.perf_counter() - post_start) * 1000
+    post_ms = prediction.timings_ms["inspect"] + (time.perf_counter() - post_start) * 1000
     write_ms = 0.0
     if out is not None:
         write_start = time.perf_counter()

@@ -11,7 +11,8 @@ from engine import runs
 from engine.data import Sample, load_pair, scan_dataset
 from engine.errors import DatasetError
 from engine.inference import Predictor
-from engine.inspection import Inspection, find_regions, inspect, why_counted
+from engine.inspection import Inspection, find_regions, why_counted
+from engine.inspector import Inspector
 from engine.metrics import (
     SIZE_BANDS,
     SetMetrics,
@@ -25,7 +26,7 @@ from engine.metrics import (
 )
 from engine.progress import Progress
 from engine.readiness import goal_missed
-from engine.recipe import Recipe, load_recipe
+from engine.recipe import Recipe
 from engine.tuning import TuneStats
 
 # per_type keys of images whose manifest names no defect type
@@ -52,9 +53,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
     detection and false-alarm rates, and images are ranked for AUROC and average precision by
     metrics.image_score at the recipe's threshold.
     """
-    recipe = recipe or load_recipe(predictor.run_dir)
-    if threshold is not None:
-        recipe = recipe.with_overrides(threshold=threshold)
+    inspector = Inspector(predictor)
+    recipe = (recipe or inspector.recipe()).with_overrides(threshold=threshold)
     metrics = SetMetrics()
     by_type: dict[str, SetMetrics] = {}  # an image counts for every defect type it holds
     by_size: dict[str, SetMetrics] = {}  # a defective image counts in the size band of its defects' share
@@ -65,8 +65,8 @@ def evaluate(predictor: Predictor, samples: list[Sample], threshold: float | Non
     stats = TuneStats(SWEEP_THRESHOLDS, {recipe.min_region_px, recipe.sure_min_px}, sure) if sweep else None
     for i, sample in enumerate(samples):
         image, truth = load_pair(sample)
-        probability = predictor.predict_proba(image)
-        inspection = inspect(probability, recipe)
+        inspection = inspector.inspect(image, recipe=recipe)[1]
+        probability = inspection.probability
         verdict, pred = inspection.verdict, inspection.mask.astype(bool)
         defective = sample.holds_defect(truth)
         metrics.add(pred, truth, flagged=verdict == "defect", defective=defective)

@@ -21,6 +21,7 @@ from engine.errors import EngineError, RunNotFound
 from engine.imageio import to_gray_float
 from engine.model import load_checkpoint
 from engine.progress import Progress
+from engine.storage import file_version
 
 ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}  # what export writes (INT8 only behind its gate)
 # Every backend but torch reads one of those files: ONNX Runtime, or OpenVINO (fp32, bf16 arithmetic, or the INT8
@@ -87,9 +88,9 @@ class Predictor:
                 raise RunNotFound(f"run {self.run_id} has no {backend} export; run `python -m engine export --run "
                                   f"{self.run_id}{' --int8' if backend.endswith('int8') else ''}` first")
             if backend in OPENVINO_PRECISION:
-                self._runner = openvino_model(str(path), path.stat().st_mtime, OPENVINO_PRECISION[backend])
+                self._runner = openvino_model(str(path), file_version(path), OPENVINO_PRECISION[backend])
             else:
-                self._runner = OnnxRuntimeModel(onnx_session(str(path), path.stat().st_mtime))
+                self._runner = OnnxRuntimeModel(onnx_session(str(path), file_version(path)))
             meta = onnx_metadata(path)
             self.stride = int(meta.get("stride", 16))
             self.model = None
@@ -256,7 +257,7 @@ class OnnxRuntimeModel:
 
 
 @lru_cache(maxsize=8)
-def onnx_session(path: str, mtime: float):  # mtime in the key: a re-export loads the new file
+def onnx_session(path: str, version: tuple):  # version in the key: a re-export loads the new file
     """A cached ONNX Runtime session with all graph optimisations and one thread per core."""
     import onnxruntime as ort
 
@@ -351,7 +352,7 @@ class OpenVinoModel:
 
 
 @lru_cache(maxsize=8)
-def openvino_model(path: str, mtime: float, precision: str) -> OpenVinoModel:  # mtime: a re-export loads the new file
+def openvino_model(path: str, version: tuple, precision: str) -> OpenVinoModel:  # version: a re-export loads anew
     """A cached OpenVINO model for the CPU: one per file version and precision (compiling costs many inferences)."""
     if not openvino_available():
         raise EngineError("the openvino backends need the openvino package (`pip install openvino`); "

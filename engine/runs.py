@@ -18,7 +18,7 @@ from engine.metrics import (
     DETECTION_GOAL,
     FALSE_ALARM_GOAL,
 )
-from engine.storage import atomic_write_json, atomic_write_text
+from engine.storage import atomic_write_json, atomic_write_text, file_version
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
                   "images_per_s", "minutes", "val_images", "val_detection", "val_false_alarm", "val_ready"]
@@ -70,7 +70,7 @@ def newest_ready_run() -> Path | None:
     finished = []
     for folder in own_runs_with_model():
         try:
-            info = _cached_run_json(folder / "run.json", (folder / "run.json").stat().st_mtime_ns)
+            info = _cached_run_json(folder / "run.json", file_version(folder / "run.json"))
         except (OSError, RunNotFound):
             continue  # deleted or being rewritten right now
         if readiness.verdict(info)[0]:
@@ -92,7 +92,7 @@ def newer_not_ready(folder: Path) -> tuple[str, str] | None:
 
 
 @lru_cache(maxsize=256)
-def _cached_run_json(path: Path, mtime_ns: int) -> dict[str, Any]:  # mtime in the key: a rewrite is re-read
+def _cached_run_json(path: Path, version: tuple) -> dict[str, Any]:  # version in the key: a rewrite is re-read
     return read_run_json(path.parent)
 
 

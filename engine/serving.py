@@ -20,8 +20,9 @@ from engine.errors import EngineError, GateFailed, RunNotFound
 from engine.gates import read_export_report, verdicts
 from engine.imageio import MAX_PIXELS, decode_upload, encode_png
 from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
-from engine.inspection import inspect
-from engine.recipe import load_recipe, verdict_threshold
+from engine.inspector import Inspector
+from engine.recipe import verdict_threshold
+from engine.storage import file_version
 
 AUTO = "auto"
 # Most exact first: auto takes the fastest backend, unless one higher in this list is within AUTO_MARGIN of it.
@@ -139,7 +140,7 @@ def auto_backend(run_dir: Path, measure: bool = True) -> BackendChoice | None:
     if len(candidates) <= 1:
         only = candidates[0] if candidates else "torch"
         return BackendChoice(only, {}, "the only exported backend" if candidates else "nothing exported", refused)
-    key = (str(run_dir.resolve()), tuple((name, model_file(run_dir, name).stat().st_mtime_ns) for name in candidates))
+    key = (str(run_dir.resolve()), tuple((name, file_version(model_file(run_dir, name))) for name in candidates))
     with _choices_lock:
         if key in _choices or not measure:
             return _choices.get(key)
@@ -232,7 +233,7 @@ def model_catalog() -> list[dict[str, Any]]:
 
 
 class PredictorCache:
-    """Thread-safe LRU cache of Predictors keyed by (run folder, epoch, backend, model file mtime).
+    """Thread-safe LRU cache of Predictors keyed by (run folder, epoch, backend, model file version).
 
     Each model loads once even when many threads ask for it at the same moment; a checkpoint or export
     rewritten on disk (retraining, re-export) is picked up on the next request.
@@ -252,8 +253,8 @@ class PredictorCache:
         """Predictor for a run folder, loaded at most once per (folder, epoch, backend, file version)."""
         backend = resolve_backend(run_dir, epoch, backend)
         path = model_file(run_dir, backend, epoch)
-        mtime = path.stat().st_mtime_ns if path.is_file() else 0
-        key = (str(run_dir.resolve()), str(epoch), backend, mtime)
+        version = file_version(path) if path.is_file() else None
+        key = (str(run_dir.resolve()), str(epoch), backend, version)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -289,11 +290,8 @@ def predict_bytes(predictor: Predictor, data: bytes, name: str = "upload", thres
     start = time.perf_counter()
     image, _ = decode_upload(data, name, max_pixels)
     decoded = time.perf_counter()
-    recipe = load_recipe(predictor.run_dir)  # re-read each time: `tune` may have saved a new one
-    if threshold is not None:
-        recipe = recipe.with_overrides(threshold=threshold)
-    prediction = predictor.predict(image, recipe.threshold)
-    inspection = inspect(prediction.probability, recipe)
+    # The run's recipe as it is now (`tune` may have saved a new one), at the threshold asked for.
+    prediction, inspection = Inspector(predictor).inspect(image, threshold)
     answer: dict[str, Any] = {"model": predictor.describe(), "warning": serving_warning(predictor),
                               **inspection.as_dict()}
     if return_mask:  # the counted regions, as in the batch report and on the pages

@@ -30,6 +30,13 @@ FILE_MODE = 0o666 & ~_read_umask()  # read once: os.umask can only be read by se
 DIR_MODE = 0o777 & ~_read_umask()
 
 
+def file_version(path: str | Path) -> tuple[str, int, int, int]:
+    """What tells one version of a file from the next (path, mtime in ns, size, inode): the one key every cache of
+    something read from a file uses to notice a rewrite (an atomic write changes the inode); OSError if it is gone."""
+    stat = Path(path).stat()
+    return str(path), stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
 class WriteError(EngineError, OSError):
     """A file could not be written; str() is the one-line message for the user, errno the cause."""
 
