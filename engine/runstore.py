@@ -93,17 +93,21 @@ class Heartbeat:
 
     def __init__(self, run_id: str) -> None:
         self.run_id, self._stop = run_id, threading.Event()
+        # The first beat here, before the caller goes on: its first write imports parts of the database driver
+        # lazily, and an import in this thread can wait on the caller's (Python's import lock), however slow.
+        self._beat_once()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{run_id}", daemon=True)
         self._thread.start()
 
+    def _beat_once(self) -> None:
+        try:
+            registry.heartbeat(self.run_id)
+        except (SQLAlchemyError, OSError):
+            pass
+
     def _beat(self) -> None:
-        while True:
-            try:
-                registry.heartbeat(self.run_id)
-            except (SQLAlchemyError, OSError):
-                pass
-            if self._stop.wait(registry.HEARTBEAT_EVERY_S):
-                return
+        while not self._stop.wait(registry.HEARTBEAT_EVERY_S):
+            self._beat_once()
 
     def stop(self) -> None:
         """Stop beating (waits for a beat under way)."""
