@@ -11,6 +11,7 @@ from engine import bench, export, jobs, runs, serving
 from engine.errors import EngineError
 from engine.inference import ONNX_FILES
 from engine.progress import part
+from engine.runfolder import RunFolder
 
 st.title(":material/inventory_2: Export")
 st.caption("ONNX for plain CPUs: checked against PyTorch on real images. INT8 (static, per-channel) is kept only "
@@ -38,7 +39,7 @@ iterations = c.number_input("Benchmark rounds", min_value=5, max_value=500, valu
 go_export, go_bench = st.columns([1, 4])
 export_clicked = go_export.button("Export and benchmark", type="primary", key="export_button")
 bench_clicked = go_bench.button("Benchmark only", key="export_bench_button",
-                                disabled=not (folder / "export" / ONNX_FILES["onnx"]).is_file())
+                                disabled=not RunFolder(folder).exported(ONNX_FILES["onnx"]).is_file())
 
 
 
@@ -149,7 +150,7 @@ else:
         for reason in choice.refused.values():  # a gate that failed here, at export or re-checked on this CPU
             st.warning(f"Not served on this machine: {reason}")
 for kind, name in ONNX_FILES.items():
-    path = folder / "export" / name
+    path = RunFolder(folder).exported(name)
     if path.is_file():
         st.download_button(f"Download {name} ({path.stat().st_size / 1e6:.2f} MB)", data=path.read_bytes(),
                            file_name=f"{run_id}-{name}", mime="application/octet-stream", key=f"export_download_{kind}")

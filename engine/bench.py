@@ -18,6 +18,7 @@ from engine.errors import DatasetError, EngineError
 from engine.inference import ONNX_FILES, Predictor, preprocess_image
 from engine.progress import Progress, part, silent
 from engine.recipe import load_recipe
+from engine.runfolder import RunFolder
 from engine.serving import available_backends, gated_backends, refusals
 
 BENCH_SIZE = 256
@@ -118,7 +119,7 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
     images = [square_image(load_pair(s)[0], size) for s in samples[:16]]
     # The torch rows use the checkpoint the ONNX files were exported from, so every row is the same model.
     checkpoint = None
-    if (folder / "export" / ONNX_FILES["onnx"]).is_file():
+    if RunFolder(folder).exported(ONNX_FILES["onnx"]).is_file():
         name = Predictor(folder, backend="onnx").meta.get("checkpoint")
         checkpoint = folder / name if name and (folder / name).is_file() else None
     predictors = {label: Predictor(folder, backend=backend, device=device,

@@ -41,6 +41,7 @@ from engine.inference import (
     preprocess_image,
 )
 from engine.progress import Progress, part, silent
+from engine.runfolder import REPORT_FILE, RunFolder
 from engine.storage import commit, staged_file, write_staged
 
 OPSET = 17
@@ -48,7 +49,6 @@ INPUT_NAME, OUTPUT_NAME = "image", "logits"
 PARITY_TOLERANCE = 1e-4  # max |p_onnx - p_torch| allowed for the fp32 export
 PARITY_IMAGES = 8
 CALIBRATION_IMAGES = 32
-REPORT_FILE = "report.json"
 # INT8 format: QDQ, uint8 activations, int8 weights per channel. reduce_range keeps weights to 7 bits, so on
 # AVX2 CPUs without VNNI the U8S8 kernels' VPMADDUBSW (16-bit sums of two u8 x s8 products) cannot saturate:
 # 2 x 255 x 64 < 32767. Measured in docs/BENCHMARKS.md against full-range U8S8, U8U8 and QOperator.
@@ -219,7 +219,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     run_id = str(info.get("run_id") or folder.name)
     model, meta = load_checkpoint(checkpoint)
     epoch_number = int(meta["epoch"]) if meta.get("epoch") is not None else None
-    export_dir = folder / "export"
+    export_dir = RunFolder(folder).export
     final = {kind: export_dir / name for kind, name in ONNX_FILES.items()}
     with staged_file(final["onnx"]):
         pass  # fail now, not after the work, when the folder cannot take a file
@@ -424,7 +424,7 @@ def _kept_int8_gates(export_dir: Path) -> dict[str, dict[str, Any]]:
 
 def read_report(run: str | Path | None) -> dict[str, Any] | None:
     """The export report of a run (runs/<run>/export/report.json), or None if it was never exported."""
-    path = run_folder(run) / "export" / REPORT_FILE
+    path = RunFolder(run_folder(run)).report
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.cpuflags import cpu_flags, flags_key
 from engine.errors import EngineError
+from engine.runfolder import RunFolder
 from engine.storage import atomic_write_json
 
 MAX_DICE_DROP = 0.01  # default accuracy gate: validation Dice of ONNX Runtime fp32 minus the backend's
@@ -45,7 +46,7 @@ def within_gate(reference_dice: float, dice: float, max_dice_drop: float) -> boo
 def read_export_report(run_dir: Path) -> dict[str, Any] | None:
     """runs/<run>/export/report.json as a dict, or None when missing or unreadable."""
     try:
-        report = json.loads((run_dir / "export" / "report.json").read_text())
+        report = json.loads(RunFolder(run_dir).report.read_text())
     except (OSError, ValueError):
         return None
     return report if isinstance(report, dict) else None
@@ -103,7 +104,7 @@ def _rechecked(run_dir: Path, report: dict[str, Any], backends: list[str], measu
     """Verdicts from re-checks on this CPU: from memory, else from recheck-<flags>.json, else measured now
     (None instead where `measure` is False)."""
     flags = cpu_flags()
-    path = run_dir / "export" / f"{RECHECK_PREFIX}{flags_key(flags)}.json"
+    path = RunFolder(run_dir).exported(f"{RECHECK_PREFIX}{flags_key(flags)}.json")
     # The report's whole content identifies the export: a re-export (or an edited gate) invalidates the cache.
     identity = hashlib.sha256(json.dumps(report, sort_keys=True, default=str).encode()).hexdigest()[:16]
     key = (str(run_dir.resolve()), identity, flags_key(flags))

@@ -21,6 +21,7 @@ from engine.errors import EngineError, RunNotFound
 from engine.imageio import to_gray_float
 from engine.model import load_checkpoint
 from engine.progress import Progress
+from engine.runfolder import RunFolder
 from engine.storage import file_version
 
 ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}  # what export writes (INT8 only behind its gate)
@@ -363,7 +364,7 @@ def openvino_model(path: str, version: tuple, precision: str) -> OpenVinoModel: 
 
 def model_file(run_dir: Path, backend: str, epoch: int | str = "best") -> Path:
     """The file a backend of a run loads: the checkpoint of an epoch for torch, else an exported file."""
-    return runs.checkpoint_path(run_dir, epoch) if backend == "torch" else run_dir / "export" / MODEL_FILES[backend]
+    return runs.checkpoint_path(run_dir, epoch) if backend == "torch" else RunFolder(run_dir).exported(MODEL_FILES[backend])
 
 
 def pad_to_multiple(image: np.ndarray, stride: int) -> np.ndarray:

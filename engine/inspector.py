@@ -17,17 +17,18 @@ import numpy as np
 
 from engine.inference import Prediction, Predictor
 from engine.inspection import Inspection, inspect
-from engine.recipe import RECIPE_FILE, Recipe, load_recipe
+from engine.recipe import Recipe, load_recipe
+from engine.runfolder import RunFolder
 from engine.storage import file_version
 
 
 def recipe_version(run_dir: str | Path) -> tuple:
     """The version of what a run's recipe is read from: recipe.json, or run.json where there is none (the default
     recipe takes its threshold); a cache key that changes when `tune` saves a new recipe."""
-    run_dir = Path(run_dir)
-    for source, name in (("recipe", RECIPE_FILE), ("default", "run.json")):
+    folder = RunFolder(Path(run_dir))
+    for source, path in (("recipe", folder.recipe), ("default", folder.run_json)):
         try:
-            return source, file_version(run_dir / name)
+            return source, file_version(path)
         except FileNotFoundError:
             continue
     return "none", str(run_dir)

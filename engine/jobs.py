@@ -22,10 +22,10 @@ if TYPE_CHECKING:  # a config is all this module needs of training
 from engine import config, registry, runs, runstore
 from engine.errors import EngineError
 from engine.progress import Progress
+from engine.runfolder import CONFIG_FILE as CONFIG_NAME
+from engine.runfolder import LOG_FILE as LOG_NAME
 from engine.storage import atomic_write_json
 
-LOG_NAME = "train.log"
-CONFIG_NAME = "train_config.json"  # the TrainConfig a background run was started with
 T = TypeVar("T")
 _STARTING = threading.Lock()  # one start at a time in this process: the active-run check and the queueing together
 _CHILDREN: list[subprocess.Popen] = []  # training processes this process started, until reaped

@@ -22,9 +22,9 @@ from typing import Any
 
 from engine import runs
 from engine.errors import EngineError
+from engine.runfolder import RECIPE_FILE, RunFolder
 from engine.storage import atomic_write_json
 
-RECIPE_FILE = "recipe.json"
 SHAPES = ("scratch-like", "spot-like")
 NEVER_PX = 2**31 - 1  # a minimum area no region reaches: with a sure tier, only regions the model is sure of count
 
@@ -169,6 +169,6 @@ def save_recipe(run_dir: str | Path, recipe: Recipe) -> Path:
     run_dir = Path(run_dir)
     recipe.validate()
     path = atomic_write_json(run_dir / RECIPE_FILE, recipe.as_dict())
-    if (run_dir / "run.json").is_file():
+    if RunFolder(run_dir).run_json.is_file():
         runstore.mirror(run_dir)
     return path

@@ -35,6 +35,7 @@ from sqlmodel import Field, Session, SQLModel, col, delete, select
 
 from engine import config
 from engine.errors import EngineError, RunNotFound
+from engine.runfolder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -763,7 +764,7 @@ def _run_from_folder(folder: Path, info: dict) -> Run:
         pid_started=_number(info.get("pid_started")),
         host=info.get("host") if isinstance(info.get("host"), str) else None,
         heartbeat=_parse_time(info.get("heartbeat")),
-        created_at=_parse_time(info.get("created_at")) or _mtime(folder / "run.json"),
+        created_at=_parse_time(info.get("created_at")) or _mtime(RunFolder(folder).run_json),
         started_at=_parse_time(info.get("started_at")),
         finished_at=_parse_time(info.get("finished_at")),
         epochs_planned=_number(info.get("epochs_planned"), int) or 0,
@@ -803,7 +804,7 @@ def _resolve_artifact_path(folder: Path, value: str) -> str:
     path = Path(value)
     if path.is_absolute():
         return str(path)
-    for candidate in (folder / path, folder / "export" / path):
+    for candidate in (folder / path, RunFolder(folder).exported(path)):
         if candidate.exists():
             return str(candidate)
     return str(folder / path)
@@ -875,15 +876,15 @@ def read_run_folder(folder: Path, info: dict | None = None) -> tuple[Run, list[E
     export/report.json, recipe.json); ValueError if run.json is missing or unreadable."""
     try:
         if info is None:
-            info = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            info = json.loads(RunFolder(folder).run_json.read_text(encoding="utf-8"))
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
         run = _run_from_folder(folder, info)
     except (OSError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{folder}: run.json is unreadable ({err})") from err
-    epochs = _epochs_from_csv(folder / "metrics.csv", run.id)
-    artifacts = _artifacts_from_report(folder / "export" / "report.json", run.id)
-    artifacts += _recipe_artifact(folder / "recipe.json", run.id)
+    epochs = _epochs_from_csv(RunFolder(folder).metrics, run.id)
+    artifacts = _artifacts_from_report(RunFolder(folder).report, run.id)
+    artifacts += _recipe_artifact(RunFolder(folder).recipe, run.id)
     return run, epochs, artifacts
 
 
@@ -899,7 +900,7 @@ def rebuild(runs_dir: Path | None = None) -> int:
     if not runs_dir.is_dir():
         return 0
     count = 0
-    for folder in sorted(p for p in runs_dir.iterdir() if (p / "run.json").is_file()):
+    for folder in sorted(p for p in runs_dir.iterdir() if RunFolder(p).run_json.is_file()):
         try:
             sync_run(folder, keep_cancel=False)
         except ValueError as err:

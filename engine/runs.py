@@ -18,6 +18,7 @@ from engine.metrics import (
     DETECTION_GOAL,
     FALSE_ALARM_GOAL,
 )
+from engine.runfolder import RunFolder
 from engine.storage import atomic_write_json, atomic_write_text, file_version
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
@@ -41,7 +42,7 @@ def run_dir(run_id: str) -> Path:
 def list_run_dirs() -> list[Path]:
     """Run folders with a run.json, newest first (the demo run included)."""
     folders = {p.parent for p in config.RUNS_DIR.glob("*/run.json")}
-    if (config.DEMO_RUN_DIR / "run.json").is_file():
+    if RunFolder(config.DEMO_RUN_DIR).run_json.is_file():
         folders.add(config.DEMO_RUN_DIR)
     return sorted(folders, key=_mtime, reverse=True)
 
@@ -57,12 +58,12 @@ def runs_with_models() -> dict[str, Path]:
     """Run id -> folder of every run that has a checkpoint, newest first (the shipped demo as 'demo')."""
     folders = {("demo" if folder == config.DEMO_RUN_DIR else folder.name): folder for folder in list_run_dirs()}
     return {run_id: folder for run_id, folder in folders.items()
-            if (folder / "best.pth").is_file() or epochs_saved(folder)}
+            if RunFolder(folder).best.is_file() or epochs_saved(folder)}
 
 
 def own_runs_with_model() -> list[Path]:
     """Run folders with a best.pth, newest first, the shipped demo excluded (what `latest` picks from)."""
-    return [p for p in list_run_dirs() if p != config.DEMO_RUN_DIR and (p / "best.pth").is_file()]
+    return [p for p in list_run_dirs() if p != config.DEMO_RUN_DIR and RunFolder(p).best.is_file()]
 
 
 def newest_ready_run() -> Path | None:
@@ -70,7 +71,7 @@ def newest_ready_run() -> Path | None:
     finished = []
     for folder in own_runs_with_model():
         try:
-            info = _cached_run_json(folder / "run.json", file_version(folder / "run.json"))
+            info = _cached_run_json(RunFolder(folder).run_json, file_version(RunFolder(folder).run_json))
         except (OSError, RunNotFound):
             continue  # deleted or being rewritten right now
         if readiness.verdict(info)[0]:
@@ -113,7 +114,7 @@ def resolve_run(run: str | None) -> Path:
             return with_model[0]
         run = "demo"
     folder = run_dir(run)
-    if not (folder / "run.json").is_file():
+    if not RunFolder(folder).run_json.is_file():
         raise RunNotFound(f"unknown run '{run}'; list runs with `python -m engine runs`")
     return folder
 
@@ -121,7 +122,7 @@ def resolve_run(run: str | None) -> Path:
 def read_run_json(folder: Path) -> dict[str, Any]:
     """The run.json of a run folder."""
     try:
-        return json.loads((folder / "run.json").read_text())
+        return json.loads(RunFolder(folder).run_json.read_text())
     except (OSError, ValueError) as err:
         raise RunNotFound(f"{folder}: run.json missing or unreadable ({err})") from err
 
@@ -129,7 +130,7 @@ def read_run_json(folder: Path) -> dict[str, Any]:
 def write_run_json(folder: Path, info: dict[str, Any]) -> None:
     """Atomically replace run.json."""
     info["updated_at"] = datetime.now(timezone.utc).isoformat()
-    atomic_write_json(folder / "run.json", info)
+    atomic_write_json(RunFolder(folder).run_json, info)
 
 
 def epochs_saved(folder: Path) -> list[int]:
@@ -140,7 +141,7 @@ def epochs_saved(folder: Path) -> list[int]:
 def checkpoint_path(folder: Path, epoch: int | str | None = "best") -> Path:
     """Path of a run's checkpoint: `best`, `last`, or an epoch number."""
     if epoch in (None, "best"):
-        path = folder / "best.pth"
+        path = RunFolder(folder).best
         if path.is_file():
             return path
         epoch = "last"
@@ -153,7 +154,7 @@ def checkpoint_path(folder: Path, epoch: int | str | None = "best") -> Path:
         epoch = int(epoch)
     except (TypeError, ValueError):
         raise RunNotFound(f"epoch must be a number, 'best' or 'last', not '{epoch}'") from None
-    path = folder / f"model_epoch_{epoch}.pth"
+    path = RunFolder(folder).epoch(epoch)
     if not path.is_file():
         raise RunNotFound(f"run {folder.name} has no epoch {epoch} (saved: {saved or 'none'})")
     return path
@@ -161,7 +162,7 @@ def checkpoint_path(folder: Path, epoch: int | str | None = "best") -> Path:
 
 def read_metrics(folder: Path) -> list[dict[str, float]]:
     """Rows of metrics.csv as dicts of floats (epoch as int)."""
-    path = folder / "metrics.csv"
+    path = RunFolder(folder).metrics
     if not path.is_file():
         return []
     rows = []
@@ -177,7 +178,7 @@ def write_metrics(folder: Path, rows: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(folder / "metrics.csv", buffer.getvalue())
+    atomic_write_text(RunFolder(folder).metrics, buffer.getvalue())
 
 
 def delete_run(run_id: str) -> None:

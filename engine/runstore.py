@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from engine import config, readiness, registry, runs
 from engine.errors import EngineError
+from engine.runfolder import RunFolder
 from engine.storage import WriteError
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def save(folder: Path, info: dict[str, Any], history: list[dict[str, float]] | N
 
 def update(folder: Path, **fields: Any) -> dict[str, Any]:
     """Merge fields into run.json (a new one if there is none yet) and mirror the run; returns the new run.json."""
-    info = runs.read_run_json(folder) if (folder / "run.json").is_file() else {"run_id": folder.name}
+    info = runs.read_run_json(folder) if RunFolder(folder).run_json.is_file() else {"run_id": folder.name}
     info.update(fields)
     return save(folder, info)
 
@@ -127,7 +128,7 @@ def beating(run_id: str) -> Iterator[Heartbeat]:
 
 def queue(folder: Path, **fields: Any) -> dict[str, Any]:
     """Mark a run as queued for a (new or resumed) training process; a resume remembers the state it left."""
-    info = runs.read_run_json(folder) if (folder / "run.json").is_file() else {"run_id": folder.name}
+    info = runs.read_run_json(folder) if RunFolder(folder).run_json.is_file() else {"run_id": folder.name}
     already_queued = info.get("status") == "queued"  # by jobs.start_training: a cancel asked meanwhile stands
     if info.get("status") not in (None, *ACTIVE):
         info["before_resume"] = {key: info.get(key) for key in (*RESUMABLE_STATE, "epochs_done")}
@@ -143,7 +144,7 @@ def fail(folder: Path, error: str) -> dict[str, Any] | None:
     raised, and `reconcile` copies the registry's cause into run.json once the folder is writable again.
     Returns run.json as written, or None when the run has no run.json (it never started).
     """
-    if not (folder / "run.json").is_file():
+    if not RunFolder(folder).run_json.is_file():
         return None
     info = runs.read_run_json(folder)
     before = info.pop("before_resume", None)

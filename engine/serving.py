@@ -22,6 +22,7 @@ from engine.imageio import MAX_PIXELS, decode_upload, encode_png
 from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
 from engine.inspector import Inspector
 from engine.recipe import verdict_threshold
+from engine.runfolder import RunFolder
 from engine.storage import file_version
 
 AUTO = "auto"
@@ -34,8 +35,8 @@ AUTO_SIZE, AUTO_ROUNDS = 256, 12
 def available_backends(run_dir: Path) -> list[str]:
     """Backends a run can be served with right now: torch if it has a checkpoint, the others if exported
     (and, for OpenVINO, installed)."""
-    found = ["torch"] if (run_dir / "best.pth").is_file() or runs.epochs_saved(run_dir) else []
-    return found + [name for name, file in MODEL_FILES.items() if (run_dir / "export" / file).is_file()
+    found = ["torch"] if RunFolder(run_dir).best.is_file() or runs.epochs_saved(run_dir) else []
+    return found + [name for name, file in MODEL_FILES.items() if RunFolder(run_dir).exported(file).is_file()
                     and (name not in OPENVINO_PRECISION or openvino_available())]
 
 
@@ -43,7 +44,7 @@ def stale_export(run_dir: Path) -> str | None:
     """Why a run's export no longer holds its best epoch (a resume found a better one), or None when it does or
     there is no export report to tell."""
     try:
-        exported = json.loads((run_dir / "export" / "report.json").read_text()).get("epoch")
+        exported = json.loads(RunFolder(run_dir).report.read_text()).get("epoch")
         best = runs.read_run_json(run_dir).get("best_epoch")
     except (OSError, ValueError, AttributeError, EngineError):
         return None

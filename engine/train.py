@@ -51,6 +51,7 @@ from engine.model import (
 )
 from engine.pacing import Clock, ValidationPlan, forecast_epochs, plan_validation, size_band
 from engine.paint import EVERY_KIND, DefectBank, PaintParams, paint, params_for
+from engine.runfolder import RunFolder
 from engine.training.checkpoints import load_resume, save_resume
 from engine.training.config import HARD_SHARE_WHEN_PAINTING, PAINT_WITHOUT_LABELS, TrainConfig
 from engine.training.losses import LOSSES
@@ -189,7 +190,7 @@ def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, Path, dict, int]:
     if not cfg.resume:
         run_id = cfg.run_id or runs.new_run_id(cfg.name)
         folder = config.RUNS_DIR / run_id
-        info = runs.read_run_json(folder) if (folder / "run.json").is_file() else {}
+        info = runs.read_run_json(folder) if RunFolder(folder).run_json.is_file() else {}
         if info and info.get("status") != "queued":  # only a run queued by jobs.start_training is taken over
             raise EngineError(f"run {run_id} already exists; resume it with --resume {run_id} or pick another id")
         return replace(cfg, run_id=run_id), folder, info, 0
@@ -702,7 +703,7 @@ def end_of_epoch(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, epoch: 
     row = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"), "lr": lr,
            "images_per_s": len(losses) * cfg.batch_size / max(epoch_train_s, 1e-9)}
     meta = epoch_meta(cfg, info, t.data, epoch)
-    save_checkpoint(folder / f"model_epoch_{epoch}.pth", t.model, meta)
+    save_checkpoint(RunFolder(folder).epoch(epoch), t.model, meta)
     save_resume(folder, epoch, t.model, t.optimizer, meta)
     plan, improved, progress = pace.plan, None, pace.budget.progress(step)
     plan.pace_training(epoch_train_s, row["images_per_s"])
@@ -731,7 +732,7 @@ def keep_best(folder: Path, info: dict, model: UNetTiny, meta: dict, v: Validati
     """Make the validated model the run's best: best.pth, its threshold and figures; `score` is what later epochs
     are compared with, and its probabilities choose the recipe where they cover the whole val split (`full`)."""
     info["threshold"] = v.threshold
-    save_checkpoint(folder / "best.pth", model, {**meta, "threshold": v.threshold, "val_dice": v.metrics["dice"]})
+    save_checkpoint(RunFolder(folder).best, model, {**meta, "threshold": v.threshold, "val_dice": v.metrics["dice"]})
     best.update(score=score, epoch=meta["epoch"], probs=v.probs if full else None, truths=v.truths if full else None,
                 kinds=v.kinds if full else None)
     info.update(best_epoch=meta["epoch"], best_dice=v.metrics["dice"], best_iou=v.metrics["iou"],
@@ -784,7 +785,7 @@ def validate_best(cfg: TrainConfig, folder: Path, t: Trainer, best: dict, pace: 
     Needed where the best epoch is from before a resume and the resumed epochs did not beat it: the record then
     holds whatever the run was left with (a kill leaves "training failed" and no recipe), and readiness must be
     decided from the best epoch as it is, not carried over."""
-    model, _ = load_checkpoint(folder / "best.pth", device=str(t.device))
+    model, _ = load_checkpoint(RunFolder(folder).best, device=str(t.device))
     v = run_validation(cfg, t, pace.plan.order, pace.clock, model.to(memory_format=t.memory_format))
     best.update(probs=v.probs, truths=v.truths, kinds=v.kinds)
     print(f"best epoch {best['epoch']} (from before this resume) validated on all {len(pace.plan.order)} val "

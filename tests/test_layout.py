@@ -165,3 +165,14 @@ def test_the_training_config_imports_no_torch() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=config.ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_a_run_folders_file_names_are_spelled_in_one_module() -> None:
+    """engine/runfolder.py names a run folder's files; elsewhere they are reached through RunFolder or its names."""
+    names = {"run.json", "metrics.csv", "best.pth", "resume.pth", "recipe.json", "train.log", "train_config.json"}
+    files = [*ENGINE.rglob("*.py"), *(config.ROOT / "api").rglob("*.py"), *(config.ROOT / "app_pages").glob("*.py")]
+    spelled = [f"{path.relative_to(config.ROOT)}:{node.lineno}: {node.value}"
+               for path in sorted(p for p in files if p.name != "runfolder.py")
+               for node in ast.walk(ast.parse(path.read_text()))
+               if isinstance(node, ast.Constant) and node.value in names]
+    assert not spelled, spelled

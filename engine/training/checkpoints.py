@@ -9,9 +9,8 @@ import torch
 
 from engine.errors import EngineError
 from engine.model import UNetTiny
+from engine.runfolder import RESUME_FILE
 from engine.storage import atomic_write_bytes
-
-RESUME_FILE = "resume.pth"  # the one checkpoint a run resumes from: weights, optimizer state, epoch
 
 
 def save_resume(folder: Path, epoch: int, model: UNetTiny, optimizer: torch.optim.Optimizer, meta: dict) -> None:
