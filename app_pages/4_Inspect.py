@@ -26,8 +26,8 @@ from engine.drawing import create_heatmap, difference_image, mask_difference, ov
 from engine.errors import EngineError
 from engine.imageio import decode_image, read_mask
 from engine.inference import Predictor, model_file
-from engine.inspection import Inspection, why_counted
-from engine.inspector import Inspector, current_recipe
+from engine.inspection import Inspection, inspect, why_counted
+from engine.inspector import current_recipe
 from engine.metrics import dice_score, iou_score
 from engine.serving import gated_backends, refusals
 from engine.storage import file_version
@@ -181,7 +181,7 @@ try:
         labels[epoch] = epoch_label(epoch) if backend == "torch" else f"{backend} export of epoch {predictor.epoch}"
         key = (str(folder), epoch, backend, device, version, image_sha1)
         proba = probability(predictor, image, key, labels[epoch])  # kept across threshold moves
-        inspections[epoch] = Inspector(predictor).inspect_probability(proba, run_recipe)
+        inspections[epoch] = inspect(proba, run_recipe)
 except (EngineError, OSError) as err:
     st.error(f"Cannot load the model: {err}")
     st.stop()

@@ -109,17 +109,16 @@ def run_with_progress(label: str, work: Callable[[Progress], T]) -> T | None:
 def readiness_notice(info: dict[str, Any], compact: bool = False) -> None:
     """A warning with the reason and the next steps when a completed run is not ready to serve; compact (for a
     sidebar): one line, the reason and the steps in a closed expander below it."""
-    ready, reason = readiness.verdict(info)
-    if ready or info.get("status") != "completed":
+    judged = readiness.judge(info)
+    if judged.ready or info.get("status") != "completed":
         return
-    steps = "\n".join(f"- {step}" for step in readiness.next_steps(info))
+    steps = "\n".join(f"- {step}" for step in judged.next_steps)
     if compact:
         st.warning("**Not ready:** its verdicts are not to be trusted yet.")
         with st.expander("Why, and what to do"):
-            st.markdown(f"{reason}.\n\nNext steps:\n{steps}")
+            st.markdown(f"{judged.reason}.\n\nNext steps:\n{steps}")
         return
-    st.warning(f"**Not ready:** {reason}. Its verdicts are not to be trusted yet.\n\nNext steps:\n{steps}")
-
+    st.warning(f"**Not ready:** {judged.reason}. Its verdicts are not to be trusted yet.\n\nNext steps:\n{steps}")
 
 
 def for_display(rgb: np.ndarray, max_side: int = DISPLAY_MAX_SIDE) -> np.ndarray:

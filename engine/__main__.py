@@ -236,7 +236,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
           f"goal: {goal} <= {best['max_false_alarm']:g}, detection >= {best['goal_detection']:g})")
     if best.get("readiness"):
         print(best["readiness"])
-        for step in readiness.next_steps(runs.read_run_json(predictor.run_dir)):
+        for step in readiness.judge(runs.read_run_json(predictor.run_dir)).next_steps:
             print(f"  next: {step}")
 
 

@@ -1,8 +1,8 @@
 """One way from an image to a verdict: the run's recipe (read again when its file changes), the caller's
 overrides, the model's probabilities and engine.inspection.inspect, the one place a verdict is made.
 
-The API (serving.predict_bytes), the batch report, evaluate and the pages go through an Inspector; the pages,
-which keep probability maps across threshold moves, use its steps (`recipe`, `inspect_probability`) one by one.
+The API (serving.predict_bytes), the batch report, evaluate and the pages go through an Inspector; the Inspect
+page, which keeps probability maps across threshold moves, takes `current_recipe` and calls `inspect` itself.
 """
 
 from __future__ import annotations
@@ -54,10 +54,6 @@ class Inspector:
         """The run's current recipe with the given fields replaced (None values ignored, as Recipe.with_overrides)."""
         return current_recipe(self.predictor.run_dir).with_overrides(**overrides)
 
-    def inspect_probability(self, probability: np.ndarray, recipe: Recipe) -> Inspection:
-        """engine.inspection.inspect of a probability map (for callers that keep maps across threshold moves)."""
-        return inspect(probability, recipe)
-
     def inspect(self, image: np.ndarray, threshold: float | None = None, *, recipe: Recipe | None = None,
                 **overrides: Any) -> tuple[Prediction, Inspection]:
         """Predict one image and inspect it under `recipe` (else the run's current recipe) with the threshold and
@@ -65,6 +61,6 @@ class Inspector:
         rules = (recipe or current_recipe(self.predictor.run_dir)).with_overrides(threshold=threshold, **overrides)
         prediction = self.predictor.predict(image, rules.threshold)
         start = time.perf_counter()
-        inspection = self.inspect_probability(prediction.probability, rules)
+        inspection = inspect(prediction.probability, rules)
         prediction.timings_ms["inspect"] = round((time.perf_counter() - start) * 1000, 2)
         return prediction, inspection

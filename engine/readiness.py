@@ -35,7 +35,7 @@ class Readiness:
 
 
 def judge(info: dict[str, Any]) -> Readiness:
-    """The readiness of a run as its run.json stands now (old runs' `not_ready_reason` read as the reason)."""
+    """The readiness of a run as its run.json stands now: verdict, next steps, and what a ready one could not show."""
     ready, reason = verdict(info)
     return Readiness(ready, reason, tuple(next_steps(info)), info.get("ready_note") if ready else None)
 

@@ -830,12 +830,12 @@ def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reas
     print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
           f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "
           f"{info.get('train_images_per_s', 0)} img/s vs model alone {model_speed:.1f} img/s", flush=True)
-    if judged.ready:
-        note = f" (provisional: {info['ready_note']})" if info.get("ready_note") else ""
-        print(f"ready: {cfg.run_id}{note}", flush=True)
+    now = readiness.judge(info)  # as recorded: the reason and next steps every reader of the run gets
+    if now.ready:
+        print(f"ready: {cfg.run_id}" + (f" (provisional: {now.note})" if now.note else ""), flush=True)
     else:
-        print(f"NOT READY: {info['ready_reason']}", flush=True)
-        for step in readiness.next_steps(info):
+        print(f"NOT READY: {now.reason}", flush=True)
+        for step in now.next_steps:
             print(f"  next: {step}", flush=True)
 
 

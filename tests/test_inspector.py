@@ -45,7 +45,7 @@ def test_the_inspector_gives_the_verdict_of_predict_and_inspect(demo: Path) -> N
             assert np.array_equal(inspection.mask, direct.mask)
             assert prediction.threshold == rules.threshold and inspection.recipe == rules
             assert set(prediction.timings_ms) == {"inference", "inspect"}
-            assert inspector.inspect_probability(prediction.probability, inspector.recipe(threshold=threshold, **overrides)
+            assert inspect(prediction.probability, inspector.recipe(threshold=threshold, **overrides)
                                      ).as_dict() == direct.as_dict()
             verdicts.add(inspection.verdict)
     assert verdicts == {"ok", "defect"}  # both verdicts were compared
