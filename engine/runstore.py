@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from engine import config, readiness, registry, runs
+from engine.data import register_dataset
 from engine.errors import EngineError
 from engine.runfolder import RunFolder
 from engine.storage import WriteError
@@ -201,8 +202,6 @@ def reconcile(folder: Path) -> bool:
 def rebuild() -> tuple[int, int]:
     """Rebuild the registry from the folders: reconcile dead runs, mirror every run, re-register the datasets the
     runs used and those under the data folder; returns (runs, datasets)."""
-    from engine.data import register_dataset  # data imports torch
-
     folders = sorted(p.parent for p in config.RUNS_DIR.glob("*/run.json"))
     for folder in folders:
         reconcile(folder)

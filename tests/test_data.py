@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import (
-    SegmentationDataset,
-    augment_pair,
-    load_pair,
-    scan_dataset,
-    split_for_id,
-    stratified_splits,
-)
+from engine.data import load_pair, scan_dataset, split_for_id, stratified_splits
 from engine.errors import DatasetError
+from engine.training.batches import SegmentationDataset, augment_pair
 
 
 def write_pair(root, sample_id, size=(32, 48), mask_size=None, defect=True, ext=".png", image=None):
@@ -157,7 +151,7 @@ def _striped_pairs(square: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def test_device_batches_cut_the_same_crops_and_keep_masks_aligned() -> None:
-    from engine.data import DefectBatchSampler, DeviceBatches, SegmentationDataset
+    from engine.training.batches import DefectBatchSampler, DeviceBatches, SegmentationDataset
 
     plain = SegmentationDataset([], crop=32, augment=False, pairs=_striped_pairs(), seed=1)
     batches = DeviceBatches(plain, DefectBatchSampler(plain, 8, 5, defect_share=0.5, seed=2), torch.device("cpu"))
@@ -193,7 +187,7 @@ def test_training_with_batches_on_the_device_completes(tiny_dataset) -> None:
 
 
 def test_hard_negatives_get_their_share_of_every_batch_and_crops_hold_the_spot() -> None:
-    from engine.data import DefectBatchSampler, DeviceBatches, Pick, SegmentationDataset
+    from engine.training.batches import DefectBatchSampler, DeviceBatches, Pick, SegmentationDataset
 
     # Two defect-free 96x96 images; one has a single marked pixel, the spot the sampler is told about.
     marked = np.zeros((96, 96), np.float32)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from engine import config, distributed, registry, runs
-from engine.train import rank_seed
+from engine.training.prepare import rank_seed
 
 TINY = ["--epochs", "2", "--base", "8", "--depth", "2", "--crop", "32", "--batch-size", "8", "--steps-per-epoch", "3",
         "--init", "none"]

@@ -20,9 +20,8 @@ from engine.paint import PaintParams, paint, params_for, window_side
 from engine.paintset import paint_dataset
 from engine.paintset import preview as paint_preview
 from engine.synth import DEFECT_TYPES
-from engine.train import painted_validation
-from engine.training.config import PAINT_WITHOUT_LABELS
-from engine.training.record import PAINTED_CONFIDENCE
+from engine.training.config import PAINT_WITHOUT_LABELS, PAINTED_CONFIDENCE
+from engine.training.prepare import painted_validation
 from engine.tuning import tune_run
 
 
@@ -118,7 +117,8 @@ def test_defect_size_and_count_are_options_in_px_or_a_share_of_the_image(surface
         assert np.ptp(ys) < 32 and np.ptp(xs) < 32
     assert main(["generate", "--out", str(tmp_path / "gen"), "--defect-size", "0.5"]) == 2
     # train paints its crops at the size asked for, brought to its scale, and validation at full size.
-    from engine.train import TrainConfig, prepare_data
+    from engine.train import TrainConfig
+    from engine.training.prepare import prepare_data
 
     goods = tmp_path / "good-set"
     synth.generate_dataset(goods, 6, seed=2, params=synth.SynthParams(size=128, defect_free=1.0), workers=1)

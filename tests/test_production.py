@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from engine import config, readiness, registry, runs, runstore
-from engine.data import DefectBatchSampler, SegmentationDataset, auto_geometry, scan_dataset
+from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.metrics import good_images_to_bound, wilson_upper
 from engine.model import PRETRAINED_PATH, UNetTiny, load_pretrained
 from engine.readiness import readiness_of, tuning_readiness
 from engine.train import TrainConfig, train
+from engine.training.batches import DefectBatchSampler, SegmentationDataset, auto_geometry
 from engine.training.schedule import Patience, get_lr
 
 

@@ -155,7 +155,7 @@ def test_tuning_statistics_leave_out_good_images_with_the_sure_tier(sure: bool) 
 def test_auto_scale_keeps_a_rare_kind_of_small_pits_visible() -> None:
     """Twenty images with wide cracks (40 px) and two with 5-px pits (blowholes): the thinnest-defect rule (10th
     percentile of widths) alone would halve the images and leave the pits 2.5 px wide."""
-    from engine.data import MIN_SMALLEST_DEFECT_PX, auto_geometry, defect_widths
+    from engine.training.batches import MIN_SMALLEST_DEFECT_PX, auto_geometry, defect_widths
 
     def pair(defect_width: int, spot: bool) -> tuple[np.ndarray, np.ndarray]:
         mask = np.zeros((1250, 500), np.uint8)

@@ -74,8 +74,9 @@ def test_a_resumed_run_looks_for_hard_negatives_before_its_first_epoch(tiny_data
 
 
 def test_loader_workers_draw_their_own_augmentations(tiny_dataset) -> None:
-    from engine.data import SegmentationDataset, scan_dataset
-    from engine.train import reseed_worker
+    from engine.data import scan_dataset
+    from engine.training.batches import SegmentationDataset
+    from engine.training.setup import reseed_worker
 
     sample = scan_dataset(tiny_dataset).split("train")[0]
     dataset = SegmentationDataset([sample, sample], crop=32, augment=True)  # the same image twice
@@ -194,9 +195,10 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path) -> None:
 def test_hard_negatives_are_looked_for_in_turn_and_found_where_the_model_flags_a_good_image() -> None:
     import numpy as np
 
-    from engine.data import SegmentationDataset
     from engine.model import UNetTiny
-    from engine.train import HARD_SCAN_IMAGES, TrainData, find_hard_spots, hard_scan_slice
+    from engine.training.batches import SegmentationDataset
+    from engine.training.hard_negatives import HARD_SCAN_IMAGES, find_hard_spots, hard_scan_slice
+    from engine.training.prepare import TrainData
 
     blank = np.zeros((40, 96), np.float32)
     defect = np.zeros((40, 96), np.uint8)

@@ -3,19 +3,25 @@ and the lines that say so."""
 
 from __future__ import annotations
 
+import os
+import platform
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from engine import config, readiness, runstore
 from engine.metrics import DETECTION_GOAL
+from engine.model import UNetTiny, count_parameters
 from engine.recipe import RECIPE_FILE, Recipe, load_recipe, save_recipe
 from engine.storage import atomic_write_bytes
-from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, tuned_recipe
+from engine.training.config import PAINTED_CONFIDENCE, TrainConfig
+from engine.training.pace import Pace
+from engine.training.prepare import TrainData
+from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, at_scale, tuned_recipe
 
-# Painted validation measures detection on a stand-in; only its false alarms are real, so the recipe holds the
-# goal on their upper confidence bound (with 58 good images: none flagged) rather than on the measured rate.
-PAINTED_CONFIDENCE = 0.95
 CURVE_FIELDS = ("epoch", "minutes", "val_ap", "val_detection", "val_false_alarm", "val_images", "val_ready")
 
 
@@ -105,3 +111,69 @@ def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
     recipe = tuned_recipe(chosen, base, context)
     save_recipe(folder, recipe)
     return recipe.as_dict()
+
+
+def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData, arch: dict, model: UNetTiny,
+                     device: torch.device, model_speed: float, init_note: str, processes: int = 1) -> dict:
+    """Write run.json and the registry row for a run that starts (or resumes) now; returns run.json's dict."""
+    now = datetime.now(timezone.utc)
+    info.update({
+        "run_id": cfg.run_id, "name": cfg.name, "status": "running", "params": asdict(cfg),
+        "dataset": {"path": str(Path(cfg.data).resolve()), "hash": data.data_hash, "counts": data.counts,
+                    "val_carved_from_train": data.val_carved, "val_painted": data.val_painted},
+        "arch": {"in_channels": 1, **arch}, "parameters": count_parameters(model), "init": init_note,
+        "normalisation": {"mean": data.mean, "std": data.std}, "device": str(device),
+        **runstore.process_fields(os.getpid()),
+        "epochs_planned": cfg.epoch_limit or 0, "seed": cfg.seed, "command": cfg.command,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
+        "machine": f"{platform.machine()}, {config.cpu_threads()} cpu threads",
+        "created_at": info.get("created_at", now.isoformat()), "started_at": now.isoformat(),
+        "finished_at": None, "error": None, "model_images_per_s": round(model_speed, 1), "processes": processes,
+    })
+    info.setdefault("threshold", 0.5)
+    info.setdefault("ready", None)  # decided at the end; a resumed run keeps its verdict until then
+    info.setdefault("ready_reason", None)
+    return runstore.save(folder, info)
+
+
+def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, pace: Pace,
+               model_speed: float, history: list[dict]) -> None:
+    """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped
+    and where the time went."""
+    judged = readiness.stopped("no epoch finished")
+    if best["probs"] is not None:
+        chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm,
+                                 painted=info["dataset"].get("val_painted", False), kinds=best.get("kinds"),
+                                 goal_detection=cfg.goal_detection)
+        # Validation ran at the training scale; the recipe is applied to images at their own size.
+        chosen["min_region_px"] = at_scale(chosen["min_region_px"], cfg.scale)
+        chosen["sure_min_px"] = at_scale(chosen.get("sure_min_px") or 0, cfg.scale)
+        context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
+        info["recipe"] = save_recipe_for(folder, chosen, context)
+        judged = readiness.of_training(chosen, info["dataset"].get("val_painted", False), cfg.max_false_alarm,
+                                       cfg.goal_detection)
+        print(recipe_line(chosen), flush=True)
+    status = "cancelled" if stop_reason == "cancelled" else "completed"
+    if status == "cancelled":
+        judged = readiness.stopped("training was cancelled")
+    info.pop("before_resume", None)
+    info.pop("tuned_on", None)  # readiness is training's again, until the next tuning
+    info.update(status=status, stop_reason=stop_reason, finished_at=datetime.now(timezone.utc).isoformat(),
+                wall_seconds=round(pace.clock.elapsed(), 1), ready=judged.ready, ready_reason=judged.reason,
+                ready_note=judged.note, pid=None, pid_started=None, time_shares=pace.clock.shares(),
+                time_to_ready=time_to_ready(history),
+                curve=[{k: row.get(k) for k in CURVE_FIELDS} for row in history if "val_score" in row])
+    runstore.save(folder, info, history)
+    print(pace.clock.line(), flush=True)
+    print(time_to_ready_line(info["time_to_ready"], info["dataset"].get("val_painted", False)), flush=True)
+    print(f"finished: {stop_reason}; best epoch {best['epoch']}, val dice {info.get('best_dice') or 0:.4f} at "
+          f"threshold {info['threshold']:.2f} (verdicts use the recipe's); training "
+          f"{info.get('train_images_per_s', 0)} img/s vs model alone {model_speed:.1f} img/s", flush=True)
+    now = readiness.judge(info)  # as recorded: the reason and next steps every reader of the run gets
+    if now.ready:
+        print(f"ready: {cfg.run_id}" + (f" (provisional: {now.note})" if now.note else ""), flush=True)
+    else:
+        print(f"NOT READY: {now.reason}", flush=True)
+        for step in now.next_steps:
+            print(f"  next: {step}", flush=True)
+

@@ -6,11 +6,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.data import SegmentationDataset
 from engine.inspection import inspect
 from engine.metrics import SetMetrics, auroc, average_precision, image_score
 from engine.model import UNetTiny
 from engine.recipe import Recipe
+from engine.training.batches import SegmentationDataset
 from engine.training.losses import seg_loss
 
 
@@ -69,3 +69,5 @@ def set_metrics(probs: list[np.ndarray], truths: list[np.ndarray]) -> dict:
     ap = result["average_precision"]
     result["score"] = result["dice"] if ap is None else (ap + result["dice"]) / 2
     return result
+
+
