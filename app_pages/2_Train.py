@@ -7,11 +7,10 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 from plotly.subplots import make_subplots
 
 from app_pages.ui import duration, epoch_step, preset_label, readiness_notice
-from engine import data, jobs, registry, runs, runstore
+from engine import config, data, jobs, registry, runs, runstore
 from engine.errors import EngineError
 from engine.paint import EVERY_KIND
 from engine.presets import PRESETS
@@ -24,7 +23,7 @@ st.title(":material/model_training: Train")
 st.caption("Each run trains in its own process: you may close the tab, reload, or open a second one; "
            "progress comes from the run registry.")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = config.devices()
 PAINT_SHARES = [round(0.05 * k, 2) for k in range(19)]  # 0 .. 0.9
 
 

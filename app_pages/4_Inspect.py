@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import streamlit as st
-import torch
 
 from app_pages.ui import (
     epoch_label,
@@ -32,7 +31,7 @@ from engine.metrics import dice_score, iou_score
 from engine.serving import gated_backends, refusals
 from engine.storage import file_version
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = config.devices()
 UPLOAD_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"]
 MAX_REGIONS_SHOWN = 8
 

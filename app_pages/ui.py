@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import cv2
 import numpy as np
@@ -17,9 +17,11 @@ import streamlit as st
 from engine import config, readiness, runs, synth
 from engine.data import scan_dataset
 from engine.errors import EngineError
-from engine.inference import Predictor
 from engine.presets import PRESETS
 from engine.progress import Progress, describe, time_left
+
+if TYPE_CHECKING:
+    from engine.inference import Predictor  # imports torch: loaded with the first model, not with every page
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,8 @@ def load_predictor(run_dir: str, epoch: int | str, version: tuple, backend: str 
                    device: str = "cpu") -> Predictor:
     """One Predictor per (run, epoch, backend, device) for all sessions; version (engine.storage.file_version of
     the model file) reloads a rewritten model file."""
+    from engine.inference import Predictor
+
     return Predictor(Path(run_dir), epoch, backend, device)
 
 

@@ -37,3 +37,9 @@ def cpu_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def devices() -> list[str]:
+    """The devices a page offers: cpu, and cuda where an NVIDIA driver is loaded (a look at /proc that imports no
+    torch; a run or predictor asked for cuda checks torch's CUDA itself and says so when it is missing)."""
+    return ["cpu"] + (["cuda"] if Path("/proc/driver/nvidia/version").exists() else [])

@@ -167,6 +167,20 @@ def test_the_training_config_imports_no_torch() -> None:
     assert result.stdout.strip() == "[]"
 
 
+def test_the_train_page_imports_no_torch_before_a_run_starts() -> None:
+    """The Train page renders its form (and the shared widgets module it imports) without loading torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from streamlit.testing.v1 import AppTest; "
+            "at = AppTest.from_file('app_pages/2_Train.py', default_timeout=60).run(); "
+            "assert not at.exception, [e.value for e in at.exception]; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=config.ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_a_run_folders_file_names_are_spelled_in_one_module() -> None:
     """engine/runfolder.py names a run folder's files; elsewhere they are reached through RunFolder or its names."""
     names = {"run.json", "metrics.csv", "best.pth", "resume.pth", "recipe.json", "train.log", "train_config.json"}
