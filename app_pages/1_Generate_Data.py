@@ -5,7 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from app_pages.ui import for_display, run_with_progress
-from engine import config, data, importer, paintset, synth
+from engine import config, data, importer, paintset, synth, synthset
 from engine.drawing import overlay
 from engine.errors import EngineError
 from engine.imageio import IMAGE_EXTENSIONS
@@ -24,7 +24,7 @@ def preview_images(size: int, defect_free: float, difficulty: float, tint: float
     params = synth.SynthParams(size=size, defect_free=defect_free, difficulty=difficulty, tint=tint,
                                defect_weights=dict(weights))
     return [(overlay(image, mask, color=(255, 60, 60), alpha=0.0), types)
-            for image, mask, types in synth.preview(params, n=n, seed=seed)]
+            for image, mask, types in synthset.preview(params, n=n, seed=seed)]
 
 
 @st.cache_data(max_entries=8, show_spinner="Painting the preview…")
@@ -64,7 +64,7 @@ st.caption("Red outlines are the ground-truth masks. These are the first images 
 
 st.subheader("Write the dataset")
 try:
-    out = synth.dataset_dir(name)
+    out = synthset.dataset_dir(name)
 except EngineError as err:
     st.error(str(err))
     st.stop()
@@ -75,11 +75,11 @@ if exists:
 if st.button("Generate", type="primary", disabled=not overwrite, key="gen_go"):
     params = synth.SynthParams(size=int(size), defect_free=float(defect_free), difficulty=float(difficulty),
                                tint=float(tint), defect_weights=weights)
-    result = run_with_progress("Generating…", lambda report: synth.generate_and_register(
+    result = run_with_progress("Generating…", lambda report: synthset.generate_and_register(
         out, int(count), seed=int(seed), params=params, progress=report))
     if result is not None:
         st.success(f"Dataset **{name}**: {result['images']} images ({result['defective']} defective, "
-                   f"{result['defect_free']} defect-free; {synth.splits_text(result['per_split'])}) in "
+                   f"{result['defect_free']} defect-free; {synthset.splits_text(result['per_split'])}) in "
                    f"{result['seconds']:.1f} s. "
                    f"Content hash {result['dataset'].content_hash}.")
         st.page_link("app_pages/2_Train.py", label="Train a model on it", icon=":material/model_training:")
@@ -138,7 +138,7 @@ if onto.strip():
                          caption=", ".join(types) or "no room: left as it is", width="stretch")
         if st.button("Write the painted dataset", key="paint_go"):
             result = run_with_progress("Painting…", lambda report: paintset.paint_dataset(
-                onto.strip(), synth.dataset_dir(paint_name), int(paint_count), float(paint_free), int(seed),
+                onto.strip(), synthset.dataset_dir(paint_name), int(paint_count), float(paint_free), int(seed),
                 params, progress=report))
             if result is not None:
                 st.success(f"Dataset **{paint_name}**: {result['images']} images ({result['defective']} with painted "

@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import streamlit as st
 
-from engine import config, readiness, runs, synth
+from engine import config, readiness, runs, synthset
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.presets import PRESETS
@@ -169,7 +169,7 @@ def probability_cache() -> ArrayCache:
 @st.cache_resource(show_spinner="Preparing the sample images (first start only)…")
 def sample_folder() -> str:
     """Create and register data/procedural_images once per server process (Home, Inspect and Review use it)."""
-    return str(synth.ensure_sample_dataset())
+    return str(synthset.ensure_sample_dataset())
 
 
 @st.cache_resource(max_entries=8, show_spinner="Loading the model…")

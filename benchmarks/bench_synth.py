@@ -12,7 +12,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import config  # noqa: E402
-from engine.synth import SynthParams, generate_dataset  # noqa: E402
+from engine.synth import SynthParams  # noqa: E402
+from engine.synthset import generate_dataset  # noqa: E402
 
 
 def _cpu_seconds() -> float:

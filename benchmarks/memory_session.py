@@ -175,9 +175,9 @@ def label(page, url: str, sampler: MemorySampler, run_id: str, upload: Path) -> 
 
 def make_upload(folder: Path) -> Path:
     """A 2048x2048 generated metal surface with defects, as a PNG."""
-    from engine import synth
+    from engine import synth, synthset
 
-    synth.generate_dataset(folder / "big", 1, seed=11, params=synth.SynthParams(size=2048, defect_free=0.0), workers=1)
+    synthset.generate_dataset(folder / "big", 1, seed=11, params=synth.SynthParams(size=2048, defect_free=0.0), workers=1)
     return next((folder / "big" / "images").glob("*.png"))
 
 

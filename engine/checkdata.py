@@ -77,10 +77,10 @@ def check_data(folder: Path, data: str | Path | None = None) -> Iterator[tuple[P
     if (folder / CHECK_FOLDER / "images").is_dir():
         yield folder / CHECK_FOLDER, f"{missing}: checked on the {CHECK_FOLDER}/ images the run ships with; {ask}", True
         return
-    from engine import synth
+    from engine import synthset
 
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
-        synth.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
+        synthset.generate_dataset(tmp, GENERATED_CHECK_IMAGES, seed=0, workers=1)
         yield Path(tmp), f"{missing}: checked on {GENERATED_CHECK_IMAGES} generated images, not on your data; {ask}", True
 
 

@@ -14,7 +14,7 @@ from engine.errors import EngineError
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from engine import synth
+    from engine import synth, synthset
 
     if args.onto:
         return _paint_onto(args)
@@ -27,10 +27,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         params.max_defects = args.max_defects
     params.defect_weights = synth.only_types(params.defect_weights, args.types)
     with _progress_bar("generating") as progress:
-        result = synth.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
+        result = synthset.generate_and_register(args.out, args.count, seed=args.seed, params=params, progress=progress)
     rate = result["images"] / max(result["seconds"], 1e-9)
     print(f"{args.out}: {result['images']} images ({result['defective']} defective, {result['defect_free']} "
-          f"defect-free; {synth.splits_text(result['per_split'])}) in {result['seconds']:.1f}s, {rate:.0f} images/s")
+          f"defect-free; {synthset.splits_text(result['per_split'])}) in {result['seconds']:.1f}s, {rate:.0f} images/s")
 
 
 def _paint_onto(args: argparse.Namespace) -> None:

@@ -17,7 +17,7 @@ from engine.imageio import IMAGE_EXTENSIONS, decode_upload, read_image, write_pn
 from engine.paint import PaintParams, paint
 from engine.progress import Progress
 from engine.storage import atomic_write_bytes, atomic_write_text, check_replaceable, replace_folder, staged_folder
-from engine.synth import dataset_dir
+from engine.synthset import dataset_dir
 
 MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "synthetic", "source")
 

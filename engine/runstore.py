@@ -334,7 +334,7 @@ def images_kind(folder: str | Path | None, source: str | None = None) -> str:
     """What the images of a set are, in words for readiness lines and tables: "generated images", "painted
     defects" (the generator's, on good parts) or "real images"; a manifest `generate` wrote says generated,
     else `source`, else the source the registry has for the folder."""
-    from engine import synth  # numpy and OpenCV, not torch
+    from engine import synthset
 
     if not folder:
         return _SOURCE_KINDS.get(source or "", "real images")
@@ -343,7 +343,7 @@ def images_kind(folder: str | Path | None, source: str | None = None) -> str:
         header = (path / "manifest.csv").read_text(encoding="utf-8").splitlines()[:1]
     except (OSError, UnicodeDecodeError):
         header = []
-    source = "generated" if header == [",".join(synth.MANIFEST_COLUMNS)] else source
+    source = "generated" if header == [",".join(synthset.MANIFEST_COLUMNS)] else source
     if source is None:
         source = next((d.source for d in registry.list_datasets() if Path(d.path) == path), None)
     return _SOURCE_KINDS.get(source or "", "real images")

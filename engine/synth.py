@@ -1,38 +1,21 @@
-"""Seeded procedural metal-surface textures with defects and exact masks, and dataset generation."""
+"""Seeded synthetic samples: what the generator draws (SynthParams), its defects with exact masks on a procedural
+surface (engine/surfaces.py), and one rendered image. Datasets of them: engine/synthset.py."""
 
 from __future__ import annotations
 
-import csv
-import io
 import math
-import multiprocessing
-import os
-import re
-import sys
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
-from statistics import NormalDist
-from typing import Callable, Iterable
+from typing import Callable
 
 import cv2
 import numpy as np
 
-from engine import config
 from engine.errors import EngineError
-from engine.imageio import IMAGE_EXTENSIONS, write_png
-from engine.progress import Progress
-from engine.storage import atomic_write_text, check_replaceable, replace_folder, staged_folder
+from engine.surfaces import gauss, lowfreq, random_surface
 
 DEFECT_TYPES = ("scratch", "crack", "pit", "dent", "inclusion", "patch")
-SURFACES = ("brushed", "rolled", "ground", "cast", "polished")
-SPLITS = ("train", "val", "test")
-MANIFEST_COLUMNS = ("id", "split", "defect_types", "defect_fraction", "seed")
 MAX_SIZE = 4096
-POOL_MIN_COUNT = 64  # below this, starting worker processes costs more than it saves
 
 Sample = tuple[np.ndarray, np.ndarray, list[str]]
 
@@ -81,162 +64,6 @@ def validate_params(params: SynthParams) -> None:
         raise EngineError("defect weights must be finite numbers >= 0")
     if params.defect_free < 1.0 and sum(weights) <= 0:
         raise EngineError("give at least one defect type a weight above 0 (or set defect_free to 1)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Random fields
-# ---------------------------------------------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def _normal_table() -> np.ndarray:
-    """N(0, 1) quantiles at 4096 evenly spaced probabilities, tiled 16x so any uint16 indexes it."""
-    inverse = NormalDist().inv_cdf
-    return np.tile(np.array([inverse((i + 0.5) / 4096) for i in range(4096)], dtype=np.float32), 16)
-
-
-def _gauss(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normal float32 noise: random bytes through an inverse-CDF table, ~5x faster than
-    rng.standard_normal (noise for textures does not need more than 4096 levels)."""
-    indices = np.frombuffer(rng.bytes(2 * math.prod(shape)), dtype="<u2").reshape(shape)
-    return np.take(_normal_table(), indices)
-
-
-_LIGHT_GRID = 17
-
-
-@lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates in [-1, 1] (x varies along columns), cached per size."""
-    axis = np.linspace(-1.0, 1.0, size, dtype=np.float32)
-    x, y = np.meshgrid(axis, axis)
-    x.setflags(write=False)
-    y.setflags(write=False)
-    return x, y
-
-
-def _normalise(field_: np.ndarray) -> np.ndarray:
-    """Shift and scale a float32 field in place to zero mean and unit standard deviation."""
-    mean, std = cv2.meanStdDev(field_)
-    field_ -= np.float32(mean[0, 0])
-    if std[0, 0] > 1e-6:
-        field_ *= np.float32(1.0 / std[0, 0])
-    return field_
-
-
-def _lowfreq(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """Smooth isotropic noise: a cells x cells Gaussian grid upsampled with cubic interpolation."""
-    cells = max(2, min(cells, size))
-    field_ = cv2.resize(_gauss(rng, (cells, cells)), (min(size, 64),) * 2, interpolation=cv2.INTER_CUBIC)
-    # Cubic up to 64 px keeps it smooth; the remaining (cheap) linear step adds no visible artefacts.
-    return cv2.resize(field_, (size, size), interpolation=cv2.INTER_LINEAR) if size > 64 else field_
-
-
-def _fine(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
-    """Fine isotropic grain: white noise blurred by sigma, unit std."""
-    noise = _gauss(rng, (size, size))
-    if sigma > 0.3:
-        noise = cv2.GaussianBlur(noise, (0, 0), sigma)
-    return _normalise(noise)
-
-
-def _directional(
-    rng: np.random.Generator, size: int, angle: float, stretch: float, band: float = 0.0, band_period: float = 0.0
-) -> np.ndarray:
-    """Anisotropic streaks along `angle` (degrees, counter-clockwise), `stretch` times longer than wide.
-
-    Noise is drawn on a coarse grid (1 px across the grain, `stretch` px along it) and one affine warp
-    stretches and rotates it into place; `band` adds a brightness profile across the grain (banding).
-    """
-    span = int(math.ceil(size * 1.415)) + 4  # covers the image diagonal at any angle
-    stretch = max(float(stretch), 1.0)
-    cols = int(math.ceil(span / stretch)) + 3
-    small = _gauss(rng, (span, cols))
-    if band > 0:
-        knots = max(2, span // int(rng.integers(6, 24)))
-        profile = cv2.resize(_gauss(rng, (knots, 1)), (1, span), interpolation=cv2.INTER_CUBIC)[:, 0]
-        if band_period > 0:  # rolls also leave periodic marks
-            rows = np.arange(span, dtype=np.float32)
-            profile = profile + 0.8 * np.sin(rows * np.float32(2 * np.pi / band_period) + rng.uniform(0, 2 * np.pi))
-        small += (band / max(float(profile.std()), 1e-6)) * profile[:, None].astype(np.float32)
-    # Map each output pixel to (along, across) grain coordinates in `small` (inverse map).
-    rad = math.radians(angle)
-    along = (math.cos(rad), -math.sin(rad))  # image y points down
-    across = (math.sin(rad), math.cos(rad))
-    c = (size - 1) / 2.0
-    matrix = np.array(
-        [
-            [along[0] / stretch, along[1] / stretch, (cols - 1) / 2.0 - (along[0] + along[1]) * c / stretch],
-            [across[0], across[1], (span - 1) / 2.0 - (across[0] + across[1]) * c],
-        ],
-        dtype=np.float64,
-    )
-    streaks = cv2.warpAffine(small, matrix, (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                             borderMode=cv2.BORDER_REFLECT)
-    return _normalise(streaks)
-
-
-@dataclass
-class _Surface:
-    """A rendered background with the facts the defects need."""
-
-    image: np.ndarray  # float32 HxW, roughly in [0, 1]
-    grain_angle: float  # degrees; the rolling / brushing direction (random for isotropic surfaces)
-    texture_std: float  # amplitude of the texture, the "noise" a defect must stand out from
-    kind: str
-
-
-def _surface(rng: np.random.Generator, size: int) -> _Surface:
-    """Render one background: a random surface finish, lighting gradient and vignetting."""
-    kind = SURFACES[int(rng.integers(len(SURFACES)))]
-    angle = float(rng.uniform(0.0, 180.0))
-    if kind == "brushed":
-        texture = (
-            _directional(rng, size, angle, rng.uniform(10, 40))
-            + rng.uniform(0.3, 0.8) * _directional(rng, size, angle + rng.normal(0, 2), rng.uniform(3, 8))
-            + rng.uniform(0.1, 0.5) * _lowfreq(rng, size, int(rng.integers(3, 8)))
-        )
-        amp = rng.uniform(0.03, 0.10)
-    elif kind == "rolled":
-        angle = float(rng.choice([0.0, 90.0]) + rng.normal(0.0, 3.0))
-        texture = _directional(rng, size, angle, rng.uniform(60, 160), band=rng.uniform(0.3, 1.2),
-                               band_period=rng.uniform(size / 12, size / 3) if rng.random() < 0.5 else 0.0)
-        texture += rng.uniform(0.2, 0.5) * _fine(rng, size, rng.uniform(0.5, 1.0))
-        amp = rng.uniform(0.02, 0.08)
-    elif kind == "ground":
-        texture = (
-            _lowfreq(rng, size, int(rng.integers(3, 6)))
-            + rng.uniform(0.4, 0.9) * _lowfreq(rng, size, max(4, size // int(rng.integers(12, 24))))
-            + rng.uniform(0.6, 1.2) * _fine(rng, size, rng.uniform(0.5, 1.2))
-            + rng.uniform(0.2, 0.6) * _directional(rng, size, angle, rng.uniform(6, 20))
-        )
-        amp = rng.uniform(0.025, 0.08)
-    elif kind == "cast":
-        granules = _fine(rng, size, rng.uniform(1.0, 2.2))
-        texture = (
-            _lowfreq(rng, size, int(rng.integers(4, 10)))
-            + rng.uniform(0.5, 1.0) * _lowfreq(rng, size, max(4, size // int(rng.integers(8, 16))))
-            + rng.uniform(0.6, 1.2) * (np.abs(granules) - 0.8)  # abs() gives the sandy, pitted look
-            + rng.uniform(0.2, 0.5) * _fine(rng, size, 0.0)
-        )
-        amp = rng.uniform(0.03, 0.10)
-    else:  # polished
-        texture = _lowfreq(rng, size, int(rng.integers(2, 5))) + 0.15 * _fine(rng, size, rng.uniform(0.5, 1.5))
-        amp = rng.uniform(0.005, 0.025)
-    texture = _normalise(texture.astype(np.float32, copy=False))
-
-    # Lighting is smooth: evaluate it on a coarse grid and upsample (much cheaper than at full size).
-    x, y = _grid(_LIGHT_GRID)
-    brightness = rng.uniform(0.3, 0.7)
-    gx, gy = rng.normal(0.0, 0.06, 2)
-    vignette = rng.uniform(0.0, 0.35)
-    cx, cy = rng.uniform(-0.3, 0.3, 2)
-    offset = np.float32(brightness) + np.float32(gx) * x + np.float32(gy) * y
-    falloff = 1.0 - np.float32(vignette * 0.5) * ((x - np.float32(cx)) ** 2 + (y - np.float32(cy)) ** 2)
-    image = texture * np.float32(amp)
-    image += cv2.resize(offset, (size, size), interpolation=cv2.INTER_LINEAR)
-    image *= cv2.resize(falloff, (size, size), interpolation=cv2.INTER_LINEAR)
-    return _Surface(image=image, grain_angle=angle, texture_std=float(amp), kind=kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,7 +157,7 @@ def _scratch(canvas: _Canvas) -> None:
     points = _bezier(p0, p1, p2, p3, max(8, int(length / 4)))
     contrast = canvas.sign(0.6) * canvas.contrast(width)
     # Real scratches vary in depth: modulate between 70 % and 100 % of the contrast.
-    fade = 0.85 + 0.15 * np.tanh(_lowfreq(rng, size, 4))
+    fade = 0.85 + 0.15 * np.tanh(lowfreq(rng, size, 4))
     _draw_polyline(canvas, points, width, np.float32(contrast) * fade)
 
 
@@ -440,7 +267,7 @@ def _patch(canvas: _Canvas) -> None:
     cx, cy = canvas.centre()
     where, dx, dy = _roi(canvas, cx, cy, radius)
     rows, cols = dy.shape[0], dx.shape[1]
-    blob_noise = cv2.resize(_gauss(rng, (6, 6)), (cols, rows), interpolation=cv2.INTER_CUBIC)
+    blob_noise = cv2.resize(gauss(rng, (6, 6)), (cols, rows), interpolation=cv2.INTER_CUBIC)
     rho2 = (dx * dx + dy * dy) / (radius * radius)
     shape = (1.0 - rho2) + 0.45 * blob_noise
     footprint = (shape > 0.35) & (rho2 < 1.0) | (rho2 < 0.04)
@@ -499,7 +326,7 @@ def render_sample(seed: int, params: SynthParams, defect_free: bool) -> Sample:
     surface_rng, defect_rng, noise_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(int(seed) % 2**64).spawn(3)
     )
-    surface = _surface(surface_rng, size)
+    surface = random_surface(surface_rng, size)
     blur = float(surface_rng.uniform(0.0, 0.7))
     sensor = float(surface_rng.uniform(0.004, 0.025))
     tinted = surface_rng.random() < params.tint
@@ -514,7 +341,7 @@ def render_sample(seed: int, params: SynthParams, defect_free: bool) -> Sample:
 
     if blur >= 0.35:
         image = cv2.GaussianBlur(image, (0, 0), blur)
-    image += _gauss(noise_rng, (size, size)) * np.float32(sensor)
+    image += gauss(noise_rng, (size, size)) * np.float32(sensor)
     salt = int(noise_rng.poisson(size * size * noise_rng.uniform(0.0, 2e-4)))
     if salt:
         flat = image.reshape(-1)
@@ -523,256 +350,3 @@ def render_sample(seed: int, params: SynthParams, defect_free: bool) -> Sample:
     if tinted:
         out = _tint(surface_rng, out)
     return out, mask, types
-
-
-# ---------------------------------------------------------------------------------------------
-# Datasets
-# ---------------------------------------------------------------------------------------------
-
-
-def _image_seed(seed: int, index: int) -> int:
-    """The seed of image `index` in a dataset: a 63-bit hash of (dataset seed, index)."""
-    state = np.random.SeedSequence([int(seed) % 2**64, 1, index]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31) ^ int(state[1])
-
-
-def _layout(count: int, seed: int, defect_free: float) -> tuple[np.ndarray, list[str]]:
-    """Which images are defect-free (exactly round(count * share)) and the stratified 80/10/10 split."""
-    rng = np.random.default_rng(np.random.SeedSequence([int(seed) % 2**64, 0]))
-    free = np.zeros(count, dtype=bool)
-    free[rng.permutation(count)[: int(round(count * defect_free))]] = True
-    splits = ["train"] * count
-    # Split defect-free and defective images separately so every split gets some of each.
-    for group in (np.flatnonzero(free), np.flatnonzero(~free)):
-        order = rng.permutation(group)
-        n = len(order)
-        n_holdout = max(1, int(round(0.1 * n))) if n >= 3 else 0
-        for i in order[:n_holdout]:
-            splits[i] = "val"
-        for i in order[n_holdout : 2 * n_holdout]:
-            splits[i] = "test"
-    return free, splits
-
-
-def _id_width(count: int) -> int:
-    return max(6, len(str(count - 1)))
-
-
-WRITE_THREADS = 4  # per process: PNG encode and fsync release the GIL, so writes overlap rendering
-
-
-class _BatchRenderer:
-    """Renders batches of images and writes their files, the writes on a few threads."""
-
-    def __init__(self, out: Path, params: SynthParams, width: int) -> None:
-        self.out, self.params, self.width = out, params, width
-        self.executor = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="synth-write")
-
-    def run(self, batch: list[tuple[int, int, bool]]) -> list[tuple[int, str, float]]:
-        """Render and write each (index, seed, defect_free) task; return (index, types, defect fraction)."""
-        futures: list[Future] = []
-        results = []
-        for index, seed, free in batch:
-            image, mask, types = render_sample(seed, self.params, free)
-            name = f"{index:0{self.width}d}.png"
-            futures.append(self.executor.submit(write_png, self.out / "images" / name, image, False))
-            if free:
-                # A mask left from an earlier dataset in this folder would make this image "defective".
-                futures.append(self.executor.submit((self.out / "masks" / name).unlink, missing_ok=True))
-                fraction = 0.0
-            else:
-                futures.append(self.executor.submit(write_png, self.out / "masks" / name, mask, False))
-                fraction = cv2.countNonZero(mask) / mask.size
-            results.append((index, ";".join(types), fraction))
-        for future in futures:
-            future.result()  # re-raises a failed write here
-        return results
-
-    def close(self) -> None:
-        self.executor.shutdown(wait=True)
-
-
-_WORKER: _BatchRenderer | None = None  # one per pool process
-
-
-def _init_worker(out: str, params: SynthParams, width: int) -> None:
-    global _WORKER
-    cv2.setNumThreads(1)  # the pool already uses every core; OpenCV threads would only contend
-    _WORKER = _BatchRenderer(Path(out), params, width)
-
-
-def _run_batch(batch: list[tuple[int, int, bool]]) -> list[tuple[int, str, float]]:
-    assert _WORKER is not None, "pool worker not initialised"
-    return _WORKER.run(batch)
-
-
-# Threads known to sit idle holding nothing a worker needs (tqdm's bar monitor, used by the CLI).
-_IDLE_THREADS = frozenset({"tqdm_monitor"})
-
-
-def _os_threads() -> int:
-    """Threads of this process as the OS sees them (Python and native); -1 where /proc is missing."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return -1
-
-
-def _pool_context() -> multiprocessing.context.BaseContext:
-    """fork when safe (starts in ms), else spawn (~0.5 s: each worker imports numpy and OpenCV)."""
-    # Forking while other threads run (Streamlit sessions, servers) can deadlock the child on a lock
-    # some thread held at the time of the fork.
-    # Native threads count too: once OpenCV or OpenMP have started their pools in this process (a test
-    # session, a page that trained or inspected), a forked worker hangs in cv2.setNumThreads.
-    others = [t for t in threading.enumerate() if t is not threading.current_thread()]
-    if (sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
-            and all(t.name in _IDLE_THREADS for t in others) and _os_threads() == len(others) + 1):
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
-def _render_all(out: Path, params: SynthParams, width: int, tasks: list[tuple[int, int, bool]],
-                workers: int | None, progress: Progress | None) -> list[tuple[int, str, float]]:
-    """Render and write every (index, seed, defect-free) task, in a process pool when there are enough;
-    returns (index, defect types, defect fraction) per image."""
-    count = len(tasks)
-    workers = max(1, int(workers if workers is not None else config.cpu_threads()))
-    workers = min(workers, max(1, count // 16))
-    chunk = int(min(32, max(4, count // (workers * 8))))
-    batches = [tasks[i : i + chunk] for i in range(0, count, chunk)]
-    results: list[tuple[int, str, float]] = []
-
-    def collect(done_batches: Iterable[list[tuple[int, str, float]]]) -> None:
-        for done in done_batches:
-            results.extend(done)
-            if progress:
-                progress(len(results), count, "images")
-
-    if workers > 1 and count >= POOL_MIN_COUNT:
-        with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(out), params, width)) as pool:
-            collect(pool.imap(_run_batch, batches))
-    else:
-        renderer = _BatchRenderer(out, params, width)
-        try:
-            collect(map(renderer.run, batches))
-        finally:
-            renderer.close()
-    return results
-
-
-def generate_dataset(
-    out: str | Path,
-    count: int,
-    seed: int = 0,
-    params: SynthParams | None = None,
-    workers: int | None = None,
-    progress: Progress | None = None,
-) -> dict:
-    """Write DIR/images/<id>.png, DIR/masks/<id>.png (only for defective images), DIR/manifest.csv; return counts."""
-    params = params or SynthParams()
-    if not isinstance(count, (int, np.integer)) or count < 1:
-        raise EngineError(f"count must be an integer >= 1, got {count!r}")
-    validate_params(params)
-    started = time.perf_counter()
-    out = Path(out)
-    check_replaceable(out, MANIFEST_COLUMNS, "generate")
-    free, splits = _layout(count, seed, params.defect_free)
-    seeds = [_image_seed(seed, i) for i in range(count)]
-    tasks = [(i, seeds[i], bool(free[i])) for i in range(count)]
-    width = _id_width(count)
-    # Built whole in a hidden folder beside `out`, then swapped in: a failure leaves `out` as it was.
-    with staged_folder(out) as tmp:
-        try:
-            (tmp / "images").mkdir()
-            (tmp / "masks").mkdir()
-            results = _render_all(tmp, params, width, tasks, workers, progress)
-            buffer = io.StringIO()
-            writer = csv.writer(buffer, lineterminator="\n")
-            writer.writerow(MANIFEST_COLUMNS)
-            for index, types, fraction in results:
-                writer.writerow([f"{index:0{width}d}", splits[index], types, f"{fraction:.5f}", seeds[index]])
-            atomic_write_text(tmp / "manifest.csv", buffer.getvalue())
-        except OSError as err:
-            raise EngineError(f"cannot write the dataset to {out}: {err.strerror or err}") from err
-        replace_folder(tmp, out)
-
-    n_free = int(free.sum())
-    return {
-        "out": str(out),
-        "images": count,
-        "defective": count - n_free,
-        "defect_free": n_free,
-        "seconds": round(time.perf_counter() - started, 3),
-        "per_split": {s: splits.count(s) for s in SPLITS},
-    }
-
-
-def splits_text(per_split: dict[str, int]) -> str:
-    """A generated set's images per split, for people: 'train 700, val 150, test 150'."""
-    return ", ".join(f"{split} {count}" for split, count in per_split.items())
-
-
-def preview(params: SynthParams, n: int = 6, seed: int = 0) -> list[Sample]:
-    """Render n samples in memory (nothing written) for the UI preview."""
-    if n < 1:
-        raise EngineError(f"preview needs n >= 1, got {n!r}")
-    validate_params(params)
-    free, _ = _layout(n, seed, params.defect_free)
-    # The same seeds and layout as generate_dataset(count=n, seed=seed): the preview is that dataset.
-    return [render_sample(_image_seed(seed, i), params, bool(free[i])) for i in range(n)]
-
-
-def ensure_sample_folder(path: Path | str | None = None, count: int = 24) -> Path:
-    """Create the default sample folder (data/procedural_images) if missing or empty; return it."""
-    path = Path(path) if path is not None else config.SAMPLE_DIR
-    images = path / "images"
-    has_images = images.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in images.iterdir())
-    if not has_images:
-        generate_dataset(path, count, seed=0, workers=1)
-    return path
-
-
-_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-def dataset_dir(name: str) -> Path:
-    """Folder for a new dataset called `name` under config.DATA_DIR; EngineError for an unusable name."""
-    name = (name or "").strip()
-    if not _DATASET_NAME.match(name) or name in (".", ".."):
-        raise EngineError(f"dataset name {name!r} is not usable; use 1-64 letters, digits, '-', '_' or '.'")
-    return config.DATA_DIR / name
-
-
-def generate_and_register(
-    out: str | Path,
-    count: int,
-    seed: int = 0,
-    params: SynthParams | None = None,
-    workers: int | None = None,
-    progress: Progress | None = None,
-    source: str = "generated",
-) -> dict:
-    """generate_dataset, then record the folder in the registry (name, content hash, counts); returns the counts."""
-    from engine.data import (
-        register_dataset,  # data imports torch; keep plain generation light
-    )
-
-    params = params or SynthParams()
-    result = generate_dataset(out, count, seed=seed, params=params, workers=workers, progress=progress)
-    details = {"seed": seed, "size": params.size, "defect_free": params.defect_free,
-               "difficulty": params.difficulty, "tint": params.tint, "defect_weights": params.defect_weights}
-    result["dataset"] = register_dataset(out, source=source, details=details)
-    return result
-
-
-def ensure_sample_dataset(path: Path | str | None = None) -> Path:
-    """ensure_sample_folder, and make sure the registry lists the sample folder; return it."""
-    from engine import registry
-
-    path = ensure_sample_folder(path)
-    resolved = str(path.resolve())
-    if not any(dataset.path == resolved for dataset in registry.list_datasets()):
-        from engine.data import register_dataset
-
-        register_dataset(path, source="sample", details={"seed": 0})
-    return path

@@ -48,10 +48,10 @@ def session_home() -> Path:
 @pytest.fixture(scope="session")
 def tiny_dataset(session_home: Path) -> Path:
     """A generated 40-image 64x64 dataset with every split present."""
-    from engine import synth
+    from engine import synth, synthset
 
     out = session_home / "data" / "tiny"
-    synth.generate_dataset(out, 40, seed=3, params=synth.SynthParams(size=64), workers=1)
+    synthset.generate_dataset(out, 40, seed=3, params=synth.SynthParams(size=64), workers=1)
     return out
 
 

@@ -615,13 +615,13 @@ def test_real_uvicorn_server(trained_run: str, sample: np.ndarray) -> None:
 def test_default_follows_a_new_ready_run_without_restart_or_failed_requests(tmp_path: Path,
                                                                            sample: np.ndarray) -> None:
     """The bar of the first-hour issue: train and export while clients hammer /predict without ?run=."""
-    from engine import synth
+    from engine import synth, synthset
     from engine.export import export_run
     from engine.train import TrainConfig, train
 
     # Validation large enough to vouch for a run (metrics.too_few_to_show): 16 good and 4 defective images.
     data = tmp_path / "vouching"
-    synth.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)
+    synthset.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)
 
     with uvicorn_server() as base:  # DEFECTS_API_RUN unset: `ready`, the newest ready run
         before = httpx.get(f"{base}/health", timeout=30).json()

@@ -13,7 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.ui import epoch_label
-from engine import config, data, jobs, readiness, registry, runs, runstore, synth
+from engine import config, data, jobs, readiness, registry, runs, runstore, synth, synthset
 from engine.drawing import mask_difference
 from engine.errors import EngineError, RunNotFound
 from engine.evaluate import evaluate, select_samples
@@ -207,7 +207,7 @@ def test_train_asks_which_defects_to_paint_up_front_for_a_set_of_good_parts(tiny
     import shutil
 
     folder = config.DATA_DIR / "train-all-good"
-    synth.generate_dataset(folder, 6, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    synthset.generate_dataset(folder, 6, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
     try:
         at = open_page("app_pages/2_Train.py")
         at.selectbox(key="train_dataset").set_value("train-all-good").run()
@@ -244,7 +244,7 @@ def test_train_refuses_a_batch_that_does_not_split_over_the_processes(tiny_datas
 def test_train_offers_the_set_the_newest_run_trained_on_and_keeps_minutes_over_a_reload(
         trained_run: str, tiny_dataset: Path) -> None:
     held_out = config.DATA_DIR / "zz-held-out"  # registered after the training set, as the README's synth-test is
-    synth.generate_and_register(held_out, 6, seed=5, params=synth.SynthParams(size=64), workers=1)
+    synthset.generate_and_register(held_out, 6, seed=5, params=synth.SynthParams(size=64), workers=1)
     try:
         at = open_page("app_pages/2_Train.py")
         newest_run = next(r for r in registry.list_runs() if r.dataset_path and Path(r.dataset_path).is_dir())
@@ -497,7 +497,7 @@ def test_review_of_a_folder_of_good_parts_only_shows_no_dice(trained_run: str) -
     import shutil
 
     folder = config.DATA_DIR / "all-good"
-    synth.generate_dataset(folder, 6, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    synthset.generate_dataset(folder, 6, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
     try:
         at = open_page("app_pages/6_Review.py")
         at.sidebar.selectbox(key="review_run").set_value(trained_run).run()
@@ -628,10 +628,10 @@ def test_difference_image_codes_only_a_only_b_and_both() -> None:
 
 
 def test_dataset_name_is_checked() -> None:
-    assert synth.dataset_dir("ok-name_1.v2") == config.DATA_DIR / "ok-name_1.v2"
+    assert synthset.dataset_dir("ok-name_1.v2") == config.DATA_DIR / "ok-name_1.v2"
     for bad in ("", "../x", "a/b", ".hidden", "x" * 65):
         with pytest.raises(EngineError):
-            synth.dataset_dir(bad)
+            synthset.dataset_dir(bad)
 
 
 def test_train_refuses_a_dataset_that_fails_validation(session_home: Path) -> None:

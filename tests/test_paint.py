@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import config, readiness, recipe, registry, runs, runstore, synth
+from engine import config, readiness, recipe, registry, runs, runstore, synth, synthset
 from engine.__main__ import main
 from engine.errors import DatasetError, EngineError
 from engine.evaluate import select_samples
@@ -121,7 +121,7 @@ def test_defect_size_and_count_are_options_in_px_or_a_share_of_the_image(surface
     from engine.training.prepare import prepare_data
 
     goods = tmp_path / "good-set"
-    synth.generate_dataset(goods, 6, seed=2, params=synth.SynthParams(size=128, defect_free=1.0), workers=1)
+    synthset.generate_dataset(goods, 6, seed=2, params=synth.SynthParams(size=128, defect_free=1.0), workers=1)
     _, data = prepare_data(TrainConfig(data=str(goods), paint_size=64, paint_count=1, scale=0.5, crop=32))
     on_crops = data.train_set.painter.keywords["params"]
     assert (on_crops.window, on_crops.max_defects) == (32, 1)
@@ -172,7 +172,7 @@ def test_a_labelled_set_is_not_painted_by_default(trained_run) -> None:
 @pytest.mark.slow
 def test_train_on_good_images_only_paints_by_default_and_marks_painted_validation(tmp_path: Path, capsys) -> None:
     data = tmp_path / "good-only"
-    synth.generate_dataset(data, 30, seed=5, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    synthset.generate_dataset(data, 30, seed=5, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
     assert main(["train", "--data", str(data), "--epochs", "2", "--steps-per-epoch", "4",  # no --paint: the default
                  "--base", "8", "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none",
                  "--name", "paint-test"]) == 0
@@ -206,7 +206,7 @@ def test_train_on_good_images_only_paints_by_default_and_marks_painted_validatio
         line for line in capsys.readouterr().out.splitlines() if line.startswith(run_id))
     # Tuning on real labelled images decides, by training's own rule, and says so.
     labelled = tmp_path / "labelled"
-    synth.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
+    synthset.generate_dataset(labelled, 20, seed=6, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(labelled), "all"), 0.05)
     ready, _ = readiness.tuning_readiness(best, 0.05)
     after = runs.read_run_json(runs.run_dir(run_id))
@@ -291,7 +291,7 @@ def test_painting_onto_a_dataset_takes_only_its_defect_free_images(tmp_path: Pat
     from engine.paintset import good_images
 
     mixed = tmp_path / "mixed"
-    synth.generate_dataset(mixed, 12, seed=4, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
+    synthset.generate_dataset(mixed, 12, seed=4, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
     clean = {p.stem for p in (mixed / "images").iterdir()} - {p.stem for p in (mixed / "masks").iterdir()}
     assert clean and [p.stem for p in good_images(mixed)] == sorted(clean)  # a real defect has no painted mask
     for mask in (mixed / "masks").iterdir():
@@ -300,7 +300,7 @@ def test_painting_onto_a_dataset_takes_only_its_defect_free_images(tmp_path: Pat
     (mixed / "manifest.csv").unlink()
     assert len(good_images(mixed)) == len(clean)
     bad = tmp_path / "all-defective"
-    synth.generate_dataset(bad, 4, seed=4, params=synth.SynthParams(size=64, defect_free=0.0), workers=1)
+    synthset.generate_dataset(bad, 4, seed=4, params=synth.SynthParams(size=64, defect_free=0.0), workers=1)
     with pytest.raises(DatasetError, match="every image of this dataset holds a defect"):
         good_images(bad)
 
@@ -359,7 +359,7 @@ def test_a_defect_bank_moves_the_sets_own_defects_onto_good_images_with_their_ma
 @pytest.mark.slow
 def test_train_paint_beside_real_defects_moves_those_defects(tmp_path: Path, capsys) -> None:
     data = tmp_path / "labelled"
-    synth.generate_dataset(data, 20, seed=7, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
+    synthset.generate_dataset(data, 20, seed=7, params=synth.SynthParams(size=64, defect_free=0.5), workers=1)
     assert main(["train", "--data", str(data), "--paint", "0.5", "--epochs", "1", "--steps-per-epoch", "3",
                  "--base", "8", "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none",
                  "--name", "transplant-test"]) == 0
@@ -384,7 +384,7 @@ def test_export_of_a_good_parts_only_run_checks_on_painted_defects(tmp_path: Pat
     from engine import export
 
     data = tmp_path / "good-only"
-    synth.generate_dataset(data, 24, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
+    synthset.generate_dataset(data, 24, seed=9, params=synth.SynthParams(size=64, defect_free=1.0), workers=1)
     assert main(["train", "--data", str(data), "--epochs", "1", "--steps-per-epoch", "3", "--base", "8",
                  "--depth", "2", "--crop", "48", "--batch-size", "8", "--init", "none", "--name", "good-export"]) == 0
     run_id = max((p for p in config.RUNS_DIR.glob("*good-export*")), key=lambda p: p.stat().st_mtime).name

@@ -263,13 +263,13 @@ def test_a_run_without_a_defect_in_validation_is_judged_by_tuning_on_real_labels
 
 @pytest.mark.slow
 def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation_judged_ready(tmp_path) -> None:
-    from engine import synth
+    from engine import synth, synthset
     from engine.evaluate import select_samples
     from engine.inference import Predictor
     from engine.tuning import tune_run
 
     data = tmp_path / "vouching"  # validation of 4 defective and 16 good images can vouch (too_few_to_show)
-    synth.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)
+    synthset.generate_dataset(data, 200, seed=5, params=synth.SynthParams(size=64, defect_free=0.8), workers=1)
     run_id = train(TrainConfig(data=str(data), epochs=3, init="pretrained", crop=64, batch_size=8,
                                steps_per_epoch=8, name="judged"))
     info = runs.read_run_json(config.RUNS_DIR / run_id)
@@ -288,7 +288,7 @@ def test_a_tuning_that_misses_the_goal_takes_readiness_from_a_run_its_validation
     assert readiness.next_steps(after)[0].startswith("the model misses the goals on real images")
     # The recipe served is the one tuned: a tuning on unseen images that meets the goals makes it ready again.
     fresh = tmp_path / "fresh"
-    synth.generate_dataset(fresh, 100, seed=6, params=synth.SynthParams(size=64, defect_free=0.6), workers=1)
+    synthset.generate_dataset(fresh, 100, seed=6, params=synth.SynthParams(size=64, defect_free=0.6), workers=1)
     _, best, _ = tune_run(Predictor.from_run(run_id), select_samples(str(fresh), "all"), 0.05)
     assert best["readiness"] == f"run {run_id} is now ready (tuned on generated images)", best  # synth wrote it
     assert runs.read_run_json(config.RUNS_DIR / run_id)["ready"] is True

@@ -9,9 +9,10 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import synth
+from engine import surfaces, synth, synthset
 from engine.errors import EngineError
-from engine.synth import SynthParams, generate_dataset, render_sample
+from engine.synth import SynthParams, render_sample
+from engine.synthset import generate_dataset
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -85,7 +86,7 @@ def test_dataset_contract_manifest_masks_and_splits(tmp_path: Path) -> None:
     result = generate_dataset(tmp_path, 40, seed=3, params=SynthParams(size=48), workers=1,
                               progress=lambda done, total, what: seen.append((done, total)))
     rows = _manifest(tmp_path)
-    assert list(rows[0]) == list(synth.MANIFEST_COLUMNS)
+    assert list(rows[0]) == list(synthset.MANIFEST_COLUMNS)
     assert [r["id"] for r in rows] == [f"{i:06d}" for i in range(40)]
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == [f"{r['id']}.png" for r in rows]
     for row in rows:
@@ -104,7 +105,7 @@ def test_dataset_contract_manifest_masks_and_splits(tmp_path: Path) -> None:
 
     free = [r for r in rows if not r["defect_types"]]
     assert len(free) == 16 == result["defect_free"] and result["defective"] == 24 and result["images"] == 40
-    for split in synth.SPLITS:
+    for split in synthset.SPLITS:
         in_split = [r for r in rows if r["split"] == split]
         assert any(r["defect_types"] for r in in_split), split
         assert any(not r["defect_types"] for r in in_split), split
@@ -157,7 +158,7 @@ def test_a_failed_generate_leaves_the_earlier_set_as_it_was(tmp_path: Path, monk
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(synth, "_render_all", disk_full)
+    monkeypatch.setattr(synthset, "_render_all", disk_full)
     with pytest.raises(EngineError, match="no space left|No space left"):
         generate_dataset(out, 10, seed=2, params=SynthParams(size=48), workers=1)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
@@ -166,7 +167,7 @@ def test_a_failed_generate_leaves_the_earlier_set_as_it_was(tmp_path: Path, monk
 
 def test_preview_is_the_dataset_in_memory(tmp_path: Path) -> None:
     params = SynthParams(size=40, tint=0.5, defect_free=0.4)
-    samples = synth.preview(params, n=5, seed=3)
+    samples = synthset.preview(params, n=5, seed=3)
     generate_dataset(tmp_path, 5, seed=3, params=params, workers=1)
     assert len(samples) == 5
     assert sum(not types for _, _, types in samples) == 2
@@ -179,19 +180,19 @@ def test_preview_is_the_dataset_in_memory(tmp_path: Path) -> None:
 
 
 def test_surfaces_really_vary() -> None:
-    kinds = {synth._surface(np.random.default_rng(s), 64).kind for s in range(40)}
-    assert kinds == set(synth.SURFACES)
+    kinds = {surfaces.random_surface(np.random.default_rng(s), 64).kind for s in range(40)}
+    assert kinds == set(surfaces.SURFACES)
     means = [render_sample(s, SynthParams(size=48), True)[0].mean() for s in range(10)]
     assert max(means) - min(means) > 20
 
 
 def test_ensure_sample_folder_creates_once(tmp_path: Path) -> None:
     folder = tmp_path / "procedural_images"
-    assert synth.ensure_sample_folder(folder, count=6) == folder
+    assert synthset.ensure_sample_folder(folder, count=6) == folder
     images = sorted((folder / "images").glob("*.png"))
     assert len(images) == 6 and (folder / "manifest.csv").exists()
     before = images[0].stat().st_mtime_ns
-    synth.ensure_sample_folder(folder, count=6)
+    synthset.ensure_sample_folder(folder, count=6)
     assert images[0].stat().st_mtime_ns == before
 
 

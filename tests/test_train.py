@@ -356,11 +356,11 @@ def test_a_runs_validation_stays_within_its_share_and_the_best_is_chosen_on_the_
     """Whole 128 px validation images cost several times an epoch of two steps on 32 px crops: validating every
     epoch would take most of the run. The plan validates as often as its share allows, the last epoch on the whole
     split."""
-    from engine import synth
+    from engine import synth, synthset
     from engine.recipe import load_recipe
 
     data = session_home / "data" / "large-val"
-    synth.generate_dataset(data, 40, seed=5, params=synth.SynthParams(size=128), workers=1)
+    synthset.generate_dataset(data, 40, seed=5, params=synth.SynthParams(size=128), workers=1)
     # One thread: on a machine shared with other jobs, two threads waiting on each other make single passes slow.
     cfg = TrainConfig(data=str(data), minutes=0.5, base=8, depth=2, crop=32, batch_size=8, steps_per_epoch=2,
                       threads=1, name="val-share")
