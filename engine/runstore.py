@@ -2,7 +2,7 @@
 
 A run folder is the record: run.json (status, cause, readiness, ...), metrics.csv, recipe.json and
 export/report.json. Every change is written there first, atomically, and then mirrored into the registry by
-`registry.sync_run`, which reads the folder with the same readers `registry rebuild` uses, so the two cannot
+`registry_sync.sync_run`, which reads the folder with the same readers `registry rebuild` uses, so the two cannot
 disagree. A registry that cannot be written (deleted, full disk, read-only) costs a warning, never the run.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from engine import config, readiness, registry, runs
+from engine import config, readiness, registry, registry_sync, runs
 from engine.data import register_dataset
 from engine.errors import EngineError
 from engine.runfolder import RunFolder
@@ -41,7 +41,7 @@ def _now() -> str:
 def mirror(folder: Path, keep_cancel: bool = True) -> bool:
     """Copy a run folder's state into the registry; returns False (and warns) when the registry cannot be written."""
     try:
-        registry.sync_run(folder, keep_cancel=keep_cancel)
+        registry_sync.sync_run(folder, keep_cancel=keep_cancel)
         return True
     except (SQLAlchemyError, OSError, ValueError) as err:
         print(f"warning: run {folder.name}: the registry was not updated ({_short(err)}); run.json in {folder} "
@@ -159,7 +159,7 @@ def fail(folder: Path, error: str) -> dict[str, Any] | None:
         runs.write_run_json(folder, info)
     except WriteError:
         try:
-            registry.sync_run(folder, info=info)
+            registry_sync.sync_run(folder, info=info)
         except (SQLAlchemyError, OSError, ValueError):
             pass
         raise
@@ -205,7 +205,7 @@ def rebuild() -> tuple[int, int]:
     folders = sorted(p.parent for p in config.RUNS_DIR.glob("*/run.json"))
     for folder in folders:
         reconcile(folder)
-    count = registry.rebuild()
+    count = registry_sync.rebuild()
     paths = {Path(p) for p in _dataset_paths(folders)}
     if config.DATA_DIR.is_dir():
         paths |= {p for p in config.DATA_DIR.iterdir() if (p / "images").is_dir()}

@@ -47,7 +47,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def shown_run(trained_run: str) -> str:
     """The run Inspect and Review are driven with: the fixture run, or a copy of SCREENSHOT_RUN."""
-    from engine import config, registry
+    from engine import config, registry_sync
 
     source = os.environ.get("SCREENSHOT_RUN")
     if not source:
@@ -56,7 +56,7 @@ def shown_run(trained_run: str) -> str:
     target = config.RUNS_DIR / source_dir.name
     if not target.exists():
         shutil.copytree(source_dir, target, ignore=shutil.ignore_patterns("resume.pth", "*.log", "export"))
-    registry.rebuild()
+    registry_sync.rebuild()
     return source_dir.name
 
 

@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 
-from engine import bench, config, export, registry, runs
+from engine import bench, config, export, registry, registry_sync, runs
 from engine.__main__ import main
 from engine.data import load_pair, scan_dataset
 from engine.errors import DatasetError, EngineError, RunNotFound
@@ -115,7 +115,7 @@ def test_int8_gate_accepts_and_everything_is_recorded(trained_run: str, exported
     stored = {a.kind: a for a in registry.list_artifacts(trained_run)}
     assert stored["int8"].accepted and stored["int8"].size_bytes == int8_path.stat().st_size
     assert stored["int8"].metrics["val_dice"] == pytest.approx(gate["int8_dice"])
-    registry.rebuild()
+    registry_sync.rebuild()
     rebuilt = {a.kind: a for a in registry.list_artifacts(trained_run)}
     assert rebuilt["onnx"].path == str(folder / "export" / "model.onnx")
     assert rebuilt["int8"].accepted and rebuilt["int8"].metrics == stored["int8"].metrics

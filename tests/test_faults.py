@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import config, registry, runstore
+from engine import config, database, registry, runstore
 from tests.timing import scaled, wait_until
 
 pytestmark = pytest.mark.slow
@@ -52,12 +52,12 @@ class Place:
     def registry(self) -> Iterator[None]:
         """Point this process's registry (and data folder) at this place for a while."""
         saved = config.RUNS_DIR, config.DATA_DIR
-        registry.dispose_engines()
+        database.dispose_engines()
         config.RUNS_DIR, config.DATA_DIR = self.runs, self.data.parent
         try:
             yield
         finally:
-            registry.dispose_engines()
+            database.dispose_engines()
             config.RUNS_DIR, config.DATA_DIR = saved
 
     def states(self, run_id: str) -> tuple[dict, registry.Run | None]:

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engine import config, registry
+from engine import config, database, registry
 from engine.__main__ import main
 from engine.data import scan_dataset
 from engine.errors import DatasetError
@@ -22,7 +22,7 @@ def fresh_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setattr(config, "DATA_DIR", tmp_path / "data")
     monkeypatch.setattr(config, "RUNS_DIR", tmp_path / "runs")
     yield tmp_path
-    registry.dispose_engines()
+    database.dispose_engines()
 
 
 def texture(seed: int, size: tuple[int, int] = (32, 40)) -> np.ndarray:

@@ -13,7 +13,7 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from app_pages.ui import epoch_label
-from engine import config, data, jobs, readiness, registry, runs, runstore, synth, synthset
+from engine import config, data, jobs, readiness, registry, registry_sync, runs, runstore, synth, synthset
 from engine.drawing import mask_difference
 from engine.errors import EngineError, RunNotFound
 from engine.evaluate import evaluate, select_samples
@@ -462,7 +462,7 @@ def test_review_of_a_run_whose_dataset_has_no_test_split_starts_on_the_sample_fo
     shutil.copytree(runs.run_dir(trained_run), run_folder, ignore=shutil.ignore_patterns("export"))
     info = runs.read_run_json(run_folder)
     runs.write_run_json(run_folder, {**info, "run_id": run_id, "dataset": {**info["dataset"], "path": str(folder)}})
-    registry.rebuild()
+    registry_sync.rebuild()
     try:
         at = open_page("app_pages/6_Review.py")
         at.sidebar.selectbox(key="review_run").set_value(run_id).run()
@@ -678,7 +678,7 @@ def test_a_not_ready_run_says_so_on_inspect_runs_and_review(trained_run: str) ->
     reason = "validation false alarms 100% above the 5% goal (20 defect-free images)"
     runs.write_run_json(folder, {**runs.read_run_json(folder), "run_id": run_id, "status": "completed",
                                  "ready": False, "ready_reason": reason, "created_at": "2099-01-01T00:00:00+00:00"})
-    registry.rebuild()
+    registry_sync.rebuild()
     try:
         home = AppTest.from_file(str(ROOT / "Home.py"), default_timeout=TIMEOUT).run()  # the latest run, by far
         assert f"Latest run **{run_id}** is completed but **not ready**: {reason}." in \

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine import config, readiness, registry, runs, runstore
+from engine import config, database, readiness, registry, registry_sync, runs, runstore
 from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.metrics import good_images_to_bound, wilson_upper
@@ -314,7 +314,7 @@ def test_not_ready_is_stored_in_run_json_and_registry_and_survives_rebuild(tmp_p
     row = registry.get_run(run_id)
     if "ready" in registry.RUN_FIELDS:
         assert row.ready is False and row.ready_reason == info["ready_reason"]
-        registry.rebuild()
+        registry_sync.rebuild()
         row = registry.get_run(run_id)
         assert row.ready is False and row.ready_reason == info["ready_reason"]
 
@@ -364,7 +364,7 @@ def test_an_older_registry_gains_the_new_columns_and_keeps_its_rows(tmp_path) ->
         db.execute("CREATE TABLE epochmetric (id INTEGER PRIMARY KEY, run_id VARCHAR, epoch INTEGER, "
                    "train_loss FLOAT, val_loss FLOAT, val_dice FLOAT, val_iou FLOAT, lr FLOAT, seconds FLOAT, "
                    "images_per_s FLOAT)")
-    engine = registry.get_engine(path)
+    engine = database.get_engine(path)
     columns = {c["name"] for c in __import__("sqlalchemy").inspect(engine).get_columns("run")}
     assert {"ready", "ready_reason"} <= columns
     epoch_columns = {c["name"] for c in __import__("sqlalchemy").inspect(engine).get_columns("epochmetric")}

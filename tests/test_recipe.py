@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import config, readiness, recipe, registry
+from engine import config, database, readiness, recipe, registry
 from engine.__main__ import main
 from engine.inspection import find_regions, inspect
 from engine.metrics import wilson_upper
@@ -120,7 +120,7 @@ def run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir(parents=True)
     (folder / "run.json").write_text(json.dumps({"run_id": "r1", "threshold": 0.35}))
     yield folder
-    registry.dispose_engines()
+    database.dispose_engines()
 
 
 def test_default_recipe_is_the_run_threshold(run_folder: Path) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import config, registry
+from engine import config, registry, registry_sync
+from engine import database as registry_db  # the fixture `database` names the URL
 from engine.errors import EngineError, RunNotFound
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,31 +39,31 @@ def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, database: str | No
     if database:
         monkeypatch.setenv("DEFECTS_DATABASE_URL", database)
     yield tmp_path / "runs"
-    registry.dispose_engines()
+    registry_db.dispose_engines()
 
 
 def test_engine_is_cached_and_configured(runs_dir: Path, database: str | None) -> None:
-    engine = registry.get_engine()
-    assert engine is registry.get_engine()
+    engine = registry_db.get_engine()
+    assert engine is registry_db.get_engine()
     if database is None:  # SQLite: a WAL file in the runs folder, waiting for locks
-        assert engine is registry.get_engine(runs_dir / "registry.db")
+        assert engine is registry_db.get_engine(runs_dir / "registry.db")
         assert (runs_dir / "registry.db").exists()
         with engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 30000
     else:  # PostgreSQL: nothing in the runs folder, SERIALIZABLE writes
         assert engine.dialect.name == "postgresql" and not (runs_dir / "registry.db").exists()
-        with registry._write() as s:
+        with registry_db.write_session() as s:
             assert s.connection().exec_driver_sql("SHOW transaction_isolation").scalar() == "serializable"
 
 
 SCHEMA_RACER = """
 import sys, time
-from engine import registry
+from engine import database, registry
 start_at = float(sys.argv[1])
 while time.time() < start_at:
     time.sleep(0.002)
-registry.get_engine()
+database.get_engine()
 registry.upsert_dataset("shared", "/data/shared", "hash", 1, 1, 0)
 print("ok")
 """
@@ -80,11 +81,11 @@ def test_schema_creation_is_safe_when_processes_start_at_once(runs_dir: Path, da
 
 
 def test_an_older_registry_gains_the_new_columns(database: str | None) -> None:
-    engine = registry.get_engine()
+    engine = registry_db.get_engine()
     with engine.begin() as conn:  # what an older version made: no readiness or host columns
         for column in ("ready", "ready_reason", "host"):
             conn.exec_driver_sql(f'ALTER TABLE run DROP COLUMN "{column}"')
-    registry.dispose_engines()
+    registry_db.dispose_engines()
     registry.create_run("old", status="completed")
     registry.update_run("old", ready=True, host="line-3")
     assert registry.get_run("old").ready is True and registry.get_run("old").host == "line-3"
@@ -274,9 +275,9 @@ def test_effective_status() -> None:
 
 WRITER = """
 import sys
-from engine import registry
+from engine import database, registry
 run_id, start_at = sys.argv[1], float(sys.argv[2])
-registry.get_engine()
+database.get_engine()
 import time
 while time.time() < start_at:
     time.sleep(0.005)
@@ -369,7 +370,7 @@ def test_rebuild_from_run_folders(runs_dir: Path, caplog: pytest.LogCaptureFixtu
     registry.record_epoch("20261126-103512-synth", 9, train_loss=5.0)
 
     with caplog.at_level(logging.WARNING, logger="engine.registry"):
-        assert registry.rebuild() == 2
+        assert registry_sync.rebuild() == 2
     assert "20261126-130000-broken" in caplog.text
 
     run = registry.get_run("20261126-103512-synth")
@@ -390,7 +391,7 @@ def test_rebuild_from_run_folders(runs_dir: Path, caplog: pytest.LogCaptureFixtu
     assert registry.get_run("20261126-130000-broken") is None
 
     # Idempotent: a second rebuild replaces rather than duplicates.
-    assert registry.rebuild(runs_dir) == 2
+    assert registry_sync.rebuild(runs_dir) == 2
     assert len(registry.epoch_metrics(run.id)) == 2 and len(registry.list_artifacts(run.id)) == 2
 
 
@@ -468,5 +469,5 @@ def test_trainings_app_and_api_at_once(runs_dir: Path, tiny_dataset: Path) -> No
             assert run["status"] == "completed" and run["epochs_done"] == 6
             assert [epoch for (rid, epoch) in before["epochs"] if rid == run_id] == list(range(1, 7))
     assert len({d.name for d in registry.list_datasets()} & {"imported-0", "imported-1", "imported-2"}) == 3
-    assert registry.rebuild() == 3
+    assert registry_sync.rebuild() == 3
     assert _rows() == before
