@@ -8,6 +8,7 @@ from pathlib import Path
 import plotly.graph_objects as go
 import streamlit as st
 from plotly.subplots import make_subplots
+from streamlit.delta_generator import DeltaGenerator
 
 from app_pages.ui import duration, epoch_step, preset_label, readiness_notice
 from engine import config, data, jobs, registry, runs, runstore
@@ -88,35 +89,22 @@ def remember_minutes() -> None:
     st.query_params["minutes"] = f"{st.session_state['train_minutes']:g}"
 
 
-settings, monitor_column = st.columns([1, 2], gap="large")
-active = jobs.active_runs()
+def dataset_summary(choices: dict[str, Path], dataset: str | None) -> tuple[bool, bool]:
+    """Show the picked dataset's counts; returns (unusable, good parts only)."""
+    if not dataset:
+        return False, False
+    try:
+        counts = data.scan_dataset(choices[dataset], validate=False).counts()
+    except EngineError as err:
+        st.error(str(err))
+        return True, False
+    st.caption(f"{counts['images']} images ({counts['defective']} with defects): "
+               f"{counts['train']} train / {counts['val']} val / {counts['test']} test")
+    return False, counts["images"] > 0 and not counts["defective"]
 
-# ---- a new run -----------------------------------------------------------------------------------
-with settings:
-    st.subheader("New run")
-    choices = data.dataset_choices(trainable=True)
-    if not choices:
-        st.info("No dataset yet: make one on the Generate data page.")
-    dataset = st.selectbox("Dataset", list(choices), index=default_dataset(choices), key="train_dataset",
-                           on_change=name_after_dataset)
-    st.session_state.setdefault("train_name_auto", dataset or "run")
-    unusable, good_only = False, False
-    if dataset:
-        try:
-            counts = data.scan_dataset(choices[dataset], validate=False).counts()
-        except EngineError as err:
-            st.error(str(err))
-            unusable = True
-        else:
-            st.caption(f"{counts['images']} images ({counts['defective']} with defects): "
-                       f"{counts['train']} train / {counts['val']} val / {counts['test']} test")
-            good_only = counts["images"] > 0 and not counts["defective"]
-    # A set of good parts alone learns the generator's defects: which kinds is the user's first choice there.
-    painting = st.container()
-    if good_only:
-        painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
-                         f"images. Name the kinds your line looks for: {EVERY_KIND}.")
-    name = st.text_input("Run name", value=dataset or "run", key="train_name")
+
+def budget_and_goals() -> dict:
+    """Model size, the budget (minutes or epochs), device and the line's goals, as TrainConfig fields."""
     preset = st.selectbox("Model size", list(PRESETS), index=list(PRESETS).index(DEFAULTS.preset),
                           key="train_preset", format_func=preset_label)
     stop_by = st.radio("Stop after", ["minutes", "epochs"], horizontal=True, key="train_stop_by",
@@ -136,6 +124,13 @@ with settings:
     goal_detection = detection_col.number_input(
         "Min detection (%)", 0.0, 100.0, DEFAULTS.goal_detection * 100, 1.0, key="train_goal_detection",
         help="the share of defective parts the run must find on validation to be ready (your line's goal)")
+    return {"preset": preset, "epochs": int(epochs) if epochs else None, "minutes": minutes, "device": device,
+            "max_false_alarm": max_false_alarm / 100, "goal_detection": goal_detection / 100}
+
+
+def advanced_options(painting: DeltaGenerator, good_only: bool) -> dict:
+    """The Advanced expander's options, as TrainConfig fields (the kinds to paint go first where the set holds
+    good parts alone)."""
     with st.expander("Advanced"):
         crop = st.select_slider("Crop (px)", ["auto", 32, 64, 96, 128, 160, 192, 256], value="auto", key="train_crop",
                                 help="auto: chosen from the image and defect sizes")
@@ -167,43 +162,124 @@ with settings:
         nproc = st.number_input("Training processes", 1, 64, DEFAULTS.nproc, key="train_nproc",
                                 help="above 1, torchrun trains in that many processes (DistributedDataParallel) and "
                                      "the batch is split over them: for several GPUs; on one CPU it is not faster")
+    return {"crop": None if crop == "auto" else int(crop), "batch_size": int(batch_size),
+            "steps_per_epoch": int(steps) or None, "lr": float(lr), "seed": int(seed),
+            "paint": None if paint == "auto" else float(paint), "paint_types": ",".join(paint_types) or None,
+            "paint_size": float(paint_size), "init": init, "nproc": int(nproc)}
+
+
+def start(folder: Path, name: str, options: dict, parallel: bool) -> None:
+    """Start a run on `folder` in the background and watch it; a refusal shows as one line."""
+    try:
+        report = data.scan_dataset(folder)
+        if len(report.split("train")) < 2:
+            raise EngineError(f"{folder.name} needs at least 2 training images (has {report.counts()}); "
+                              "generate or import more images")
+        run_id = jobs.start_training(replace(DEFAULTS, data=str(folder), name=name, **options), parallel=parallel)
+    except EngineError as err:
+        st.error(str(err))
+        return
+    st.query_params["run"] = run_id
+    st.session_state["train_watch"] = run_id
+    st.session_state["train_started"] = (run_id, report.problems[:5])
+    st.rerun()  # at once with the run active: the start button is disabled before a second click lands
+
+
+def new_run(active: list) -> tuple[str, bool, bool]:
+    """The form of a new run and its start button; returns (device, blocked, parallel runs allowed)."""
+    st.subheader("New run")
+    choices = data.dataset_choices(trainable=True)
+    if not choices:
+        st.info("No dataset yet: make one on the Generate data page.")
+    dataset = st.selectbox("Dataset", list(choices), index=default_dataset(choices), key="train_dataset",
+                           on_change=name_after_dataset)
+    st.session_state.setdefault("train_name_auto", dataset or "run")
+    unusable, good_only = dataset_summary(choices, dataset)
+    # A set of good parts alone learns the generator's defects: which kinds is the user's first choice there.
+    painting = st.container()
+    if good_only:
+        painting.caption("No labelled defect in this set, so the generator's defects are painted onto its good "
+                         f"images. Name the kinds your line looks for: {EVERY_KIND}.")
+    name = st.text_input("Run name", value=dataset or "run", key="train_name")
+    options = {**budget_and_goals(), **advanced_options(painting, good_only)}
     allow_parallel = st.checkbox("Allow parallel runs", value=False, key="train_parallel")
     blocked = bool(active) and not allow_parallel
     if blocked:
         st.caption(f"Run {active[0].id} is still {active[0].status}; tick the box to start another.")
     if st.button("Start training", type="primary", disabled=blocked or not dataset or unusable, key="train_start"):
-        try:
-            report = data.scan_dataset(choices[dataset])
-            if len(report.split("train")) < 2:
-                raise EngineError(f"{dataset} needs at least 2 training images (has {report.counts()}); "
-                                  "generate or import more images")
-            run_id = jobs.start_training(replace(
-                DEFAULTS, data=str(choices[dataset]), name=name or dataset, epochs=int(epochs) if epochs else None,
-                minutes=minutes, preset=preset, device=device, crop=None if crop == "auto" else int(crop), init=init,
-                batch_size=int(batch_size), steps_per_epoch=int(steps) or None, lr=float(lr), seed=int(seed),
-                paint=None if paint == "auto" else float(paint), paint_types=",".join(paint_types) or None,
-                paint_size=float(paint_size), nproc=int(nproc), max_false_alarm=max_false_alarm / 100,
-                goal_detection=goal_detection / 100), parallel=allow_parallel)
-        except EngineError as err:
-            st.error(str(err))
-        else:
-            st.query_params["run"] = run_id
-            st.session_state["train_watch"] = run_id
-            st.session_state["train_started"] = (run_id, report.problems[:5])
-            st.rerun()  # at once with the run active: the start button is disabled before a second click lands
+        start(choices[dataset], name or dataset, options, allow_parallel)
     if "train_started" in st.session_state:
         run_id, problems = st.session_state.pop("train_started")
         for problem in problems:
             st.warning(problem)
         st.success(f"Started run {run_id}.")
+    return options["device"], blocked, allow_parallel
 
-# ---- watching a run ------------------------------------------------------------------------------
-with monitor_column:
+
+def show(run_id: str, was_active: bool) -> None:
+    """Status, progress bar, curves and the actions that fit the run's state."""
+    try:
+        state = jobs.progress(run_id)
+    except EngineError as err:
+        st.warning(str(err))
+        return
+    if was_active and state["settled"]:
+        st.rerun()  # finished: redraw the whole page once (static view, resume offered)
+    done, planned = state["epochs_done"], state["epochs_planned"]
+    st.progress(state["fraction"] or 0.0, text=f"{state['status']}: epoch {done}" + (f"/{planned}" if planned else ""))
+    a, b, c, d = st.columns(4)
+    a.metric("Elapsed", duration(state["elapsed_s"]))
+    b.metric("Remaining (est.)", duration(state["eta_s"]) if state["active"] else "—")
+    c.metric("Best Dice", f"{state['best_dice']:.3f}" if state["best_dice"] is not None else "—")
+    d.metric("Best IoU", f"{state['best_iou']:.3f}" if state["best_iou"] is not None else "—")
+    if state["metrics"]:
+        st.plotly_chart(curves(state["metrics"]), key=f"curves_{run_id}")
+    elif state["active"]:
+        st.caption("Waiting for the first epoch…")
+    if state["active"]:
+        if st.button("Cancel run", key=f"cancel_{run_id}"):
+            jobs.cancel(run_id)
+            st.toast(f"Cancel requested for {run_id}")
+    if state["status"] == "completed":
+        try:
+            readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
+        except EngineError as err:  # its folder was deleted meanwhile
+            st.warning(str(err))
+    if state["status"] == "failed" and not state["settled"]:
+        st.warning(f"No sign of life from the training process: {state['error']}. Still watching: this "
+                   "changes if it beats again or records its end.")
+    elif state["status"] == "failed":
+        st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
+        tail = jobs.log_tail(run_id)
+        if tail:
+            st.code(tail, language="text", wrap_lines=True)
+
+
+def resume_form(watched: str, device: str, blocked: bool, parallel: bool) -> None:
+    """Resume a settled run with more epochs, where it saved some."""
+    run = registry.get_run(watched)
+    if run is None or watched == "demo" or not runs.epochs_saved(runs.run_dir(watched)):
+        return
+    st.subheader("Resume with more epochs")
+    more = st.number_input("Train up to epoch", run.epochs_done + 1, run.epochs_done + 500,
+                           run.epochs_done + 5, key=f"resume_to_{watched}")
+    if st.button("Resume", key=f"resume_{watched}", disabled=blocked):
+        try:
+            jobs.start_training(replace(DEFAULTS, name=run.name, resume=watched, epochs=int(more), device=device),
+                                parallel=parallel)
+        except EngineError as err:
+            st.error(str(err))
+        else:
+            st.rerun()
+
+
+def watch(active: list, device: str, blocked: bool, parallel: bool) -> None:
+    """The run picked (else the newest active or newest), live while it is active."""
     st.subheader("Progress")
     all_runs = runstore.list_runs()
     if not all_runs:
         st.info("No runs yet. Start one on the left; its progress shows here.")
-        st.stop()
+        return
     ids = [run.id for run in all_runs]
     wanted = st.query_params.get("run")
     default = wanted if wanted in ids else (active[0].id if active else ids[0])
@@ -216,62 +292,23 @@ with monitor_column:
     # A run shown failed only because it has not beaten for a while is watched on: it may beat again, or end.
     was_active = statuses[watched] in registry.ACTIVE_STATUSES or jobs.judged_gone_only(
         next(run for run in all_runs if run.id == watched))
-
-    def show(run_id: str) -> None:
-        """Status, progress bar, curves and the actions that fit the run's state."""
-        try:
-            state = jobs.progress(run_id)
-        except EngineError as err:
-            st.warning(str(err))
-            return
-        if was_active and state["settled"]:
-            st.rerun()  # finished: redraw the whole page once (static view, resume offered)
-        done, planned = state["epochs_done"], state["epochs_planned"]
-        st.progress(state["fraction"] or 0.0, text=f"{state['status']}: epoch {done}" + (f"/{planned}" if planned else ""))
-        a, b, c, d = st.columns(4)
-        a.metric("Elapsed", duration(state["elapsed_s"]))
-        b.metric("Remaining (est.)", duration(state["eta_s"]) if state["active"] else "—")
-        c.metric("Best Dice", f"{state['best_dice']:.3f}" if state["best_dice"] is not None else "—")
-        d.metric("Best IoU", f"{state['best_iou']:.3f}" if state["best_iou"] is not None else "—")
-        if state["metrics"]:
-            st.plotly_chart(curves(state["metrics"]), key=f"curves_{run_id}")
-        elif state["active"]:
-            st.caption("Waiting for the first epoch…")
-        if state["active"]:
-            if st.button("Cancel run", key=f"cancel_{run_id}"):
-                jobs.cancel(run_id)
-                st.toast(f"Cancel requested for {run_id}")
-        if state["status"] == "completed":
-            try:
-                readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
-            except EngineError as err:  # its folder was deleted meanwhile
-                st.warning(str(err))
-        if state["status"] == "failed" and not state["settled"]:
-            st.warning(f"No sign of life from the training process: {state['error']}. Still watching: this "
-                       "changes if it beats again or records its end.")
-        elif state["status"] == "failed":
-            st.error(f"Run failed: {state['error'] or 'no reason recorded'}")
-            tail = jobs.log_tail(run_id)
-            if tail:
-                st.code(tail, language="text", wrap_lines=True)
-
     if was_active:
-        st.fragment(show, run_every=2)(watched)
-    else:
-        show(watched)
-        run = registry.get_run(watched)
-        folder = runs.run_dir(watched)
-        if run is not None and watched != "demo" and runs.epochs_saved(folder):
-            st.subheader("Resume with more epochs")
-            more = st.number_input("Train up to epoch", run.epochs_done + 1, run.epochs_done + 500,
-                                   run.epochs_done + 5, key=f"resume_to_{watched}")
-            if st.button("Resume", key=f"resume_{watched}", disabled=blocked):
-                try:
-                    jobs.start_training(replace(DEFAULTS, name=run.name, resume=watched, epochs=int(more),
-                                                device=device), parallel=allow_parallel)
-                except EngineError as err:
-                    st.error(str(err))
-                else:
-                    st.rerun()
-        with st.expander("Training log"):
-            st.code(jobs.log_tail(watched) or "(no log)", language="text", wrap_lines=True)
+        st.fragment(show, run_every=2)(watched, was_active)
+        return
+    show(watched, was_active)
+    resume_form(watched, device, blocked, parallel)
+    with st.expander("Training log"):
+        st.code(jobs.log_tail(watched) or "(no log)", language="text", wrap_lines=True)
+
+
+def main() -> None:
+    """The page: the form of a new run on the left, the run watched on the right."""
+    settings, monitor_column = st.columns([1, 2], gap="large")
+    active = jobs.active_runs()
+    with settings:
+        device, blocked, parallel = new_run(active)
+    with monitor_column:
+        watch(active, device, blocked, parallel)
+
+
+main()

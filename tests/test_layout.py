@@ -70,6 +70,22 @@ def test_engine_functions_fit_on_a_screen_or_say_why() -> None:
     assert not long, long
 
 
+def test_a_pages_top_level_fits_on_a_screen() -> None:
+    """A page's top level (what runs besides imports and definitions) counts as a function: 60 lines at most, and
+    every function of a page fits on a screen too."""
+    long = []
+    for path in sorted([*(config.ROOT / "app_pages").glob("*.py"), config.ROOT / "Home.py"]):
+        tree = ast.parse(path.read_text())
+        top = [node for node in tree.body[1:] if not isinstance(
+            node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.ClassDef))]
+        lines = sum(node.end_lineno - node.lineno + 1 for node in top)
+        if lines > 60:
+            long.append(f"{path.name}: top level {lines} lines")
+        long += [f"{path.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                 for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno >= 60]
+    assert not long, long
+
+
 def test_readiness_is_decided_in_one_module() -> None:
     """Outside engine/readiness.py a run's "ready" is only copied (from a Readiness, a record, a row), never worked
     out with a comparison or a literal True, and none of the judge's functions is defined again."""
