@@ -10,7 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engine import config, registry
+from engine import config, registry, runs
+from engine.errors import RunNotFound
 from engine.registry import STATUSES
 from engine.runfolder import RunFolder
 from engine.tables import METRIC_FIELDS, Artifact, EpochMetric, Run, as_utc, dumps
@@ -153,11 +154,11 @@ def read_run_folder(folder: Path, info: dict | None = None) -> tuple[Run, list[E
     export/report.json, recipe.json); ValueError if run.json is missing or unreadable."""
     try:
         if info is None:
-            info = json.loads(RunFolder(folder).run_json.read_text(encoding="utf-8"))
+            info = runs.read_run_json(folder)
         if not isinstance(info, dict):
             raise ValueError("not a JSON object")
         run = _run_from_folder(folder, info)
-    except (OSError, ValueError, TypeError, AttributeError) as err:
+    except (RunNotFound, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{folder}: run.json is unreadable ({err})") from err
     epochs = _epochs_from_csv(RunFolder(folder).metrics, run.id)
     artifacts = _artifacts_from_report(RunFolder(folder).report, run.id)

@@ -70,6 +70,19 @@ def test_engine_functions_fit_on_a_screen_or_say_why() -> None:
     assert not long, long
 
 
+def test_run_json_is_opened_in_one_module() -> None:
+    """engine/runs.py reads and writes run.json; every other module goes through it (read_run_json,
+    write_run_json), so a change of its format has one home."""
+    files = [*ENGINE.rglob("*.py"), *(config.ROOT / "api").rglob("*.py"), *(config.ROOT / "app_pages").glob("*.py")]
+    opened = []
+    for path in sorted(p for p in files if p.name != "runs.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ("read_text", "read_bytes", "open", "write_text")
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == "run_json"):
+                opened.append(f"{path.relative_to(config.ROOT)}:{node.lineno}")
+    assert not opened, opened
+
+
 def test_a_pages_top_level_fits_on_a_screen() -> None:
     """A page's top level (what runs besides imports and definitions) counts as a function: 60 lines at most, and
     every function of a page fits on a screen too."""
