@@ -135,10 +135,12 @@ def label_counts(dataset: str | Path) -> dict[str, int]:
 
 
 def training_set(dataset: str | Path, run: str) -> Path:
-    """A dataset to fine-tune RUN on: the run's own data (its splits kept, so its validation stays the same) plus
-    every labelled image in train; an image of the run's data that was labelled counts once, as labelled, in its own
-    split (a label on a val or test image never trains). Images are linked, not copied; the folder `<labels>+train`
-    is rebuilt whole each time (staged, then swapped in)."""
+    """A dataset to fine-tune RUN on: the run's own data (its splits kept) plus every labelled image in train; an
+    image of the run's data that was labelled counts once, as labelled, in its own split (a label on a val or test
+    image never trains). Where the run's validation holds no real defect (a run on good parts), every other labelled
+    defect validates instead (labelling order: the 2nd, 4th, ...), so that the fine-tune's readiness is measured on
+    real defects it did not train on. Images are linked, not copied; the folder `<labels>+train` is rebuilt whole
+    each time (staged, then swapped in)."""
     dataset = Path(dataset)
     labels = read_labels(dataset)
     if not labels:
@@ -147,6 +149,7 @@ def training_set(dataset: str | Path, run: str) -> Path:
     split_of = {s.id: "val" for s in val} | {s.id: "train" for s in train}  # validation carved as the run carved it
     labelled = {row.get("source_path") for row in labels.values()}
     run_split = {str(s.image_path.resolve()): split_of.get(s.id, s.split) for s in own.samples}
+    validating = validating_labels(labels, run_split) if not any(s.defective for s in val) else set()
     final = dataset.with_name(f"{dataset.name}+train")
     with folder_lock(final, "written"), staged_folder(final) as tmp:
         (tmp / "images").mkdir()
@@ -169,10 +172,21 @@ def training_set(dataset: str | Path, run: str) -> Path:
             if (dataset / "masks" / f"{path.stem}.png").is_file():
                 _link(dataset / "masks" / f"{path.stem}.png", tmp / "masks" / f"{path.stem}.png")
             held_out = run_split.get(row.get("source_path") or "") in ("val", "test")
-            rows.append({**row, "split": run_split[row["source_path"]] if held_out else "train"})
+            split = run_split[row["source_path"]] if held_out else "val" if row["id"] in validating else "train"
+            rows.append({**row, "split": split})
         _write_manifest(tmp / "manifest.csv", rows)
         replace_folder(tmp, final)
     return final
+
+
+def validating_labels(labels: dict[str, dict[str, str]], run_split: dict[str, str]) -> set[str]:
+    """Ids of the labelled defects that validate a fine-tune whose run validated on no real defect: every other one
+    (2nd, 4th, ...) in labelling order, of those the run did not hold out already."""
+    defects = sorted((row for row in labels.values()
+                      if run_split.get(row.get("source_path") or "") not in ("val", "test")
+                      and (row.get("label_source") == IMAGE_LEVEL or float(row.get("defect_fraction") or 0) > 0)),
+                     key=lambda row: (row.get("labelled_at") or "", row["id"]))
+    return {row["id"] for row in defects[1::2]}
 
 
 def run_splits(run: str) -> tuple[DatasetReport, list[Sample], list[Sample]]:

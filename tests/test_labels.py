@@ -357,3 +357,39 @@ def test_label_page_ranks_a_typed_folder_and_says_in_one_line_when_it_holds_no_i
     queue = at.session_state.label_queue["items"]
     assert sorted(item["id"] for item in queue) == [f"part{i}" for i in range(6)]
     assert at.text_input(key="label_name_line").value == "labels-line"
+
+
+def test_labelled_defects_validate_in_turn_where_the_run_validated_on_none() -> None:
+    rows = {f"p{k}": {"id": f"p{k}", "label_source": "drawn", "defect_fraction": "0.01", "source_path": f"/x/p{k}",
+                      "labelled_at": f"2026-12-07T10:00:0{k}+00:00"} for k in range(5)}
+    rows["good"] = {"id": "good", "label_source": "good", "defect_fraction": "", "source_path": "/x/good",
+                    "labelled_at": "2026-12-07T10:00:01+00:00"}
+    rows["flat"] = {"id": "flat", "label_source": "image_level", "defect_fraction": "", "source_path": "/x/flat",
+                    "labelled_at": "2026-12-07T10:00:09+00:00"}
+    rows["held"] = {"id": "held", "label_source": "drawn", "defect_fraction": "0.2", "source_path": "/x/held",
+                    "labelled_at": "2026-12-07T10:00:00+00:00"}
+    # labelling order p0 p1 p2 p3 p4 flat (good is no defect, held is already in the run's test split)
+    assert labels.validating_labels(rows, {"/x/held": "test"}) == {"p1", "p3", "flat"}
+
+
+@pytest.mark.slow
+def test_a_fine_tune_of_a_good_parts_run_validates_on_every_other_labelled_defect(tiny_dataset: Path,
+                                                                                 tmp_path: Path) -> None:
+    from engine.train import TrainConfig, train
+
+    good = tmp_path / "good"
+    (good / "images").mkdir(parents=True)
+    samples = scan_dataset(tiny_dataset).samples
+    for sample in (s for s in samples if not s.defective):
+        (good / "images" / sample.image_path.name).symlink_to(sample.image_path)
+    run = train(TrainConfig(data=str(good), epochs=1, base=8, depth=2, crop=32, batch_size=8, steps_per_epoch=2,
+                            name="good-parts"))
+    out = labels.labels_folder(f"labels-{tmp_path.name}"[:60])
+    defective = [s for s in samples if s.defective and s.split == "train"][:4]
+    for sample in defective:
+        labels.save_label(out, sample.image_path, "drawn", load_pair(sample)[1])
+    combined = scan_dataset(labels.training_set(out, run))
+    validating = sorted(s.id for s in combined.split("val") if not s.id.startswith("run-"))
+    assert len(validating) == 2 and validating == sorted(s.image_path.stem for s in defective)[1::2]
+    assert all(s.defective for s in combined.split("val") if s.id in validating)
+    assert len([s for s in combined.split("train") if s.defective]) == 2
