@@ -24,6 +24,7 @@ from engine import config, readiness
 from engine.data import IMAGE_LEVEL, DatasetReport, Sample, image_folder, images_in, register_dataset, scan_dataset
 from engine.errors import DatasetError, EngineError
 from engine.imageio import decode_raw, encode_png
+from engine.metrics import MIN_DEFECTIVE
 from engine.storage import atomic_write_bytes, atomic_write_text, folder_lock, replace_folder, staged_folder
 
 LABEL_SOURCES = ("drawn", "accepted", "good", IMAGE_LEVEL)
@@ -137,9 +138,9 @@ def label_counts(dataset: str | Path) -> dict[str, int]:
 def training_set(dataset: str | Path, run: str) -> Path:
     """A dataset to fine-tune RUN on: the run's own data (its splits kept) plus every labelled image in train; an
     image of the run's data that was labelled counts once, as labelled, in its own split (a label on a val or test
-    image never trains). Where the run's validation holds no real defect (a run on good parts), every other labelled
-    defect validates instead (labelling order: the 2nd, 4th, ...), so that the fine-tune's readiness is measured on
-    real defects it did not train on. Images are linked, not copied; the folder `<labels>+train` is rebuilt whole
+    image never trains). Where the run's validation holds no real defect (a run on good parts), some labelled defects
+    validate instead (validating_labels), so that the fine-tune's readiness is measured on real defects it did not
+    train on. Images are linked, not copied; the folder `<labels>+train` is rebuilt whole
     each time (staged, then swapped in)."""
     dataset = Path(dataset)
     labels = read_labels(dataset)
@@ -180,13 +181,18 @@ def training_set(dataset: str | Path, run: str) -> Path:
 
 
 def validating_labels(labels: dict[str, dict[str, str]], run_split: dict[str, str]) -> set[str]:
-    """Ids of the labelled defects that validate a fine-tune whose run validated on no real defect: every other one
-    (2nd, 4th, ...) in labelling order, of those the run did not hold out already."""
+    """Ids of the labelled defects that validate a fine-tune whose run validated on no real defect, of those the run
+    did not hold out already: every other one (2nd, 4th, ... in labelling order), and then the latest of the others
+    until validation holds the MIN_DEFECTIVE that can show detection, while the first one labelled (the queue's most
+    unsure) always trains."""
     defects = sorted((row for row in labels.values()
                       if run_split.get(row.get("source_path") or "") not in ("val", "test")
                       and (row.get("label_source") == IMAGE_LEVEL or float(row.get("defect_fraction") or 0) > 0)),
                      key=lambda row: (row.get("labelled_at") or "", row["id"]))
-    return {row["id"] for row in defects[1::2]}
+    validating, training = defects[1::2], defects[0::2]
+    while len(validating) < MIN_DEFECTIVE and len(training) > 1:
+        validating.append(training.pop())
+    return {row["id"] for row in validating}
 
 
 def run_splits(run: str) -> tuple[DatasetReport, list[Sample], list[Sample]]:

@@ -370,6 +370,10 @@ def test_labelled_defects_validate_in_turn_where_the_run_validated_on_none() -> 
                     "labelled_at": "2026-12-07T10:00:00+00:00"}
     # labelling order p0 p1 p2 p3 p4 flat (good is no defect, held is already in the run's test split)
     assert labels.validating_labels(rows, {"/x/held": "test"}) == {"p1", "p3", "flat"}
+    # four defects: every other one, then the latest of the rest up to three, the first one trains
+    four = {k: rows[k] for k in ("p0", "p1", "p2", "p3")}
+    assert labels.validating_labels(four, {}) == {"p1", "p2", "p3"}
+    assert labels.validating_labels({k: rows[k] for k in ("p0", "p1")}, {}) == {"p1"}
 
 
 @pytest.mark.slow
@@ -390,6 +394,6 @@ def test_a_fine_tune_of_a_good_parts_run_validates_on_every_other_labelled_defec
         labels.save_label(out, sample.image_path, "drawn", load_pair(sample)[1])
     combined = scan_dataset(labels.training_set(out, run))
     validating = sorted(s.id for s in combined.split("val") if not s.id.startswith("run-"))
-    assert len(validating) == 2 and validating == sorted(s.image_path.stem for s in defective)[1::2]
+    assert len(validating) == 3 and validating == sorted(s.image_path.stem for s in defective)[1:]
     assert all(s.defective for s in combined.split("val") if s.id in validating)
-    assert len([s for s in combined.split("train") if s.defective]) == 2
+    assert [s.id for s in combined.split("train") if s.defective] == [sorted(s.image_path.stem for s in defective)[0]]
