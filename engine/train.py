@@ -1,4 +1,5 @@
-"""The training job: one process, one loop. Writes the run folder and the registry as it goes.
+"""The training job: resolve the run (new, queued or resumed), run the loop (engine/training/loop.py), and record a
+failure with its cause. Writes the run folder and the registry as it goes.
 
 Run with `python -m engine train --data DIR ...` (see engine/__main__.py) or start it in the
 background with engine.jobs.start_training.

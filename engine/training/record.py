@@ -1,5 +1,6 @@
-"""What training records of its validation: the recipe it chooses, when the run first met the readiness bars,
-and the lines that say so."""
+"""What training records: run.json when a run starts and when it ends (the recipe it chooses on validation, its
+verdict from readiness.of_training, where the time went, when it first met the readiness bars) and the lines that
+say so."""
 
 from __future__ import annotations
 
