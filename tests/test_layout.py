@@ -56,6 +56,13 @@ def test_engine_modules_import_each_other_without_cycles() -> None:
             visit(module, [module])
 
 
+def test_no_engine_module_is_over_500_lines() -> None:
+    """A module a newcomer reads in one sitting: split by concern past 500 lines."""
+    long = [f"{p.relative_to(config.ROOT)} ({n} lines)" for p in sorted(ENGINE.rglob("*.py"))
+            if (n := len(p.read_text().splitlines())) > 500]
+    assert not long, long
+
+
 def test_engine_functions_fit_on_a_screen_or_say_why() -> None:
     """No function in engine/ over 60 lines, unless a comment at its top says why (`Over 60 lines on purpose`)."""
     long = []
