@@ -89,9 +89,13 @@ def train_three_and_cancel(page: object, url: str, minutes: float) -> dict:
 
 def export_from_page(page: object, url: str, runs_dir: Path) -> dict:
     """Export the newest completed run from the Export page: when a bar shows, and whether it ends on report.json."""
+    run_id = max(p.parent.name for p in runs_dir.glob("*/run.json")
+                 if json.loads(p.read_text()).get("status") == "completed")  # the newest completed run
     page.goto(f"{url}/Export")
     settle(page)
-    run_id = page.locator('[data-testid="stSelectbox"]').first.inner_text().split("\n")[-1].strip()
+    page.locator('[data-testid="stSelectbox"]').filter(has_text="Run").first.click()
+    page.get_by_role("option", name=run_id).first.click()
+    settle(page)
     clicked = time.monotonic()
     page.get_by_role("button", name="Export and benchmark").click()
     page.wait_for_selector('[data-testid="stProgress"]', timeout=60_000)
