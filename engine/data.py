@@ -157,7 +157,8 @@ def image_level(row: dict[str, str]) -> bool:
     return (row.get("label_source") or "").strip() == IMAGE_LEVEL
 
 
-def _listed_as_defective(row: dict[str, str]) -> bool:
+def listed_as_defective(row: dict[str, str]) -> bool:
+    """Whether a manifest row gives its image a defect fraction above 0 (a number that is not one: no)."""
     try:
         return float(row.get("defect_fraction") or 0) > 0
     except ValueError:
@@ -242,11 +243,11 @@ def scan_dataset(root: str | Path, validate: bool = True) -> DatasetReport:
             split = split_for_id(path.stem)
         sample = Sample(path.stem, path, masks.get(path.stem), split, row.get("defect_types", "") or "")
         if sample.mask_path is not None and (row.get("defect_fraction") or "").strip():
-            sample.has_defect = _listed_as_defective(row)  # the manifest knows; decoding below confirms it
+            sample.has_defect = listed_as_defective(row)  # the manifest knows; decoding below confirms it
         unoutlined = sample.mask_path is None and image_level(row)
         if unoutlined:
             sample.has_defect = True
-        elif sample.mask_path is None and _listed_as_defective(row):
+        elif sample.mask_path is None and listed_as_defective(row):
             problems.append(f"{path.name}: manifest lists a defect but masks/{path.stem}.png is missing")
             continue
         if validate:

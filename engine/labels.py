@@ -21,7 +21,17 @@ import cv2
 import numpy as np
 
 from engine import config, readiness
-from engine.data import IMAGE_LEVEL, DatasetReport, Sample, image_folder, images_in, register_dataset, scan_dataset
+from engine.data import (
+    IMAGE_LEVEL,
+    DatasetReport,
+    Sample,
+    image_folder,
+    image_level,
+    images_in,
+    listed_as_defective,
+    register_dataset,
+    scan_dataset,
+)
 from engine.errors import DatasetError, EngineError
 from engine.imageio import decode_raw, encode_png
 from engine.metrics import MIN_DEFECTIVE
@@ -140,8 +150,8 @@ def training_set(dataset: str | Path, run: str) -> Path:
     image of the run's data that was labelled counts once, as labelled, in its own split (a label on a val or test
     image never trains). Where the run's validation holds no real defect (a run on good parts), some labelled defects
     validate instead (validating_labels), so that the fine-tune's readiness is measured on real defects it did not
-    train on. Images are linked, not copied; the folder `<labels>+train` is rebuilt whole
-    each time (staged, then swapped in)."""
+    train on. Images are linked, not copied; the folder `<labels>+train` is rebuilt whole each time (staged, then
+    swapped in)."""
     dataset = Path(dataset)
     labels = read_labels(dataset)
     if not labels:
@@ -172,7 +182,7 @@ def training_set(dataset: str | Path, run: str) -> Path:
             _link(path, tmp / "images" / path.name)
             if (dataset / "masks" / f"{path.stem}.png").is_file():
                 _link(dataset / "masks" / f"{path.stem}.png", tmp / "masks" / f"{path.stem}.png")
-            held_out = run_split.get(row.get("source_path") or "") in ("val", "test")
+            held_out = _held_out(row, run_split)
             split = run_split[row["source_path"]] if held_out else "val" if row["id"] in validating else "train"
             rows.append({**row, "split": split})
         _write_manifest(tmp / "manifest.csv", rows)
@@ -185,14 +195,18 @@ def validating_labels(labels: dict[str, dict[str, str]], run_split: dict[str, st
     did not hold out already: every other one (2nd, 4th, ... in labelling order), and then the latest of the others
     until validation holds the MIN_DEFECTIVE that can show detection, while the first one labelled (the queue's most
     unsure) always trains."""
-    defects = sorted((row for row in labels.values()
-                      if run_split.get(row.get("source_path") or "") not in ("val", "test")
-                      and (row.get("label_source") == IMAGE_LEVEL or float(row.get("defect_fraction") or 0) > 0)),
+    defects = sorted((row for row in labels.values() if not _held_out(row, run_split)
+                      and (image_level(row) or listed_as_defective(row))),
                      key=lambda row: (row.get("labelled_at") or "", row["id"]))
     validating, training = defects[1::2], defects[0::2]
     while len(validating) < MIN_DEFECTIVE and len(training) > 1:
         validating.append(training.pop())
     return {row["id"] for row in validating}
+
+
+def _held_out(row: dict[str, str], run_split: dict[str, str]) -> bool:
+    """Whether a label is on an image the run held out (its val or test split): it stays there, never trains."""
+    return run_split.get(row.get("source_path") or "") in ("val", "test")
 
 
 def run_splits(run: str) -> tuple[DatasetReport, list[Sample], list[Sample]]:
