@@ -104,7 +104,7 @@ def validate_finalists(cfg: TrainConfig, folder: Path, info: dict, t: Trainer, h
     if leader is None or on_sample >= best["score"]:
         keep_best(folder, info, t.model, meta, v, best, on_sample, full=True)
     elif best["probs"] is None and leader > pace.start_epoch:  # an earlier epoch leads on the sample: look at it too
-        model, _ = load_checkpoint(folder / f"model_epoch_{leader}.pth", device=str(t.device))
+        model, _ = load_checkpoint(RunFolder(folder).epoch(leader), device=str(t.device))
         w = run_validation(cfg, t, plan.order, pace.clock, model.to(memory_format=t.memory_format))
         next(row for row in history if row["epoch"] == leader).update(w.fields())
         if w.metrics["score"] >= v.metrics["score"]:
