@@ -350,11 +350,6 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
     return stats
 
 
-def at_scale(px: int, scale: float) -> int:
-    """A minimum area measured on images resized by `scale` in px of the full-size image (NEVER_PX stays NEVER_PX)."""
-    return px if px >= NEVER_PX else min(int(round(px / scale**2)), NEVER_PX - 1)
-
-
 def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
     """The recipe `tune` saves: the chosen threshold and min area, the base's pixel size, no other rules."""
     tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",

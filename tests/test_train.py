@@ -381,3 +381,35 @@ def test_a_runs_validation_stays_within_its_share_and_the_best_is_chosen_on_the_
     assert all("val_detection" in row and row["val_ready"] in (0.0, 1.0) for row in validated)
     assert [point["epoch"] for point in info["curve"]] == [row["epoch"] for row in validated]
     assert info["gflop_per_crop"] > 0 and info["train_gflop_per_s"] > 0 and info["precision"] in ("fp32", "bf16")
+
+
+def test_the_final_recipe_is_chosen_at_the_images_own_size() -> None:
+    """At the training scale a defect thinner than the resize keeps no mask pixel, and the region the model finds
+    on it counts as a false alarm; at the images' own size, as they are served, it is a defect found."""
+    import numpy as np
+
+    from engine.recipe import NEVER_PX
+    from engine.training.batches import SegmentationDataset
+    from engine.training.prepare import TrainData
+    from engine.training.record import training_recipe
+    from engine.training.selection import at_image_size
+    from engine.tuning import min_areas_at
+
+    good, pitted = np.zeros((64, 64), np.uint8), np.zeros((64, 64), np.uint8)
+    pitted[21, 21] = 1  # a quarter of one pixel at half size: below the half-covered rule
+    image = np.zeros((64, 64), np.float32)
+    val = SegmentationDataset([], crop=32, augment=False, scale=0.5, pairs=[(image, good), (image, pitted)])
+    assert not val.pairs[1][1].any()  # the defect is gone from the mask training validates on
+    data = TrainData(val, val, 0.0, 1.0, {}, "", False, val_masks=[good, pitted])
+    seen = np.zeros((32, 32), np.float32)
+    seen[9:12, 9:12] = 0.95  # the model's region over the pit, at half size
+    best = {"probs": [seen, np.zeros((32, 32), np.float32)], "truths": [val.pairs[1][1], val.pairs[0][1]],
+            "indices": [1, 0]}  # validated in the plan's order, not the folder's
+    at_training_scale = training_recipe(best["probs"], best["truths"], 0.5, 0.05)
+    assert at_training_scale["n_defective"] == 0 and at_training_scale["false_alarm_rate"] == 0.5
+
+    at_image_size(best, data)
+    assert [p.shape for p in best["probs"]] == [(64, 64)] * 2 and best["truths"] == [pitted, good]
+    chosen = training_recipe(best["probs"], best["truths"], 0.5, 0.05, scale=0.5)
+    assert (chosen["n_defective"], chosen["detection_rate"], chosen["false_alarm_rate"]) == (1, 1.0, 0.0)
+    assert chosen["min_region_px"] in {*min_areas_at(0.5), NEVER_PX}  # the grid at the model's scale, full-size px

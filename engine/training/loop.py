@@ -22,7 +22,14 @@ from engine.training.hard_negatives import HARD_SCAN_IMAGES, HARD_SCAN_MIN, find
 from engine.training.pace import Pace, plan_for, print_start, reforecast
 from engine.training.record import finish_run, start_run_record
 from engine.training.schedule import Budget, Patience, get_lr
-from engine.training.selection import epoch_meta, keep_best, run_validation, validate_best, validate_finalists
+from engine.training.selection import (
+    at_image_size,
+    epoch_meta,
+    keep_best,
+    run_validation,
+    validate_best,
+    validate_finalists,
+)
 from engine.training.setup import Trainer, setup
 
 
@@ -58,6 +65,7 @@ def fit(cfg: TrainConfig, folder: Path, info: dict, start_epoch: int, group: dis
             validate_finalists(cfg, folder, info, t, history, best, pace)
         if stop_reason != "cancelled" and best["probs"] is None and best["epoch"] is not None:
             validate_best(cfg, folder, t, best, pace)
+        at_image_size(best, t.data)
         finish_run(cfg, folder, info, best, stop_reason or f"all {epoch} epochs done", pace, model_speed, history)
     return cfg.run_id
 

@@ -27,6 +27,7 @@ class TrainData:
     data_hash: str
     val_carved: bool
     val_painted: bool = False  # validation holds no real defect, so defects were painted on its good images
+    val_masks: list[np.ndarray] | None = None  # validation's masks at the images' own size, where scale is not 1
 
 
 def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainData]:
@@ -84,8 +85,9 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
               f"defects with `evaluate`", flush=True)
     val_set = SegmentationDataset(val_samples, crop=cfg.crop, augment=False, scale=cfg.scale, pairs=val_pairs)
     mean, std = image_stats([image for image, _ in train_set.pairs])
+    val_masks = [mask for _, mask in val_pairs] if cfg.scale != 1.0 else None  # the final recipe is chosen on them
     return cfg, TrainData(train_set, val_set, mean, std, report.counts(), dataset_hash(report.samples), carved,
-                          val_painted)
+                          val_painted, val_masks)
 
 
 def rank_seed(seed: int, rank: int) -> int:

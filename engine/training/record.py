@@ -21,7 +21,7 @@ from engine.storage import atomic_write_bytes
 from engine.training.config import PAINTED_CONFIDENCE, TrainConfig
 from engine.training.pace import Pace
 from engine.training.prepare import TrainData
-from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, at_scale, tuned_recipe
+from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, min_areas_at, tuned_recipe
 
 CURVE_FIELDS = ("epoch", "minutes", "val_ap", "val_detection", "val_false_alarm", "val_images", "val_ready")
 
@@ -47,15 +47,17 @@ def time_to_ready_line(reached: dict | None, painted: bool) -> str:
 
 def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,
                     max_false_alarm: float, painted: bool = False, kinds: list[tuple[str, ...]] | None = None,
-                    goal_detection: float = DETECTION_GOAL) -> dict:
+                    goal_detection: float = DETECTION_GOAL, scale: float = 1.0) -> dict:
     """The recipe training saves: on validation, the most detections with false alarms within the goal, over
     thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms), minimum
     region areas and sure tiers (a smaller region counts where its peak reaches a sure score); of those that tie on
     verdicts, the highest Dice and the min area midway along the tie. On `painted` validation the goal holds on the
     upper confidence bound of false alarms and the most cautious recipe within noise of the most detections wins
-    (TuneStats.best). `kinds` names each image's defect kinds, for detection per kind."""
+    (TuneStats.best). `kinds` names each image's defect kinds, for detection per kind. On images at their own size
+    for a model that sees them resized by `scale`, the minimum areas are the grid at the model's scale, in px of
+    the full-size image (min_areas_at), as `tune` tries them."""
     thresholds = [t for t in DEFAULT_THRESHOLDS if t >= dice_threshold - 1e-9] or [dice_threshold]
-    stats = TuneStats(sorted({dice_threshold, *thresholds}), sure_scores=DEFAULT_SURE_SCORES)
+    stats = TuneStats(sorted({dice_threshold, *thresholds}), min_areas_at(scale), DEFAULT_SURE_SCORES)
     for k, (probability, truth) in enumerate(zip(probs, truths)):
         stats.add(probability, truth, kinds=kinds[k] if kinds else ())
     if not any(stats.has_defect):  # nothing to detect on validation: keep the Dice threshold, no area rule
@@ -139,16 +141,13 @@ def start_run_record(cfg: TrainConfig, folder: Path, info: dict, data: TrainData
 
 def finish_run(cfg: TrainConfig, folder: Path, info: dict, best: dict, stop_reason: str, pace: Pace,
                model_speed: float, history: list[dict]) -> None:
-    """Choose the recipe on validation, decide readiness, close run.json and the registry row, say why it stopped
-    and where the time went."""
+    """Choose the recipe on validation (`best` holds it at the images' own size: selection.at_image_size), decide
+    readiness, close run.json and the registry row, say why it stopped and where the time went."""
     judged = readiness.stopped("no epoch finished")
     if best["probs"] is not None:
         chosen = training_recipe(best["probs"], best["truths"], info["threshold"], cfg.max_false_alarm,
                                  painted=info["dataset"].get("val_painted", False), kinds=best.get("kinds"),
-                                 goal_detection=cfg.goal_detection)
-        # Validation ran at the training scale; the recipe is applied to images at their own size.
-        chosen["min_region_px"] = at_scale(chosen["min_region_px"], cfg.scale)
-        chosen["sure_min_px"] = at_scale(chosen.get("sure_min_px") or 0, cfg.scale)
+                                 goal_detection=cfg.goal_detection, scale=cfg.scale)
         context = {"data": str(Path(cfg.data).resolve()), "split": "val", "epoch": best["epoch"], "by": "training"}
         info["recipe"] = save_recipe_for(folder, chosen, context)
         judged = readiness.of_training(chosen, info["dataset"].get("val_painted", False), cfg.max_false_alarm,

@@ -19,7 +19,7 @@ from engine.training.pace import Pace
 from engine.training.prepare import TrainData
 from engine.training.record import training_recipe
 from engine.training.setup import Trainer
-from engine.training.validation import set_metrics, validate
+from engine.training.validation import set_metrics, upsample, validate
 
 
 @dataclass
@@ -82,7 +82,7 @@ def keep_best(folder: Path, info: dict, model: UNetTiny, meta: dict, v: Validati
     info["threshold"] = v.threshold
     save_checkpoint(RunFolder(folder).best, model, {**meta, "threshold": v.threshold, "val_dice": v.metrics["dice"]})
     best.update(score=score, epoch=meta["epoch"], probs=v.probs if full else None, truths=v.truths if full else None,
-                kinds=v.kinds if full else None)
+                kinds=v.kinds if full else None, indices=v.indices if full else None)
     info.update(best_epoch=meta["epoch"], best_dice=v.metrics["dice"], best_iou=v.metrics["iou"],
                 best_score=v.metrics["score"], best_val=v.metrics)
 
@@ -124,9 +124,20 @@ def validate_best(cfg: TrainConfig, folder: Path, t: Trainer, best: dict, pace: 
     decided from the best epoch as it is, not carried over."""
     model, _ = load_checkpoint(RunFolder(folder).best, device=str(t.device))
     v = run_validation(cfg, t, pace.plan.order, pace.clock, model.to(memory_format=t.memory_format))
-    best.update(probs=v.probs, truths=v.truths, kinds=v.kinds)
+    best.update(probs=v.probs, truths=v.truths, kinds=v.kinds, indices=v.indices)
     print(f"best epoch {best['epoch']} (from before this resume) validated on all {len(pace.plan.order)} val "
           f"images: score {v.metrics['score']:.4f}", flush=True)
+
+
+def at_image_size(best: dict, data: TrainData) -> None:
+    """Bring the best epoch's validation to the images' own size, as they are served: its probabilities upsampled
+    the way the Predictor does, with the masks as labelled. The recipe is then chosen where it is applied; at the
+    training scale a thin defect's mask loses the pixels less than half covered, and the areas only approximate."""
+    if data.val_masks is None or best.get("probs") is None:
+        return
+    masks = [data.val_masks[i] for i in best["indices"]]
+    best["probs"] = [upsample(p, mask.shape) for p, mask in zip(best["probs"], masks)]
+    best["truths"] = masks
 
 
 def _figure(value: float | None) -> str:

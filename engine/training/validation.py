@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,14 @@ def pad_to_stride(x: torch.Tensor, stride: int) -> tuple[torch.Tensor, int, int]
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect" if min(height, width) > max(pad_h, pad_w) else "replicate")
     return x, height, width
+
+
+def upsample(probability: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Probabilities of an image resized for the model, brought to the image's own `shape` (height, width) as the
+    Predictor brings them (linear interpolation)."""
+    if probability.shape == tuple(shape[:2]):
+        return probability
+    return cv2.resize(probability, (shape[1], shape[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def image_logits(model: UNetTiny, image: np.ndarray, mean: float, std: float, device: torch.device,
