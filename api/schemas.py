@@ -7,6 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from engine.inference import BACKENDS
+from engine.readiness import Served
 
 BackendName = Literal[BACKENDS]  # Literal of a tuple: one of its strings
 BackendRequest = Literal[("auto", *BACKENDS)]
@@ -18,21 +19,13 @@ class ErrorResponse(BaseModel):
     detail: str = Field(examples=["upload.svg: an SVG image; send a PNG, JPEG, BMP or TIFF image"])
 
 
-class ModelInfo(BaseModel):
-    """Which model answered."""
+class ModelInfo(Served):
+    """Which model answered, and whether its run is ready (engine.readiness.Served)."""
 
     run: str
     epoch: int | None = None
     backend: BackendName
     device: str = "cpu"
-    ready: bool = Field(True, description="false when training marked the run not ready (its recipe missed its "
-                                          "goal on validation), or the run has not completed")
-    ready_for: str | None = Field(None, description="where `ready` was shown to hold, when narrower than your parts: "
-                                                  "'generated images only' for the demo model")
-    ready_reason: str | None = Field(None, description="why the run is not ready")
-    not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
-    ready_note: str | None = Field(None, description="where a ready run is ready provisionally: what its validation "
-                                                     "held too few images to show (the detection goal, a rare kind)")
 
 
 class ImageSize(BaseModel):
@@ -100,17 +93,13 @@ class NewestRun(BaseModel):
     ready_reason: str
 
 
-class HealthResponse(BaseModel):
+class HealthResponse(Served):
     """Liveness and whether the default model is loaded."""
 
     status: Literal["ok", "no_model"]
     model: ModelInfo | None = None
     detail: str | None = Field(None, description="why no model is loaded")
     ready: bool = Field(False, description="whether the default model is ready to serve (see ModelInfo.ready)")
-    ready_for: str | None = Field(None, description="where `ready` was shown to hold, when narrower than your parts: "
-                                                  "'generated images only' for the demo model")
-    ready_reason: str | None = Field(None, description="why it is not")
-    not_ready_reason: str | None = Field(None, description="the same as ready_reason (the name in docs/DESIGN.md)")
     default_run: str = Field(description="DEFECTS_API_RUN: `ready` follows the newest ready run, `latest` the newest "
                                          "run with a checkpoint; anything else is a pinned run")
     backend_choice: BackendChoice | None = Field(None, description="how `auto` picked the default model's backend")
@@ -122,8 +111,8 @@ class HealthResponse(BaseModel):
     pid: int = Field(description="process id of the worker that answered (`serve --workers N` runs N of them)")
 
 
-class CatalogEntry(BaseModel):
-    """A run folder and the backends it can be served with."""
+class CatalogEntry(Served):
+    """A run folder (engine.runrecord.RunRecord's fields) and the backends it can be served with."""
 
     run: str
     name: str | None = None
@@ -133,11 +122,6 @@ class CatalogEntry(BaseModel):
     threshold: float | None = None
     backends: list[str]
     default_backend: str | None = None
-    ready: bool = True
-    ready_for: str | None = Field(None, description="where `ready` was shown to hold, when narrower than your parts: "
-                                                  "'generated images only' for the demo model")
-    ready_reason: str | None = None
-    not_ready_reason: str | None = None
 
 
 class ModelsResponse(BaseModel):

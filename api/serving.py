@@ -11,6 +11,7 @@ from engine import runs
 from engine.errors import EngineError, GateFailed
 from engine.imageio import read_limited
 from engine.inference import Predictor
+from engine.readiness import Served
 from engine.serving import PredictorCache, auto_backend, model_catalog, predict_bytes
 
 
@@ -102,9 +103,7 @@ class ServingState:
         auto = self.default and self.settings.default_backend in (None, "auto")
         choice = auto_backend(self.default.run_dir) if auto else None
         skipped = runs.newer_not_ready(self.default.run_dir) if self.settings.default_run == "ready" else None
-        return {"status": "ok", "model": model, "detail": None, "ready": model["ready"],
-                "ready_for": model["ready_for"], "ready_reason": model["ready_reason"],
-                "not_ready_reason": model["ready_reason"],
+        return {"status": "ok", "model": model, "detail": None, **{key: model[key] for key in Served.model_fields},
                 "default_run": self.settings.default_run, "backend_choice": choice.as_dict() if choice else None,
                 "newest_run": skipped and {"run": skipped[0], "ready": False, "ready_reason": skipped[1]}}
 

@@ -242,7 +242,7 @@ def show(run_id: str, was_active: bool) -> None:
             st.toast(f"Cancel requested for {run_id}")
     if state["status"] == "completed":
         try:
-            readiness_notice(runs.read_run_json(runs.run_dir(run_id)))
+            readiness_notice(runs.read_record(runs.run_dir(run_id)))
         except EngineError as err:  # its folder was deleted meanwhile
             st.warning(str(err))
     if state["status"] == "failed" and not state["settled"]:

@@ -28,7 +28,7 @@ def choose() -> tuple[str, Path, str] | None:
     epochs = ["best", *[str(e) for e in reversed(runs.epochs_saved(folder))]]
     epoch = right.selectbox("Epoch", epochs, key="export_epoch", help="'best' is the best validation epoch")
     try:
-        readiness_notice(runs.read_run_json(folder))  # an exported model is served as is: say first if it is not ready
+        readiness_notice(runs.read_record(folder))  # an exported model is served as is: say first if it is not ready
     except EngineError as err:
         st.warning(str(err))
     return run_id, folder, epoch

@@ -28,6 +28,7 @@ from engine.inference import Predictor, model_file
 from engine.inspection import Inspection, inspect, why_counted
 from engine.inspector import current_recipe
 from engine.metrics import dice_score, iou_score
+from engine.runrecord import RunRecord
 from engine.serving import gated_backends, refusals
 from engine.storage import file_version
 
@@ -114,7 +115,7 @@ def model_sidebar(folders: dict) -> dict:
             st.stop()
         threshold = st.slider("Threshold", 0.0, 1.0, base_recipe.threshold, 0.01, key=f"inspect_thr_{run_id}",
                               help=f"The run's recipe threshold: {base_recipe.threshold:.2f} (best validation Dice at "
-                                   f"{float(info.get('threshold', 0.5)):.2f})")
+                                   f"{info.threshold:.2f})")
     epochs: list[int | str] = [picked[0]] if picked[0] == picked[1] or backend != "torch" else list(picked)
     if backend != "torch":
         st.caption(f"The {backend} export holds one model; the epoch slider does not apply.")
@@ -122,7 +123,7 @@ def model_sidebar(folders: dict) -> dict:
             "device": device, "recipe": base_recipe.with_overrides(threshold=threshold), "threshold": threshold}
 
 
-def pick_sample(sample_dir: Path, run_id: str, info: dict):
+def pick_sample(sample_dir: Path, run_id: str, info: RunRecord):
     """A sample of a folder (a run starts on the test split of its own dataset, on a defect it did not see)."""
     folder_choices = {sample_dir.name: sample_dir, **data.dataset_choices()}
     if st.session_state.get("inspect_folder_of") != run_id:  # a run starts on the test split of its own dataset
@@ -151,7 +152,7 @@ def pick_sample(sample_dir: Path, run_id: str, info: dict):
     return samples[sample_id]
 
 
-def pick_image(sample_dir: Path, run_id: str, info: dict) -> dict:
+def pick_image(sample_dir: Path, run_id: str, info: RunRecord) -> dict:
     """The image (from a folder or uploaded), its sample and ground truth where it has one."""
     source = st.radio("Image", ["A folder", "Upload"], horizontal=True, key="inspect_source")
     truth: np.ndarray | None = None

@@ -57,32 +57,33 @@ def lineage(rows: list[dict]) -> None:
     ids = [row["run_id"] for row in rows]
     picked = st.selectbox("Run", ids, key="runs_lineage")
     try:
-        info = runs.read_run_json(runs.run_dir(picked))
+        record = runs.read_record(runs.run_dir(picked))
     except EngineError as err:
         st.warning(f"{picked}: {err}")
         return
-    readiness_notice(info)
-    dataset = info.get("dataset") or {}
-    known = registry.find_dataset_by_hash(dataset.get("hash", "")) if dataset.get("hash") else None
+    readiness_notice(record)
+    dataset = record.dataset
+    known = registry.find_dataset_by_hash(dataset.hash) if dataset.hash else None
     a, b = st.columns(2)
     with a:
-        st.markdown(f"**Dataset** `{dataset.get('path', '?')}`  \nhash `{dataset.get('hash', '?')}`"
+        st.markdown(f"**Dataset** `{dataset.path or '?'}`  \nhash `{dataset.hash or '?'}`"
                     + (f" — registered as **{known.name}**" if known else " — not in the registry (changed or moved)"))
-        counts = dataset.get("counts") or {}
+        counts = dataset.counts
         if counts:
             st.markdown(f"**Counts** {counts.get('images')} images ({counts.get('defective')} with defects) · "
                         f"{counts.get('train')} train / {counts.get('val')} val / {counts.get('test')} test")
-        st.markdown(f"**Command** `{info.get('command', '')}`")
-        st.markdown(f"**Machine** {info.get('machine', '?')} · device {info.get('device', '?')} · "
-                    f"{info.get('parameters', 0):,} parameters · stop: {info.get('stop_reason', '—')}")
+        st.markdown(f"**Command** `{record.command}`")
+        st.markdown(f"**Machine** {record.machine or '?'} · device {record.device or '?'} · "
+                    f"{record.parameters:,} parameters · stop: {record.stop_reason or '—'}")
         st.markdown("**Versions**")
-        st.json(info.get("versions", {}), expanded=True)
+        st.json(record.versions, expanded=True)
     with b:
         st.markdown("**Training parameters**")
-        st.json(info.get("params", {}), expanded=False)
+        st.json(record.params, expanded=False)
         st.markdown("**Model and result**")
-        st.json({k: info.get(k) for k in ("arch", "normalisation", "threshold", "best_epoch", "best_dice",
-                                          "best_iou", "started_at", "finished_at")}, expanded=False)
+        st.json(record.model_dump(mode="json", include={"arch", "normalisation", "threshold", "best_epoch",
+                                                        "best_dice", "best_iou", "started_at", "finished_at"}),
+                expanded=False)
 
 
 def delete(rows: list[dict]) -> None:

@@ -79,7 +79,7 @@ def choose(folders: dict, sample_dir: Path) -> dict:
         st.session_state.setdefault(f"review_thr_{run_id}", recipe_threshold)  # the state alone sets it: no warning
         threshold = st.slider("Threshold", 0.0, 1.0, step=0.01, key=f"review_thr_{run_id}",
                               help=f"The run's recipe threshold: {recipe_threshold:.2f} (best validation Dice at "
-                                   f"{float(info.get('threshold', 0.5)):.2f})")
+                                   f"{info.threshold:.2f})")
     return {"run_id": run_id, "run_folder": run_folder, "info": info, "folder_name": folder_name,
             "folder": choices[folder_name], "split": split, "threshold": threshold,
             "recipe_threshold": recipe_threshold, "epochs": [picked[0]] if picked[0] == picked[1] else list(picked)}

@@ -161,13 +161,13 @@ def fine_tune(labels_dir: Path, run_id: str) -> None:
             st.error(str(err))
     if "label_tuned" in st.session_state:
         before, after = st.session_state.label_tuned
-        ended = runs.read_run_json(runs.run_dir(after)).get("status") in ("completed", "failed", "cancelled")
+        ended = runs.read_record(runs.run_dir(after)).status in ("completed", "failed", "cancelled")
         st.fragment(fine_tune_status, run_every=None if ended else 5)(labels_dir, before, after, not ended)
 
 
 def fine_tune_status(labels_dir: Path, before: str, after: str, polling: bool) -> None:
     """The fine-tune's status (refreshed every 5 s while it runs) and, once it completed, before and after."""
-    status = runs.read_run_json(runs.run_dir(after)).get("status")
+    status = runs.read_record(runs.run_dir(after)).status
     if polling and status in ("completed", "failed", "cancelled"):
         st.rerun()  # the whole page again: the fragment stops polling, so what the button shows stays
     if status != "completed":

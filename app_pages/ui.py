@@ -19,6 +19,7 @@ from engine.data import scan_dataset
 from engine.errors import EngineError
 from engine.presets import PRESETS
 from engine.progress import Progress, describe, time_left
+from engine.runrecord import RunRecord
 
 if TYPE_CHECKING:
     from engine.inference import Predictor  # imports torch: loaded with the first model, not with every page
@@ -108,11 +109,11 @@ def run_with_progress(label: str, work: Callable[[Progress], T]) -> T | None:
     return result
 
 
-def readiness_notice(info: dict[str, Any], compact: bool = False) -> None:
+def readiness_notice(record: RunRecord, compact: bool = False) -> None:
     """A warning with the reason and the next steps when a completed run is not ready to serve; compact (for a
     sidebar): one line, the reason and the steps in a closed expander below it."""
-    judged = readiness.judge(info)
-    if judged.ready or info.get("status") != "completed":
+    judged = readiness.judge(record)
+    if judged.ready or record.status != "completed":
         return
     steps = "\n".join(f"- {step}" for step in judged.next_steps)
     if compact:
@@ -187,10 +188,10 @@ def epoch_label(epoch: int | str) -> str:
     return f"epoch {epoch}" if isinstance(epoch, int) else str(epoch)
 
 
-def own_test_set(info: dict[str, Any], choices: dict[str, Path]) -> str | None:
+def own_test_set(record: RunRecord, choices: dict[str, Path]) -> str | None:
     """The name under which `choices` offers the folder the run trained on, where that folder has a test split
     (images training did not see); None otherwise."""
-    trained_on = Path((info.get("dataset") or {}).get("path") or "/nonexistent").resolve()
+    trained_on = Path(record.dataset.path or "/nonexistent").resolve()
     name = next((name for name, path in choices.items() if path.resolve() == trained_on), None)
     try:
         has_test = name is not None and any(s.split == "test" for s in scan_dataset(trained_on, validate=False).samples)
@@ -199,19 +200,19 @@ def own_test_set(info: dict[str, Any], choices: dict[str, Path]) -> str | None:
     return name if has_test else None
 
 
-def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, dict[str, Any], list[int | str], int | None]:
+def pick_run(folders: dict[str, Path], key: str) -> tuple[str, Path, RunRecord, list[int | str], int | None]:
     """The sidebar's run selector and the run's readiness notice.
 
-    Returns the run id, its folder, its run.json, its saved epochs (["best"] when only best.pth is there)
+    Returns the run id, its folder, its record (run.json), its saved epochs (["best"] when only best.pth is there)
     and its best epoch; stops the page with a message when run.json cannot be read.
     """
     run_id = st.selectbox("Run", list(folders), key=key)
     folder = folders[run_id]
     try:
-        info = runs.read_run_json(folder)
+        record = runs.read_record(folder)
     except EngineError as err:
         st.error(str(err))
         st.stop()
-    readiness_notice(info, compact=True)  # the sidebar: Device and Threshold stay in sight below it
+    readiness_notice(record, compact=True)  # the sidebar: Device and Threshold stay in sight below it
     saved: list[int | str] = list(runs.epochs_saved(folder)) or ["best"]
-    return run_id, folder, info, saved, info.get("best_epoch")
+    return run_id, folder, record, saved, record.best_epoch

@@ -163,10 +163,10 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
 
 def train_crop(folder: Path) -> int:
     """The training crop of a run (run.json), else PRESET_CROP."""
-    from engine.runs import read_run_json
+    from engine.runs import read_record
 
     try:
-        return int((read_run_json(folder).get("params") or {}).get("crop") or PRESET_CROP)
+        return int(read_record(folder).param("crop") or PRESET_CROP)
     except (EngineError, TypeError, ValueError):
         return PRESET_CROP
 

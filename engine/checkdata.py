@@ -17,7 +17,7 @@ from engine.errors import DatasetError
 def run_folder(run: str | Path | None) -> Path:
     """A run's folder from its id, `demo`/`latest`, or the folder itself (pages pass the folder they listed)."""
     if isinstance(run, Path):
-        runs.read_run_json(run)  # RunNotFound if it is not a run folder
+        runs.read_record(run)  # RunNotFound if it is not a run folder
         return run
     return runs.resolve_run(run)
 
@@ -29,9 +29,7 @@ GENERATED_CHECK_IMAGES = 24
 def dataset_for_run(folder: Path, data: str | Path | None = None) -> Path:
     """The dataset folder a run was trained on (or `data`); DatasetError with what to do if it is gone."""
     if data is None:
-        info = runs.read_run_json(folder)
-        dataset = info.get("dataset") or {}
-        data = dataset.get("path") if isinstance(dataset, dict) else dataset
+        data = runs.read_record(folder).dataset.path
         if not data:
             raise _missing(f"run {folder.name} does not record its dataset", "; pass --data DIR")
     data = Path(data) if Path(data).is_absolute() else config.ROOT / data  # shipped runs record repo paths
@@ -97,9 +95,9 @@ def _with_defects(folder: Path, dataset: Path, note: str) -> Iterator[tuple[Path
     from engine.paint import DEFECTS_PER_IMAGE, params_for
     from engine.paintset import paint_check_set
 
-    trained = runs.read_run_json(folder).get("params") or {}  # painted as the run's validation was
-    params = params_for(trained.get("paint_types"), size=trained.get("paint_size") or 0.0,
-                        count=trained.get("paint_count") or DEFECTS_PER_IMAGE)
+    trained = runs.read_record(folder)  # painted as the run's validation was
+    params = params_for(trained.param("paint_types"), size=trained.param("paint_size", 0.0),
+                        count=trained.param("paint_count") or DEFECTS_PER_IMAGE)
     with tempfile.TemporaryDirectory(prefix="export-check-") as tmp:
         n_images, painted = paint_check_set(dataset, tmp, PAINTED_CHECK_IMAGES, params)
         yield Path(tmp), (f"{note}; none of its images holds a labelled defect, so the checks ran on {n_images} of "

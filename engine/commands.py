@@ -11,6 +11,7 @@ from pathlib import Path
 
 from engine import config
 from engine.errors import EngineError
+from engine.runrecord import TuneResult
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -210,11 +211,11 @@ def cmd_tune(args: argparse.Namespace) -> None:
           f"goal: {goal} <= {best['max_false_alarm']:g}, detection >= {best['goal_detection']:g})")
     if best.get("readiness"):
         print(best["readiness"])
-        for step in readiness.judge(runs.read_run_json(predictor.run_dir)).next_steps:
+        for step in readiness.judge(runs.read_record(predictor.run_dir)).next_steps:
             print(f"  next: {step}")
 
 
-def _print_by_kind(best: dict, rule: str) -> None:
+def _print_by_kind(best: TuneResult, rule: str) -> None:
     """Defective images found per kind and size band under the chosen rule and, where it has a sure tier, under the
     best single minimum area: what each candidate rule costs per kind."""
     plain = best.get("without_sure_tier")

@@ -42,6 +42,7 @@ from engine.inference import (
 )
 from engine.progress import Progress, part, silent
 from engine.runfolder import REPORT_FILE, RunFolder
+from engine.runrecord import RunRecord
 from engine.storage import commit, staged_file, write_staged
 
 OPSET = 17
@@ -66,16 +67,16 @@ def _fit(image: np.ndarray, size: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------- export
 
 
-def onnx_metadata(run_id: str, epoch: int | None, meta: dict[str, Any], model: Any, info: dict[str, Any],
+def onnx_metadata(run_id: str, epoch: int | None, meta: dict[str, Any], model: Any, record: RunRecord,
                   checkpoint: str) -> dict[str, Any]:
     """Metadata stored inside the model (each value JSON-encoded on write); Predictor reads it back."""
-    normalisation = meta.get("normalisation") or info.get("normalisation")
+    normalisation = meta.get("normalisation") or record.normalisation
     if not normalisation:
         raise EngineError(f"run {run_id}: the checkpoint has no normalisation; it cannot be exported")
     return {
-        "run_id": run_id, "epoch": epoch, "threshold": float(meta.get("threshold", info.get("threshold", 0.5))),
+        "run_id": run_id, "epoch": epoch, "threshold": float(meta.get("threshold", record.threshold)),
         "normalisation": {"mean": float(normalisation["mean"]), "std": float(normalisation["std"])},
-        "in_channels": model.in_channels, "train_crop": meta.get("train_crop", (info.get("params") or {}).get("crop")),
+        "in_channels": model.in_channels, "train_crop": meta.get("train_crop", record.param("crop")),
         "stride": model.stride, "scale": float(meta.get("scale", 1.0)), "arch": model.arch,
         "checkpoint": checkpoint, "format": "fp32", "opset": OPSET,
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -215,8 +216,8 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     # that a failure anywhere leaves the previous export as it was; the steps themselves are helpers.
     from engine.model import load_checkpoint
 
-    info = runs.read_run_json(folder)
-    run_id = str(info.get("run_id") or folder.name)
+    record = runs.read_record(folder)
+    run_id = record.run_id or folder.name
     model, meta = load_checkpoint(checkpoint)
     epoch_number = int(meta["epoch"]) if meta.get("epoch") is not None else None
     export_dir = RunFolder(folder).export
@@ -224,7 +225,7 @@ def _export(folder: Path, checkpoint: Path, int8: bool, dataset: Path, dataset_n
     with staged_file(final["onnx"]):
         pass  # fail now, not after the work, when the folder cannot take a file
     progress(0.05, 1.0, "exporting to ONNX")
-    metadata = onnx_metadata(run_id, epoch_number, meta, model, info, checkpoint.name)
+    metadata = onnx_metadata(run_id, epoch_number, meta, model, record, checkpoint.name)
     onnx_bytes = torch_to_onnx(model, metadata)
     reference = Predictor(folder, backend="torch", path=checkpoint)
     check_images = [load_pair(s)[0] for s in pick_samples(dataset, ("val", "test", "train"), PARITY_IMAGES)]

@@ -73,11 +73,10 @@ class Predictor:
         if device == "cuda" and not torch.cuda.is_available():
             raise EngineError("device cuda asked for, but no CUDA GPU is available; use cpu")
         self.run_dir, self.backend, self.device = run_dir, backend, device
-        info = runs.read_run_json(run_dir)
-        self.run_id = info.get("run_id", run_dir.name)
-        self.ready, self.ready_reason = readiness.verdict(info)
-        self.ready_note = info.get("ready_note") if self.ready else None  # provisional: what validation cannot show
-        self.ready_for = readiness.ready_for(info)
+        record = runs.read_record(run_dir)
+        self.run_id = record.run_id or run_dir.name
+        self.readiness = readiness.served(record)
+        self.ready, self.ready_reason = self.readiness.ready, self.readiness.ready_reason
         if backend == "torch":
             path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
             self.model, meta = load_checkpoint(path, device)
@@ -113,8 +112,7 @@ class Predictor:
         """Which model this is: run, epoch, backend, and whether the run is ready to serve (and if not, why; if only
         provisionally, what its validation was too small to show)."""
         return {"run": self.run_id, "epoch": self.epoch, "backend": self.backend, "device": self.device,
-                "ready": self.ready, "ready_for": self.ready_for, "ready_reason": self.ready_reason,
-                "not_ready_reason": self.ready_reason, "ready_note": self.ready_note}
+                **self.readiness.model_dump()}
 
     def forward_batch(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities for a normalised NCHW float32 batch whose sides are multiples of the stride

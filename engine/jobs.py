@@ -178,7 +178,7 @@ def judged_gone_only(run: registry.Run) -> bool:
     if run.status != "failed" or not (run.error or "").startswith(registry.STALE_ERROR):
         return False
     try:
-        return runs.read_run_json(runs.run_dir(run.id)).get("status") in registry.ACTIVE_STATUSES
+        return runs.read_record(runs.run_dir(run.id)).status in registry.ACTIVE_STATUSES
     except EngineError:
         return False
 

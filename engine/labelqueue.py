@@ -84,7 +84,7 @@ def rank(scored: list[Scored], threshold: float, top: int | None = None,
 
 def earlier_epoch(run_dir: Path) -> int | None:
     """The saved epoch to compare the best with: the one nearest half-way to the best epoch (None if none)."""
-    best = runs.read_run_json(run_dir).get("best_epoch")
+    best = runs.read_record(run_dir).best_epoch
     saved = [e for e in runs.epochs_saved(run_dir) if best is None or e < best]
     if not saved:
         return None

@@ -213,9 +213,9 @@ def run_splits(run: str) -> tuple[DatasetReport, list[Sample], list[Sample]]:
     """(the data RUN trained on, its train, its val) as training split it (a val split carved out of train alike)."""
     from engine import runs
 
-    info = runs.read_run_json(runs.resolve_run(run))
-    report = scan_dataset((info.get("dataset") or {}).get("path") or "", validate=False)
-    train, val, _ = report.training_splits((info.get("params") or {}).get("val_fraction") or 0.15)
+    record = runs.read_record(runs.resolve_run(run))
+    report = scan_dataset(record.dataset.path, validate=False)
+    train, val, _ = report.training_splits(record.param("val_fraction") or 0.15)
     return report, train, val
 
 
@@ -230,7 +230,7 @@ def fine_tune_config(run: str, data: str | Path, minutes: float) -> Any:
     from engine.training.config import TrainConfig
 
     folder = runs.resolve_run(run)
-    params = runs.read_run_json(folder).get("params") or {}
+    params = runs.read_record(folder).params
     saved = {k: v for k, v in params.items() if k in TrainConfig.__dataclass_fields__}
     cfg = TrainConfig(**saved)
     return replace(cfg, data=str(Path(data).resolve()), init=folder.name, minutes=minutes, epochs=None,
@@ -307,7 +307,7 @@ def before_after(dataset: str | Path, before: str, after: str, progress: Any = N
                          "detected": f"{result['n_detected']} of {result['n_defective']}",
                          "false alarms": f"{result['n_false_alarms']} of {result['n_defect_free']}"})
     for when, run_dir in folders.items():
-        ready, reason = readiness.verdict(runs.read_run_json(run_dir))
+        ready, reason = readiness.verdict(runs.read_record(run_dir))
         rows.append({"set": "readiness", "run": f"{when} ({run_dir.name})", "detected": "ready" if ready else
                      "not ready", "false alarms": reason or ""})
     return rows

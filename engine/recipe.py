@@ -131,8 +131,7 @@ def _non_negative_int(value: Any, name: str) -> int:
 
 def default_recipe(run_dir: Path) -> Recipe:
     """The recipe a run has without recipe.json: its stored threshold, no area rule."""
-    threshold = runs.read_run_json(Path(run_dir)).get("threshold", 0.5)
-    return Recipe(threshold=float(threshold if threshold is not None else 0.5), source="default")
+    return Recipe(threshold=runs.read_record(Path(run_dir)).threshold, source="default")
 
 
 def load_recipe(run_dir: str | Path) -> Recipe:

@@ -14,6 +14,7 @@ from engine import config, registry, runs
 from engine.errors import RunNotFound
 from engine.registry import STATUSES
 from engine.runfolder import RunFolder
+from engine.runrecord import RunRecord
 from engine.tables import METRIC_FIELDS, Artifact, EpochMetric, Run, as_utc, dumps
 
 log = logging.getLogger(__name__)
@@ -43,36 +44,31 @@ def _mtime(path: Path) -> datetime:
     return datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)
 
 
-def _run_from_folder(folder: Path, info: dict) -> Run:
-    dataset = info.get("dataset") or {}
-    if isinstance(dataset, str):
-        dataset = {"path": dataset}
-    status = info.get("status") if info.get("status") in STATUSES else "failed"
-    threshold = _number(info.get("threshold"))
+def _run_from_folder(folder: Path, record: RunRecord) -> Run:
     return Run(
         id=folder.name,  # the folder is the run: a copied folder is a run of its own
-        name=str(info.get("name") or info.get("run_id") or folder.name),
-        dataset_path=str(dataset.get("path") or info.get("dataset_path") or ""),
-        dataset_hash=str(dataset.get("hash") or info.get("dataset_hash") or ""),
-        status=status,
-        pid=_number(info.get("pid"), int),
-        pid_started=_number(info.get("pid_started")),
-        host=info.get("host") if isinstance(info.get("host"), str) else None,
-        heartbeat=_parse_time(info.get("heartbeat")),
-        created_at=_parse_time(info.get("created_at")) or _mtime(RunFolder(folder).run_json),
-        started_at=_parse_time(info.get("started_at")),
-        finished_at=_parse_time(info.get("finished_at")),
-        epochs_planned=_number(info.get("epochs_planned"), int) or 0,
-        epochs_done=_number(info.get("epochs_done"), int) or 0,
-        best_epoch=_number(info.get("best_epoch"), int),
-        best_dice=_number(info.get("best_dice")),
-        best_iou=_number(info.get("best_iou")),
-        threshold=threshold if threshold is not None else 0.5,
-        device=str(info.get("device") or ""),
-        params_json=dumps(info.get("params") if isinstance(info.get("params"), dict) else {}),
-        error=info.get("error"),
-        ready=info.get("ready") if isinstance(info.get("ready"), bool) else None,
-        ready_reason=info.get("ready_reason"),
+        name=str(record.name or record.run_id or folder.name),
+        dataset_path=record.dataset.path,
+        dataset_hash=record.dataset.hash,
+        status=record.status if record.status in STATUSES else "failed",
+        pid=record.pid,
+        pid_started=record.pid_started,
+        host=record.host,
+        heartbeat=_parse_time(record.heartbeat),
+        created_at=_parse_time(record.created_at) or _mtime(RunFolder(folder).run_json),
+        started_at=_parse_time(record.started_at),
+        finished_at=_parse_time(record.finished_at),
+        epochs_planned=record.epochs_planned,
+        epochs_done=record.epochs_done,
+        best_epoch=record.best_epoch,
+        best_dice=record.best_dice,
+        best_iou=record.best_iou,
+        threshold=record.threshold,
+        device=record.device,
+        params_json=dumps(record.params),
+        error=record.error,
+        ready=record.ready,
+        ready_reason=record.ready_reason,
     )
 
 
@@ -153,11 +149,9 @@ def read_run_folder(folder: Path, info: dict | None = None) -> tuple[Run, list[E
     """The registry rows a run folder stands for (run.json, or `info` in its place, metrics.csv,
     export/report.json, recipe.json); ValueError if run.json is missing or unreadable."""
     try:
-        if info is None:
-            info = runs.read_run_json(folder)
-        if not isinstance(info, dict):
+        if info is not None and not isinstance(info, dict):
             raise ValueError("not a JSON object")
-        run = _run_from_folder(folder, info)
+        run = _run_from_folder(folder, runs.read_record(folder) if info is None else RunRecord.of(info))
     except (RunNotFound, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"{folder}: run.json is unreadable ({err})") from err
     epochs = _epochs_from_csv(RunFolder(folder).metrics, run.id)

@@ -19,6 +19,7 @@ from engine.metrics import (
     FALSE_ALARM_GOAL,
 )
 from engine.runfolder import RunFolder
+from engine.runrecord import RunRecord
 from engine.storage import atomic_write_json, atomic_write_text, file_version
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_ap", "val_score", "lr", "seconds",
@@ -74,8 +75,9 @@ def newest_ready_run() -> Path | None:
             info = _cached_run_json(RunFolder(folder).run_json, file_version(RunFolder(folder).run_json))
         except (OSError, RunNotFound):
             continue  # deleted or being rewritten right now
-        if readiness.verdict(info)[0]:
-            finished.append((str(info.get("finished_at") or ""), folder))
+        record = RunRecord.of(info)
+        if readiness.verdict(record)[0]:
+            finished.append((record.finished_at or "", folder))
     return max(finished, key=lambda item: item[0])[1] if finished else None
 
 
@@ -86,7 +88,7 @@ def newer_not_ready(folder: Path) -> tuple[str, str] | None:
     if not newest or newest[0] == folder:
         return None
     try:
-        ready, reason = readiness.verdict(read_run_json(newest[0]))
+        ready, reason = readiness.verdict(read_record(newest[0]))
     except RunNotFound:
         return None
     return None if ready else (newest[0].name, reason or "not ready")
@@ -125,6 +127,14 @@ def read_run_json(folder: Path) -> dict[str, Any]:
         return json.loads(RunFolder(folder).run_json.read_text())
     except (OSError, ValueError) as err:
         raise RunNotFound(f"{folder}: run.json missing or unreadable ({err})") from err
+
+
+def read_record(folder: Path) -> RunRecord:
+    """The run.json of a run folder as a RunRecord (what a reader of a run uses)."""
+    info = read_run_json(folder)
+    if not isinstance(info, dict):
+        raise RunNotFound(f"{folder}: run.json is not a JSON object")
+    return RunRecord.of(info)
 
 
 def write_run_json(folder: Path, info: dict[str, Any]) -> None:
@@ -210,16 +220,16 @@ def delete_run(run_id: str) -> None:
 def goals_of(folder: Path) -> tuple[float, float]:
     """(false-alarm goal, detection goal) of the run in `folder`; the defaults where its run.json cannot be read."""
     try:
-        info = read_run_json(folder)
+        record = read_record(folder)
     except RunNotFound:
         return FALSE_ALARM_GOAL, DETECTION_GOAL
-    return readiness.false_alarm_goal(info), readiness.detection_goal(info)
+    return readiness.false_alarm_goal(record), readiness.detection_goal(record)
 
 
 def goal_of(folder: Path) -> float:
     """false_alarm_goal of the run in `folder`; the default goal where its run.json cannot be read."""
     try:
-        return readiness.false_alarm_goal(read_run_json(folder))
+        return readiness.false_alarm_goal(read_record(folder))
     except RunNotFound:
         return FALSE_ALARM_GOAL
 

@@ -223,10 +223,9 @@ def _dataset_paths(folders: list[Path]) -> list[str]:
     paths = []
     for folder in folders:
         try:
-            dataset = runs.read_run_json(folder).get("dataset") or {}
+            path = runs.read_record(folder).dataset.path
         except EngineError:
             continue
-        path = dataset.get("path") if isinstance(dataset, dict) else dataset
         if path and (Path(path) / "images").is_dir():
             paths.append(str(path))
     return paths
@@ -316,7 +315,7 @@ def _validated_on(run_id: str, dataset_path: str, source: str | None) -> str:
     """What a run's best_dice was measured on: "painted defects" (painted onto good parts), "generated images" (the
     demo, or a set the generator made: images_kind) or "labelled defects" (the user's own)."""
     try:
-        painted = (runs.read_run_json(runs.run_dir(run_id)).get("dataset") or {}).get("val_painted")
+        painted = runs.read_record(runs.run_dir(run_id)).dataset.val_painted
     except EngineError:
         return ""
     if painted:

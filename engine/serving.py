@@ -45,7 +45,7 @@ def stale_export(run_dir: Path) -> str | None:
     there is no export report to tell."""
     try:
         exported = json.loads(RunFolder(run_dir).report.read_text()).get("epoch")
-        best = runs.read_run_json(run_dir).get("best_epoch")
+        best = runs.read_record(run_dir).best_epoch
     except (OSError, ValueError, AttributeError, EngineError):
         return None
     if exported is None or best is None or int(exported) == int(best):
@@ -217,18 +217,17 @@ def model_catalog() -> list[dict[str, Any]]:
     catalog = []
     for folder in runs.list_run_dirs():
         try:
-            info = runs.read_run_json(folder)
+            record = runs.read_record(folder)
         except RunNotFound:
             continue  # a folder being written right now; it shows up on the next call
         backends = available_backends(folder)
         choice = auto_backend(folder, measure=False)  # listing many runs must not time each of them
-        ready, reason = readiness.verdict(info)
         catalog.append({
-            "run": run_reference(folder), "name": info.get("name"), "status": info.get("status"),
-            "best_epoch": info.get("best_epoch"), "best_dice": info.get("best_dice"),
-            "threshold": verdict_threshold(folder, info.get("threshold")), "backends": backends,
+            "run": run_reference(folder), "name": record.name, "status": record.status,
+            "best_epoch": record.best_epoch, "best_dice": record.best_dice,
+            "threshold": verdict_threshold(folder, record.threshold), "backends": backends,
             "default_backend": (choice.backend if choice else AUTO) if backends else None,
-            "ready": ready, "ready_for": readiness.ready_for(info), "ready_reason": reason, "not_ready_reason": reason,
+            **readiness.served(record).model_dump(),
         })
     return catalog
 

@@ -19,6 +19,7 @@ from engine.errors import EngineError
 from engine.metrics import SIZE_BANDS, size_band, wilson_upper
 from engine.progress import Progress
 from engine.recipe import NEVER_PX, Recipe, RecipeError, load_recipe, save_recipe
+from engine.runrecord import RunRecord, TuneResult
 
 # Up to 0.95 in steps of 0.05, then 0.97-0.99: a well-trained model scores most pixels near 0 or 1.
 DEFAULT_THRESHOLDS = tuple(float(t) for t in np.round(np.arange(0.05, 0.96, 0.05), 2)) + (0.97, 0.98, 0.99)
@@ -140,7 +141,7 @@ class TuneStats:
         plain._good_area = {}
         return plain
 
-    def flagged(self, chosen: dict[str, Any]) -> np.ndarray:
+    def flagged(self, chosen: TuneResult) -> np.ndarray:
         """Per image, whether the recipe cell `chosen` (a `best` result, or a Recipe's rules) flags it."""
         t = int(np.searchsorted(self.thresholds, chosen["threshold"] - 1e-9))
         flags = np.stack(self.largest)[:, t] >= max(chosen["min_region_px"], 1)
@@ -164,7 +165,7 @@ class TuneStats:
             flagged += int(self.flagged(chosen)[held].sum())
         return round(flagged / len(good), 6)
 
-    def breakdown(self, chosen: dict[str, Any]) -> dict[str, dict[str, dict[str, int]]]:
+    def breakdown(self, chosen: TuneResult) -> TuneResult:
         """Defective images found under the recipe cell `chosen`, per kind and per size band, with counts."""
         flags = self.flagged(chosen)
         per_kind: dict[str, dict[str, int]] = {}
@@ -277,7 +278,7 @@ class TuneStats:
                 order = np.lexsort((nearer_half, smalls, areas, -dice.ravel(), sure, ~tied.ravel()))
         return order
 
-    def best(self, max_false_alarm: float, confidence: float | None = None, cautious: bool = False) -> dict[str, Any]:
+    def best(self, max_false_alarm: float, confidence: float | None = None, cautious: bool = False) -> TuneResult:
         """Highest detection rate with false-alarm rate <= max_false_alarm, then fewest false alarms; of the
         recipes that tie on those verdicts, one without a sure tier where one ties, then the threshold with the
         highest Dice and, at it, the min area midway along the run of tied ones (nearer the larger; then the
@@ -350,7 +351,7 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
     return stats
 
 
-def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
+def tuned_recipe(best: TuneResult, base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
     """The recipe `tune` saves: the chosen threshold and min area, the base's pixel size, no other rules."""
     tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",
                                    "dice", "goal_met", "max_false_alarm", "n_images", "n_defective", "n_defect_free")}
@@ -365,7 +366,7 @@ def tuned_recipe(best: dict[str, Any], base: Recipe, context: dict[str, Any] | N
                   source="tuned", tuning=tuning)
 
 
-def tuning_warnings(best: dict[str, Any], base: Recipe) -> list[str]:
+def tuning_warnings(best: TuneResult, base: Recipe) -> list[str]:
     """What the user should know about a tuning result: goal not met, false alarms not measurable, rules dropped."""
     notes = []
     if not best["false_alarms_measured"]:
@@ -386,7 +387,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
              thresholds: Iterable[float] = DEFAULT_THRESHOLDS, min_areas: Iterable[int] | None = None,
              context: dict[str, Any] | None = None, save: bool = True,
              progress: Progress | None = None, goal_detection: float | None = None,
-             sure_scores: Iterable[float] = DEFAULT_SURE_SCORES) -> tuple[Recipe, dict[str, Any], list[str]]:
+             sure_scores: Iterable[float] = DEFAULT_SURE_SCORES) -> tuple[Recipe, TuneResult, list[str]]:
     """Tune a run's recipe on labelled samples and (unless save=False) store it; returns recipe, result, warnings.
     The result's "readiness" says, in words, how the tuning decided the run's readiness, where it does, and its
     "per_kind" and "by_size" the defective images found per kind and size band.
@@ -397,13 +398,13 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     from engine.data import seen_in_training
 
     try:
-        info = runs.read_run_json(predictor.run_dir)
+        record = runs.read_record(predictor.run_dir)
     except EngineError:
-        info = {}
+        record = RunRecord()
     if max_false_alarm is None:
-        max_false_alarm = readiness.false_alarm_goal(info)
-    goal_detection = readiness.detection_goal(info) if goal_detection is None else goal_detection
-    seen_samples = seen_in_training((info.get("dataset") or {}).get("path"), samples)
+        max_false_alarm = readiness.false_alarm_goal(record)
+    goal_detection = readiness.detection_goal(record) if goal_detection is None else goal_detection
+    seen_samples = seen_in_training(record.dataset.path or None, samples)
     seen = {id(s) for s in seen_samples}
     if seen and len(seen) == len(samples):
         raise RecipeError(f"all {len(samples)} tuning images are images training saw (its train and val splits); "
@@ -443,22 +444,22 @@ def _tuned_on_kind(data: str | None, samples: list[Any]) -> str:
     return " and ".join(sorted({runstore.images_kind(folder) for folder in folders})) or "real images"
 
 
-def _judge_by_tuning(run_dir: Path, best: dict[str, Any], max_false_alarm: float,
+def _judge_by_tuning(run_dir: Path, best: TuneResult, max_false_alarm: float,
                      kind: str = "real images") -> str | None:
     """Record a finished run's readiness after a tuning (readiness.after_tuning) in its run.json; returns what it
     is now, in words, or None where the tuning does not decide."""
     from engine import runstore  # the registry is not needed on inspection-only paths
 
     try:
-        info = runs.read_run_json(run_dir)
+        record = runs.read_record(run_dir)
     except EngineError:
         return None
-    judged = readiness.after_tuning(info, best, max_false_alarm, kind)
+    judged = readiness.after_tuning(record, best, max_false_alarm, kind)
     if judged is None:
         return None
     now, tuned_on = judged
     runstore.update(run_dir, ready=now.ready, ready_reason=now.reason, tuned_on=tuned_on)
-    before, _ = readiness.verdict(info)
+    before, _ = readiness.verdict(record)
     change = ("still" if before else "now") if now.ready else ("no longer" if before else "not")
     reason = (now.reason or "").removeprefix(f"tuned on {kind}: ")
     return (f"run {run_dir.name} is {change} ready (tuned on {kind})" if now.ready

@@ -90,6 +90,20 @@ def test_run_json_is_opened_in_one_module() -> None:
     assert not opened, opened
 
 
+def test_run_json_is_read_as_a_record_outside_its_writers() -> None:
+    """Only run.json's writers (runs, runstore, train) read it as a dict to change and write back; every other
+    reader goes through runs.read_record, so a field has one name, type and default (engine.runrecord)."""
+    writers = {"runs.py", "runstore.py", "train.py"}
+    files = [*ENGINE.rglob("*.py"), *(config.ROOT / "api").rglob("*.py"), *(config.ROOT / "app_pages").glob("*.py")]
+    raw = []
+    for path in sorted(p for p in files if p.name not in writers or p.parent != ENGINE):
+        for node in ast.walk(ast.parse(path.read_text())):
+            name = node.attr if isinstance(node, ast.Attribute) else node.id if isinstance(node, ast.Name) else None
+            if name == "read_run_json":
+                raw.append(f"{path.relative_to(config.ROOT)}:{node.lineno}")
+    assert not raw, raw
+
+
 def test_a_pages_top_level_fits_on_a_screen() -> None:
     """A page's top level (what runs besides imports and definitions) counts as a function: 60 lines at most, and
     every function of a page fits on a screen too."""

@@ -17,6 +17,7 @@ from engine import config, readiness, runstore
 from engine.metrics import DETECTION_GOAL
 from engine.model import UNetTiny, count_parameters
 from engine.recipe import RECIPE_FILE, Recipe, load_recipe, save_recipe
+from engine.runrecord import TuneResult
 from engine.storage import atomic_write_bytes
 from engine.training.config import PAINTED_CONFIDENCE, TrainConfig
 from engine.training.pace import Pace
@@ -47,7 +48,7 @@ def time_to_ready_line(reached: dict | None, painted: bool) -> str:
 
 def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_threshold: float,
                     max_false_alarm: float, painted: bool = False, kinds: list[tuple[str, ...]] | None = None,
-                    goal_detection: float = DETECTION_GOAL, scale: float = 1.0) -> dict:
+                    goal_detection: float = DETECTION_GOAL, scale: float = 1.0) -> TuneResult:
     """The recipe training saves: on validation, the most detections with false alarms within the goal, over
     thresholds from the best-Dice one upwards (raising it trades a little Dice for fewer false alarms), minimum
     region areas and sure tiers (a smaller region counts where its peak reaches a sure score); of those that tie on
@@ -76,7 +77,7 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
     return chosen
 
 
-def recipe_line(chosen: dict) -> str:
+def recipe_line(chosen: TuneResult) -> str:
     """The log line that says which recipe training chose on validation, and by which rule."""
     bound = f", {chosen['false_alarm_bound']:.1%} at 95 % confidence" if chosen.get("goal_on") == "bound" else ""
     if chosen.get("held_out_false_alarm_rate") is not None:
@@ -101,7 +102,7 @@ def _rate(value: float | None, n: int) -> str:
     return "n/a" if value is None else f"{round(value * n)} of {n}, {value:.1%}"
 
 
-def save_recipe_for(folder: Path, chosen: dict, context: dict) -> dict:
+def save_recipe_for(folder: Path, chosen: TuneResult, context: dict) -> dict:
     """Save the inspection recipe picked on validation data; returns it as a dict. A recipe that was not training's
     (tuned with `tune` or the Review page, or written by hand) is kept beside it first, and the log says where."""
     base = load_recipe(folder)
