@@ -8,10 +8,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine import config
 from engine.errors import EngineError
-from engine.runrecord import TuneResult
+
+if TYPE_CHECKING:  # commands import their packages when run, so a missing one is reported in one line
+    from engine.runrecord import TuneResult
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -46,7 +46,7 @@ class Inspection:
 
     verdict: str  # "ok" or "defect"
     regions: list[Region]  # the regions that count, largest first
-    mask: np.ndarray  # uint8 0/1 of exactly the counted regions (regions below their minimum area left out)
+    mask: np.ndarray  # uint8 0/1 of the counted regions (outlined down to the recipe's outline threshold, if any)
     probability: np.ndarray
     recipe: Recipe
 
@@ -90,6 +90,8 @@ def inspect(probability: np.ndarray, recipe: Recipe) -> Inspection:
     floor = min([recipe.min_region_px, *recipe.min_region_px_by_shape.values(),
                  *([recipe.sure_min_px] if recipe.sure_score is not None else [])])
     regions, mask = _regions(probability, recipe.threshold, floor, keep=lambda region: counts(region, recipe))
+    if regions and recipe.outline_threshold is not None and recipe.outline_threshold < recipe.threshold:
+        mask = outline(probability, mask, recipe.outline_threshold)
     if recipe.px_per_mm:
         for region in regions:
             region.area_mm2 = region.area_px / recipe.px_per_mm**2
@@ -98,6 +100,16 @@ def inspect(probability: np.ndarray, recipe: Recipe) -> Inspection:
         if inspection.counted_fraction <= recipe.max_total_defect_fraction:
             inspection.verdict = "ok"
     return inspection
+
+
+def outline(probability: np.ndarray, counted: np.ndarray, threshold: float) -> np.ndarray:
+    """The uint8 0/1 mask of the regions at `threshold` that hold a counted pixel: each counted region grown to the
+    pixels at or above the lower threshold connected to it."""
+    count, labels = cv2.connectedComponents((probability >= threshold).astype(np.uint8), connectivity=8)
+    keep = np.zeros(count, np.uint8)
+    keep[np.unique(labels[counted > 0])] = 1
+    keep[0] = 0
+    return keep[labels]
 
 
 def counts(region: Region, recipe: Recipe) -> bool:

@@ -9,6 +9,9 @@ Verdict rules, in order:
 2. a region counts when its area is at least `min_region_px` (or the per-shape minimum for its shape);
 3. the part is "defect" when at least one region counts and, if `max_total_defect_fraction` is set, the
    counted regions together cover more than that share of the image (a tolerance for small blemishes).
+Where `outline_threshold` is set (below the threshold), the mask outlines each counted region down to it: the pixels
+at or above it connected to the region (hysteresis, as in Canny's edges). The verdict and the regions' areas stay
+the threshold's; only how much of a defect the mask covers changes.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ class Recipe:
     min_region_px_by_shape: dict[str, int] = field(default_factory=dict)  # e.g. {"spot-like": 40}
     sure_score: float | None = None  # a region whose peak reaches this counts from sure_min_px (None: no sure tier)
     sure_min_px: int = 0
+    outline_threshold: float | None = None  # a counted region's mask reaches down to it (None: the threshold's)
     source: str = "default"  # "default" (run threshold), "tuned", "manual"
     tuning: dict[str, Any] | None = None  # what `tune` measured when it chose these values
 
@@ -78,6 +82,11 @@ class Recipe:
                 raise RecipeError(f"recipe sure_score must be above 0 and at most 1, or null, got {self.sure_score!r}")
             self.sure_score = float(self.sure_score)
         self.sure_min_px = _non_negative_int(self.sure_min_px, "sure_min_px")
+        if self.outline_threshold is not None:
+            value = self.outline_threshold
+            if not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
+                raise RecipeError(f"recipe outline_threshold must be above 0 and at most 1, or null, got {value!r}")
+            self.outline_threshold = float(value)
 
     def min_area_for(self, shape: str) -> int:
         """Smallest area (px) a region of this shape needs to count."""
@@ -88,14 +97,16 @@ class Recipe:
         main = "no region counts by area alone" if self.min_region_px >= NEVER_PX else f"min region {self.min_region_px} px"
         sure = (f", or {self.sure_min_px} px where its peak reaches {self.sure_score:.4g}"
                 if self.sure_score is not None else "")
-        return f"threshold {self.threshold:.2f}, {main}{sure}"
+        outline = (f"; outlined down to {self.outline_threshold:.2f}" if self.outline_threshold is not None
+                   and self.outline_threshold < self.threshold else "")
+        return f"threshold {self.threshold:.2f}, {main}{sure}{outline}"
 
     def rules(self) -> dict[str, Any]:
         """The values that decide a verdict (what per-image results carry)."""
         return {"threshold": self.threshold, "min_region_px": self.min_region_px,
                 "max_total_defect_fraction": self.max_total_defect_fraction, "px_per_mm": self.px_per_mm,
                 "min_region_px_by_shape": dict(self.min_region_px_by_shape), "sure_score": self.sure_score,
-                "sure_min_px": self.sure_min_px, "source": self.source}
+                "sure_min_px": self.sure_min_px, "outline_threshold": self.outline_threshold, "source": self.source}
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-friendly dict of every field (what recipe.json holds)."""

@@ -126,6 +126,7 @@ class TuneResult(TypedDict, total=False):
     min_region_px: int
     sure_score: float | None  # a smaller region counts where its peak reaches this; None: no sure tier
     sure_min_px: int
+    outline_threshold: float | None  # a counted region's mask reaches down to it (tuning.add_outline)
     # what it measured on the images it was chosen on
     detection_rate: float | None  # None where the images hold no defect
     false_alarm_rate: float | None  # None where they hold no good image

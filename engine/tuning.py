@@ -351,6 +351,14 @@ def collect_stats(predictor: Any, samples: list[Any], thresholds: Iterable[float
     return stats
 
 
+def add_outline(best: TuneResult, dice_threshold: float) -> TuneResult:
+    """Give a chosen recipe its outline threshold: the run's best-Dice threshold on validation, where that lies below
+    the recipe's own (a recipe raised above it to hold false alarms down would otherwise show only the cores of the
+    defects it finds). Returns `best`."""
+    best["outline_threshold"] = round(dice_threshold, 6) if dice_threshold < best["threshold"] - 1e-9 else None
+    return best
+
+
 def tuned_recipe(best: TuneResult, base: Recipe, context: dict[str, Any] | None = None) -> Recipe:
     """The recipe `tune` saves: the chosen threshold and min area, the base's pixel size, no other rules."""
     tuning = {k: best[k] for k in ("detection_rate", "false_alarm_rate", "false_alarm_bound", "confidence", "goal_on",
@@ -363,7 +371,7 @@ def tuned_recipe(best: TuneResult, base: Recipe, context: dict[str, Any] | None 
     tuning["tuned_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return Recipe(threshold=best["threshold"], min_region_px=best["min_region_px"], px_per_mm=base.px_per_mm,
                   sure_score=best.get("sure_score"), sure_min_px=best.get("sure_min_px") or 0,
-                  source="tuned", tuning=tuning)
+                  outline_threshold=best.get("outline_threshold"), source="tuned", tuning=tuning)
 
 
 def tuning_warnings(best: TuneResult, base: Recipe) -> list[str]:
@@ -412,7 +420,7 @@ def tune_run(predictor: Any, samples: list[Any], max_false_alarm: float | None =
     kept = [s for s in samples if id(s) not in seen]
     min_areas = min_areas_at(predictor.scale) if min_areas is None else min_areas
     stats = collect_stats(predictor, kept, thresholds, min_areas, sure_scores, progress=progress)
-    best = stats.best(max_false_alarm, confidence)
+    best = add_outline(stats.best(max_false_alarm, confidence), predictor.threshold)
     best["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm, confidence)
     best.update(stats.breakdown(best), goal_detection=goal_detection)
     if best["sure_score"] is not None:  # what a single minimum area would have found, kind by kind

@@ -40,12 +40,15 @@ def trained(tiny_dataset: Path) -> str:
 
 def recipe_that_leaves_one_out(probability: np.ndarray, threshold: float, rule: str) -> Recipe | None:
     """A recipe under which some region of the map counts and another does not: by minimum area alone ("min-area":
-    only the largest counts), or by the sure tier ("sure-tier": a smaller region the model is surer of counts,
-    a larger fainter one does not), or None where the map has no such regions."""
+    only the largest counts, its mask outlined down to half the threshold), or by the sure tier ("sure-tier": a
+    smaller region the model is surer of counts, a larger fainter one does not), or None where the map has no such
+    regions."""
     regions = inspect(probability, Recipe(threshold=threshold)).regions
     if rule == "min-area":
         areas = sorted({r.area_px for r in regions})
-        return Recipe(threshold=threshold, min_region_px=areas[-1]) if len(areas) >= 2 else None
+        # outlined too: every front end must draw the counted region grown down to the outline threshold
+        return (Recipe(threshold=threshold, min_region_px=areas[-1], outline_threshold=threshold / 2)
+                if len(areas) >= 2 else None)
     for large in regions:  # largest first; no region reaches the minimum area, so only sure ones count
         small = [r for r in regions if r.area_px < large.area_px and r.max_score > large.max_score]
         if small:  # the sure score midway below the small region's peak, away from float noise between backends

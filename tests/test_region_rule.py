@@ -9,7 +9,7 @@ import pytest
 from engine.inspection import inspect, why_counted
 from engine.metrics import SIZE_BANDS, size_band
 from engine.readiness import provisional, readiness_of
-from engine.recipe import NEVER_PX, Recipe
+from engine.recipe import NEVER_PX, Recipe, RecipeError
 from engine.tuning import DEFAULT_SURE_SCORES, TuneStats
 
 SHAPE = (96, 96)
@@ -180,3 +180,30 @@ def test_the_next_step_of_a_run_blind_to_one_kind_names_it() -> None:
             "best_val": {"n_defective": 37, "n_defect_free": 59}}
     steps = next_steps(info)
     assert any("blowhole: 0 of 16 found on validation" in step and "--paint-types KIND" in step for step in steps)
+
+
+def test_a_counted_region_is_outlined_down_to_the_outline_threshold_and_nothing_else_changes() -> None:
+    """A recipe raised to 0.9 to hold false alarms down counts a defect by its core; its mask covers the halo above
+    the outline threshold connected to it, not a separate faint mark, and the verdict and areas stay the core's."""
+    probability = np.zeros((64, 64), np.float32)
+    probability[20:40, 20:40] = 0.7  # the defect's halo
+    probability[26:34, 26:34] = 0.95  # its core: 64 px
+    probability[50:60, 5:15] = 0.7  # a faint mark of its own, never counted
+    plain = inspect(probability, Recipe(threshold=0.9, min_region_px=50))
+    outlined = inspect(probability, Recipe(threshold=0.9, min_region_px=50, outline_threshold=0.5))
+    assert plain.flagged and outlined.flagged and int(plain.mask.sum()) == 64
+    assert [r.area_px for r in outlined.regions] == [r.area_px for r in plain.regions] == [64]
+    assert int(outlined.mask.sum()) == 400 and not outlined.mask[50:60, 5:15].any()
+    assert "outlined down to 0.50" in outlined.recipe.describe()
+    clean = np.where(probability >= 0.9, 0.0, probability)  # no core: nothing counts, nothing is outlined
+    assert not inspect(clean, Recipe(threshold=0.9, min_region_px=50, outline_threshold=0.5)).mask.any()
+
+
+def test_the_outline_is_the_runs_best_dice_threshold_where_the_recipe_stands_above_it() -> None:
+    from engine.tuning import add_outline
+
+    assert add_outline({"threshold": 0.95}, 0.45)["outline_threshold"] == 0.45
+    assert add_outline({"threshold": 0.45}, 0.45)["outline_threshold"] is None  # nothing below to reach
+    assert Recipe.from_dict({"threshold": 0.9}).outline_threshold is None  # older recipe files: no outline
+    with pytest.raises(RecipeError, match="outline_threshold"):
+        Recipe(threshold=0.9, outline_threshold=1.5)

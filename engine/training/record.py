@@ -22,7 +22,7 @@ from engine.storage import atomic_write_bytes
 from engine.training.config import PAINTED_CONFIDENCE, TrainConfig
 from engine.training.pace import Pace
 from engine.training.prepare import TrainData
-from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, min_areas_at, tuned_recipe
+from engine.tuning import DEFAULT_SURE_SCORES, DEFAULT_THRESHOLDS, TuneStats, add_outline, min_areas_at, tuned_recipe
 
 CURVE_FIELDS = ("epoch", "minutes", "val_ap", "val_detection", "val_false_alarm", "val_images", "val_ready")
 
@@ -74,7 +74,7 @@ def training_recipe(probs: list[np.ndarray], truths: list[np.ndarray], dice_thre
     if not painted:  # readiness (readiness_of) also asks the rule to hold on good images it was not chosen on
         chosen["held_out_false_alarm_rate"] = stats.held_out_false_alarm_rate(max_false_alarm)
     chosen.update(stats.breakdown(chosen), goal_detection=goal_detection)
-    return chosen
+    return add_outline(chosen, dice_threshold)
 
 
 def recipe_line(chosen: TuneResult) -> str:
@@ -89,7 +89,8 @@ def recipe_line(chosen: TuneResult) -> str:
     else:
         rule = f"; of the recipes that meet it, {picked}" if chosen["cautious"] else ""
     applied = Recipe(chosen["threshold"], chosen["min_region_px"], sure_score=chosen.get("sure_score"),
-                     sure_min_px=chosen.get("sure_min_px") or 0).describe()
+                     sure_min_px=chosen.get("sure_min_px") or 0,
+                     outline_threshold=chosen.get("outline_threshold")).describe()
     kinds = "".join(f"; {kind} {c['found']} of {c['n']}" for kind, c in (chosen.get("per_kind") or {}).items())
     return (f"recipe: {applied} (validation: "
             f"detection {_rate(chosen['detection_rate'], chosen['n_defective'])}, false alarms "
