@@ -225,7 +225,8 @@ class TuneStats:
 
     def rule_table(self, recipe: Recipe) -> list[dict[str, float]]:
         """One row per threshold with the rates and Dice of the recipe's region rule at it (its minimum area and sure
-        tier, which must be on the grid): what the verdicts of inspect would be at each threshold."""
+        tier, which must be on the grid): what the verdicts of inspect would be at each threshold. Dice is of the
+        regions at the threshold, not outlined (the outline moves no verdict)."""
         a = int(np.searchsorted(self.min_areas, recipe.min_region_px))
         s = 0 if recipe.sure_score is None else 1 + int(np.searchsorted(self.sure_scores, recipe.sure_score - 1e-12))
         small = int(np.searchsorted(self.min_areas, recipe.sure_min_px)) if s else 0

@@ -7,6 +7,7 @@ where front ends used to disagree (the blob "ok" in one place and "defect", or d
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from pathlib import Path
 
@@ -130,7 +131,8 @@ def test_the_inspect_page_shows_the_same_verdict_and_regions(case) -> None:
 
 
 def test_reviews_threshold_sweep_counts_verdicts_as_inspect_does(case, tiny_dataset: Path) -> None:
-    """The sweep Review charts honours the minimum area: at the recipe's threshold it equals the verdicts."""
+    """The sweep Review charts honours the minimum area: at the recipe's threshold it equals the verdicts (its Dice
+    is the regions' at the threshold, before an outline grows them)."""
     run_id, _, recipe, _ = case
     samples = scan_dataset(tiny_dataset, validate=False).samples
     result = evaluate(Predictor(runs.run_dir(run_id)), samples, sweep=True)
@@ -138,4 +140,6 @@ def test_reviews_threshold_sweep_counts_verdicts_as_inspect_does(case, tiny_data
     assert row["min_region_px"] == recipe.min_region_px
     assert row["detection_rate"] == pytest.approx(result["detection_rate"])
     assert row["false_alarm_rate"] == pytest.approx(result["false_alarm_rate"])
-    assert row["dice"] == pytest.approx(result["dice"], abs=1e-6)
+    plain = evaluate(Predictor(runs.run_dir(run_id)), samples, recipe=dataclasses.replace(recipe, outline_threshold=None))
+    assert plain["detection_rate"] == result["detection_rate"] and plain["n_false_alarms"] == result["n_false_alarms"]
+    assert row["dice"] == pytest.approx(plain["dice"], abs=1e-6)
