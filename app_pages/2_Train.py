@@ -172,9 +172,7 @@ def start(folder: Path, name: str, options: dict, parallel: bool) -> None:
     """Start a run on `folder` in the background and watch it; a refusal shows as one line."""
     try:
         report = data.scan_dataset(folder)
-        if len(report.split("train")) < 2:
-            raise EngineError(f"{folder.name} needs at least 2 training images (has {report.counts()}); "
-                              "generate or import more images")
+        report.trainable_splits(DEFAULTS.val_fraction)  # refused here at once, as training would refuse it
         run_id = jobs.start_training(replace(DEFAULTS, data=str(folder), name=name, **options), parallel=parallel)
     except EngineError as err:
         st.error(str(err))

@@ -103,6 +103,15 @@ class DatasetReport:
             carved.update(s.id for s in ordered[:n_val])
         return [s for s in train if s.id not in carved], [s for s in train if s.id in carved], True
 
+    def trainable_splits(self, val_fraction: float = 0.15) -> tuple[list[Sample], list[Sample], bool]:
+        """training_splits, or DatasetError where they leave no image to train or none to validate on (what `train`
+        and the Train page refuse before any work)."""
+        train, val, carved = self.training_splits(val_fraction)
+        if not train or not val:
+            raise DatasetError(f"{self.root.name} needs at least 2 training images (found {self.counts()}); "
+                               "generate or import more images")
+        return train, val, carved
+
 
 def split_for_id(sample_id: str) -> str:
     """Deterministic 80/10/10 split derived from the id alone (used when there is no manifest)."""

@@ -56,6 +56,26 @@ def test_empty_or_missing_folder_is_a_clear_error(tmp_path) -> None:
         scan_dataset(tmp_path)
 
 
+def test_a_set_too_small_to_train_is_refused_by_one_rule(tmp_path) -> None:
+    """One image leaves nothing to validate on: `train` and the Train page refuse it with the same line."""
+    from engine.training.config import TrainConfig
+    from engine.training.prepare import prepare_data
+
+    write_pair(tmp_path, "only")
+    with open(tmp_path / "manifest.csv", "w") as handle:
+        handle.write("id,split\nonly,train\n")
+    with pytest.raises(DatasetError, match="needs at least 2 training images") as refused:
+        scan_dataset(tmp_path).trainable_splits()
+    with pytest.raises(DatasetError) as by_training:
+        prepare_data(TrainConfig(data=str(tmp_path)))
+    assert str(by_training.value) == str(refused.value)
+    write_pair(tmp_path, "second")
+    with open(tmp_path / "manifest.csv", "a") as handle:
+        handle.write("second,train\n")
+    train, val, carved = scan_dataset(tmp_path).trainable_splits()
+    assert len(train) == len(val) == 1 and carved
+
+
 def test_splits_from_manifest_else_deterministic(tmp_path) -> None:
     for i in range(30):
         write_pair(tmp_path, f"{i:03d}", defect=i % 3 == 0)

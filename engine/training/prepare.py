@@ -41,7 +41,7 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
                            "(defects are painted on), then tune the run on the whole folder")
     for problem in report.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    train_samples, val_samples, carved = report.training_splits(cfg.val_fraction)
+    train_samples, val_samples, carved = report.trainable_splits(cfg.val_fraction)
     if carved:
         print(f"note: {cfg.data} has no val split; using {len(val_samples)} of its train images for validation "
               f"({sum(s.defective for s in val_samples)} with a defect), chosen by id, the same every run",
@@ -50,8 +50,6 @@ def prepare_data(cfg: TrainConfig, rank: int = 0) -> tuple[TrainConfig, TrainDat
         n_keep = max(1, round(len(train_samples) * cfg.train_fraction))
         keep = np.random.default_rng(cfg.seed).permutation(len(train_samples))[:n_keep]
         train_samples = [train_samples[i] for i in sorted(keep)]
-    if not train_samples or not val_samples:
-        raise DatasetError(f"{cfg.data}: needs at least 2 training images (found {report.counts()})")
     train_pairs = [load_pair(s) for s in train_samples]
     if cfg.paint is None:
         cfg = replace(cfg, paint=0.0 if any(mask.any() for _, mask in train_pairs) else PAINT_WITHOUT_LABELS)
