@@ -34,6 +34,30 @@ def test_loss_falls_on_a_fixed_batch() -> None:
     assert losses[-1] < 0.6 * losses[0]
 
 
+def test_per_crop_dice_gives_a_missed_pit_the_weight_of_a_found_stain() -> None:
+    """A batch of two crops: a stain over half of one, found; a 9-px pit in the other, missed. Batch Dice hardly sees
+    the pit; per-crop Dice counts it as half of the batch, and its gradient on the pit's pixels is far larger."""
+    from engine.training.losses import bce_crop_dice_loss, crop_dice_loss, soft_dice_loss
+
+    target = torch.zeros(2, 1, 64, 64)
+    target[0, :, :, :32] = 1  # the stain
+    target[1, :, 30:33, 30:33] = 1  # the pit
+    prob = target.clone()
+    prob[1] = 0.0  # the pit missed
+    assert float(soft_dice_loss(prob, target)) < 0.01
+    assert float(crop_dice_loss(prob, target)) == pytest.approx(0.5, abs=0.06)
+    assert float(crop_dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8))) == 0.0  # no defect: no Dice term
+    logits = torch.where(target > 0, 6.0, -6.0)
+    logits[1] = -6.0
+    grads = []
+    for dice in (soft_dice_loss, crop_dice_loss):
+        x = logits.clone().requires_grad_(True)
+        dice(torch.sigmoid(x), target).backward()
+        grads.append(float(-x.grad[1, 0, 30:33, 30:33].mean()))  # how hard it pushes the pit's pixels up
+    assert grads[1] > 10 * grads[0] > 0
+    assert float(bce_crop_dice_loss(logits, target)) > float(seg_loss(logits, target)) + 0.2
+
+
 def test_run_folder_and_registry_are_complete(trained_run: str) -> None:
     folder = config.RUNS_DIR / trained_run
     info = runs.read_run_json(folder)

@@ -17,6 +17,24 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(torch.sigmoid(logits), target)
 
 
+def crop_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 - the mean soft Dice of the crops that hold a defect: each weighs the same, so a 100-px pit counts as much as
+    a stain over half the crop (in batch Dice the pit's pixels are lost among the stain's); 0 where none holds one."""
+    dims = tuple(range(1, prob.dim()))
+    area = target.sum(dims)
+    dice = (2 * (prob * target).sum(dims) + 1) / (prob.sum(dims) + area + 1)
+    has_defect = area > 0
+    return 1 - dice[has_defect].mean() if has_defect.any() else prob.sum() * 0
+
+
+def bce_crop_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE plus the mean of batch soft Dice (which keeps false pixels on clean crops costly) and per-crop soft Dice
+    (which gives small defects their weight): for sets whose defects range from a few pixels to half the image."""
+    prob = torch.sigmoid(logits)
+    return (F.binary_cross_entropy_with_logits(logits, target)
+            + (soft_dice_loss(prob, target) + crop_dice_loss(prob, target)) / 2)
+
+
 def focal_dice_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
     """Focal loss (easy background pixels weigh little) plus batch soft Dice."""
     bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
@@ -33,4 +51,5 @@ def bce_tversky_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 
     return F.binary_cross_entropy_with_logits(logits, target) + 1 - tversky
 
 
-LOSSES = {"bce-dice": seg_loss, "focal-dice": focal_dice_loss, "bce-tversky": bce_tversky_loss}
+LOSSES = {"bce-dice": seg_loss, "bce-crop-dice": bce_crop_dice_loss, "focal-dice": focal_dice_loss,
+          "bce-tversky": bce_tversky_loss}
