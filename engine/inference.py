@@ -76,7 +76,6 @@ class Predictor:
         record = runs.read_record(run_dir)
         self.run_id = record.run_id or run_dir.name
         self.readiness = readiness.served(record)
-        self.ready, self.ready_reason = self.readiness.ready, self.readiness.ready_reason
         if backend == "torch":
             path = Path(path) if path is not None else runs.checkpoint_path(run_dir, epoch)
             self.model, meta = load_checkpoint(path, device)
@@ -101,6 +100,16 @@ class Predictor:
         self.threshold = float(meta.get("threshold", 0.5))
         self.scale = float(meta.get("scale", 1.0))  # the model works on images resized by this factor
         self.meta = meta
+
+    @property
+    def ready(self) -> bool:
+        """Whether the run is ready to serve (readiness.served)."""
+        return self.readiness.ready
+
+    @property
+    def ready_reason(self) -> str | None:
+        """Why the run is not ready; None when it is."""
+        return self.readiness.ready_reason
 
     @classmethod
     def from_run(cls, run: str | None = "latest", epoch: int | str = "best", backend: str = "torch",
