@@ -20,8 +20,9 @@ from engine.inspector import Inspector
 from engine.storage import file_version
 
 st.title(":material/brush: Label what the run is unsure of")
-st.caption("The queue ranks the images by how unsure the run is: wrong verdicts where the folder has labels, then "
-           "images on which the best and an earlier epoch disagree, then scores nearest the threshold. Each image "
+st.caption("The queue ranks the images by how unsure the run is: wrong verdicts where the folder has labels, then, "
+           "where the run validated on no real defect, the likeliest defects (a fine-tune needs a few to learn from "
+           "and to show its detection), then images on which the best and an earlier epoch disagree, then scores nearest the threshold. Each image "
            "opens with the run's mask: paint or erase pixels, or mark it with one click. Labels go into a labelled "
            "dataset (your images are copied, never changed); 'Train on my labels' fine-tunes the run on them.")
 HEX = "#{:02x}{:02x}{:02x}"
@@ -29,9 +30,8 @@ HEX = "#{:02x}{:02x}{:02x}"
 
 def the_queue(run_id: str, folder: Path, labels_dir: Path, top: int) -> None:
     """Rank the folder's unlabelled images for this run into the session (a progress bar while it predicts)."""
-    exclude = labels.labelled_sources(labels_dir)
     queue = run_with_progress("Ranking the images", lambda progress: labelqueue.label_queue(
-        run_id, folder, top, exclude=exclude, progress=progress, keep_masks=True))
+        run_id, folder, top, labels=labels_dir, progress=progress, keep_masks=True))
     if queue is not None:
         st.session_state.label_queue = {"key": (run_id, str(folder)), "items": labelqueue.as_rows(queue),
                                         "masks": {item.id: item.mask_png for item in queue}}

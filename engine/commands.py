@@ -293,11 +293,10 @@ def cmd_label_queue(args: argparse.Namespace) -> None:
     """Print the images of DIR the run is least sure of, ranked, with why (CSV, or JSON with --json)."""
     import csv
 
-    from engine import labelqueue, labels
+    from engine import labelqueue
 
-    exclude = labels.labelled_sources(args.labels) if args.labels else None
     with _progress_bar("ranking") as progress:
-        queue = labelqueue.label_queue(args.run, args.data, args.top, args.split, exclude,
+        queue = labelqueue.label_queue(args.run, args.data, args.top, args.split, args.labels,
                                        use_truth=not args.ignore_masks, progress=progress)
     rows = labelqueue.as_rows(queue)
     if args.json:

@@ -2,7 +2,10 @@
 
 Three signs, strongest first: a wrong verdict where the image's truth is known (the Review page's misses and false
 alarms); disagreement between the best epoch and an earlier one (their verdicts differ under the recipe); and
-the image's top score nearest the recipe's threshold. Ranking (rank) is apart from predicting (score_images), so
+the image's top score nearest the recipe's threshold. Where the run validated on no real defect (a run on good
+parts), doubt alone fills the queue with good parts near the threshold, while what the fine-tune needs first is
+real defects to learn from and to show its detection on (labels.defects_wanted): so the likeliest defects (flagged,
+the largest counted area first) come before the doubtful ones, as many as it needs. Ranking (rank) is apart from predicting (score_images), so
 that it can be checked on hand-made scores.
 """
 
@@ -20,6 +23,7 @@ from engine.errors import DatasetError
 from engine.imageio import encode_png
 from engine.inference import Predictor
 from engine.inspection import inspect
+from engine.labels import defects_wanted, labelled_sources
 from engine.progress import Progress
 from engine.recipe import load_recipe
 
@@ -33,6 +37,7 @@ class Scored:
     path: str
     top: float
     flagged: bool
+    area: int = 0  # pixels of the regions the recipe counts (0 where none does)
     earlier_top: float | None = None
     earlier_flagged: bool | None = None
     truth: bool | None = None
@@ -55,8 +60,10 @@ class QueueItem:
     mask_png: bytes | None = field(default=None, repr=False)  # the run's mask, the Label page's starting point
 
 
-def _reason(item: Scored, threshold: float, earlier_epoch: int | None) -> tuple[tuple, str]:
-    """(sort key, reason) of one image: wrong verdicts first, then epochs that disagree, then the nearest score."""
+def _reason(item: Scored, threshold: float, earlier_epoch: int | None, likely: bool,
+            defects_wanted: int) -> tuple[tuple, str]:
+    """(sort key, reason) of one image: wrong verdicts first, then the likeliest defects where they are wanted, then
+    epochs that disagree, then the nearest score."""
     margin = abs(item.top - threshold)
     side = "above" if item.top >= threshold else "below"
     near = f"top score {item.top:.3f} is {margin:.3f} {side} the threshold {threshold:.3f}"
@@ -65,19 +72,33 @@ def _reason(item: Scored, threshold: float, earlier_epoch: int | None) -> tuple[
     if wrong:
         what = "missed a labelled defect" if item.truth else "flagged a part labelled good"
         return (0, margin), f"wrong verdict: the run {what} ({near})"
+    if likely:
+        seen = f"flagged, {item.area:,} px counted" if item.flagged else "not flagged"
+        return (1, -item.area, -item.top), (f"likely defect ({seen}, top score {item.top:.3f}): the run validated "
+                                            f"on no real defect, and a fine-tune needs {defects_wanted} to learn "
+                                            "from and to show its detection")
     if disagree:
         now, then = ("defect" if item.flagged else "ok"), ("defect" if item.earlier_flagged else "ok")
-        return (1, margin), (f"epochs disagree: the best says {now} ({item.top:.2f}), epoch {earlier_epoch} said "
+        return (2, margin), (f"epochs disagree: the best says {now} ({item.top:.2f}), epoch {earlier_epoch} said "
                              f"{then} ({item.earlier_top:.2f})")
-    return (2, margin), near
+    return (3, margin), near
+
+
+def _likeliest(scored: list[Scored], n: int) -> set[str]:
+    """Ids of the n images likeliest to hold a defect, of those whose truth is unknown: flagged before not, then
+    the largest counted area, then the top score."""
+    unknown = sorted((item for item in scored if item.truth is None),
+                     key=lambda item: (not item.flagged, -item.area, -item.top, item.id))
+    return {item.id for item in unknown[:n]}
 
 
 def rank(scored: list[Scored], threshold: float, top: int | None = None,
-         earlier_epoch: int | None = None) -> list[QueueItem]:
-    """The queue: images ordered by how unsure the run is (wrong verdict, then epochs disagreeing, then the score
-    nearest the threshold; ties by id), the first `top` of them."""
-    keyed = sorted(((*_reason(item, threshold, earlier_epoch), item) for item in scored),
-                   key=lambda entry: (entry[0], entry[2].id))
+         earlier_epoch: int | None = None, defects_wanted: int = 0) -> list[QueueItem]:
+    """The queue: images ordered by how unsure the run is (wrong verdict, then the `defects_wanted` likeliest
+    defects, then epochs disagreeing, then the score nearest the threshold; ties by id), the first `top` of them."""
+    likely = _likeliest(scored, defects_wanted)
+    keyed = sorted(((*_reason(item, threshold, earlier_epoch, item.id in likely, defects_wanted), item)
+                    for item in scored), key=lambda entry: (entry[0], entry[2].id))
     return [QueueItem(i + 1, item.id, item.path, round(item.top, 4), "defect" if item.flagged else "ok", reason,
                       item.mask_png) for i, (_, reason, item) in enumerate(keyed[:top] if top else keyed)]
 
@@ -120,6 +141,7 @@ def score_images(run: str, samples: list[Sample], use_truth: bool = True, progre
         probability = best.predict_proba(image)
         inspection = inspect(probability, recipe)
         item = Scored(sample.id, str(sample.image_path.resolve()), float(probability.max()), inspection.flagged,
+                      sum(region.area_px for region in inspection.regions),
                       truth=sample.holds_defect(truth) if known else None,
                       mask_png=encode_png(inspection.mask.astype(np.uint8)) if keep_masks else None)
         if early is not None:
@@ -132,11 +154,13 @@ def score_images(run: str, samples: list[Sample], use_truth: bool = True, progre
 
 
 def label_queue(run: str, data: str | Path, top: int | None = None, split: str = "all",
-                exclude: set[str] | None = None, use_truth: bool = True,
+                labels: str | Path | None = None, use_truth: bool = True,
                 progress: Progress | None = None, keep_masks: bool = False) -> list[QueueItem]:
-    """The first `top` unlabelled images of DIR, ranked by how unsure RUN is of them (the CLI's and the page's)."""
+    """The first `top` images of DIR not labelled yet in the labelled dataset `labels`, ranked by how unsure RUN is
+    of them and by what a fine-tune of it needs (the CLI's and the page's)."""
+    exclude = labelled_sources(labels) if labels else None
     scored, threshold, epoch = score_images(run, candidates(data, split, exclude), use_truth, progress, keep_masks)
-    return rank(scored, threshold, top, epoch)
+    return rank(scored, threshold, top, epoch, defects_wanted(run, labels))
 
 
 def as_rows(queue: list[QueueItem]) -> list[dict[str, Any]]:

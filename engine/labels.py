@@ -160,7 +160,7 @@ def training_set(dataset: str | Path, run: str) -> Path:
     split_of = {s.id: "val" for s in val} | {s.id: "train" for s in train}  # validation carved as the run carved it
     labelled = {row.get("source_path") for row in labels.values()}
     run_split = {str(s.image_path.resolve()): split_of.get(s.id, s.split) for s in own.samples}
-    validating = validating_labels(labels, run_split) if not any(s.defective for s in val) else set()
+    validating = validating_labels(labels, run_split) if labels_validate(val) else set()
     final = dataset.with_name(f"{dataset.name}+train")
     with folder_lock(final, "written"), staged_folder(final) as tmp:
         (tmp / "images").mkdir()
@@ -202,6 +202,22 @@ def validating_labels(labels: dict[str, dict[str, str]], run_split: dict[str, st
     while len(validating) < MIN_DEFECTIVE and len(training) > 1:
         validating.append(training.pop())
     return {row["id"] for row in validating}
+
+
+def labels_validate(val: list[Sample]) -> bool:
+    """Whether a fine-tune validates on labelled defects: where the run's validation (`val`) holds no real one."""
+    return not any(s.defective for s in val)
+
+
+def defects_wanted(run: str, dataset: str | Path | None = None) -> int:
+    """How many more labelled defects a fine-tune of RUN needs before its readiness can be shown: MIN_DEFECTIVE to
+    validate and one to train where its validation held no real defect (validating_labels), less those the
+    labelled dataset holds already; none where the run validated on real defects."""
+    if not labels_validate(run_splits(run)[2]):
+        return 0
+    labelled = read_labels(dataset) if dataset else {}
+    have = sum(1 for row in labelled.values() if image_level(row) or listed_as_defective(row))
+    return max(0, MIN_DEFECTIVE + 1 - have)
 
 
 def _held_out(row: dict[str, str], run_split: dict[str, str]) -> bool:

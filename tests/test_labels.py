@@ -76,6 +76,25 @@ def test_queue_orders_wrong_verdicts_then_disagreement_then_nearest_score() -> N
     assert [item.id for item in labelqueue.rank(scored, 0.5, top=2)] == ["false_alarm", "missed"]
 
 
+def test_where_a_fine_tune_wants_real_defects_the_likeliest_come_after_the_wrong_verdicts() -> None:
+    scored = [
+        Scored("near", "near.png", top=0.52, flagged=True, area=40),
+        Scored("faint", "faint.png", top=0.49, flagged=False),
+        Scored("big", "big.png", top=0.97, flagged=True, area=900),
+        Scored("small", "small.png", top=0.99, flagged=True, area=60),
+        Scored("missed", "missed.png", top=0.1, flagged=False, truth=True),
+        Scored("changed", "changed.png", top=0.6, flagged=True, area=30, earlier_top=0.2, earlier_flagged=False),
+    ]
+    queue = labelqueue.rank(scored, threshold=0.5, earlier_epoch=3, defects_wanted=3)
+    # a known truth is never "likely": it is already known, and wrong; then flagged by counted area; then doubt
+    assert [item.id for item in queue] == ["missed", "big", "small", "near", "changed", "faint"]
+    assert queue[1].reason.startswith("likely defect (flagged, 900 px counted, top score 0.970)")
+    assert "needs 3 to learn from and to show its detection" in queue[1].reason
+    assert queue[4].reason.startswith("epochs disagree") and queue[5].reason.startswith("top score 0.490")
+    # none wanted: doubt alone, as before
+    assert [item.id for item in labelqueue.rank(scored, 0.5, defects_wanted=0)][1:3] == ["changed", "faint"]
+
+
 def test_manifest_records_each_source_and_the_source_folder_is_untouched(source: Path, tmp_path: Path) -> None:
     before = hashes(source)
     out = tmp_path / "labels"
@@ -197,6 +216,7 @@ def test_label_queue_cli_csv_and_json(trained_run: str, tiny_dataset: Path, tmp_
     assert [r["id"] for r in json.loads(buffer.getvalue())] == [r["id"] for r in rows]
     assert list(rows[0]) == list(labelqueue.COLUMNS)
     # The masks the page opens with, kept from the ranking: the run's mask under its recipe.
+    assert labels.defects_wanted(trained_run) == 0  # its validation holds real defects: doubt alone ranks
     kept = labelqueue.label_queue(trained_run, tiny_dataset, 2, split="test", keep_masks=True)
     run_dir = runs.resolve_run(trained_run)
     for item in kept:
@@ -389,9 +409,16 @@ def test_a_fine_tune_of_a_good_parts_run_validates_on_every_other_labelled_defec
     run = train(TrainConfig(data=str(good), epochs=1, base=8, depth=2, crop=32, batch_size=8, steps_per_epoch=2,
                             name="good-parts"))
     out = labels.labels_folder(f"labels-{tmp_path.name}"[:60])
+    # the queue leads with the likeliest defects, as many as a fine-tune needs (3 to validate, 1 to train)
+    assert labels.defects_wanted(run, out) == 4
+    queue = labelqueue.label_queue(run, tiny_dataset, 5, split="train", labels=out, use_truth=False)
+    assert [item.reason.startswith("likely defect") for item in queue] == [True] * 4 + [False]
     defective = [s for s in samples if s.defective and s.split == "train"][:4]
+    labels.save_label(out, defective[0].image_path, "drawn", load_pair(defective[0])[1])
+    assert labels.defects_wanted(run, out) == 3
     for sample in defective:
         labels.save_label(out, sample.image_path, "drawn", load_pair(sample)[1])
+    assert labels.defects_wanted(run, out) == 0  # 3 to validate and 1 to train are there
     combined = scan_dataset(labels.training_set(out, run))
     validating = sorted(s.id for s in combined.split("val") if not s.id.startswith("run-"))
     assert len(validating) == 3 and validating == sorted(s.image_path.stem for s in defective)[1:]
