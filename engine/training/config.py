@@ -52,7 +52,8 @@ class TrainConfig:
     train_fraction: float = option(1.0, "train on a seeded subset of the train split")
     init: str = option("auto", "starting weights: auto (the shipped pre-trained ones where the architecture "
                                "matches), pretrained, none, or a run id to fine-tune")
-    loss: str = option("bce-dice", "training loss", choices=("bce-dice", "bce-crop-dice", "focal-dice", "bce-tversky"))
+    loss: str = option("bce-crop-dice", "training loss", choices=("bce-crop-dice", "bce-dice", "focal-dice",
+                                                                  "bce-tversky"))
     defect_share: float = option(0.5, "share of every batch that is crops centred on a defect")
     hard_share: float | None = option(None, "share of every batch that is crops around hard negatives: spots where "
                                             "the model last flagged a defect-free training image (default: "

@@ -13,7 +13,7 @@ def soft_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """BCE plus batch soft Dice (the default)."""
+    """BCE plus batch soft Dice (the default until 2026-12-08; validation's loss)."""
     return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(torch.sigmoid(logits), target)
 
 
@@ -29,7 +29,8 @@ def crop_dice_loss(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def bce_crop_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """BCE plus the mean of batch soft Dice (which keeps false pixels on clean crops costly) and per-crop soft Dice
-    (which gives small defects their weight): for sets whose defects range from a few pixels to half the image."""
+    (which gives small defects their weight), so that sets whose defects range from a few pixels to half the image
+    learn the small ones too (the default)."""
     prob = torch.sigmoid(logits)
     return (F.binary_cross_entropy_with_logits(logits, target)
             + (soft_dice_loss(prob, target) + crop_dice_loss(prob, target)) / 2)
