@@ -207,7 +207,9 @@ class TuneStats:
             dice = np.full(dice.shape, np.nan)  # no defect's pixels are known
         valid = np.ones(dice.shape, bool)
         valid[:, :, 0, 1:] = False
-        valid[:, self.min_areas >= NEVER_PX, 0, :] = False  # no tier and no area: a rule that flags nothing
+        never = self.min_areas >= NEVER_PX
+        valid[:, never, 0, :] = False  # no tier and no area: a rule that flags nothing
+        valid[:, :, :, never] = False  # a sure tier from a size no region reaches adds nothing
         return {"detection_rate": detection, "false_alarm_rate": false_alarm, "dice": dice, "valid": valid}
 
     def grid(self) -> dict[str, np.ndarray]:

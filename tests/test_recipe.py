@@ -270,6 +270,24 @@ def test_on_a_stand_in_for_detection_the_most_cautious_recipe_within_noise_wins(
     assert cautious["false_alarm_rate"] == 0.0 and cautious["cautious"] and not most["cautious"]
 
 
+def test_where_every_rule_that_finds_a_defect_flags_a_good_part_the_chosen_rule_is_still_one_a_region_can_meet() -> None:
+    """A good part holds a sure 100-px mark, the one defect a faint 30-px one: at a 0 % goal only rules that flag
+    nothing meet it. The one chosen must still name sizes a region can have, never the 'no size' sentinel."""
+    stats = TuneStats([0.5], [0, 20], sure_scores=[0.99, 0.999])
+    probability, truth = np.zeros((32, 32), np.float32), np.zeros((32, 32), np.uint8)
+    truth[2:7, 2:8], probability[2:7, 2:8] = 1, 0.6
+    stats.add(probability, truth)
+    probability = np.zeros((32, 32), np.float32)
+    probability[10:20, 10:20] = 0.995
+    stats.add(probability, np.zeros((32, 32), np.uint8))
+    chosen = stats.best(0.0)
+    assert chosen["false_alarm_rate"] == 0.0 and chosen["detection_rate"] == 0.0
+    assert chosen["sure_min_px"] < recipe.NEVER_PX
+    rule = Recipe(chosen["threshold"], chosen["min_region_px"], sure_score=chosen["sure_score"],
+                  sure_min_px=chosen["sure_min_px"]).describe()
+    assert str(recipe.NEVER_PX) not in rule, rule
+
+
 def test_tuning_grid_matches_inspect_cell_by_cell() -> None:
     """The vectorised grid equals running inspect for every (threshold, min area) on every image."""
     rng = np.random.default_rng(7)
