@@ -38,6 +38,7 @@ class Scored:
     top: float
     flagged: bool
     area: int = 0  # pixels of the regions the recipe counts (0 where none does)
+    hot_px: int = 0  # pixels at or above the recipe's threshold, counted or not
     earlier_top: float | None = None
     earlier_flagged: bool | None = None
     truth: bool | None = None
@@ -73,8 +74,9 @@ def _reason(item: Scored, threshold: float, earlier_epoch: int | None, likely: b
         what = "missed a labelled defect" if item.truth else "flagged a part labelled good"
         return (0, margin), f"wrong verdict: the run {what} ({near})"
     if likely:
-        seen = f"flagged, {item.area:,} px counted" if item.flagged else "not flagged"
-        return (1, -item.area, -item.top), (f"likely defect ({seen}, top score {item.top:.3f}): the run validated "
+        seen = (f"flagged, {item.area:,} px counted" if item.flagged
+                else f"not flagged, {item.hot_px:,} px at or above the threshold")
+        return (1, *_likelihood(item)), (f"likely defect ({seen}, top score {item.top:.3f}): the run validated "
                                             f"on no real defect, and a fine-tune needs {defects_wanted} to learn "
                                             "from and to show its detection")
     if disagree:
@@ -84,11 +86,16 @@ def _reason(item: Scored, threshold: float, earlier_epoch: int | None, likely: b
     return (3, margin), near
 
 
+def _likelihood(item: Scored) -> tuple[bool, int, int, float]:
+    """Sort key of how likely an image holds a defect, likeliest first."""
+    return not item.flagged, -item.area, -item.hot_px, -item.top
+
+
 def _likeliest(scored: list[Scored], n: int) -> set[str]:
     """Ids of the n images likeliest to hold a defect, of those whose truth is unknown: flagged before not, then
-    the largest counted area, then the top score."""
-    unknown = sorted((item for item in scored if item.truth is None),
-                     key=lambda item: (not item.flagged, -item.area, -item.top, item.id))
+    the largest counted area, then the most pixels at or above the threshold (a recipe that flags next to nothing,
+    as a run on good parts may choose, still ranks by them), then the top score."""
+    unknown = sorted((item for item in scored if item.truth is None), key=lambda item: (*_likelihood(item), item.id))
     return {item.id for item in unknown[:n]}
 
 
@@ -142,6 +149,7 @@ def score_images(run: str, samples: list[Sample], use_truth: bool = True, progre
         inspection = inspect(probability, recipe)
         item = Scored(sample.id, str(sample.image_path.resolve()), float(probability.max()), inspection.flagged,
                       sum(region.area_px for region in inspection.regions),
+                      int((probability >= recipe.threshold).sum()),
                       truth=sample.holds_defect(truth) if known else None,
                       mask_png=encode_png(inspection.mask.astype(np.uint8)) if keep_masks else None)
         if early is not None:

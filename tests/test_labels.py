@@ -80,17 +80,21 @@ def test_where_a_fine_tune_wants_real_defects_the_likeliest_come_after_the_wrong
     scored = [
         Scored("near", "near.png", top=0.52, flagged=True, area=40),
         Scored("faint", "faint.png", top=0.49, flagged=False),
+        Scored("spread", "spread.png", top=0.51, flagged=False, hot_px=30),
+        Scored("speck", "speck.png", top=0.95, flagged=False, hot_px=4),
         Scored("big", "big.png", top=0.97, flagged=True, area=900),
         Scored("small", "small.png", top=0.99, flagged=True, area=60),
         Scored("missed", "missed.png", top=0.1, flagged=False, truth=True),
-        Scored("changed", "changed.png", top=0.6, flagged=True, area=30, earlier_top=0.2, earlier_flagged=False),
+        Scored("changed", "changed.png", top=0.45, flagged=False, earlier_top=0.9, earlier_flagged=True),
     ]
-    queue = labelqueue.rank(scored, threshold=0.5, earlier_epoch=3, defects_wanted=3)
-    # a known truth is never "likely": it is already known, and wrong; then flagged by counted area; then doubt
-    assert [item.id for item in queue] == ["missed", "big", "small", "near", "changed", "faint"]
+    queue = labelqueue.rank(scored, threshold=0.5, earlier_epoch=3, defects_wanted=5)
+    # a known truth is never "likely": it is already known, and wrong; then flagged by counted area, then the most
+    # pixels over the threshold; then doubt
+    assert [item.id for item in queue] == ["missed", "big", "small", "near", "spread", "speck", "changed", "faint"]
+    assert queue[4].reason.startswith("likely defect (not flagged, 30 px at or above the threshold")
     assert queue[1].reason.startswith("likely defect (flagged, 900 px counted, top score 0.970)")
-    assert "needs 3 to learn from and to show its detection" in queue[1].reason
-    assert queue[4].reason.startswith("epochs disagree") and queue[5].reason.startswith("top score 0.490")
+    assert "needs 5 to learn from and to show its detection" in queue[1].reason
+    assert queue[6].reason.startswith("epochs disagree") and queue[7].reason.startswith("top score 0.490")
     # none wanted: doubt alone, as before
     assert [item.id for item in labelqueue.rank(scored, 0.5, defects_wanted=0)][1:3] == ["changed", "faint"]
 
