@@ -80,7 +80,8 @@ def main() -> int:
     parser.add_argument("--base-minutes", type=float, default=15.0)
     parser.add_argument("--minutes", type=float, default=5.0, help="each fine-tune's budget")
     parser.add_argument("--n", type=int, default=5, help="images labelled per arm")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the random draws")
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2],
+                        help="seeds of the random draws (none: the queue arm alone)")
     parser.add_argument("--tag", default=time.strftime("%Y%m%d-%H%M%S"), help="names this simulation's folders")
     args = parser.parse_args()
     run = args.run

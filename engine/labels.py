@@ -210,14 +210,14 @@ def labels_validate(val: list[Sample]) -> bool:
 
 
 def defects_wanted(run: str, dataset: str | Path | None = None) -> int:
-    """How many more labelled defects a fine-tune of RUN needs before its readiness can be shown: MIN_DEFECTIVE to
-    validate and one to train where its validation held no real defect (validating_labels), less those the
-    labelled dataset holds already; none where the run validated on real defects."""
+    """How many more labelled defects a fine-tune of RUN wants where its validation held no real defect: MIN_DEFECTIVE
+    to validate (so that its readiness can be shown) and as many to learn from, as validating_labels shares them out
+    (every other one), less those the labelled dataset holds already; none where the run validated on real defects."""
     if not labels_validate(run_splits(run)[2]):
         return 0
     labelled = read_labels(dataset) if dataset else {}
     have = sum(1 for row in labelled.values() if image_level(row) or listed_as_defective(row))
-    return max(0, MIN_DEFECTIVE + 1 - have)
+    return max(0, 2 * MIN_DEFECTIVE - have)
 
 
 def _held_out(row: dict[str, str], run_split: dict[str, str]) -> bool:

@@ -413,16 +413,16 @@ def test_a_fine_tune_of_a_good_parts_run_validates_on_every_other_labelled_defec
     run = train(TrainConfig(data=str(good), epochs=1, base=8, depth=2, crop=32, batch_size=8, steps_per_epoch=2,
                             name="good-parts"))
     out = labels.labels_folder(f"labels-{tmp_path.name}"[:60])
-    # the queue leads with the likeliest defects, as many as a fine-tune needs (3 to validate, 1 to train)
-    assert labels.defects_wanted(run, out) == 4
-    queue = labelqueue.label_queue(run, tiny_dataset, 5, split="train", labels=out, use_truth=False)
-    assert [item.reason.startswith("likely defect") for item in queue] == [True] * 4 + [False]
+    # the queue leads with the likeliest defects, as many as a fine-tune wants (3 to validate, 3 to learn from)
+    assert labels.defects_wanted(run, out) == 6
+    queue = labelqueue.label_queue(run, tiny_dataset, 7, split="train", labels=out, use_truth=False)
+    assert [item.reason.startswith("likely defect") for item in queue] == [True] * 6 + [False]
     defective = [s for s in samples if s.defective and s.split == "train"][:4]
     labels.save_label(out, defective[0].image_path, "drawn", load_pair(defective[0])[1])
-    assert labels.defects_wanted(run, out) == 3
+    assert labels.defects_wanted(run, out) == 5
     for sample in defective:
         labels.save_label(out, sample.image_path, "drawn", load_pair(sample)[1])
-    assert labels.defects_wanted(run, out) == 0  # 3 to validate and 1 to train are there
+    assert labels.defects_wanted(run, out) == 2  # 3 to validate and 1 to learn from are there
     combined = scan_dataset(labels.training_set(out, run))
     validating = sorted(s.id for s in combined.split("val") if not s.id.startswith("run-"))
     assert len(validating) == 3 and validating == sorted(s.image_path.stem for s in defective)[1:]
