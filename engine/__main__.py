@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="dataset folder (or a folder of images) to rank")
     p.add_argument("--top", type=_non_negative_int, default=20, help="how many images (0: all)")
     p.add_argument("--split", default="all", choices=["all", "train", "val", "test"])
-    p.add_argument("--labels", help="a labelled dataset (the Label page's): its images are left out")
+    p.add_argument("--labels", help="a labelled dataset (the Label page's): its images are left out, and "
+                   "its defects count toward those a fine-tune wants")
     p.add_argument("--ignore-masks", action="store_true",
                    help="rank as if DIR held no label (no wrong verdicts): to simulate labelling from scratch")
     p.add_argument("--json", action="store_true", help="JSON instead of CSV")
