@@ -22,9 +22,10 @@ from engine.storage import file_version
 st.title(":material/brush: Label what the run is unsure of")
 st.caption("The queue ranks the images by how unsure the run is: wrong verdicts where the folder has labels, then, "
            "where the run validated on no real defect, the likeliest defects (a fine-tune needs a few to learn from "
-           "and to show its detection), then images on which the best and an earlier epoch disagree, then scores nearest the threshold. Each image "
-           "opens with the run's mask: paint or erase pixels, or mark it with one click. Labels go into a labelled "
-           "dataset (your images are copied, never changed); 'Train on my labels' fine-tunes the run on them.")
+           "and to show its detection), then images on which the best and an earlier epoch disagree, then scores "
+           "nearest the threshold. Each image opens with the run's mask: paint or erase pixels, or mark it with one "
+           "click. Labels go into a labelled dataset (your images are copied, never changed); 'Train on my labels' "
+           "fine-tunes the run on them.")
 HEX = "#{:02x}{:02x}{:02x}"
 
 

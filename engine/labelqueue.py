@@ -4,8 +4,8 @@ Three signs, strongest first: a wrong verdict where the image's truth is known (
 alarms); disagreement between the best epoch and an earlier one (their verdicts differ under the recipe); and
 the image's top score nearest the recipe's threshold. Where the run validated on no real defect (a run on good
 parts), doubt alone fills the queue with good parts near the threshold, while what the fine-tune needs first is
-real defects to learn from and to show its detection on (labels.defects_wanted): so the likeliest defects (flagged,
-the largest counted area first) come before the doubtful ones, as many as it needs. Ranking (rank) is apart from predicting (score_images), so
+real defects to learn from and to show its detection on (labels.defects_wanted): so the likeliest defects (_likelihood)
+come right after the wrong verdicts, as many as it wants. Ranking (rank) is apart from predicting (score_images), so
 that it can be checked on hand-made scores.
 """
 
