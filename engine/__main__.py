@@ -16,7 +16,7 @@ def add_train_options(p: argparse.ArgumentParser) -> None:
     """The `train` options, one per TrainConfig field, with its default and help text."""
     from typing import get_type_hints
 
-    from engine.train import TrainConfig
+    from engine.training.config import TrainConfig
 
     types = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):

@@ -24,6 +24,8 @@ from engine.serving import available_backends, gated_backends, refusals
 BENCH_SIZE = 256
 THROUGHPUT_BATCH = 8
 PRESET_CROP = 192  # the training crop the presets are costed at where a run does not say its own
+PRESET_SECONDS = 2.0  # each preset's training speed is timed this long at FULL_ROUNDS rounds, in proportion below
+FULL_ROUNDS = 50
 
 
 def machine_description() -> str:
@@ -150,7 +152,7 @@ def _benchmark(folder: Path, samples: list[Sample], size: int, iterations: int, 
         row["latency_vs_onnx"] = row["latency_p50_ms"] / onnx["latency_p50_ms"] if onnx else None
         row["dice_drop"] = reference["dice"] - row["dice"]
     progress(1.0, 1.0, "costing the presets")
-    presets = preset_costs(train_crop(folder))
+    presets = preset_costs(train_crop(folder), seconds=PRESET_SECONDS * min(1.0, iterations / FULL_ROUNDS))
     progress(1.0, 1.0, "done")
     return {"run_id": predictors[next(iter(predictors))].run_id, "size": size, "presets": presets,
             "iterations": iterations, "threshold": recipe.threshold, "min_region_px": recipe.min_region_px,
