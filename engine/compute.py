@@ -69,8 +69,10 @@ def gflop_per_crop(model: nn.Module, crop: int) -> float:
 
 
 def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.dtype | None,
-                        seconds: float = 4.0) -> float:
-    """Images per second of forward+backward on a fixed in-memory batch: the ceiling for training."""
+                        seconds: float = 4.0, max_steps: int = 30) -> float:
+    """Images per second of forward+backward on a fixed in-memory batch: the ceiling for training. Timed for
+    `seconds` or `max_steps` steps, whichever ends first: a small model's steps are many in a fraction of a second,
+    and a short run should not spend its budget on the probe."""
     model = copy.deepcopy(model).train()  # a copy, so batch-norm statistics of the real model stay untouched
 
     def step() -> None:
@@ -81,10 +83,10 @@ def measure_model_speed(model: UNetTiny, batch: torch.Tensor, amp_dtype: torch.d
 
     for _ in range(2):  # warm-up: the first passes build the convolution kernels
         step()
-    n_images, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    n_images, steps, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds and steps < max_steps:
         step()
-        n_images += len(batch)
+        n_images, steps = n_images + len(batch), steps + 1
     return n_images / (time.perf_counter() - start)
 
 
