@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from engine.inference import BACKENDS
 from engine.readiness import Served
+from engine.runfolder import BACKENDS
 
 BackendName = Literal[BACKENDS]  # Literal of a tuple: one of its strings
 BackendRequest = Literal[("auto", *BACKENDS)]

@@ -11,9 +11,8 @@ import streamlit as st
 from app_pages.ui import progress_bar, readiness_notice
 from engine import bench, export, jobs, runs, serving
 from engine.errors import EngineError
-from engine.inference import ONNX_FILES
 from engine.progress import part
-from engine.runfolder import RunFolder
+from engine.runfolder import ONNX_FILES, RunFolder
 
 
 def choose() -> tuple[str, Path, str] | None:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from load_api import free_port, load, make_images, rss_mb, start_server  # noqa: E402
 
 from engine import config, runs  # noqa: E402
-from engine.inference import BACKENDS  # noqa: E402
+from engine.runfolder import BACKENDS  # noqa: E402
 from engine.serving import resolve_backend, run_reference  # noqa: E402
 
 

@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine import config, runs  # noqa: E402
 from engine.imageio import decode_image, encode_png  # noqa: E402
-from engine.inference import BACKENDS, Predictor  # noqa: E402
+from engine.inference import Predictor  # noqa: E402
 from engine.inspection import inspect  # noqa: E402
 from engine.recipe import load_recipe  # noqa: E402
+from engine.runfolder import BACKENDS  # noqa: E402
 from engine.serving import resolve_backend, run_reference  # noqa: E402
 from engine.synth import SynthParams, render_sample  # noqa: E402
 

@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser, backend: str = "torch") -> None:
-    from engine.inference import BACKENDS
+    from engine.runfolder import BACKENDS
 
     p.add_argument("--run", default="latest", help="run id, 'demo' or 'latest'")
     p.add_argument("--epoch", default="best", help="epoch number, 'best' or 'last'")

@@ -15,10 +15,10 @@ from engine.compute import preset_costs
 from engine.cpuflags import cpu_flags, cpu_model
 from engine.data import Sample, load_pair
 from engine.errors import DatasetError, EngineError
-from engine.inference import ONNX_FILES, Predictor, preprocess_image
+from engine.inference import Predictor, preprocess_image
 from engine.progress import Progress, part, silent
 from engine.recipe import load_recipe
-from engine.runfolder import RunFolder
+from engine.runfolder import ONNX_FILES, RunFolder
 from engine.serving import available_backends, gated_backends, refusals
 
 BENCH_SIZE = 256

@@ -31,17 +31,9 @@ from engine.cpuflags import cpu_flags
 from engine.data import load_pair
 from engine.errors import EngineError
 from engine.gates import MAX_DICE_DROP, RECHECK_PREFIX, within_gate
-from engine.inference import (
-    MODEL_FILES,
-    ONNX_FILES,
-    OPENVINO_PRECISION,
-    TILE,
-    Predictor,
-    openvino_available,
-    preprocess_image,
-)
+from engine.inference import OPENVINO_PRECISION, TILE, Predictor, openvino_available, preprocess_image
 from engine.progress import Progress, part, silent
-from engine.runfolder import REPORT_FILE, RunFolder
+from engine.runfolder import MODEL_FILES, ONNX_FILES, REPORT_FILE, RunFolder
 from engine.runrecord import RunRecord
 from engine.storage import commit, staged_file, write_staged
 

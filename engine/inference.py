@@ -21,15 +21,9 @@ from engine.errors import EngineError, RunNotFound
 from engine.imageio import to_gray_float
 from engine.model import load_checkpoint
 from engine.progress import Progress
-from engine.runfolder import RunFolder
+from engine.runfolder import BACKENDS, MODEL_FILES, RunFolder
 from engine.storage import file_version
 
-ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}  # what export writes (INT8 only behind its gate)
-# Every backend but torch reads one of those files: ONNX Runtime, or OpenVINO (fp32, bf16 arithmetic, or the INT8
-# file), so OpenVINO needs no export step of its own.
-MODEL_FILES = {**ONNX_FILES, "openvino": "model.onnx", "openvino-bf16": "model.onnx",
-               "openvino-int8": "model.int8.onnx"}
-BACKENDS = ("torch", *MODEL_FILES)
 OPENVINO_PRECISION = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
 OPENVINO_SHAPES = 8  # input shapes kept compiled per OpenVINO model
 TILE = 512  # images with a side above TILE_ABOVE are processed in overlapping tiles of this size

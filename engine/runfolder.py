@@ -15,6 +15,12 @@ EXPORT_DIR = "export"
 REPORT_FILE = "report.json"  # in export/: what export measured, gates included
 LOG_FILE = "train.log"
 CONFIG_FILE = "train_config.json"  # the TrainConfig a background run was started with
+ONNX_FILES = {"onnx": "model.onnx", "int8": "model.int8.onnx"}  # what export writes (INT8 only behind its gate)
+# Every backend but torch reads one of those files: ONNX Runtime, or OpenVINO (fp32, bf16 arithmetic, or the INT8
+# file), so OpenVINO needs no export step of its own.
+MODEL_FILES = {**ONNX_FILES, "openvino": "model.onnx", "openvino-bf16": "model.onnx",
+               "openvino-int8": "model.int8.onnx"}
+BACKENDS = ("torch", *MODEL_FILES)
 
 
 @dataclass(frozen=True)

@@ -19,10 +19,10 @@ from engine.cpuflags import cpu_flags
 from engine.errors import EngineError, GateFailed, RunNotFound
 from engine.gates import read_export_report, verdicts
 from engine.imageio import MAX_PIXELS, decode_upload, encode_png
-from engine.inference import BACKENDS, MODEL_FILES, OPENVINO_PRECISION, Predictor, model_file, openvino_available
+from engine.inference import OPENVINO_PRECISION, Predictor, model_file, openvino_available
 from engine.inspector import Inspector
 from engine.recipe import verdict_threshold
-from engine.runfolder import RunFolder
+from engine.runfolder import BACKENDS, MODEL_FILES, RunFolder
 from engine.storage import file_version
 
 AUTO = "auto"
