@@ -34,9 +34,7 @@ def weighted(feasible: np.ndarray, detection: np.ndarray, false_alarm: np.ndarra
              n_defect_free: int) -> tuple[np.ndarray, np.ndarray]:
     """The candidate: minus each tied cell's distance in grid steps from the point of its run of tied min areas that
     divides it in proportion to the images behind each end."""
-    detection, false_alarm = np.round(detection, 9), np.round(false_alarm, 9)
-    top = detection[feasible].max()
-    tied = feasible & (detection == top) & (false_alarm == false_alarm[feasible & (detection == top)].min())
+    tied, _ = TuneStats._tied_verdicts(feasible, detection, false_alarm)  # the shipped rule's tie, its margin aside
     rows = np.moveaxis(tied, 1, -1).reshape(-1, tied.shape[1])
     toward_larger = n_defective / max(1, n_defective + n_defect_free)
     margin = np.zeros(rows.shape, np.float64)
